@@ -1,0 +1,30 @@
+r"""Constraints, masks and learnable sparsity for PyTorch weights, living in the forward pass.
+
+Every constraint is a :mod:`torch.nn.utils.parametrize` parametrization: the effective
+weight is computed through it on every access, so it is always feasible and gradients
+flow through it. :func:`constrain` applies rules to a model, :func:`check` proves the
+constraints hold, :func:`penalty` sums their penalty terms and :func:`bake` leaves a
+plain model with the final weights.
+"""
+
+from torchconstrain.bake import bake, check, penalty
+from torchconstrain.constraints import Clamp, Constraint, FixedMask, LearnableMask
+from torchconstrain.errors import ConstraintViolation
+from torchconstrain.report import Report
+from torchconstrain.rules import constrain, match
+
+__all__ = [
+    "Clamp",
+    "Constraint",
+    "ConstraintViolation",
+    "FixedMask",
+    "LearnableMask",
+    "Report",
+    "bake",
+    "check",
+    "constrain",
+    "match",
+    "penalty",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,104 @@
+r"""Where constrainable tensors live in a model, and torchconstrain's entries on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from torchconstrain.constraints.base import Constraint
+
+
+@dataclass(frozen=True)
+class Slot:
+    r"""One tensor of a model: ``module_name.tensor_name`` is its ``fqn``."""
+
+    fqn: str
+    module_name: str
+    module: nn.Module
+    tensor_name: str
+
+    def value(self) -> Tensor:
+        r"""The effective value (through every parametrization), detached."""
+        with torch.no_grad():
+            return getattr(self.module, self.tensor_name).detach()
+
+    def stored(self) -> Tensor:
+        r"""The ``Parameter`` (or buffer) object that holds the tensor's stored original."""
+        if parametrize.is_parametrized(self.module, self.tensor_name):
+            return self.module.parametrizations[self.tensor_name].original
+        return getattr(self.module, self.tensor_name)
+
+    def chain(self) -> list[nn.Module]:
+        r"""Every parametrization on the tensor, in application order."""
+        if parametrize.is_parametrized(self.module, self.tensor_name):
+            return list(self.module.parametrizations[self.tensor_name])
+        return []
+
+    def constraints(self) -> list[Constraint]:
+        r"""torchconstrain's parametrizations on the tensor, in application order."""
+        return [p for p in self.chain() if isinstance(p, Constraint)]
+
+
+def parameter_slots(model: nn.Module) -> dict[str, Slot]:
+    r"""Return every parameter of ``model`` by its user-facing name, in model order.
+
+    A parametrized tensor appears under its plain name (``features.0.0.weight``), not as
+    ``...parametrizations.weight.original``; state inside parametrizations (a learnable
+    mask's scores) is not a candidate.
+    """
+    slots: dict[str, Slot] = {}
+    hidden: set[int] = set()
+    for module_name, module in model.named_modules():
+        if id(module) in hidden:
+            continue
+        names = [name for name, p in module._parameters.items() if p is not None]
+        if parametrize.is_parametrized(module):
+            hidden.update(id(m) for m in module.parametrizations.modules())
+            names += [n for n in module.parametrizations if module.parametrizations[n].is_tensor]
+        for tensor_name in names:
+            fqn = f"{module_name}.{tensor_name}" if module_name else tensor_name
+            slots[fqn] = Slot(fqn, module_name, module, tensor_name)
+    return slots
+
+
+def constrained_slots(model: nn.Module) -> list[Slot]:
+    r"""Return the tensors of ``model`` that carry at least one torchconstrain constraint."""
+    return [slot for slot in parameter_slots(model).values() if slot.constraints()]
+
+
+def describe(constraint: nn.Module) -> str:
+    r"""``Clamp(min=-1, max=1)``: the constraint's class and its ``extra_repr``."""
+    return f"{type(constraint).__name__}({constraint.extra_repr()})"
+
+
+def drop_entries(slot: Slot, indices: list[int]) -> None:
+    r"""Remove the parametrizations at ``indices`` from the tensor's chain, keeping the
+    stored original as it is. The last removal turns the tensor back into a plain one,
+    keeping the ``Parameter`` object."""
+    plist = slot.module.parametrizations[slot.tensor_name]
+    for index in sorted(indices, reverse=True):
+        del plist[index]
+    if len(plist) == 0:
+        order = getattr(plist, "plain_order", None)
+        parametrize.remove_parametrizations(slot.module, slot.tensor_name, leave_parametrized=False)
+        if order is not None:
+            _restore_order(slot.module._parameters, order)
+
+
+def register(slot: Slot, constraint: Constraint) -> None:
+    r"""Append ``constraint`` to the tensor's chain, remembering the plain parameter order
+    so that removing the last parametrization gives the same ``state_dict`` key order."""
+    order = None if slot.chain() else list(slot.module._parameters)
+    parametrize.register_parametrization(slot.module, slot.tensor_name, constraint)
+    if order is not None:
+        slot.module.parametrizations[slot.tensor_name].plain_order = order
+
+
+def _restore_order(parameters: dict, order: list[str]) -> None:
+    rank = {name: i for i, name in enumerate(order)}
+    items = sorted(parameters.items(), key=lambda item: rank.get(item[0], len(order)))
+    parameters.clear()
+    parameters.update(items)

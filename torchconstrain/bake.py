@@ -1,0 +1,158 @@
+r"""Finish with constraints: ``bake`` them into plain weights, ``check`` them, sum their ``penalty``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from torchconstrain._tensors import Slot, constrained_slots, describe, drop_entries
+from torchconstrain.constraints.base import Constraint
+from torchconstrain.errors import ConstraintViolation
+from torchconstrain.report import Report
+
+__all__ = ["bake", "check", "penalty"]
+
+
+def bake(model: nn.Module) -> Report:
+    r"""Replace torchconstrain's constraints by their effective values. Modifies ``model`` in place.
+
+    Each constrained tensor becomes a plain parameter holding its constrained value;
+    learnable masks are binarized first (see :class:`~torchconstrain.LearnableMask`).
+    The ``Parameter`` objects are kept, so an optimizer built earlier still works, and
+    once no parametrization is left the modules get their own classes back, so the
+    ``state_dict`` keys are those of the unconstrained model. Parametrizations that are
+    not torchconstrain's (a user's ``spectral_norm``) stay where they are.
+
+    Returns:
+        A :class:`~torchconstrain.report.Report` with each baked tensor's constraints and
+        the sparsity of its baked value.
+
+    Raises:
+        ValueError: a torchconstrain constraint comes after another library's
+            parametrization on the same tensor, so it cannot be removed on its own.
+            Nothing is changed in that case.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torchconstrain import Clamp, bake, constrain
+        >>> layer = nn.Linear(3, 3)
+        >>> _ = constrain(layer, {"weight": Clamp(-0.2, 0.2)})
+        >>> report = bake(layer)
+        >>> type(layer).__name__, list(layer.state_dict())
+        ('Linear', ['weight', 'bias'])
+    """
+    slots = constrained_slots(model)
+    for slot in slots:
+        _refuse_buried_constraints(slot)
+    baked = [(slot, _baked_value(slot)) for slot in slots]
+    rows = []
+    for slot, value in baked:
+        rows.append(_bake_row(slot, value))
+        with torch.no_grad():
+            slot.stored().copy_(value)
+        drop_entries(slot, list(range(len(slot.constraints()))))
+    return Report("baked tensors", rows)
+
+
+def check(model: nn.Module) -> Report:
+    r"""Verify every constrained tensor's effective value against each of its constraints.
+
+    NaN or infinite entries count as a violation.
+
+    Returns:
+        A :class:`~torchconstrain.report.Report` per constrained tensor: its constraints,
+        min, max and sparsity of the effective value.
+
+    Raises:
+        ConstraintViolation: naming every tensor and constraint that does not hold.
+
+    Example:
+        >>> from torch import nn
+        >>> from torchconstrain import Clamp, check, constrain
+        >>> model = nn.Linear(3, 3)
+        >>> _ = constrain(model, {"weight": Clamp(0, 1)})
+        >>> check(model)["weight"]["min"] >= 0
+        True
+    """
+    violations, rows = [], []
+    for slot in constrained_slots(model):
+        value = slot.value()
+        violations += [(slot.fqn, reason) for reason in _violations(slot, value)]
+        rows.append(_check_row(slot, value))
+    if violations:
+        raise ConstraintViolation(violations)
+    return Report("checked tensors", rows)
+
+
+def penalty(model: nn.Module) -> Tensor:
+    r"""Return the sum of every constraint's penalty term: a differentiable scalar.
+
+    Zero when no constraint of ``model`` has a penalty (plain clamps and fixed masks).
+
+    Example:
+        >>> from torch import nn
+        >>> from torchconstrain import penalty
+        >>> penalty(nn.Linear(2, 2)).item()
+        0.0
+    """
+    terms = [term for m in model.modules() if isinstance(m, Constraint) for term in [m.penalty()] if term is not None]
+    if terms:
+        return sum(terms[1:], terms[0]).reshape(())
+    device = next(model.parameters(), torch.empty(0)).device
+    return torch.zeros((), device=device)
+
+
+def _refuse_buried_constraints(slot: Slot) -> None:
+    chain = slot.chain()
+    first_foreign = next((i for i, p in enumerate(chain) if not isinstance(p, Constraint)), len(chain))
+    buried = [p for p in chain[first_foreign:] if isinstance(p, Constraint)]
+    if buried:
+        raise ValueError(
+            f"{slot.fqn}: {describe(buried[0])} comes after {type(chain[first_foreign]).__name__}, "
+            "which is not a torchconstrain parametrization, so it cannot be baked on its own. "
+            "Register the other parametrization after constrain(), or remove it first."
+        )
+
+
+def _baked_value(slot: Slot) -> Tensor:
+    with torch.no_grad():
+        value = slot.stored().detach()
+        for constraint in slot.constraints():
+            value = constraint.bake(value)
+    return value
+
+
+def _violations(slot: Slot, value: Tensor) -> list[str]:
+    reasons = []
+    bad = int((~torch.isfinite(value)).sum())
+    if bad:
+        reasons.append(f"{bad} entries are NaN or infinite")
+    with torch.no_grad():
+        for constraint in slot.constraints():
+            reason = constraint.violation(value)
+            if reason is not None:
+                reasons.append(f"{describe(constraint)}: {reason}")
+    return reasons
+
+
+def _sparsity(value: Tensor) -> float:
+    return (value == 0).float().mean().item() if value.numel() else 0.0
+
+
+def _check_row(slot: Slot, value: Tensor) -> dict:
+    return {
+        "tensor": slot.fqn,
+        "constraints": [describe(c) for c in slot.constraints()],
+        "min": value.min().item(),
+        "max": value.max().item(),
+        "sparsity": _sparsity(value),
+    }
+
+
+def _bake_row(slot: Slot, value: Tensor) -> dict:
+    return {
+        "tensor": slot.fqn,
+        "constraints": [describe(c) for c in slot.constraints()],
+        "sparsity": _sparsity(value),
+    }

@@ -1,0 +1,75 @@
+r"""The base class every torchconstrain constraint derives from."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Constraint"]
+
+
+class Constraint(nn.Module):
+    r"""A parametrization that keeps a tensor inside a feasible set.
+
+    A constraint is registered with :func:`torch.nn.utils.parametrize.register_parametrization`,
+    so ``forward`` maps the stored original to the effective tensor on every access.
+    An instance passed to :func:`torchconstrain.constrain` is a *template*: each matched
+    tensor gets its own copy made by :meth:`for_tensor`, so learnable state is never shared.
+
+    Subclasses implement ``forward`` and may override:
+
+    - :meth:`violation`: describe how an effective tensor breaks the constraint (``check``);
+    - :meth:`penalty`: a differentiable term added by :func:`torchconstrain.penalty`;
+    - :meth:`bake`: the value written into the plain weight by :func:`torchconstrain.bake`;
+    - :meth:`forced_zeros` / :meth:`admits_zero`: used to refuse contradictory stacks;
+    - :meth:`_bind`: adapt the fresh copy to the tensor it will constrain.
+    """
+
+    def for_tensor(self, fqn: str, tensor: Tensor) -> "Constraint":
+        r"""Return a fresh copy of this template bound to ``tensor``.
+
+        Args:
+            fqn: the tensor's dotted name in the model, used in error messages.
+            tensor: the current effective value of the tensor.
+
+        Raises:
+            ValueError: the template does not fit the tensor (shape, dtype).
+        """
+        bound = copy.deepcopy(self)
+        with torch.no_grad():
+            bound._bind(fqn, tensor.detach())
+        return bound.to(device=tensor.device)
+
+    def for_tensors(self, tensors: Mapping[str, Tensor]) -> dict[str, "Constraint"]:
+        r"""Bind this template to every tensor one rule matched.
+
+        The default binds each tensor on its own; templates that look at all matched
+        tensors at once (a global magnitude mask) override this.
+        """
+        return {fqn: self.for_tensor(fqn, tensor) for fqn, tensor in tensors.items()}
+
+    def _bind(self, fqn: str, tensor: Tensor) -> None:
+        """Adapt this (already copied) constraint to ``tensor``; raise ValueError if it can't."""
+
+    def violation(self, value: Tensor) -> str | None:
+        r"""Return why ``value`` breaks this constraint, or ``None`` when it satisfies it."""
+        return None
+
+    def penalty(self) -> Tensor | None:
+        r"""Return this constraint's differentiable penalty term, or ``None`` if it has none."""
+        return None
+
+    def bake(self, value: Tensor) -> Tensor:
+        r"""Return the value :func:`torchconstrain.bake` leaves in the plain tensor."""
+        return self(value)
+
+    def forced_zeros(self) -> Tensor | None:
+        r"""Return a bool tensor of the entries this constraint may set to zero, or ``None``."""
+        return None
+
+    def admits_zero(self) -> Tensor | None:
+        r"""Return a bool tensor of the entries where zero is feasible, or ``None`` for all."""
+        return None

@@ -1,0 +1,188 @@
+r"""Box constraints: every entry of the effective tensor lies in ``[min, max]``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from torchconstrain.constraints.base import Constraint
+
+__all__ = ["Clamp"]
+
+GRADIENTS = ("pull_back", "straight_through", "clamp")
+
+
+class _PullBackClamp(torch.autograd.Function):
+    """Clamp forward; backward keeps an outside entry's gradient only if it points back in."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+        ctx.save_for_backward(x, lower, upper)
+        return torch.clamp(x, lower, upper)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, lower, upper = ctx.saved_tensors
+        # Gradient descent moves x by -grad: above the box it must be positive, below negative.
+        blocked = ((x > upper) & (grad < 0)) | ((x < lower) & (grad > 0))
+        return torch.where(blocked, 0.0, grad), None, None
+
+
+class _StraightThroughClamp(torch.autograd.Function):
+    """Clamp forward; identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+        return torch.clamp(x, lower, upper)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None, None
+
+
+def _as_bound(value, default: float, name: str) -> Tensor:
+    if value is None:
+        return torch.tensor(default)
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(
+            f"Clamp: expected {name} to be a number, a tensor or None. "
+            f"Got {type(value).__name__}."
+        )
+    bound = torch.as_tensor(value, dtype=torch.get_default_dtype()).detach().clone()
+    if torch.isnan(bound).any():
+        raise ValueError(f"Clamp: {name} contains NaN.")
+    return bound
+
+
+class Clamp(Constraint):
+    r"""Keep every entry of the effective tensor inside ``[min, max]``.
+
+    Bounds are numbers (one box for the whole tensor) or tensors. A 1-D bound tensor whose
+    length is the tensor's first dimension gives one box per output channel; any other
+    bound tensor must broadcast against the tensor. Bounds live in buffers named ``min``
+    and ``max`` (``None`` is stored as an infinite bound), so ``.to()`` and
+    ``state_dict`` carry them.
+
+    A plain clamp has zero gradient outside the box, so a stored weight that ends up
+    outside (after loading a checkpoint, or momentum overshooting) would stay stuck.
+    ``gradient`` chooses what the stored original receives:
+
+    - ``"pull_back"`` (default): inside the box the gradient passes unchanged; outside it
+      passes only when it points back into the box, so the loss can pull a weight back
+      but never pushes it further out.
+    - ``"straight_through"``: the gradient passes everywhere, as if there were no clamp.
+    - ``"clamp"``: the gradient of :func:`torch.clamp` (zero outside the box).
+
+    The forward value is :func:`torch.clamp` in every mode, and assigning to the
+    parametrized tensor stores the clamped value (``right_inverse``).
+
+    Args:
+        min: lower bound, ``None`` for no lower bound.
+        max: upper bound, ``None`` for no upper bound.
+        gradient: one of ``"pull_back"``, ``"straight_through"``, ``"clamp"``.
+
+    Raises:
+        ValueError: ``min > max`` somewhere, a bound is NaN, or ``gradient`` is unknown.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torchconstrain import Clamp, constrain
+        >>> layer = nn.Linear(4, 3)
+        >>> _ = constrain(layer, {"weight": Clamp(-0.1, 0.1)})
+        >>> bool(layer.weight.abs().max() <= 0.1)
+        True
+    """
+
+    def __init__(self, min=None, max=None, *, gradient: str = "pull_back") -> None:
+        super().__init__()
+        if gradient not in GRADIENTS:
+            raise ValueError(
+                f"Clamp: unknown gradient {gradient!r}. Expected one of {', '.join(GRADIENTS)}."
+            )
+        lower = _as_bound(min, -math.inf, "min")
+        upper = _as_bound(max, math.inf, "max")
+        _check_order(lower, upper, where="Clamp")
+        self.gradient = gradient
+        self.register_buffer("min", lower)
+        self.register_buffer("max", upper)
+
+    def _bind(self, fqn: str, tensor: Tensor) -> None:
+        if not tensor.is_floating_point():
+            raise ValueError(f"{fqn}: Clamp needs a floating-point tensor. Got {tensor.dtype}.")
+        self.min = _broadcast_bound(self.min, tensor, fqn, "min").to(tensor.dtype)
+        self.max = _broadcast_bound(self.max, tensor, fqn, "max").to(tensor.dtype)
+        _check_order(self.min, self.max, where=f"{fqn}: Clamp")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gradient == "pull_back":
+            return _PullBackClamp.apply(x, self.min, self.max)
+        if self.gradient == "straight_through":
+            return _StraightThroughClamp.apply(x, self.min, self.max)
+        return torch.clamp(x, self.min, self.max)
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        return torch.clamp(value, self.min, self.max)
+
+    def violation(self, value: Tensor) -> str | None:
+        outside = (value < self.min) | (value > self.max)
+        count = int(outside.sum())
+        if count == 0:
+            return None
+        return (
+            f"{count} entries outside [{_describe(self.min)}, {_describe(self.max)}] "
+            f"(values from {value.min().item():.6g} to {value.max().item():.6g})"
+        )
+
+    def admits_zero(self) -> Tensor:
+        return (self.min <= 0) & (self.max >= 0)
+
+    def extra_repr(self) -> str:
+        text = f"min={_describe(self.min)}, max={_describe(self.max)}"
+        if self.gradient != "pull_back":
+            text += f", gradient={self.gradient!r}"
+        return text
+
+
+def _check_order(lower: Tensor, upper: Tensor, *, where: str) -> None:
+    try:
+        crossed = lower > upper
+    except RuntimeError as error:
+        raise ValueError(
+            f"{where}: min of shape {tuple(lower.shape)} and max of shape "
+            f"{tuple(upper.shape)} do not broadcast."
+        ) from error
+    if crossed.any():
+        raise ValueError(
+            f"{where}: expected min <= max. Got min={_describe(lower)}, max={_describe(upper)}."
+        )
+
+
+def _broadcast_bound(bound: Tensor, tensor: Tensor, fqn: str, name: str) -> Tensor:
+    """Return ``bound`` reshaped so that it broadcasts against ``tensor``."""
+    if bound.dim() == 0:
+        return bound
+    if bound.dim() == 1 and tensor.dim() > 1 and bound.numel() == tensor.shape[0]:
+        return bound.reshape(-1, *([1] * (tensor.dim() - 1)))
+    try:
+        torch.broadcast_shapes(bound.shape, tensor.shape)
+        fits = torch.broadcast_shapes(bound.shape, tensor.shape) == tensor.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{fqn}: Clamp {name} of shape {tuple(bound.shape)} does not fit a tensor of shape "
+            f"{tuple(tensor.shape)}. Expected a number, a 1-D tensor of length "
+            f"{tensor.shape[0] if tensor.dim() else 1} (one bound per output channel), "
+            f"or a tensor that broadcasts to {tuple(tensor.shape)}."
+        )
+    return bound
+
+
+def _describe(bound: Tensor) -> str:
+    if bound.numel() == 1:
+        value = bound.item()
+        return "None" if math.isinf(value) else f"{value:g}"
+    return f"tensor{tuple(bound.shape)}[{bound.min().item():g}..{bound.max().item():g}]"

@@ -1,0 +1,253 @@
+r"""Masks: fixed binary masks and sigmoid-gated learnable masks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from torchconstrain.constraints.base import Constraint
+from torchconstrain.constraints.selection import (
+    NM,
+    GlobalMagnitude,
+    Magnitude,
+    RandomSelection,
+    Structured,
+)
+
+__all__ = ["FixedMask", "LearnableMask"]
+
+
+class FixedMask(Constraint):
+    r"""Keep the masked entries of the effective tensor at exactly zero.
+
+    The mask is a bool buffer named ``mask`` (``True`` keeps an entry). The effective
+    tensor is ``torch.where(mask, original, 0)``: masked entries are exactly 0 and their
+    stored originals receive exactly 0 gradient, so whatever momentum or weight decay
+    does to the stored value, the effective weight stays 0.
+
+    ``FixedMask(mask)`` takes a concrete mask. The class methods build templates that
+    choose each tensor's mask when :func:`torchconstrain.constrain` applies them:
+    :meth:`magnitude`, :meth:`global_magnitude`, :meth:`random`, :meth:`structured` and
+    :meth:`n_m`.
+
+    Args:
+        mask: a tensor of the constrained tensor's shape; nonzero entries are kept.
+
+    Raises:
+        TypeError: ``mask`` is not a tensor.
+        ValueError: the mask's shape differs from the tensor's (when applied).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torchconstrain import FixedMask, constrain
+        >>> layer = nn.Linear(4, 2)
+        >>> _ = constrain(layer, {"weight": FixedMask(torch.tensor([[1, 0, 1, 0]] * 2))})
+        >>> layer.weight[:, 1].abs().sum().item()
+        0.0
+        >>> _ = constrain(nn.Linear(8, 8), {"weight": FixedMask.magnitude(sparsity=0.5)})
+    """
+
+    def __init__(self, mask: Tensor | None = None, *, _selector=None) -> None:
+        super().__init__()
+        if (mask is None) == (_selector is None):
+            raise TypeError(
+                "FixedMask: expected a mask tensor, or a template such as "
+                "FixedMask.magnitude(sparsity=0.5). Got no mask."
+            )
+        if mask is not None and not isinstance(mask, Tensor):
+            raise TypeError(f"FixedMask: expected mask to be a tensor. Got {type(mask).__name__}.")
+        self.selector = _selector
+        self.register_buffer("mask", None if mask is None else mask.detach().ne(0))
+
+    @classmethod
+    def magnitude(cls, *, sparsity: float | None = None, threshold: float | None = None) -> "FixedMask":
+        r"""Template: mask the ``sparsity`` share of each tensor's smallest-magnitude entries.
+
+        With ``threshold=`` instead, mask every entry with ``|w| <= threshold``.
+        """
+        return cls(_selector=Magnitude(sparsity=sparsity, threshold=threshold))
+
+    @classmethod
+    def global_magnitude(cls, *, sparsity: float) -> "FixedMask":
+        r"""Template: mask the smallest-magnitude entries across all tensors one rule matches.
+
+        Like :func:`torch.nn.utils.prune.global_unstructured` with L1 scores: one
+        threshold for all matched tensors, so each tensor's own sparsity varies.
+        """
+        return cls(_selector=GlobalMagnitude(sparsity=sparsity))
+
+    @classmethod
+    def random(cls, *, sparsity: float, seed: int | None = None) -> "FixedMask":
+        r"""Template: mask a random ``sparsity`` share of each tensor's entries."""
+        return cls(_selector=RandomSelection(sparsity=sparsity, seed=seed))
+
+    @classmethod
+    def structured(cls, *, sparsity: float, dim: int = 0, p: float = 2) -> "FixedMask":
+        r"""Template: mask whole slices along ``dim`` with the smallest L``p`` norm.
+
+        With ``dim=0`` this removes whole output channels (conv filters, Linear rows).
+        """
+        return cls(_selector=Structured(sparsity=sparsity, dim=dim, p=p))
+
+    @classmethod
+    def n_m(cls, n: int = 2, m: int = 4, *, dim: int = 1) -> "FixedMask":
+        r"""Template: keep the ``n`` largest of every ``m`` consecutive entries along ``dim``.
+
+        The default is 2:4 along the input dimension, the pattern sparse tensor cores run.
+        """
+        return cls(_selector=NM(n, m, dim=dim))
+
+    def for_tensors(self, tensors: Mapping[str, Tensor]) -> dict[str, Constraint]:
+        if not isinstance(self.selector, GlobalMagnitude):
+            return super().for_tensors(tensors)
+        masks = self.selector.select_all({fqn: t.detach() for fqn, t in tensors.items()})
+        return {fqn: FixedMask(masks[fqn]).to(tensors[fqn].device) for fqn in tensors}
+
+    def _bind(self, fqn: str, tensor: Tensor) -> None:
+        if self.selector is not None:
+            self.mask = self.selector.select(fqn, tensor)
+            self.selector = None
+        elif self.mask.shape != tensor.shape:
+            raise ValueError(
+                f"{fqn}: FixedMask of shape {tuple(self.mask.shape)} does not fit a tensor of "
+                f"shape {tuple(tensor.shape)}."
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.where(self.mask, x, 0.0)
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        return torch.where(self.mask, value, 0.0)
+
+    def violation(self, value: Tensor) -> str | None:
+        leaks = int(((value != 0) & ~self.mask).sum())
+        return f"{leaks} masked entries are not zero" if leaks else None
+
+    def forced_zeros(self) -> Tensor:
+        return ~self.mask
+
+    @property
+    def sparsity(self) -> float:
+        r"""The share of masked entries."""
+        return 1.0 - self.mask.float().mean().item()
+
+    def extra_repr(self) -> str:
+        if self.mask is None:
+            return repr(self.selector)
+        return f"shape={tuple(self.mask.shape)}, sparsity={self.sparsity:.3f}"
+
+
+class LearnableMask(Constraint):
+    r"""Multiply the tensor by a learnable gate ``sigmoid(scores / temperature)``.
+
+    ``scores`` is an ``nn.Parameter`` on this module, one per entry (``per="element"``) or
+    one per slice along ``dim`` (``per="channel"``; ``dim=0`` gates output channels). Scores
+    start at ``temperature * logit(init)``, so every gate starts at ``init`` (near 1).
+
+    With ``hard=True`` the forward uses the binary gate ``gate > threshold`` and the
+    gradient of the soft gate (straight-through), so training sees the pruned network.
+
+    :meth:`penalty` is ``strength * mean(gate)``: the expected share of kept entries,
+    scaled. Add :func:`torchconstrain.penalty` to the loss to push gates towards 0.
+
+    Baking rule: :func:`torchconstrain.bake` zeroes every entry whose gate is at most
+    ``threshold`` and keeps the others at their gated value ``original * gate`` (with
+    ``hard=True`` that is exactly the forward value). :attr:`sparsity` reports the share
+    that baking will zero.
+
+    Args:
+        per: ``"element"`` or ``"channel"``.
+        dim: the channel dimension when ``per="channel"``.
+        temperature: divides the scores; smaller is sharper.
+        init: the starting gate value, in (0, 1).
+        threshold: the gate value at or below which an entry is pruned, in (0, 1).
+        hard: use the binary gate in the forward (straight-through gradient).
+        strength: the weight of the sparsity penalty.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torchconstrain import LearnableMask, constrain, penalty
+        >>> layer = nn.Linear(4, 2)
+        >>> _ = constrain(layer, {"weight": LearnableMask(strength=1e-2)})
+        >>> round(penalty(layer).item(), 4)
+        0.0098
+    """
+
+    def __init__(
+        self,
+        *,
+        per: str = "element",
+        dim: int = 0,
+        temperature: float = 1.0,
+        init: float = 0.98,
+        threshold: float = 0.5,
+        hard: bool = False,
+        strength: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        if per not in ("element", "channel"):
+            raise ValueError(f"LearnableMask: expected per='element' or 'channel'. Got {per!r}.")
+        for name, value in (("init", init), ("threshold", threshold)):
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"LearnableMask: expected {name} in (0, 1). Got {value}.")
+        if not temperature > 0:
+            raise ValueError(f"LearnableMask: expected temperature > 0. Got {temperature}.")
+        if not strength >= 0:
+            raise ValueError(f"LearnableMask: expected strength >= 0. Got {strength}.")
+        self.per, self.dim, self.hard = per, dim, hard
+        self.temperature, self.init, self.threshold, self.strength = temperature, init, threshold, strength
+        self.register_parameter("scores", None)
+
+    def _bind(self, fqn: str, tensor: Tensor) -> None:
+        if not tensor.is_floating_point():
+            raise ValueError(f"{fqn}: LearnableMask needs a floating-point tensor. Got {tensor.dtype}.")
+        shape = list(tensor.shape)
+        if self.per == "channel":
+            if not -tensor.dim() <= self.dim < tensor.dim():
+                raise ValueError(
+                    f"{fqn}: LearnableMask dim={self.dim} is out of range for a tensor of shape "
+                    f"{tuple(tensor.shape)}."
+                )
+            shape = [size if d == self.dim % tensor.dim() else 1 for d, size in enumerate(shape)]
+        start = self.temperature * math.log(self.init / (1.0 - self.init))
+        self.scores = nn.Parameter(torch.full(shape, start, dtype=tensor.dtype))
+
+    def gate(self) -> Tensor:
+        r"""Return the soft gate ``sigmoid(scores / temperature)``."""
+        return torch.sigmoid(self.scores / self.temperature)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.gate()
+        if self.hard:
+            binary = (gate > self.threshold).to(gate.dtype)
+            gate = binary + (gate - gate.detach())
+        return x * gate
+
+    def bake(self, value: Tensor) -> Tensor:
+        gate = self.gate()
+        kept = gate > self.threshold
+        return torch.where(kept, value * (1.0 if self.hard else gate), 0.0)
+
+    def penalty(self) -> Tensor:
+        return self.strength * self.gate().mean()
+
+    def forced_zeros(self) -> Tensor:
+        return torch.ones((), dtype=torch.bool, device=self.scores.device)
+
+    @property
+    def sparsity(self) -> float:
+        r"""The share of gates at or below ``threshold``: what baking will zero."""
+        return (self.gate() <= self.threshold).float().mean().item()
+
+    def extra_repr(self) -> str:
+        text = f"per={self.per!r}, temperature={self.temperature:g}, threshold={self.threshold:g}"
+        if self.per == "channel":
+            text += f", dim={self.dim}"
+        if self.hard:
+            text += ", hard=True"
+        return text + f", strength={self.strength:g}"

@@ -1,0 +1,178 @@
+r"""How a :class:`~torchconstrain.FixedMask` template chooses which entries to keep.
+
+Each selector turns tensors into bool masks (``True`` keeps the entry). They are built by
+the ``FixedMask.magnitude``/``global_magnitude``/``random``/``structured``/``n_m``
+constructors; users rarely touch them directly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["Magnitude", "GlobalMagnitude", "RandomSelection", "Structured", "NM"]
+
+
+def _check_sparsity(sparsity: float, where: str) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"{where}: expected sparsity to be a number. Got {type(sparsity).__name__}.")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"{where}: expected sparsity in [0, 1). Got {sparsity}.")
+    return float(sparsity)
+
+
+def _keep_largest(scores: Tensor, sparsity: float) -> Tensor:
+    """Bool mask keeping the ``1 - sparsity`` share of ``scores`` with the largest values."""
+    flat = scores.flatten()
+    pruned = round(sparsity * flat.numel())
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    if pruned < flat.numel():
+        keep[torch.topk(flat, flat.numel() - pruned, sorted=False).indices] = True
+    return keep.view_as(scores)
+
+
+def _warn_if_degenerate(fqn: str, sparsity: float, keep: Tensor, unit: str) -> None:
+    kept, total = int(keep.sum()), keep.numel()
+    if sparsity > 0 and kept == total:
+        warnings.warn(
+            f"{fqn}: sparsity {sparsity} prunes no {unit} of {total}; the mask keeps everything.",
+            stacklevel=4,
+        )
+    elif kept == 0:
+        warnings.warn(
+            f"{fqn}: sparsity {sparsity} prunes all {total} {unit}s; the tensor is all zeros.",
+            stacklevel=4,
+        )
+
+
+class Magnitude:
+    """Keep the entries of largest absolute value, by share (``sparsity``) or ``threshold``."""
+
+    def __init__(self, *, sparsity: float | None = None, threshold: float | None = None) -> None:
+        if (sparsity is None) == (threshold is None):
+            raise ValueError(
+                "FixedMask.magnitude: give exactly one of sparsity= or threshold=. "
+                f"Got sparsity={sparsity}, threshold={threshold}."
+            )
+        if sparsity is not None:
+            sparsity = _check_sparsity(sparsity, "FixedMask.magnitude")
+        elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
+            raise ValueError(
+                f"FixedMask.magnitude: expected threshold to be a number >= 0. Got {threshold!r}."
+            )
+        self.sparsity, self.threshold = sparsity, threshold
+
+    def select(self, fqn: str, tensor: Tensor) -> Tensor:
+        if self.threshold is not None:
+            return tensor.abs() > self.threshold
+        keep = _keep_largest(tensor.abs(), self.sparsity)
+        _warn_if_degenerate(fqn, self.sparsity, keep, "entry")
+        return keep
+
+    def __repr__(self) -> str:
+        if self.threshold is not None:
+            return f"magnitude(threshold={self.threshold:g})"
+        return f"magnitude(sparsity={self.sparsity:g})"
+
+
+class GlobalMagnitude:
+    """Keep the entries of largest absolute value across all tensors a rule matched."""
+
+    def __init__(self, *, sparsity: float) -> None:
+        self.sparsity = _check_sparsity(sparsity, "FixedMask.global_magnitude")
+
+    def select(self, fqn: str, tensor: Tensor) -> Tensor:
+        return self.select_all({fqn: tensor})[fqn]
+
+    def select_all(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        scores = torch.cat([t.detach().abs().flatten().float().cpu() for t in tensors.values()])
+        keep = _keep_largest(scores, self.sparsity)
+        masks, start = {}, 0
+        for fqn, tensor in tensors.items():
+            stop = start + tensor.numel()
+            masks[fqn] = keep[start:stop].view(tensor.shape).to(tensor.device)
+            start = stop
+        return masks
+
+    def __repr__(self) -> str:
+        return f"global_magnitude(sparsity={self.sparsity:g})"
+
+
+class RandomSelection:
+    """Keep a random ``1 - sparsity`` share of the entries (reproducible with ``seed``)."""
+
+    def __init__(self, *, sparsity: float, seed: int | None = None) -> None:
+        self.sparsity = _check_sparsity(sparsity, "FixedMask.random")
+        self.seed = seed
+
+    def select(self, fqn: str, tensor: Tensor) -> Tensor:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed if self.seed is not None else torch.seed())
+        scores = torch.rand(tensor.shape, generator=generator)
+        keep = _keep_largest(scores, self.sparsity).to(tensor.device)
+        _warn_if_degenerate(fqn, self.sparsity, keep, "entry")
+        return keep
+
+    def __repr__(self) -> str:
+        return f"random(sparsity={self.sparsity:g}, seed={self.seed})"
+
+
+class Structured:
+    """Keep whole slices along ``dim`` with the largest L``p`` norm (channel pruning)."""
+
+    def __init__(self, *, sparsity: float, dim: int = 0, p: float = 2) -> None:
+        self.sparsity = _check_sparsity(sparsity, "FixedMask.structured")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or p <= 0:
+            raise ValueError(f"FixedMask.structured: expected p > 0. Got {p!r}.")
+        self.dim, self.p = dim, p
+
+    def select(self, fqn: str, tensor: Tensor) -> Tensor:
+        if not -tensor.dim() <= self.dim < tensor.dim():
+            raise ValueError(
+                f"{fqn}: FixedMask.structured dim={self.dim} is out of range for a tensor of "
+                f"shape {tuple(tensor.shape)}."
+            )
+        dim = self.dim % tensor.dim()
+        others = [d for d in range(tensor.dim()) if d != dim]
+        norms = torch.linalg.vector_norm(tensor.float(), ord=self.p, dim=others) if others else tensor.abs()
+        keep_slices = _keep_largest(norms, self.sparsity)
+        _warn_if_degenerate(fqn, self.sparsity, keep_slices, f"slice along dim {dim}")
+        shape = [1] * tensor.dim()
+        shape[dim] = -1
+        return keep_slices.view(shape).expand(tensor.shape).clone()
+
+    def __repr__(self) -> str:
+        return f"structured(sparsity={self.sparsity:g}, dim={self.dim}, p={self.p:g})"
+
+
+class NM:
+    """Keep the ``n`` largest entries of every ``m`` consecutive ones along ``dim`` (N:M)."""
+
+    def __init__(self, n: int, m: int, *, dim: int = 1) -> None:
+        if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n <= m:
+            raise ValueError(f"FixedMask.n_m: expected integers 0 < n <= m. Got n={n!r}, m={m!r}.")
+        self.n, self.m, self.dim = n, m, dim
+
+    def select(self, fqn: str, tensor: Tensor) -> Tensor:
+        if not -tensor.dim() <= self.dim < tensor.dim():
+            raise ValueError(
+                f"{fqn}: FixedMask.n_m dim={self.dim} is out of range for a tensor of "
+                f"shape {tuple(tensor.shape)}."
+            )
+        size = tensor.shape[self.dim]
+        if size % self.m:
+            raise ValueError(
+                f"{fqn}: {self.n}:{self.m} sparsity needs dim {self.dim} to be divisible by "
+                f"{self.m}. Got size {size} (shape {tuple(tensor.shape)})."
+            )
+        moved = tensor.abs().movedim(self.dim, -1)
+        groups = moved.reshape(*moved.shape[:-1], size // self.m, self.m)
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        keep.scatter_(-1, torch.topk(groups, self.n, dim=-1).indices, True)
+        return keep.reshape(moved.shape).movedim(-1, self.dim).contiguous()
+
+    def __repr__(self) -> str:
+        return f"n_m({self.n}:{self.m}, dim={self.dim})"
