@@ -54,14 +54,24 @@ def parameter_slots(model: nn.Module) -> dict[str, Slot]:
     for module_name, module in model.named_modules():
         if id(module) in hidden:
             continue
-        names = [name for name, p in module._parameters.items() if p is not None]
         if parametrize.is_parametrized(module):
             hidden.update(id(m) for m in module.parametrizations.modules())
-            names += [n for n in module.parametrizations if module.parametrizations[n].is_tensor]
-        for tensor_name in names:
+        for tensor_name in _tensor_names(module):
             fqn = f"{module_name}.{tensor_name}" if module_name else tensor_name
             slots[fqn] = Slot(fqn, module_name, module, tensor_name)
     return slots
+
+
+def _tensor_names(module: nn.Module) -> list[str]:
+    """The module's parameters and parametrized tensors, in the order they had when plain."""
+    names = [name for name, p in module._parameters.items() if p is not None]
+    if not parametrize.is_parametrized(module):
+        return names
+    plists = module.parametrizations
+    names += [name for name in plists if plists[name].is_tensor]
+    order = max((getattr(plist, "plain_order", []) for plist in plists.values()), key=len)
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(names, key=lambda name: rank.get(name, len(order)))
 
 
 def constrained_slots(model: nn.Module) -> list[Slot]:

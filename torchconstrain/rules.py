@@ -148,7 +148,7 @@ def _matcher(index: int, key) -> Callable[[Slot], bool]:
             try:
                 pattern = re.compile(key[3:])
             except re.error as error:
-                raise ValueError(f"constrain: rule {index} ({key!r}) is not a valid regex: {error}.") from None
+                raise ValueError(f"constrain: rule {index} ({key}) is not a valid regex: {error}.") from None
             return lambda slot: pattern.fullmatch(slot.fqn) is not None
         if any(char in key for char in "*?["):
             return lambda slot: fnmatch.fnmatchcase(slot.fqn, key)
@@ -178,6 +178,8 @@ def _plan(slots: dict[str, Slot], rules: list[_Rule], *, strict: bool, existing:
         if rule.value is None or not group:
             continue
         for fqn, constraints in _bind(rule, group).items():
+            if not constraints:
+                continue
             entry = plan.setdefault(fqn, _Planned(group[fqn]))
             entry.constraints += constraints
             entry.rules += [str(rule)] * len(constraints)

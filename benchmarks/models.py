@@ -1,0 +1,130 @@
+r"""Whole-model cost of each constraint variant: MobileNetV3 and a stack of 40 small Linears.
+
+Cases:
+
+- ``mobilenet_v3_small`` training step: ``torchvision.models.mobilenet_v3_small(weights=None)``
+  in train mode, batch 8 of 3x224x224, cross-entropy on fixed random labels, SGD
+  (momentum 0.9): ``zero_grad``, forward, backward, ``step``.
+- ``mobilenet_v3_large`` inference: ``mobilenet_v3_large(weights=None)`` in eval mode,
+  batch 1 of 3x224x224, under ``torch.inference_mode()``.
+- ``40 x Linear(64, 64)``: ``Sequential`` of 40 ``Linear(64, 64)`` each followed by ReLU,
+  batch 8; a training step (fixed random upstream gradient, SGD with momentum) and
+  inference. Little arithmetic per parameter, so per-tensor overheads dominate.
+
+Variants (per :mod:`benchmarks.variants`), on every Conv2d weight of the MobileNets (52
+and 62 tensors, SE fcs included) and every Linear weight of the stack (40 tensors):
+
+- ``plain``;
+- ``Clamp``: ``{nn.Conv2d: Clamp(-1, 1)}`` (``{nn.Linear: ...}`` for the stack);
+- ``mix``: MobileNets ``{nn.Conv2d: [Clamp(-1, 1), FixedMask.magnitude(sparsity=0.5)],
+  nn.Linear: LearnableMask()}``; the stack ``{nn.Linear: [Clamp(-1, 1),
+  FixedMask.magnitude(sparsity=0.5)]}``;
+- ``prune hooks``: ``prune.l1_unstructured(amount=0.5)`` on the same weights as ``Clamp``;
+- ``clamp_ after step``: plain, plus ``weight.data.clamp_(-1, 1)`` on those weights after
+  each ``optimizer.step()`` (training only);
+- ``baked``: ``mix``, then ``bake``.
+
+Every variant gets a freshly built model (seed 0) with the same inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from benchmarks import steps, variants
+from benchmarks.timing import Budget, Result, measure
+from torchconstrain import Clamp, FixedMask, LearnableMask
+
+SECTION = "models"
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    r"""A model, its task (``"train step"`` or ``"inference"``) and the variants to compare."""
+
+    name: str
+    task: str
+    make: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    backward: Callable[[torch.Tensor], steps.Backward]
+    variants: tuple[variants.Variant, ...]
+
+
+def _model_variants(types: tuple, mix: Callable[[], dict]) -> tuple[variants.Variant, ...]:
+    clamp = {t: Clamp(-1, 1) for t in types}
+    return (
+        variants.plain(),
+        variants.constrained("Clamp", lambda: dict(clamp)),
+        variants.constrained("mix", mix),
+        variants.pruned("prune hooks", types, amount=0.5),
+        variants.clamp_after_step("clamp_ after step", types, -1.0, 1.0),
+        variants.baked("baked", mix),
+    )
+
+
+def _mobilenet_mix() -> dict:
+    return {
+        nn.Conv2d: [Clamp(-1, 1), FixedMask.magnitude(sparsity=0.5)],
+        nn.Linear: LearnableMask(),
+    }
+
+
+def _stack_mix() -> dict:
+    return {nn.Linear: [Clamp(-1, 1), FixedMask.magnitude(sparsity=0.5)]}
+
+
+def _linear_stack() -> nn.Module:
+    return nn.Sequential(*[layer for _ in range(40) for layer in (nn.Linear(64, 64), nn.ReLU())])
+
+
+def _labels(out: torch.Tensor) -> steps.Backward:
+    target = torch.randint(0, out.shape[1], (out.shape[0],), device=out.device)
+    return steps.cross_entropy_backward(target)
+
+
+def _upstream(out: torch.Tensor) -> steps.Backward:
+    return steps.grad_backward(torch.randn_like(out))
+
+
+MOBILENET = _model_variants((nn.Conv2d,), _mobilenet_mix)
+STACK = _model_variants((nn.Linear,), _stack_mix)
+
+CASES = (
+    ModelCase("mobilenet_v3_small b8", "train step",
+              lambda: torchvision.models.mobilenet_v3_small(weights=None), (8, 3, 224, 224), _labels, MOBILENET),
+    ModelCase("mobilenet_v3_large b1", "inference",
+              lambda: torchvision.models.mobilenet_v3_large(weights=None), (1, 3, 224, 224), _labels, MOBILENET),
+    ModelCase("40 x Linear(64,64) b8", "train step", _linear_stack, (8, 64), _upstream, STACK),
+    ModelCase("40 x Linear(64,64) b8", "inference", _linear_stack, (8, 64), _upstream, STACK),
+)
+
+
+def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[Result], None]) -> list[Result]:
+    r"""Time every case and variant; return the results in table order."""
+    results = []
+    for case in CASES:
+        for variant in case.variants:
+            if variant.training_only and case.task != "train step":
+                continue
+            stats = measure(_call(case, variant, device), budget, threads, device)
+            results.append(Result(SECTION, case.name, case.task, variant.name, **stats))
+            progress(results[-1])
+    return results
+
+
+def _call(case: ModelCase, variant: variants.Variant, device: torch.device) -> Callable[[], None]:
+    torch.manual_seed(0)
+    model = case.make().to(device)
+    x = torch.randn(case.input_shape, device=device)
+    with torch.no_grad():
+        backward = case.backward(model.eval()(x))
+    variant.prepare(model)
+    if case.task == "inference":
+        return steps.forward(model.eval(), x)
+    model.train()
+    return steps.train_step(model, x, backward, steps.sgd(model), variant.hook(model))

@@ -1,0 +1,93 @@
+r"""The markdown report: one ratio table per section, then every measurement with its IQR.
+
+Summary tables have one row per case and task. The ``plain`` column is the median time of
+the unmodified module; every other column is that variant's median divided by plain's
+median for the same case and task, measured in the same run (``1.25x`` = 25 % slower).
+``–`` marks a variant that does not apply (``clamp_ after step`` outside training steps).
+The detail table lists median and IQR (absolute and as a share of the median) of every
+measurement; ``*`` flags an IQR above 10 % of the median (a noisy measurement).
+"""
+
+from __future__ import annotations
+
+from benchmarks.timing import Result
+
+NOISY = 0.10
+
+TITLES = {
+    "layers": "Per layer (MobileNetV3-Small shapes, batch 8): time relative to plain",
+    "models": "Whole models: time relative to plain",
+}
+
+
+def format_time(seconds: float) -> str:
+    r"""``1.23 ms``: three significant digits in ns, µs, ms or s."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{_three_digits(seconds / scale)} {unit}"
+    return f"{_three_digits(seconds * 1e9)} ns"
+
+
+def _three_digits(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def ratios(results: list[Result]) -> dict[int, float]:
+    r"""Each result's median over plain's median for the same section, case and task."""
+    plain = {r.key: r.median for r in results if r.variant == "plain"}
+    return {id(r): r.median / plain[r.key] for r in results if r.key in plain}
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(header: list[str], rows: list[list[str]], right_from: int) -> list[str]:
+    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+    return [_row(header), _row(align)] + [_row(cells) for cells in rows]
+
+
+def summary_table(results: list[Result], section: str) -> list[str]:
+    r"""Rows: case and task. Columns: plain median, then each variant's ratio to plain."""
+    chosen = [r for r in results if r.section == section]
+    variants = list(dict.fromkeys(r.variant for r in chosen))
+    keys = list(dict.fromkeys(r.key for r in chosen))
+    ratio = ratios(chosen)
+    cell = {(r.key, r.variant): r for r in chosen}
+    rows = []
+    for key in keys:
+        cells = [key[1], key[2]]
+        for variant in variants:
+            r = cell.get((key, variant))
+            if r is None:
+                cells.append("–")
+            elif variant == "plain":
+                cells.append(format_time(r.median))
+            else:
+                cells.append(f"{ratio[id(r)]:.2f}x")
+        rows.append(cells)
+    return _table(["case", "task"] + variants, rows, right_from=2)
+
+
+def detail_table(results: list[Result]) -> list[str]:
+    r"""Every measurement: median, IQR, IQR share of the median, ratio to plain, blocks."""
+    ratio = ratios(results)
+    rows = []
+    for r in results:
+        share = r.iqr / r.median if r.median else 0.0
+        flag = " *" if share > NOISY else ""
+        rows.append([
+            r.section, r.case, r.task, r.variant, format_time(r.median), format_time(r.iqr),
+            f"{share:.1%}{flag}", f"{ratio[id(r)]:.2f}x", f"{len(r.block_times)}x{r.number_per_block}",
+        ])
+    header = ["section", "case", "task", "variant", "median", "IQR", "IQR/median", "vs plain", "blocks x calls"]
+    return _table(header, rows, right_from=4)
+
+
+def markdown(results: list[Result], machine_line: str, settings: str) -> str:
+    r"""The full report: title, machine line, one summary per section, the detail table."""
+    lines = ["# torchconstrain benchmarks", "", machine_line, "", settings]
+    for section in dict.fromkeys(r.section for r in results):
+        lines += ["", f"## {TITLES.get(section, section)}", ""] + summary_table(results, section)
+    lines += ["", "## Every measurement", ""] + detail_table(results)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,40 @@
+import pytest
+import torch
+from torch import nn
+
+
+class SmallNet(nn.Module):
+    """Two convs and a classifier: enough structure for rule matching."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def net() -> SmallNet:
+    torch.manual_seed(0)
+    return SmallNet()
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything a failed call must leave untouched."""
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "params": [(name, id(p)) for name, p in model.named_parameters()],
+        "classes": [type(m) for m in model.modules()],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["params"] == before["params"]
+    assert after["classes"] == before["classes"]
+    assert list(after["state"]) == list(before["state"])
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())

@@ -1,0 +1,127 @@
+import pytest
+import torch
+from conftest import SmallNet
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+from torchconstrain import (
+    Clamp,
+    ConstraintViolation,
+    FixedMask,
+    LearnableMask,
+    bake,
+    check,
+    constrain,
+    penalty,
+)
+
+RULES = {
+    "features.0": Clamp(-0.1, 0.1),
+    "features.3": [FixedMask.magnitude(sparsity=0.5), Clamp(-0.2, 0.2)],
+    "head": LearnableMask(per="channel"),
+}
+
+
+def test_bake_keeps_outputs_classes_keys_and_parameters(net):
+    plain_keys = list(SmallNet().state_dict())
+    weight_ids = {name: id(p) for name, p in net.named_parameters()}
+    constrain(net, RULES)
+    net.eval()
+    x = torch.randn(2, 3, 9, 9)
+    before = net(x)
+    report = bake(net)
+    assert torch.equal(net(x), before)
+    assert type(net.features[0]) is nn.Conv2d and type(net.head) is nn.Linear
+    assert list(net.state_dict()) == plain_keys
+    assert {name: id(p) for name, p in net.named_parameters()} == weight_ids
+    assert report.names() == ["features.0.weight", "features.3.weight", "head.weight"]
+    assert report["features.3.weight"]["sparsity"] == 0.5
+    fresh = SmallNet()
+    fresh.load_state_dict(net.state_dict(), strict=True)
+
+
+def test_optimizer_built_before_constrain_keeps_training_after_bake(net):
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    constrain(net, {"head": FixedMask.magnitude(sparsity=0.5)})
+    bake(net)
+    before = net.head.weight.detach().clone()
+    net(torch.randn(2, 3, 9, 9)).sum().backward()
+    optimizer.step()
+    assert not torch.equal(net.head.weight, before)
+
+
+def test_bake_leaves_other_parametrizations_alone():
+    layer = nn.Linear(4, 4)
+    constrain(layer, {"weight": Clamp(-0.3, 0.3)})
+    parametrizations.spectral_norm(layer)  # registered after: it stays, ours is baked
+    layer.eval()
+    x = torch.randn(3, 4)
+    expected = layer(x)
+    bake(layer)
+    chain = layer.parametrizations.weight
+    assert [type(p).__name__ for p in chain] == ["_SpectralNorm"]
+    assert layer.parametrizations.weight.original.abs().max() <= 0.3
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_bake_refuses_a_constraint_behind_another_parametrization():
+    layer = nn.Linear(4, 4)
+    parametrizations.spectral_norm(layer)
+    constrain(layer, {"weight": Clamp(-0.3, 0.3)})
+    other = nn.Linear(4, 4)
+    constrain(other, {"weight": Clamp(-1, 1)})
+    model = nn.Sequential(other, layer)
+    with pytest.raises(ValueError, match=r"1.weight: Clamp\(min=-0.3, max=0.3\) comes after _SpectralNorm"):
+        bake(model)
+    assert len(layer.parametrizations.weight) == 2
+    assert parametrize.is_parametrized(other, "weight")  # nothing was baked
+
+
+def test_bake_without_constraints_is_a_no_op(net):
+    assert len(bake(net)) == 0
+
+
+def test_check_reports_constraints_min_max_and_sparsity(net):
+    constrain(net, RULES)
+    report = check(net)
+    row = report["features.3.weight"]
+    assert row["constraints"] == ["FixedMask(shape=(8, 8, 3, 3), sparsity=0.500)", "Clamp(min=-0.2, max=0.2)"]
+    assert -0.2 <= row["min"] and row["max"] <= 0.2 and row["sparsity"] == 0.5
+    assert "features.3.weight" in str(report)
+
+
+def test_check_names_every_broken_tensor(net):
+    constrain(net, RULES)
+    parametrize.register_parametrization(net.features[3], "weight", _AddOne())
+    with torch.no_grad():
+        net.features[0].parametrizations.weight.original[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ConstraintViolation) as caught:
+        check(net)
+    reasons = caught.value.violations
+    assert [fqn for fqn, _ in reasons] == ["features.0.weight", "features.3.weight", "features.3.weight"]
+    assert reasons[0][1] == "1 entries are NaN or infinite"
+    assert reasons[1][1].startswith("FixedMask(shape=(8, 8, 3, 3), sparsity=0.500): 288 masked entries are not zero")
+    assert reasons[2][1].startswith("Clamp(min=-0.2, max=0.2): 576 entries outside [-0.2, 0.2]")
+    assert str(caught.value).startswith("2 tensor(s) break their constraints:")
+
+
+def test_check_catches_a_leaking_mask():
+    layer = nn.Linear(4, 4)
+    constrain(layer, {"weight": FixedMask.magnitude(sparsity=0.5)})
+    parametrize.register_parametrization(layer, "weight", _AddOne())
+    with pytest.raises(ConstraintViolation, match=r"weight: FixedMask.*: 8 masked entries are not zero"):
+        check(layer)
+
+
+class _AddOne(nn.Module):
+    def forward(self, x):
+        return x + 1
+
+
+def test_penalty_is_zero_without_terms_and_sums_learnable_masks(net):
+    assert penalty(net).item() == 0.0
+    constrain(net, {nn.Conv2d: LearnableMask(strength=0.1, init=0.5), "head": Clamp(-1, 1)})
+    total = penalty(net)
+    assert total.shape == () and total.item() == pytest.approx(0.1)
+    total.backward()
+    assert net.features[0].parametrizations.weight[0].scores.grad is not None

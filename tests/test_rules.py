@@ -1,0 +1,188 @@
+import pytest
+import torch
+from conftest import assert_unchanged, snapshot
+from torch import nn
+
+from torchconstrain import Clamp, FixedMask, LearnableMask, constrain, match
+
+
+def constrained_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if hasattr(m, "parametrizations")]
+
+
+@pytest.mark.parametrize(
+    "key, expected",
+    [
+        ("features.0.weight", ["features.0.weight"]),
+        ("features.0", ["features.0.weight"]),  # a module name means its weight
+        ("features.*.weight", ["features.0.weight", "features.1.weight", "features.3.weight"]),
+        ("*.bias", ["features.0.bias", "features.1.bias", "features.3.bias", "head.bias"]),
+        ("features.[03].weight", ["features.0.weight", "features.3.weight"]),
+        (r"re:features\.\d\.weight", ["features.0.weight", "features.1.weight", "features.3.weight"]),
+        (nn.Conv2d, ["features.0.weight", "features.3.weight"]),
+        (lambda name, module: isinstance(module, nn.Linear), ["head.weight", "head.bias"]),
+    ],
+)
+def test_keys_pick_tensors(net, key, expected):
+    assert match(net, key) == expected
+    report = constrain(net, {key: Clamp(-1, 1)})
+    assert report.names() == expected
+
+
+def test_regex_is_full_matched(net):
+    assert match(net, "re:features") == []
+    with pytest.raises(ValueError, match=r"rule 0 \(re:features\) matches no parameter"):
+        constrain(net, {"re:features": Clamp(-1, 1)})
+
+
+def test_names_stay_plain_on_a_constrained_model(net):
+    constrain(net, {"head": LearnableMask()})
+    assert match(net, "*") == [
+        "features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias",
+        "features.3.weight", "features.3.bias", "head.weight", "head.bias",
+    ]  # no '...original', and the mask's scores are never candidates
+    assert match(net, nn.Linear) == ["head.weight"]
+
+
+def test_template_gives_each_tensor_a_fresh_instance(net):
+    template = LearnableMask()
+    constrain(net, {nn.Conv2d: template})
+    first = net.features[0].parametrizations.weight[0]
+    second = net.features[3].parametrizations.weight[0]
+    assert first is not template and first is not second
+    assert first.scores is not second.scores
+    assert template.scores is None
+
+
+def test_list_value_stacks_in_order(net):
+    constrain(net, {"head": [Clamp(-0.5, 0.5), FixedMask.magnitude(sparsity=0.5)]})
+    chain = net.head.parametrizations.weight
+    assert [type(c).__name__ for c in chain] == ["Clamp", "FixedMask"]
+
+
+def test_every_matching_rule_applies_in_rule_order(net):
+    report = constrain(net, [("head", FixedMask.magnitude(sparsity=0.5)), (nn.Linear, Clamp(-0.2, 0.2))])
+    assert [type(c).__name__ for c in net.head.parametrizations.weight] == ["FixedMask", "Clamp"]
+    assert report["head.weight"]["rules"] == "rule 0 (head), rule 1 (Linear)"
+
+
+def test_none_excludes_from_every_other_rule(net):
+    report = constrain(net, [(nn.Conv2d, Clamp(-1, 1)), ("features.3", None)])
+    assert report.names() == ["features.0.weight"]
+    assert constrained_names(net) == ["features.0"]
+
+
+def test_callable_value_builds_per_tensor_constraints(net):
+    seen = []
+
+    def per_tensor(fqn, tensor):
+        seen.append((fqn, tuple(tensor.shape)))
+        return None if fqn.startswith("features.3") else Clamp(-tensor.abs().max() / 2, None)
+
+    report = constrain(net, {nn.Conv2d: per_tensor})
+    assert seen == [("features.0.weight", (8, 3, 3, 3)), ("features.3.weight", (8, 8, 3, 3))]
+    assert report.names() == ["features.0.weight"]
+
+
+def test_global_magnitude_shares_one_threshold_across_matched_tensors(net):
+    values = torch.cat([net.features[0].weight.flatten(), net.features[3].weight.flatten()]).abs()
+    constrain(net, {nn.Conv2d: FixedMask.global_magnitude(sparsity=0.5)})
+    kept = torch.cat([net.features[0].weight.flatten(), net.features[3].weight.flatten()]) != 0
+    assert int(kept.sum()) == values.numel() // 2
+    assert values[kept].min() >= values[~kept].max()
+
+
+def test_strict_error_names_rule_and_closest_names(net):
+    with pytest.raises(ValueError, match=r"rule 1 \(featurs.0.weight\) matches no parameter. Closest names: features.0.weight"):
+        constrain(net, {"head": Clamp(-1, 1), "featurs.0.weight": Clamp(-1, 1)})
+    with pytest.raises(ValueError, match=r"rule 0 \(Conv1d\) matches no parameter. Module types with parameters: BatchNorm2d, Conv2d, Linear"):
+        constrain(net, {nn.Conv1d: Clamp(-1, 1)})
+
+
+def test_non_strict_allows_unmatched_rules(net):
+    report = constrain(net, {"nothing.here": Clamp(-1, 1), "head": Clamp(-1, 1)}, strict=False)
+    assert report.names() == ["head.weight"]
+
+
+@pytest.mark.parametrize(
+    "rules, error, message",
+    [
+        ("head", TypeError, "expected rules as a dict or a sequence"),
+        ([("head",)], TypeError, r"rule 0 must be a \(key, value\) pair"),
+        ({3: Clamp(-1, 1)}, TypeError, "rule 0 key must be a name, glob.*Got int: 3"),
+        ({torch.Tensor: Clamp(-1, 1)}, TypeError, "Tensor is a class but not an nn.Module subclass"),
+        ({"re:(": Clamp(-1, 1)}, ValueError, r"rule 0 \(re:\(\) is not a valid regex"),
+        ({"head": "clamp"}, TypeError, r"rule 0 \(head\) value must be a Constraint.*Got str"),
+        ({"head": []}, TypeError, r"rule 0 \(head\) value must be a Constraint"),
+        ({"head": lambda fqn, t: 3}, TypeError, r"head.weight: rule 0 \(head\) callable must return a Constraint.*Got int"),
+    ],
+)
+def test_bad_rules_are_refused_with_the_culprit_named(net, rules, error, message):
+    before = snapshot(net)
+    with pytest.raises(error, match=message):
+        constrain(net, rules)
+    assert_unchanged(net, before)
+
+
+def test_failure_late_in_planning_leaves_model_unchanged(net):
+    before = snapshot(net)
+    with pytest.raises(ValueError, match="FixedMask of shape"):
+        constrain(net, [(nn.Conv2d, Clamp(-1, 1)), ("head", LearnableMask()), ("head", FixedMask(torch.ones(3, 3)))])
+    assert_unchanged(net, before)
+
+
+def test_failure_during_registration_rolls_back(net, monkeypatch):
+    import torchconstrain.rules as rules
+
+    calls = []
+    real = rules.register
+
+    def fail_on_third(slot, constraint):
+        calls.append(slot.fqn)
+        if len(calls) == 3:
+            raise RuntimeError("registration failed")
+        real(slot, constraint)
+
+    monkeypatch.setattr(rules, "register", fail_on_third)
+    before = snapshot(net)
+    with pytest.raises(RuntimeError, match="registration failed"):
+        constrain(net, {"features.*.weight": Clamp(-0.01, 0.01)})
+    assert_unchanged(net, before)
+
+
+def test_contradiction_between_mask_and_box_is_refused(net):
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"head.weight: FixedMask.*can set 16 entries to zero, but Clamp\(min=0.1, max=1\).*excludes zero"):
+        constrain(net, {"head": [Clamp(0.1, 1.0), FixedMask.magnitude(sparsity=0.5)]})
+    assert_unchanged(net, before)
+    with pytest.raises(ValueError, match="LearnableMask.*can set 32 entries to zero"):
+        constrain(net, {"head": [LearnableMask(), Clamp(0.1, 1.0)]})
+
+
+def test_disjoint_boxes_are_refused(net):
+    with pytest.raises(ValueError, match=r"contradict each other.*Clamp\(min=0, max=1\) from rule 0"):
+        constrain(net, [("head", Clamp(0, 1)), ("head", Clamp(2, 3))])
+
+
+def test_constraining_again_is_refused_unless_stacked(net):
+    constrain(net, {"head": FixedMask.magnitude(sparsity=0.25)})
+    with pytest.raises(ValueError, match=r"head.weight is already constrained by FixedMask.*existing='stack'"):
+        constrain(net, {"head": FixedMask.magnitude(sparsity=0.5)})
+    assert len(net.head.parametrizations.weight) == 1
+    report = constrain(net, {"head": FixedMask.magnitude(sparsity=0.5)}, existing="stack")
+    assert len(net.head.parametrizations.weight) == 2
+    assert report["head.weight"]["constraints"][0].startswith("FixedMask(shape=(4, 8), sparsity=0.250")
+    assert (net.head.weight == 0).float().mean() == 0.5  # the second mask ranks the masked value
+    with pytest.raises(ValueError, match="existing must be one of error, stack. Got 'replace'"):
+        constrain(net, {"head": Clamp(-1, 1)}, existing="replace")
+
+
+def test_constrain_refuses_non_modules():
+    with pytest.raises(TypeError, match="expected an nn.Module. Got dict"):
+        constrain({}, {"w": Clamp(-1, 1)})
+
+
+def test_report_prints_a_table(net):
+    text = str(constrain(net, {"head": Clamp(-1, 1)}))
+    assert text.splitlines()[1].split() == ["tensor", "shape", "constraints", "rules"]
+    assert "head.weight  (4, 8)  Clamp(min=-1, max=1)  rule 0 (head)" in text
