@@ -69,7 +69,7 @@ def _tensor_names(module: nn.Module) -> list[str]:
         return names
     plists = module.parametrizations
     names += [name for name in plists if plists[name].is_tensor]
-    order = max((getattr(plist, "plain_order", []) for plist in plists.values()), key=len)
+    order = getattr(plists, "plain_order", [])
     rank = {name: i for i, name in enumerate(order)}
     return sorted(names, key=lambda name: rank.get(name, len(order)))
 
@@ -92,19 +92,20 @@ def drop_entries(slot: Slot, indices: list[int]) -> None:
     for index in sorted(indices, reverse=True):
         del plist[index]
     if len(plist) == 0:
-        order = getattr(plist, "plain_order", None)
+        order = getattr(slot.module.parametrizations, "plain_order", None)
         parametrize.remove_parametrizations(slot.module, slot.tensor_name, leave_parametrized=False)
         if order is not None:
             _restore_order(slot.module._parameters, order)
 
 
 def register(slot: Slot, constraint: Constraint) -> None:
-    r"""Append ``constraint`` to the tensor's chain, remembering the plain parameter order
-    so that removing the last parametrization gives the same ``state_dict`` key order."""
-    order = None if slot.chain() else list(slot.module._parameters)
+    r"""Append ``constraint`` to the tensor's chain. The module's first parametrization
+    records its plain parameter order, so that removing parametrizations restores the
+    ``state_dict`` key order."""
+    order = None if parametrize.is_parametrized(slot.module) else list(slot.module._parameters)
     parametrize.register_parametrization(slot.module, slot.tensor_name, constraint)
     if order is not None:
-        slot.module.parametrizations[slot.tensor_name].plain_order = order
+        slot.module.parametrizations.plain_order = order
 
 
 def _restore_order(parameters: dict, order: list[str]) -> None:

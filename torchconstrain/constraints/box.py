@@ -59,9 +59,9 @@ def _as_bound(value, default: float, name: str) -> Tensor:
 class Clamp(Constraint):
     r"""Keep every entry of the effective tensor inside ``[min, max]``.
 
-    Bounds are numbers (one box for the whole tensor) or tensors. A 1-D bound tensor whose
-    length is the tensor's first dimension gives one box per output channel; any other
-    bound tensor must broadcast against the tensor. Bounds live in buffers named ``min``
+    Bounds are numbers (one box for the whole tensor) or tensors. A 1-D bound tensor must
+    have the length of the tensor's first dimension and gives one box per output channel;
+    any other bound tensor must have the tensor's number of dimensions and broadcast to it. Bounds live in buffers named ``min``
     and ``max`` (``None`` is stored as an infinite bound), so ``.to()`` and
     ``state_dict`` carry them.
 
@@ -117,6 +117,8 @@ class Clamp(Constraint):
         _check_order(self.min, self.max, where=f"{fqn}: Clamp")
 
     def forward(self, x: Tensor) -> Tensor:
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            return torch.clamp(x, self.min, self.max)
         if self.gradient == "pull_back":
             return _PullBackClamp.apply(x, self.min, self.max)
         if self.gradient == "straight_through":
@@ -161,22 +163,22 @@ def _check_order(lower: Tensor, upper: Tensor, *, where: str) -> None:
 
 
 def _broadcast_bound(bound: Tensor, tensor: Tensor, fqn: str, name: str) -> Tensor:
-    """Return ``bound`` reshaped so that it broadcasts against ``tensor``."""
+    """Return ``bound`` reshaped so that it broadcasts against ``tensor``.
+
+    A 1-D bound is one value per output channel (dim 0), never a trailing-dim broadcast;
+    any other bound must have the tensor's number of dims and broadcast to its shape.
+    """
     if bound.dim() == 0:
         return bound
-    if bound.dim() == 1 and tensor.dim() > 1 and bound.numel() == tensor.shape[0]:
+    if bound.dim() == 1 and tensor.dim() >= 1 and bound.numel() == tensor.shape[0]:
         return bound.reshape(-1, *([1] * (tensor.dim() - 1)))
-    try:
-        torch.broadcast_shapes(bound.shape, tensor.shape)
-        fits = torch.broadcast_shapes(bound.shape, tensor.shape) == tensor.shape
-    except RuntimeError:
-        fits = False
+    fits = bound.dim() == tensor.dim() and all(b in (1, t) for b, t in zip(bound.shape, tensor.shape))
     if not fits:
         raise ValueError(
             f"{fqn}: Clamp {name} of shape {tuple(bound.shape)} does not fit a tensor of shape "
             f"{tuple(tensor.shape)}. Expected a number, a 1-D tensor of length "
             f"{tensor.shape[0] if tensor.dim() else 1} (one bound per output channel), "
-            f"or a tensor that broadcasts to {tuple(tensor.shape)}."
+            f"or a {tensor.dim()}-D tensor that broadcasts to {tuple(tensor.shape)}."
         )
     return bound
 

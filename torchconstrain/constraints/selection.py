@@ -102,15 +102,18 @@ class GlobalMagnitude:
 
 
 class RandomSelection:
-    """Keep a random ``1 - sparsity`` share of the entries (reproducible with ``seed``)."""
+    """Keep a random ``1 - sparsity`` share of the entries.
+
+    With ``seed`` the choice uses its own generator; without, it draws from torch's global
+    generator (so ``torch.manual_seed`` makes it reproducible, like any initialization).
+    """
 
     def __init__(self, *, sparsity: float, seed: int | None = None) -> None:
         self.sparsity = _check_sparsity(sparsity, "FixedMask.random")
         self.seed = seed
 
     def select(self, fqn: str, tensor: Tensor) -> Tensor:
-        generator = torch.Generator()
-        generator.manual_seed(self.seed if self.seed is not None else torch.seed())
+        generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         scores = torch.rand(tensor.shape, generator=generator)
         keep = _keep_largest(scores, self.sparsity).to(tensor.device)
         _warn_if_degenerate(fqn, self.sparsity, keep, "entry")
