@@ -65,6 +65,15 @@ CASES = (
 
 WEIGHT = (nn.Conv2d, nn.Linear)
 
+LEGEND = (
+    "Variants, on the layer's weight: `Clamp(-1, 1)`; `FixedMask.magnitude(sparsity=0.5)`; "
+    "`LearnableMask()`; `Clamp+FixedMask` = both, stacked; `prune hooks` = "
+    "`torch.nn.utils.prune.l1_unstructured(amount=0.5)`; `clamp_ after step` = plain layer plus "
+    "`weight.data.clamp_(-1, 1)` after `optimizer.step()`; `baked` = Clamp+FixedMask, then `bake()`. "
+    "forward runs under `torch.inference_mode()`; fwd+bwd and train step (SGD, momentum 0.9) "
+    "include `zero_grad(set_to_none=True)`."
+)
+
 
 def _stack() -> list:
     return [Clamp(-1, 1), FixedMask.magnitude(sparsity=0.5)]

@@ -91,6 +91,17 @@ def _upstream(out: torch.Tensor) -> steps.Backward:
     return steps.grad_backward(torch.randn_like(out))
 
 
+LEGEND = (
+    "Variants on every Conv2d weight of the MobileNets (SE fcs included) and every Linear weight "
+    "of the stack: `Clamp(-1, 1)`; `mix` = MobileNets `{nn.Conv2d: [Clamp(-1, 1), "
+    "FixedMask.magnitude(sparsity=0.5)], nn.Linear: LearnableMask()}`, stack `{nn.Linear: "
+    "[Clamp(-1, 1), FixedMask.magnitude(sparsity=0.5)]}`; `prune hooks` = "
+    "`l1_unstructured(amount=0.5)` on the Clamp weights; `clamp_ after step` = plain model plus "
+    "`weight.data.clamp_(-1, 1)` on those weights after `optimizer.step()`; `baked` = mix, then "
+    "`bake()`. Training steps: train mode, SGD (momentum 0.9), MobileNet with cross-entropy; "
+    "inference: eval mode under `torch.inference_mode()`."
+)
+
 MOBILENET = _model_variants((nn.Conv2d,), _mobilenet_mix)
 STACK = _model_variants((nn.Linear,), _stack_mix)
 

@@ -84,10 +84,13 @@ def detail_table(results: list[Result]) -> list[str]:
     return _table(header, rows, right_from=4)
 
 
-def markdown(results: list[Result], machine_line: str, settings: str) -> str:
-    r"""The full report: title, machine line, one summary per section, the detail table."""
+def markdown(results: list[Result], machine_line: str, settings: str, notes: dict[str, str]) -> str:
+    r"""The full report: title, machine line, settings, per section a summary table and its
+    note (``notes[section]``: what the variants are), then the detail table."""
     lines = ["# torchconstrain benchmarks", "", machine_line, "", settings]
     for section in dict.fromkeys(r.section for r in results):
         lines += ["", f"## {TITLES.get(section, section)}", ""] + summary_table(results, section)
+        if section in notes:
+            lines += ["", notes[section]]
     lines += ["", "## Every measurement", ""] + detail_table(results)
     return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
@@ -35,8 +35,11 @@ from torchconstrain import (
 # Shared strategies and helpers
 # ---------------------------------------------------------------------------------------
 
-FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FEW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# For strict-xfail tests documenting a bug: no shrinking, no saved examples, so the
+# expected failure costs no more than a few examples.
+KNOWN_BUG = settings(max_examples=5, deadline=None, phases=[Phase.generate], database=None)
 
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
 small = st.integers(min_value=1, max_value=6)
@@ -302,8 +305,6 @@ def test_bake_is_exact_and_keeps_parameters(layer_kind, sizes, seed, targets, ch
     optimizer = torch.optim.SGD(layer.parameters(), lr=lr)
 
     rules = {name: _bake_rule(choice, getattr(layer, name), gen) for name in targets}
-    if choice == "hard_learnable" or choice == "magnitude":
-        rules = {name: _bake_rule(choice, getattr(layer, name), gen) for name in targets}
     constrain(layer, rules)
     if choice == "hard_learnable":
         with torch.no_grad():
@@ -334,15 +335,15 @@ def test_bake_is_exact_and_keeps_parameters(layer_kind, sizes, seed, targets, ch
     # The optimizer made before constrain still steps the baked weight.
     optimizer.zero_grad()
     random_loss(layer(x), "linear", gen).backward()
+    old = {name: p.detach().clone() for name, p in layer.named_parameters()}
     expected = {name: p.detach().add(p.grad, alpha=-lr) for name, p in layer.named_parameters()}
     optimizer.step()
     for name, p in layer.named_parameters():
         assert torch.equal(p.detach(), expected[name])
-    assert not torch.equal(layer.weight.detach(), expected["weight"].add(layer.weight.grad, alpha=lr))
+        if bool(p.grad.ne(0).any()):
+            assert not torch.equal(p.detach(), old[name]), f"the optimizer no longer moves {name}"
 
 
-@FEW
-@given(layer_kind=kinds, sizes=st.tuples(small, small), seed=seeds)
 @pytest.mark.xfail(
     strict=True,
     reason=(
@@ -352,18 +353,30 @@ def test_bake_is_exact_and_keeps_parameters(layer_kind, sizes, seed, targets, ch
         "already moved into parametrizations)"
     ),
 )
-def test_bake_restores_parameter_order_when_weight_and_bias_constrained(layer_kind, sizes, seed):
-    torch.manual_seed(seed)
-    if layer_kind == "linear":
-        make = lambda: nn.Linear(*sizes)  # noqa: E731
-    else:
-        make = lambda: nn.Conv2d(sizes[0], sizes[1], 3)  # noqa: E731
-    layer = make()
-    fresh_keys = list(make().state_dict())
-    constrain(layer, {"weight": Clamp(-0.1, 0.1), "bias": Clamp(-0.1, 0.1)})
-    bake(layer)
-    assert list(layer.state_dict()) == fresh_keys
-    assert [name for name, _ in layer.named_parameters()] == fresh_keys
+def test_bake_restores_parameter_order_when_weight_and_bias_constrained():
+    # The drawn examples only record mismatches; the test asserts at the end, so the
+    # known failure is reported once, without hypothesis shrinking or writing patches.
+    wrong = []
+
+    @KNOWN_BUG
+    @given(layer_kind=kinds, sizes=st.tuples(small, small), seed=seeds)
+    def run(layer_kind, sizes, seed):
+        torch.manual_seed(seed)
+        if layer_kind == "linear":
+            make = lambda: nn.Linear(*sizes)  # noqa: E731
+        else:
+            make = lambda: nn.Conv2d(sizes[0], sizes[1], 3)  # noqa: E731
+        layer = make()
+        fresh_keys = list(make().state_dict())
+        constrain(layer, {"weight": Clamp(-0.1, 0.1), "bias": Clamp(-0.1, 0.1)})
+        bake(layer)
+        keys = list(layer.state_dict())
+        names = [name for name, _ in layer.named_parameters()]
+        if keys != fresh_keys or names != fresh_keys:
+            wrong.append((layer_kind, sizes, keys, fresh_keys))
+
+    run()
+    assert not wrong, f"order after bake differs from a fresh module: {wrong[0]}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -604,9 +617,8 @@ def test_structured_mask_prunes_whole_slices(kind, sizes, seed, sparsity, dim, p
 )
 def test_n_m_mask_keeps_n_of_every_m(kind, out, groups, seed, nm):
     n, m = nm
-    layer = _weight_layer(kind, (groups * m, out) if kind == "linear" else (groups * m, out), seed)
-    if kind == "linear":
-        layer = nn.Linear(groups * m, out)  # weight (out, groups*m): dim 1 is the input dim
+    # Linear weight (out, groups*m), Conv2d weight (out, groups*m, 3, 3): dim 1 is the input.
+    layer = _weight_layer(kind, (groups * m, out), seed)
     w = layer.weight.detach().clone()
     constrain(layer, {"weight": FixedMask.n_m(n, m)})
     mask = layer.parametrizations.weight[0].mask
@@ -645,7 +657,6 @@ def test_global_magnitude_uses_one_threshold(kind, sizes, seed, sparsity, scale)
         assert masked.max() <= kept.min()
     for fqn in ws:
         assert torch.equal(effective(model, fqn), torch.where(masks[fqn], ws[fqn], 0.0))
-    assert not bool(model[0].bias.eq(0).all() and model[0].bias.numel() > 1) or True
 
 
 # ---------------------------------------------------------------------------------------
@@ -724,8 +735,6 @@ def test_pull_back_never_pushes_outside_weights_further_out(kind, sizes, seed, l
 # ---------------------------------------------------------------------------------------
 
 
-@FEW
-@given(seed=seeds, sizes=st.tuples(small, small), sparsity=st.floats(0.1, 0.9))
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.xfail(
     strict=True,
@@ -735,10 +744,19 @@ def test_pull_back_never_pushes_outside_weights_further_out(kind, sizes, seed, l
         "reproducible from torch.manual_seed"
     ),
 )
-def test_constrain_keeps_global_rng_reproducible(seed, sizes, sparsity):
-    draws = []
-    for _ in range(2):
-        torch.manual_seed(seed)
-        constrain(nn.Linear(*sizes), {"weight": FixedMask.random(sparsity=sparsity)})
-        draws.append(torch.randn(8))
-    assert torch.equal(draws[0], draws[1])
+def test_constrain_keeps_global_rng_reproducible():
+    wrong = []
+
+    @KNOWN_BUG
+    @given(seed=seeds, sizes=st.tuples(small, small), sparsity=st.floats(0.1, 0.9))
+    def run(seed, sizes, sparsity):
+        draws = []
+        for _ in range(2):
+            torch.manual_seed(seed)
+            constrain(nn.Linear(*sizes), {"weight": FixedMask.random(sparsity=sparsity)})
+            draws.append(torch.randn(8))
+        if not torch.equal(draws[0], draws[1]):
+            wrong.append((seed, draws))
+
+    run()
+    assert not wrong, f"same torch.manual_seed, different draws after constrain: {wrong[0]}"
