@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchconstrain import Clamp, FixedMask, LearnableMask, bake, check, constrain
+from torchconstrain import Clamp, ConstraintViolation, FixedMask, LearnableMask, bake, check, constrain
 
 
 def test_clamp_holds_and_bounds_are_buffers():
@@ -118,7 +118,7 @@ def test_fixed_mask_zeroes_entries_and_their_gradient():
     assert layer.parametrizations.weight[0].mask.dtype == torch.bool
 
 
-def test_fixed_mask_survives_momentum_and_weight_decay_and_non_finite_stored_values():
+def test_fixed_mask_survives_momentum_and_weight_decay():
     layer = nn.Linear(6, 6)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
     for _ in range(3):  # build up momentum before masking
@@ -132,9 +132,36 @@ def test_fixed_mask_survives_momentum_and_weight_decay_and_non_finite_stored_val
         layer(torch.randn(4, 6)).square().sum().backward()
         optimizer.step()
         assert torch.equal(layer.weight == 0, zeros)
+    assert torch.isfinite(layer.parametrizations.weight.original).all()
     with torch.no_grad():
         layer.parametrizations.weight.original[zeros] = float("inf")
-    assert torch.all(layer.weight[zeros] == 0)
+    with pytest.raises(ConstraintViolation, match="18 entries are NaN or infinite"):
+        check(layer)
+
+
+def test_fixed_mask_follows_in_place_edits_loads_and_dtype_moves():
+    layer = nn.Linear(4, 2)
+    constrain(layer, {"weight": FixedMask(torch.ones(2, 4))})
+    layer.weight  # builds the cached multiplier
+    layer.parametrizations.weight[0].mask[0, 0] = False
+    assert layer.weight[0, 0] == 0
+    state = layer.state_dict()
+    state["parametrizations.weight.0.mask"] = torch.zeros(2, 4, dtype=torch.bool)
+    layer.load_state_dict(state)
+    assert torch.all(layer.weight == 0)
+    layer.parametrizations.weight[0].mask = torch.ones(2, 4, dtype=torch.bool)
+    assert torch.all(layer.weight != 0)
+    layer.double()
+    assert layer.weight.dtype == torch.float64
+
+
+def test_clamp_follows_in_place_edits_of_scalar_bounds():
+    layer = nn.Linear(4, 4)
+    constrain(layer, {"weight": Clamp(-1, 1)})
+    assert layer.weight.abs().max() > 0.1
+    layer.parametrizations.weight[0].max.fill_(0.1)
+    layer.parametrizations.weight[0].min.fill_(-0.1)
+    assert layer.weight.abs().max() <= 0.1
 
 
 def test_fixed_mask_shape_mismatch_names_the_tensor():

@@ -51,6 +51,22 @@ class Constraint(nn.Module):
         """
         return {fqn: self.for_tensor(fqn, tensor) for fqn, tensor in tensors.items()}
 
+    def _derived(self, name: str, source: Tensor, like: Tensor, build):
+        """Return ``build()``, cached until ``source`` changes or ``like``'s dtype/device does.
+
+        ``source`` is a buffer the derived value comes from (a bool mask, a bound). An
+        in-place edit or ``load_state_dict`` bumps its version counter; ``.to()`` or an
+        assignment replaces it. Either rebuilds the value. The cache holds ``source``
+        itself, so its identity cannot be reused by another tensor while cached.
+        """
+        cache = self.__dict__.setdefault("_derived_cache", {})
+        key = (source._version, like.dtype, like.device)
+        hit = cache.get(name)
+        if hit is None or hit[0] is not source or hit[1] != key:
+            hit = (source, key, build())
+            cache[name] = hit
+        return hit[2]
+
     def _bind(self, fqn: str, tensor: Tensor) -> None:
         """Adapt this (already copied) constraint to ``tensor``; raise ValueError if it can't."""
 

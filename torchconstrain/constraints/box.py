@@ -18,23 +18,25 @@ class _PullBackClamp(torch.autograd.Function):
     """Clamp forward; backward keeps an outside entry's gradient only if it points back in."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
-        ctx.save_for_backward(x, lower, upper)
-        return torch.clamp(x, lower, upper)
+    def forward(ctx, x: Tensor, lower, upper) -> Tensor:
+        clamped = torch.clamp(x, lower, upper)
+        ctx.save_for_backward(x, clamped)
+        return clamped
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, lower, upper = ctx.saved_tensors
-        # Gradient descent moves x by -grad: above the box it must be positive, below negative.
-        blocked = ((x > upper) & (grad < 0)) | ((x < lower) & (grad > 0))
-        return torch.where(blocked, 0.0, grad), None, None
+        x, clamped = ctx.saved_tensors
+        # Gradient descent moves x by -grad. Outside the box (x != clamped) the gradient
+        # passes only when it has the sign of (x - clamped): then the step points back in.
+        blocked = (x - clamped) * grad < 0
+        return grad.masked_fill(blocked, 0.0), None, None
 
 
 class _StraightThroughClamp(torch.autograd.Function):
     """Clamp forward; identity backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, lower, upper) -> Tensor:
         return torch.clamp(x, lower, upper)
 
     @staticmethod
@@ -117,13 +119,24 @@ class Clamp(Constraint):
         _check_order(self.min, self.max, where=f"{fqn}: Clamp")
 
     def forward(self, x: Tensor) -> Tensor:
+        lower, upper = self._bounds(x)
         if not (x.requires_grad and torch.is_grad_enabled()):
-            return torch.clamp(x, self.min, self.max)
+            return torch.clamp(x, lower, upper)
         if self.gradient == "pull_back":
-            return _PullBackClamp.apply(x, self.min, self.max)
+            return _PullBackClamp.apply(x, lower, upper)
         if self.gradient == "straight_through":
-            return _StraightThroughClamp.apply(x, self.min, self.max)
-        return torch.clamp(x, self.min, self.max)
+            return _StraightThroughClamp.apply(x, lower, upper)
+        return torch.clamp(x, lower, upper)
+
+    def _bounds(self, x: Tensor):
+        """The bounds as Python floats when they are scalars (a much faster clamp), else tensors."""
+        if self.min.dim() or self.max.dim():
+            return self.min, self.max
+        lower = self._derived("min", self.min, x, lambda: _finite_or_none(self.min))
+        upper = self._derived("max", self.max, x, lambda: _finite_or_none(self.max))
+        if lower is None and upper is None:
+            return self.min, self.max
+        return lower, upper
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return torch.clamp(value, self.min, self.max)
@@ -146,6 +159,11 @@ class Clamp(Constraint):
         if self.gradient != "pull_back":
             text += f", gradient={self.gradient!r}"
         return text
+
+
+def _finite_or_none(bound: Tensor) -> float | None:
+    value = bound.item()
+    return None if math.isinf(value) else value
 
 
 def _check_order(lower: Tensor, upper: Tensor, *, where: str) -> None:
