@@ -23,8 +23,9 @@ plain; ``Clamp(-1, 1)``; ``FixedMask.magnitude(sparsity=0.5)``; ``LearnableMask(
 ``[Clamp(-1, 1), FixedMask.magnitude(sparsity=0.5)]``; ``prune.l1_unstructured(amount=0.5)``;
 plain plus ``weight.data.clamp_(-1, 1)`` after each step (train step only); and baked
 (the Clamp+FixedMask stack, constrained then baked). Every variant works on a fresh copy
-of the same initial layer; within a case and task the variants are timed one after the
-other, so the ratios to plain come from measurements taken seconds apart.
+of the same initial layer; within a case and task the variants are timed in interleaved
+rounds (:func:`benchmarks.timing.measure_group`), so each ratio to plain compares
+measurements taken over the same seconds.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from benchmarks import steps, variants
-from benchmarks.timing import Budget, Result, measure
+from benchmarks.timing import Budget, Result, measure_group
 from torchconstrain import Clamp, FixedMask, LearnableMask
 
 SECTION = "layers"
@@ -54,7 +55,8 @@ class LayerCase:
 
 
 CASES = (
-    LayerCase("stem 3x3 3→16 s2 @224", lambda: nn.Conv2d(3, 16, 3, 2, 1, bias=False), (3, 224, 224), False),
+    LayerCase("stem 3x3 3→16 s2 @224", lambda: nn.Conv2d(3, 16, 3, 2, 1, bias=False), (3, 224, 224),
+              input_grad=False),
     LayerCase("dw 3x3 72ch s2 @56", lambda: nn.Conv2d(72, 72, 3, 2, 1, groups=72, bias=False), (72, 56, 56)),
     LayerCase("dw 5x5 96ch s2 @28", lambda: nn.Conv2d(96, 96, 5, 2, 2, groups=96, bias=False), (96, 28, 28)),
     LayerCase("expand 1x1 24→96 @28", lambda: nn.Conv2d(24, 96, 1, bias=False), (24, 28, 28)),
@@ -69,9 +71,10 @@ LEGEND = (
     "Variants, on the layer's weight: `Clamp(-1, 1)`; `FixedMask.magnitude(sparsity=0.5)`; "
     "`LearnableMask()`; `Clamp+FixedMask` = both, stacked; `prune hooks` = "
     "`torch.nn.utils.prune.l1_unstructured(amount=0.5)`; `clamp_ after step` = plain layer plus "
-    "`weight.data.clamp_(-1, 1)` after `optimizer.step()`; `baked` = Clamp+FixedMask, then `bake()`. "
-    "forward runs under `torch.inference_mode()`; fwd+bwd and train step (SGD, momentum 0.9) "
-    "include `zero_grad(set_to_none=True)`."
+    "`weight.data.clamp_(-1, 1)` after `optimizer.step()`; `baked` = Clamp+FixedMask, then "
+    "`bake()` (a plain layer again: its distance from 1.00x is the noise floor). forward runs "
+    "under `torch.inference_mode()`; fwd+bwd and train step (SGD, momentum 0.9) include "
+    "`zero_grad(set_to_none=True)`."
 )
 
 
@@ -91,7 +94,8 @@ VARIANTS = (
 )
 
 
-def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[Result], None]) -> list[Result]:
+def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[Result], None]
+        ) -> list[Result]:
     r"""Time every case, task and variant; return the results in table order."""
     results = []
     for case in CASES:
@@ -102,15 +106,17 @@ def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[
 
 def _run_task(case: LayerCase, task: str, device, threads, budget, progress) -> list[Result]:
     layer, x, grad = _prototype(case, device)
-    results = []
+    calls = {}
     for variant in VARIANTS:
         if variant.training_only and task != "train step":
             continue
         module = copy.deepcopy(layer)
         variant.prepare(module)
-        stats = measure(_call(task, module, x, grad, variant), budget, threads, device)
-        results.append(Result(SECTION, case.name, task, variant.name, **stats))
-        progress(results[-1])
+        calls[variant.name] = _call(task, module, x, grad, variant)
+    stats = measure_group(calls, budget, threads, device)
+    results = [Result(SECTION, case.name, task, name, **stats[name]) for name in calls]
+    for result in results:
+        progress(result)
     return results
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import subprocess
+from pathlib import Path
 
 import torch
 import torchvision
@@ -24,6 +26,21 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def library_commit() -> str | None:
+    r"""The git commit of the torchconstrain checkout, ``+dirty`` if its package files are edited."""
+    root = Path(torchconstrain.__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("+dirty" if git("status", "--porcelain", "--", ".") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -36,6 +53,7 @@ def info(device: torch.device, threads: int) -> dict:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "torchconstrain": torchconstrain.__version__,
+        "torchconstrain_commit": library_commit(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": device.type,
@@ -55,6 +73,7 @@ def summary(data: dict) -> str:
     threads = f"{data['threads']} thread{'s' if data['threads'] != 1 else ''}"
     return (
         f"{data['device_name']} ({data['device']}, {threads}) · torch {data['torch']} · "
-        f"torchvision {data['torchvision']} · torchconstrain {data['torchconstrain']} · "
+        f"torchvision {data['torchvision']} · torchconstrain {data['torchconstrain']}"
+        f"{' (' + data['torchconstrain_commit'] + ')' if data['torchconstrain_commit'] else ''} · "
         f"Python {data['python']} · {data['platform']}"
     )

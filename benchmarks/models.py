@@ -12,7 +12,7 @@ Cases:
   inference. Little arithmetic per parameter, so per-tensor overheads dominate.
 
 Variants (per :mod:`benchmarks.variants`), on every Conv2d weight of the MobileNets (52
-and 62 tensors, SE fcs included) and every Linear weight of the stack (40 tensors):
+in small, 62 in large, SE fcs included) and every Linear weight of the stack (40 tensors):
 
 - ``plain``;
 - ``Clamp``: ``{nn.Conv2d: Clamp(-1, 1)}`` (``{nn.Linear: ...}`` for the stack);
@@ -24,7 +24,8 @@ and 62 tensors, SE fcs included) and every Linear weight of the stack (40 tensor
   each ``optimizer.step()`` (training only);
 - ``baked``: ``mix``, then ``bake``.
 
-Every variant gets a freshly built model (seed 0) with the same inputs.
+Every variant gets a freshly built model (seed 0) with the same inputs; the variants of a
+case are timed in interleaved rounds (:func:`benchmarks.timing.measure_group`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torchvision
 from torch import nn
 
 from benchmarks import steps, variants
-from benchmarks.timing import Budget, Result, measure
+from benchmarks.timing import Budget, Result, measure_group
 from torchconstrain import Clamp, FixedMask, LearnableMask
 
 SECTION = "models"
@@ -98,32 +99,42 @@ LEGEND = (
     "[Clamp(-1, 1), FixedMask.magnitude(sparsity=0.5)]}`; `prune hooks` = "
     "`l1_unstructured(amount=0.5)` on the Clamp weights; `clamp_ after step` = plain model plus "
     "`weight.data.clamp_(-1, 1)` on those weights after `optimizer.step()`; `baked` = mix, then "
-    "`bake()`. Training steps: train mode, SGD (momentum 0.9), MobileNet with cross-entropy; "
-    "inference: eval mode under `torch.inference_mode()`."
+    "`bake()` (plain modules again: its distance from 1.00x is the noise floor). Training steps: "
+    "train mode, SGD (momentum 0.9), MobileNet with cross-entropy; inference: eval mode under "
+    "`torch.inference_mode()`."
 )
 
 MOBILENET = _model_variants((nn.Conv2d,), _mobilenet_mix)
 STACK = _model_variants((nn.Linear,), _stack_mix)
 
+def _mobilenet_v3_small() -> nn.Module:
+    return torchvision.models.mobilenet_v3_small(weights=None)
+
+
+def _mobilenet_v3_large() -> nn.Module:
+    return torchvision.models.mobilenet_v3_large(weights=None)
+
+
 CASES = (
-    ModelCase("mobilenet_v3_small b8", "train step",
-              lambda: torchvision.models.mobilenet_v3_small(weights=None), (8, 3, 224, 224), _labels, MOBILENET),
-    ModelCase("mobilenet_v3_large b1", "inference",
-              lambda: torchvision.models.mobilenet_v3_large(weights=None), (1, 3, 224, 224), _labels, MOBILENET),
+    ModelCase("mobilenet_v3_small b8", "train step", _mobilenet_v3_small, (8, 3, 224, 224), _labels,
+              MOBILENET),
+    ModelCase("mobilenet_v3_large b1", "inference", _mobilenet_v3_large, (1, 3, 224, 224), _labels,
+              MOBILENET),
     ModelCase("40 x Linear(64,64) b8", "train step", _linear_stack, (8, 64), _upstream, STACK),
     ModelCase("40 x Linear(64,64) b8", "inference", _linear_stack, (8, 64), _upstream, STACK),
 )
 
 
-def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[Result], None]) -> list[Result]:
-    r"""Time every case and variant; return the results in table order."""
+def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[Result], None]
+        ) -> list[Result]:
+    r"""Time every case, its variants interleaved; return the results in table order."""
     results = []
     for case in CASES:
-        for variant in case.variants:
-            if variant.training_only and case.task != "train step":
-                continue
-            stats = measure(_call(case, variant, device), budget, threads, device)
-            results.append(Result(SECTION, case.name, case.task, variant.name, **stats))
+        chosen = [v for v in case.variants if not (v.training_only and case.task != "train step")]
+        calls = {v.name: _call(case, v, device) for v in chosen}
+        stats = measure_group(calls, budget, threads, device)
+        for name in calls:
+            results.append(Result(SECTION, case.name, case.task, name, **stats[name]))
             progress(results[-1])
     return results
 

@@ -5,7 +5,8 @@ the unmodified module; every other column is that variant's median divided by pl
 median for the same case and task, measured in the same run (``1.25x`` = 25 % slower).
 ``–`` marks a variant that does not apply (``clamp_ after step`` outside training steps).
 The detail table lists median and IQR (absolute and as a share of the median) of every
-measurement; ``*`` flags an IQR above 10 % of the median (a noisy measurement).
+measurement over all its blocks (of every round), the number of blocks and the calls per
+block; ``*`` flags an IQR above 10 % of the median (a noisy measurement).
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def _table(header: list[str], rows: list[list[str]], right_from: int) -> list[st
 def summary_table(results: list[Result], section: str) -> list[str]:
     r"""Rows: case and task. Columns: plain median, then each variant's ratio to plain."""
     chosen = [r for r in results if r.section == section]
-    variants = list(dict.fromkeys(r.variant for r in chosen))
     keys = list(dict.fromkeys(r.key for r in chosen))
+    variants = _column_order(chosen, keys)
     ratio = ratios(chosen)
     cell = {(r.key, r.variant): r for r in chosen}
     rows = []
@@ -69,6 +70,17 @@ def summary_table(results: list[Result], section: str) -> list[str]:
     return _table(["case", "task"] + variants, rows, right_from=2)
 
 
+def _column_order(results: list[Result], keys: list[tuple]) -> list[str]:
+    r"""Variants in run order, merging rows that skip some (``clamp_ after step`` comes after
+    ``prune hooks`` and before ``baked`` even though the first rows lack it)."""
+    position: dict[str, int] = {}
+    for key in keys:
+        names = [r.variant for r in results if r.key == key]
+        for index, name in enumerate(names):
+            position[name] = max(position.get(name, 0), index)
+    return sorted(position, key=position.__getitem__)
+
+
 def detail_table(results: list[Result]) -> list[str]:
     r"""Every measurement: median, IQR, IQR share of the median, ratio to plain, blocks."""
     ratio = ratios(results)
@@ -78,10 +90,15 @@ def detail_table(results: list[Result]) -> list[str]:
         flag = " *" if share > NOISY else ""
         rows.append([
             r.section, r.case, r.task, r.variant, format_time(r.median), format_time(r.iqr),
-            f"{share:.1%}{flag}", f"{ratio[id(r)]:.2f}x", f"{len(r.block_times)}x{r.number_per_block}",
+            f"{share:.1%}{flag}", f"{ratio[id(r)]:.2f}x", str(len(r.block_times)), _calls(r.calls_per_block),
         ])
-    header = ["section", "case", "task", "variant", "median", "IQR", "IQR/median", "vs plain", "blocks x calls"]
+    header = ["section", "case", "task", "variant", "median", "IQR", "IQR/median", "vs plain", "blocks",
+              "calls/block"]
     return _table(header, rows, right_from=4)
+
+
+def _calls(numbers: list[int]) -> str:
+    return "/".join(str(n) for n in dict.fromkeys(numbers))
 
 
 def markdown(results: list[Result], machine_line: str, settings: str, notes: dict[str, str]) -> str:

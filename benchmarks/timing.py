@@ -1,13 +1,24 @@
-r"""How one number is measured: a warm-up, then ``torch.utils.benchmark.Timer.blocked_autorange``.
+r"""How the numbers are measured: warm-up, then interleaved rounds of ``Timer.blocked_autorange``.
 
-:func:`measure` calls the function repeatedly for ``budget.warmup`` seconds (and at least
-``budget.warmup_calls`` times) so that lazy initialisation, allocator growth and oneDNN
-primitive caches are done before timing. ``blocked_autorange`` then runs the function in
-blocks of ``number`` calls, ``number`` chosen so that a block takes at least ~10 ms (timer
-overhead below 0.01 %), until ``budget.min_run_time`` seconds are spent. The median and the
-inter-quartile range (IQR) are taken over the per-call times of those blocks. On CUDA the
-Timer synchronizes the device before reading the clock, and the warm-up ends with a
-synchronize, so queued kernels are never attributed to the wrong block.
+:func:`measure_group` times the variants of one case and task together:
+
+1. Each function is called for ``budget.warmup`` seconds (and at least
+   ``budget.warmup_calls`` times), so that lazy initialisation and oneDNN primitive
+   caches are done before timing.
+2. ``budget.rounds`` rounds follow; in each, every function in turn gets
+   ``Timer.blocked_autorange(min_run_time=budget.min_run_time / budget.rounds)``: blocks
+   of ``number`` calls, ``number`` chosen so that a block takes at least ~10 ms (timer
+   overhead below 0.01 %). Interleaving the variants spreads slow drifts of the machine
+   (other processes, frequency) over all of them, so ratios to plain stay fair.
+3. The median and inter-quartile range (IQR) are taken over the per-call times of all
+   blocks of all rounds (``Measurement.merge``).
+
+On CUDA the Timer synchronizes the device before reading the clock, and the warm-up ends
+with a synchronize, so queued kernels are never attributed to the wrong block.
+
+:func:`steady_allocator` puts glibc's ``malloc`` in the state a long-running training
+process reaches anyway; without it, the first cases of a run pay page faults on every
+large allocation and time several times slower than the same code later in the run.
 """
 
 from __future__ import annotations
@@ -17,16 +28,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-from torch.utils.benchmark import Timer
+from torch.utils.benchmark import Measurement, Timer
+
+#: Just below glibc's largest dynamic mmap threshold (32 MiB on 64-bit).
+ALLOCATOR_PRIMING_BYTES = 30 * 2**20
 
 
 @dataclass(frozen=True)
 class Budget:
-    r"""Time spent on one measurement: warm-up seconds and calls, then measured seconds."""
+    r"""Time spent per measurement: warm-up seconds and calls, measured seconds, rounds."""
 
     warmup: float
     warmup_calls: int
     min_run_time: float
+    rounds: int = 1
 
 
 @dataclass
@@ -40,7 +55,7 @@ class Result:
     median: float
     iqr: float
     mean: float
-    number_per_block: int
+    calls_per_block: list[int]
     block_times: list[float] = field(repr=False)
 
     @property
@@ -49,6 +64,18 @@ class Result:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def steady_allocator() -> None:
+    r"""Allocate and free one ~30 MiB buffer so glibc raises its mmap threshold.
+
+    glibc serves large blocks with ``mmap`` (fresh pages, page faults on first touch) until
+    it has freed one, after which its threshold follows the largest freed size. A training
+    process reaches that state after its first steps; priming it here makes the first
+    cases of the run time the same as they would later. A no-op for other allocators.
+    """
+    buffer = torch.empty(ALLOCATOR_PRIMING_BYTES, dtype=torch.uint8)
+    del buffer
 
 
 def warm_up(fn: Callable[[], object], budget: Budget, device: torch.device) -> None:
@@ -61,15 +88,27 @@ def warm_up(fn: Callable[[], object], budget: Budget, device: torch.device) -> N
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], budget: Budget, threads: int, device: torch.device) -> dict:
-    r"""Warm ``fn`` up, time it with ``blocked_autorange`` and return its statistics (seconds)."""
-    warm_up(fn, budget, device)
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    m = timer.blocked_autorange(min_run_time=budget.min_run_time)
+def measure_group(
+    fns: dict[str, Callable[[], object]], budget: Budget, threads: int, device: torch.device
+) -> dict[str, dict]:
+    r"""Warm up and time every function of ``fns`` in interleaved rounds; statistics in seconds."""
+    timers = {}
+    for name, fn in fns.items():
+        warm_up(fn, budget, device)
+        timers[name] = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, description=name)
+    rounds: dict[str, list[Measurement]] = {name: [] for name in fns}
+    for _ in range(budget.rounds):
+        for name, timer in timers.items():
+            rounds[name].append(timer.blocked_autorange(min_run_time=budget.min_run_time / budget.rounds))
+    return {name: _statistics(measurements) for name, measurements in rounds.items()}
+
+
+def _statistics(measurements: list[Measurement]) -> dict:
+    (merged,) = Measurement.merge(measurements)
     return {
-        "median": m.median,
-        "iqr": m.iqr,
-        "mean": m.mean,
-        "number_per_block": m.number_per_run,
-        "block_times": list(m.times),
+        "median": merged.median,
+        "iqr": merged.iqr,
+        "mean": merged.mean,
+        "calls_per_block": [m.number_per_run for m in measurements],
+        "block_times": list(merged.times),
     }

@@ -1,0 +1,152 @@
+r"""Entry point: time every layer and model case, print a markdown report, optionally save JSON.
+
+Usage::
+
+    python benchmarks/run.py [--device cpu|cuda] [--threads N] [--quick] [--json PATH]
+
+Measures the cases of :mod:`benchmarks.layers` (one MobileNetV3 layer at a time: forward,
+forward+backward, training step) and :mod:`benchmarks.models` (MobileNetV3 training step
+and inference, a stack of 40 small Linears), each under every variant, with
+:func:`benchmarks.timing.measure_group` (warm-up, then interleaved rounds of
+``Timer.blocked_autorange``). Prints the
+report of :mod:`benchmarks.report` to stdout; progress goes to stderr. With ``--json PATH``
+also writes every measurement (per-block times included), the machine description and
+the settings to ``PATH``, and the same markdown to ``table.md`` next to it.
+
+``--threads`` defaults to 1, like ``Timer``'s ``num_threads``. ``--quick`` runs every case
+with a minimal budget (a smoke test: under a minute on two CPU cores; its numbers are not
+meant to be read). Import and call :func:`main` to run it from
+a test: ``main(["--quick", "--json", path])`` returns 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from benchmarks import layers, machine, models, report
+from benchmarks.timing import Budget, Result, steady_allocator
+
+BUDGETS = {
+    # (layers, models)
+    "quick": (Budget(warmup=0.0, warmup_calls=1, min_run_time=0.003),
+              Budget(warmup=0.0, warmup_calls=1, min_run_time=0.003)),
+    "full": (Budget(warmup=0.3, warmup_calls=3, min_run_time=1.2, rounds=6),
+             Budget(warmup=1.0, warmup_calls=3, min_run_time=3.0, rounds=3)),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads while timing (default 1, as Timer's)")
+    parser.add_argument("--quick", action="store_true",
+                        help="minimal budget: a smoke test, not numbers to read")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="write every measurement here, and table.md beside it")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return args
+
+
+def settings_line(mode: str, threads: int) -> str:
+    layer_budget, model_budget = BUDGETS[mode]
+    return (
+        f"Run: `{mode}`, {threads} thread(s). Each number is the median per-call time of "
+        f"`torch.utils.benchmark.Timer.blocked_autorange` after a warm-up, the variants of a case "
+        f"timed in interleaved rounds: layers {_budget_text(layer_budget)}, models "
+        f"{_budget_text(model_budget)}. Ratios divide by `plain` of the same case and task, "
+        f"measured in the same run."
+    )
+
+
+def _budget_text(budget: Budget) -> str:
+    return (
+        f"warm-up ≥{budget.warmup:g} s and ≥{budget.warmup_calls} calls, "
+        f"{budget.rounds} x {budget.min_run_time / budget.rounds:g} s per variant"
+    )
+
+
+def _load_average() -> float | None:
+    r"""The 1-minute load average (other processes competing for the cores), where known."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def progress(result: Result) -> None:
+    print(
+        f"  {result.section:6} | {result.case:28} | {result.task:10} | {result.variant:17} | "
+        f"{report.format_time(result.median):>9} ± {report.format_time(result.iqr)}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def run_all(device: torch.device, threads: int, mode: str) -> list[Result]:
+    layer_budget, model_budget = BUDGETS[mode]
+    steady_allocator()
+    results = layers.run(device, threads, layer_budget, progress)
+    return results + models.run(device, threads, model_budget, progress)
+
+
+def run_settings(argv: list[str] | None, mode: str, elapsed: float, load_start: float | None) -> dict:
+    r"""What the JSON records about this run: arguments, budgets, wall time, machine load."""
+    return {
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "mode": mode,
+        "wall_time_s": round(elapsed, 1),
+        "load_average_1min": {"start": load_start, "end": _load_average()},
+        "budgets": {"layers": asdict(BUDGETS[mode][0]), "models": asdict(BUDGETS[mode][1])},
+    }
+
+
+def write_json(path: Path, results: list[Result], info: dict, settings: dict, markdown: str) -> None:
+    ratio = report.ratios(results)
+    measurements = [dict(r.to_dict(), ratio_to_plain=ratio[id(r)]) for r in results]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"machine": info, "settings": settings, "measurements": measurements}
+    path.write_text(json.dumps(document, indent=1))
+    (path.parent / "table.md").write_text(markdown)
+
+
+def main(argv: list[str] | None = None) -> int:
+    r"""Run the suite as the command line ``argv`` says; return the exit status (0)."""
+    args = parse_args(argv)
+    device, mode = torch.device(args.device), "quick" if args.quick else "full"
+    previous_threads = torch.get_num_threads()
+    info = machine.info(device, args.threads)  # before timing: the commit of the code imported
+    start, load_start = time.perf_counter(), _load_average()
+    torch.set_num_threads(args.threads)
+    try:
+        results = run_all(device, args.threads, mode)
+    finally:
+        torch.set_num_threads(previous_threads)
+    elapsed = time.perf_counter() - start
+    notes = {"layers": layers.LEGEND, "models": models.LEGEND}
+    markdown = report.markdown(results, machine.summary(info), settings_line(mode, args.threads),
+                               notes)
+    print(markdown, end="")
+    if args.json is not None:
+        write_json(args.json, results, info, run_settings(argv, mode, elapsed, load_start), markdown)
+    print(f"done in {elapsed:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
