@@ -104,6 +104,11 @@ def test_non_strict_allows_unmatched_rules(net):
     assert report.names() == ["head.weight"]
 
 
+def test_bad_value_is_refused_even_when_its_rule_matches_nothing(net):
+    with pytest.raises(TypeError, match=r"rule 0 \(nothing\) value must be a Constraint.*Got Linear"):
+        constrain(net, {"nothing": nn.Linear(2, 2)}, strict=False)
+
+
 @pytest.mark.parametrize(
     "rules, error, message",
     [

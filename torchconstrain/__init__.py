@@ -8,18 +8,40 @@ plain model with the final weights.
 """
 
 from torchconstrain.bake import bake, check, penalty
-from torchconstrain.constraints import Clamp, Constraint, FixedMask, LearnableMask
+from torchconstrain.constraints import (
+    L1,
+    L2,
+    Clamp,
+    Constraint,
+    FakeQuant,
+    FixedMask,
+    LearnableMask,
+    MaxNorm,
+    NonNeg,
+    SoftConstraint,
+    UnitNorm,
+)
 from torchconstrain.errors import ConstraintViolation
 from torchconstrain.report import Report
 from torchconstrain.rules import constrain, match
+from torchconstrain.schedules import PruningSchedule, TemperatureSchedule
 
 __all__ = [
     "Clamp",
     "Constraint",
     "ConstraintViolation",
+    "FakeQuant",
     "FixedMask",
+    "L1",
+    "L2",
     "LearnableMask",
+    "MaxNorm",
+    "NonNeg",
+    "PruningSchedule",
     "Report",
+    "SoftConstraint",
+    "TemperatureSchedule",
+    "UnitNorm",
     "bake",
     "check",
     "constrain",

@@ -10,6 +10,8 @@ from torch.nn.utils import parametrize
 
 from torchconstrain.constraints.base import Constraint
 
+SOFT_ATTRIBUTE = "_torchconstrain_soft"
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -40,6 +42,14 @@ class Slot:
     def constraints(self) -> list[Constraint]:
         r"""torchconstrain's parametrizations on the tensor, in application order."""
         return [p for p in self.chain() if isinstance(p, Constraint)]
+
+    def soft(self) -> list[Constraint]:
+        r"""The soft constraints (penalties) recorded for the tensor on its module."""
+        return self.module.__dict__.get(SOFT_ATTRIBUTE, {}).get(self.tensor_name, [])
+
+    def everything(self) -> list[Constraint]:
+        r"""Parametrizations then soft constraints: all torchconstrain has on the tensor."""
+        return self.constraints() + self.soft()
 
 
 def parameter_slots(model: nn.Module) -> dict[str, Slot]:
@@ -76,7 +86,7 @@ def _tensor_names(module: nn.Module) -> list[str]:
 
 def constrained_slots(model: nn.Module) -> list[Slot]:
     r"""Return the tensors of ``model`` that carry at least one torchconstrain constraint."""
-    return [slot for slot in parameter_slots(model).values() if slot.constraints()]
+    return [slot for slot in parameter_slots(model).values() if slot.everything()]
 
 
 def describe(constraint: nn.Module) -> str:
@@ -99,13 +109,30 @@ def drop_entries(slot: Slot, indices: list[int]) -> None:
 
 
 def register(slot: Slot, constraint: Constraint) -> None:
-    r"""Append ``constraint`` to the tensor's chain. The module's first parametrization
-    records its plain parameter order, so that removing parametrizations restores the
-    ``state_dict`` key order."""
+    r"""Append ``constraint`` to the tensor's chain, or a soft one to its module's record.
+
+    The module's first parametrization records its plain parameter order, so that
+    removing parametrizations restores the ``state_dict`` key order."""
+    if getattr(constraint, "soft", False):
+        record = slot.module.__dict__.setdefault(SOFT_ATTRIBUTE, {})
+        record.setdefault(slot.tensor_name, []).append(constraint)
+        return
     order = None if parametrize.is_parametrized(slot.module) else list(slot.module._parameters)
     parametrize.register_parametrization(slot.module, slot.tensor_name, constraint)
     if order is not None:
         slot.module.parametrizations.plain_order = order
+
+
+def drop_soft(slot: Slot, keep: int = 0) -> None:
+    r"""Forget the tensor's soft constraints after the first ``keep``."""
+    record = slot.module.__dict__.get(SOFT_ATTRIBUTE, {})
+    if slot.tensor_name not in record:
+        return
+    del record[slot.tensor_name][keep:]
+    if not record[slot.tensor_name]:
+        del record[slot.tensor_name]
+    if not record:
+        del slot.module.__dict__[SOFT_ATTRIBUTE]
 
 
 def _restore_order(parameters: dict, order: list[str]) -> None:

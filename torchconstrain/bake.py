@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from torchconstrain._tensors import Slot, constrained_slots, describe, drop_entries
+from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot, constrained_slots, describe, drop_entries, drop_soft
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import ConstraintViolation
 from torchconstrain.report import Report
@@ -51,7 +51,9 @@ def bake(model: nn.Module) -> Report:
         rows.append(_bake_row(slot, value))
         with torch.no_grad():
             slot.stored().copy_(value)
-        drop_entries(slot, list(range(len(slot.constraints()))))
+        if slot.constraints():
+            drop_entries(slot, list(range(len(slot.constraints()))))
+        drop_soft(slot)
     return Report("baked tensors", rows)
 
 
@@ -88,7 +90,9 @@ def check(model: nn.Module) -> Report:
 def penalty(model: nn.Module) -> Tensor:
     r"""Return the sum of every constraint's penalty term: a differentiable scalar.
 
-    Zero when no constraint of ``model`` has a penalty (plain clamps and fixed masks).
+    The terms are the learnable masks' sparsity penalties and the soft constraints
+    (:class:`~torchconstrain.L1`, :class:`~torchconstrain.L2`) on effective values.
+    Zero when there are none (plain clamps and fixed masks).
 
     Example:
         >>> from torch import nn
@@ -97,10 +101,20 @@ def penalty(model: nn.Module) -> Tensor:
         0.0
     """
     terms = [term for m in model.modules() if isinstance(m, Constraint) for term in [m.penalty()] if term is not None]
+    terms += _soft_terms(model)
     if terms:
         return sum(terms[1:], terms[0]).reshape(())
     device = next(model.parameters(), torch.empty(0)).device
     return torch.zeros((), device=device)
+
+
+def _soft_terms(model: nn.Module) -> list[Tensor]:
+    terms = []
+    for module in model.modules():
+        for tensor_name, softs in module.__dict__.get(SOFT_ATTRIBUTE, {}).items():
+            value = getattr(module, tensor_name)
+            terms += [soft.penalty_of(value) for soft in softs]
+    return terms
 
 
 def _refuse_buried_constraints(slot: Slot) -> None:
@@ -143,7 +157,7 @@ def _sparsity(value: Tensor) -> float:
 def _check_row(slot: Slot, value: Tensor) -> dict:
     return {
         "tensor": slot.fqn,
-        "constraints": [describe(c) for c in slot.constraints()],
+        "constraints": [describe(c) for c in slot.everything()],
         "min": value.min().item(),
         "max": value.max().item(),
         "sparsity": _sparsity(value),
@@ -153,6 +167,6 @@ def _check_row(slot: Slot, value: Tensor) -> dict:
 def _bake_row(slot: Slot, value: Tensor) -> dict:
     return {
         "tensor": slot.fqn,
-        "constraints": [describe(c) for c in slot.constraints()],
+        "constraints": [describe(c) for c in slot.everything()],
         "sparsity": _sparsity(value),
     }

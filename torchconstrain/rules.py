@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from torchconstrain._tensors import Slot, describe, drop_entries, parameter_slots, register
+from torchconstrain._tensors import Slot, describe, drop_entries, drop_soft, parameter_slots, register
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.report import Report
 
@@ -139,7 +139,21 @@ def _parse_rules(rules) -> list[_Rule]:
             f"constrain: expected rules as a dict or a sequence of (key, value) pairs. "
             f"Got {type(rules).__name__}."
         )
-    return [_Rule(index, key, value, _matcher(index, key)) for index, (key, value) in enumerate(pairs)]
+    parsed = [_Rule(index, key, value, _matcher(index, key)) for index, (key, value) in enumerate(pairs)]
+    for rule in parsed:
+        _check_value(rule)
+    return parsed
+
+
+def _check_value(rule: _Rule) -> None:
+    if rule.value is None or _is_constraint_list(rule.value):
+        return
+    if callable(rule.value) and not isinstance(rule.value, (nn.Module, type)):
+        return
+    raise TypeError(
+        f"constrain: {rule} value must be a Constraint, a list of them, a callable "
+        f"(fqn, tensor) -> constraint, or None. Got {type(rule.value).__name__}: {rule.value!r}."
+    )
 
 
 def _matcher(index: int, key) -> Callable[[Slot], bool]:
@@ -194,18 +208,13 @@ def _bind(rule: _Rule, group: dict[str, Slot]) -> dict[str, list[Constraint]]:
     for fqn, value in values.items():
         if not value.is_floating_point():
             raise ValueError(f"{fqn}: {rule} can only constrain floating-point tensors. Got {value.dtype}.")
-    if _is_constraint_list(rule.value):
-        bound = {fqn: [] for fqn in group}
-        for template in _as_list(rule.value):
-            for fqn, constraint in template.for_tensors(values).items():
-                bound[fqn].append(constraint)
-        return bound
-    if callable(rule.value):
+    if not _is_constraint_list(rule.value):
         return {fqn: _call_factory(rule, fqn, value) for fqn, value in values.items()}
-    raise TypeError(
-        f"constrain: {rule} value must be a Constraint, a list of them, a callable "
-        f"(fqn, tensor) -> constraint, or None. Got {type(rule.value).__name__}: {rule.value!r}."
-    )
+    bound = {fqn: [] for fqn in group}
+    for template in _as_list(rule.value):
+        for fqn, constraint in template.for_tensors(values).items():
+            bound[fqn].append(constraint)
+    return bound
 
 
 def _is_constraint_list(value) -> bool:
@@ -234,7 +243,7 @@ def _call_factory(rule: _Rule, fqn: str, value: Tensor) -> list[Constraint]:
 
 def _validate(entry: _Planned, existing: str) -> None:
     slot = entry.slot
-    earlier = slot.constraints()
+    earlier = slot.everything()
     if earlier and existing == "error":
         raise ValueError(
             f"{slot.fqn} is already constrained by {', '.join(map(describe, earlier))}. "
@@ -286,16 +295,20 @@ def _dry_run(entry: _Planned, earlier: list[Constraint], labels: list[str]) -> N
 
 def _register(plan: list[_Planned]) -> None:
     """Register every planned constraint; on any failure undo everything done so far."""
-    saved = [(entry, len(entry.slot.chain()), entry.slot.stored().detach().clone()) for entry in plan]
+    saved = [
+        (entry, len(entry.slot.chain()), len(entry.slot.soft()), entry.slot.stored().detach().clone())
+        for entry in plan
+    ]
     try:
         for entry in plan:
             for constraint in entry.constraints:
                 register(entry.slot, constraint)
     except Exception:
-        for entry, before, original in saved:
-            added = len(entry.slot.chain()) - before
+        for entry, chain_before, soft_before, original in saved:
+            added = len(entry.slot.chain()) - chain_before
             if added > 0:
-                drop_entries(entry.slot, list(range(before, before + added)))
+                drop_entries(entry.slot, list(range(chain_before, chain_before + added)))
+            drop_soft(entry.slot, keep=soft_before)
             with torch.no_grad():
                 entry.slot.stored().copy_(original)
         raise
@@ -306,7 +319,7 @@ def _report(plan: list[_Planned]) -> Report:
         {
             "tensor": entry.slot.fqn,
             "shape": tuple(entry.slot.value().shape),
-            "constraints": [describe(c) for c in entry.slot.constraints()],
+            "constraints": [describe(c) for c in entry.slot.everything()],
             "rules": ", ".join(dict.fromkeys(entry.rules)),
         }
         for entry in plan

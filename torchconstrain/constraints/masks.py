@@ -152,6 +152,8 @@ class LearnableMask(Constraint):
     ``scores`` is an ``nn.Parameter`` on this module, one per entry (``per="element"``) or
     one per slice along ``dim`` (``per="channel"``; ``dim=0`` gates output channels). Scores
     start at ``temperature * logit(init)``, so every gate starts at ``init`` (near 1).
+    ``temperature`` is a buffer, so a :class:`~torchconstrain.TemperatureSchedule` can
+    anneal it and checkpoints keep it.
 
     With ``hard=True`` the forward uses the binary gate ``gate > threshold`` and the
     gradient of the soft gate (straight-through), so training sees the pruned network.
@@ -205,7 +207,8 @@ class LearnableMask(Constraint):
         if not strength >= 0:
             raise ValueError(f"LearnableMask: expected strength >= 0. Got {strength}.")
         self.per, self.dim, self.hard = per, dim, hard
-        self.temperature, self.init, self.threshold, self.strength = temperature, init, threshold, strength
+        self.init, self.threshold, self.strength = init, threshold, strength
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.register_parameter("scores", None)
 
     def _bind(self, fqn: str, tensor: Tensor) -> None:
@@ -219,14 +222,13 @@ class LearnableMask(Constraint):
                     f"{tuple(tensor.shape)}."
                 )
             shape = [size if d == self.dim % tensor.dim() else 1 for d, size in enumerate(shape)]
-        start = self.temperature * math.log(self.init / (1.0 - self.init))
+        start = self.temperature.item() * math.log(self.init / (1.0 - self.init))
         self.scores = nn.Parameter(torch.full(shape, start, dtype=tensor.dtype))
 
     def gate(self) -> Tensor:
         r"""Return the soft gate ``sigmoid(scores / temperature)``."""
-        if self.temperature == 1.0:
-            return torch.sigmoid(self.scores)
-        return torch.sigmoid(self.scores / self.temperature)
+        temperature = self._derived("temperature", self.temperature, self.scores, self.temperature.item)
+        return torch.sigmoid(self.scores if temperature == 1.0 else self.scores / temperature)
 
     def forward(self, x: Tensor) -> Tensor:
         gate = self.gate()
@@ -252,7 +254,7 @@ class LearnableMask(Constraint):
         return (self.gate() <= self.threshold).float().mean().item()
 
     def extra_repr(self) -> str:
-        text = f"per={self.per!r}, temperature={self.temperature:g}, threshold={self.threshold:g}"
+        text = f"per={self.per!r}, temperature={self.temperature.item():g}, threshold={self.threshold:g}"
         if self.per == "channel":
             text += f", dim={self.dim}"
         if self.hard:

@@ -1,0 +1,206 @@
+import copy
+
+import pytest
+import torch
+from conftest import SmallNet
+from torch import nn
+
+from torchconstrain import (
+    L1,
+    L2,
+    Clamp,
+    FixedMask,
+    LearnableMask,
+    PruningSchedule,
+    TemperatureSchedule,
+    bake,
+    check,
+    constrain,
+    penalty,
+)
+
+
+def test_soft_constraints_leave_forward_and_state_dict_alone(net):
+    keys = list(net.state_dict())
+    x = torch.randn(2, 3, 9, 9)
+    before = net(x)
+    report = constrain(net, {"features.*.weight": L2(1e-2), "head.weight": L1(1e-3)})
+    assert report["head.weight"]["constraints"] == ["L1(weight=0.001)"]
+    assert list(net.state_dict()) == keys
+    assert not hasattr(net.head, "parametrizations")
+    assert torch.equal(net(x), before)
+    expected = 1e-3 * net.head.weight.abs().sum() + sum(
+        5e-3 * net.features[i].weight.square().sum() for i in (0, 1, 3)
+    )
+    torch.testing.assert_close(penalty(net), expected)
+    assert len(check(net)) == 4
+
+
+def test_l2_rule_with_sgd_equals_weight_decay_in_a_param_group():
+    torch.manual_seed(0)
+    a = SmallNet()
+    b = copy.deepcopy(a)
+    constrain(a, {"features.3.weight": L2(0.1)})
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    decayed = [b.features[3].weight]
+    rest = [p for p in b.parameters() if p is not b.features[3].weight]
+    opt_b = torch.optim.SGD([{"params": rest}, {"params": decayed, "weight_decay": 0.1}], lr=0.1, momentum=0.9)
+    for _ in range(3):
+        x = torch.randn(2, 3, 9, 9)
+        for model, optimizer, extra in ((a, opt_a, penalty), (b, opt_b, lambda m: 0)):
+            optimizer.zero_grad()
+            (model(x).square().mean() + extra(model)).backward()
+            optimizer.step()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_soft_penalty_sees_the_effective_weight():
+    layer = nn.Linear(8, 8)
+    constrain(layer, {"weight": [FixedMask.magnitude(sparsity=0.5), L1(1.0)]})
+    with torch.no_grad():
+        layer.parametrizations.weight.original.add_(1.0)  # masked stored entries become 1
+    torch.testing.assert_close(penalty(layer), layer.weight.abs().sum())
+    assert penalty(layer) < layer.parametrizations.weight.original.abs().sum() - 31
+
+
+def test_bake_drops_soft_constraints_and_refuses_duplicates(net):
+    constrain(net, {"head": L2(0.1)})
+    with pytest.raises(ValueError, match=r"head.weight is already constrained by L2\(weight=0.1\)"):
+        constrain(net, {"head": L1(0.1)})
+    report = bake(net)
+    assert report.names() == ["head.weight"]
+    assert "_torchconstrain_soft" not in net.head.__dict__
+    assert penalty(net).item() == 0.0
+
+
+def test_soft_registration_is_rolled_back_on_failure(net, monkeypatch):
+    import torchconstrain.rules as rules
+
+    real = rules.register
+    calls = []
+
+    def fail_second(slot, constraint):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        real(slot, constraint)
+
+    monkeypatch.setattr(rules, "register", fail_second)
+    with pytest.raises(RuntimeError, match="boom"):
+        constrain(net, {"head": [L2(0.1), Clamp(-1, 1)]})
+    assert "_torchconstrain_soft" not in net.head.__dict__
+    assert not hasattr(net.head, "parametrizations")
+
+
+def test_soft_weight_must_be_non_negative():
+    with pytest.raises(ValueError, match="L1: expected weight >= 0. Got -1"):
+        L1(-1)
+
+
+def cubic(step, initial, final, start, end):
+    progress = min(max((step - start) / (end - start), 0.0), 1.0)
+    return final + (initial - final) * (1 - progress) ** 3
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_pruning_schedule_follows_the_cubic_formula(scope):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 20), nn.Linear(20, 40))
+    constrain(model, {nn.Linear: FixedMask.magnitude(sparsity=0.0)})
+    schedule = PruningSchedule(model, final_sparsity=0.9, initial_sparsity=0.1, start=2, end=12, every=3, scope=scope)
+    total = 20 * 20 + 20 * 40
+    last_target = 0.0
+    for step in range(1, 16):
+        schedule.step()
+        assert schedule.sparsity() == pytest.approx(cubic(step, 0.1, 0.9, 2, 12))
+        if step in (2, 5, 8, 11, 12):
+            last_target = schedule.sparsity()
+        zeros = sum(int((m.weight == 0).sum()) for m in model)
+        if scope == "global":
+            assert zeros == round(last_target * total)
+        else:
+            assert zeros == round(last_target * 400) + round(last_target * 800)
+    assert schedule.sparsity() == 0.9
+
+
+def test_pruned_entries_stay_pruned_while_training():
+    model = nn.Sequential(nn.Linear(10, 10))
+    constrain(model, {nn.Linear: FixedMask.magnitude(sparsity=0.0)})
+    schedule = PruningSchedule(model, final_sparsity=0.8, end=6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    previous = torch.zeros(10, 10, dtype=torch.bool)
+    for _ in range(8):
+        optimizer.zero_grad()
+        model(torch.randn(4, 10)).square().sum().backward()
+        optimizer.step()
+        schedule.step()
+        zeros = model[0].weight == 0
+        assert torch.all(zeros[previous])
+        previous = zeros
+
+
+def test_pruning_schedule_resumes_exactly_from_a_checkpoint():
+    def run(steps, model, schedule, optimizer, seed):
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(torch.randn(4, 12)).square().sum().backward()
+            optimizer.step()
+            schedule.step()
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 12), nn.Linear(12, 12))
+        constrain(model, {nn.Linear: [FixedMask.magnitude(sparsity=0.0), LearnableMask()]})
+        return model, PruningSchedule(model, final_sparsity=0.7, end=10, every=2)
+
+    straight, schedule = build()
+    optimizer = torch.optim.SGD(straight.parameters(), lr=0.1)
+    run(4, straight, schedule, optimizer, seed=1)
+    checkpoint = copy.deepcopy((straight.state_dict(), schedule.state_dict(), optimizer.state_dict()))
+    run(8, straight, schedule, optimizer, seed=2)
+
+    resumed, schedule2 = build()
+    optimizer2 = torch.optim.SGD(resumed.parameters(), lr=0.1)
+    resumed.load_state_dict(checkpoint[0])
+    schedule2.load_state_dict(checkpoint[1])
+    optimizer2.load_state_dict(checkpoint[2])
+    run(8, resumed, schedule2, optimizer2, seed=2)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert schedule2.last_step == 12
+
+
+def test_temperature_schedule_anneals_and_resumes():
+    model = nn.Linear(4, 4)
+    constrain(model, {"weight": LearnableMask()})
+    schedule = TemperatureSchedule(model, initial_temperature=2.0, final_temperature=0.5, steps=4)
+    temperature = model.parametrizations.weight[0].temperature
+    assert temperature.item() == 2.0
+    for step in range(1, 7):
+        schedule.step()
+        assert temperature.item() == pytest.approx(2.0 * 0.25 ** min(step / 4, 1))
+    fresh = nn.Linear(4, 4)
+    constrain(fresh, {"weight": LearnableMask()})
+    fresh.load_state_dict(model.state_dict())
+    other = TemperatureSchedule(fresh, final_temperature=0.1, steps=9)
+    other.load_state_dict(schedule.state_dict())
+    assert other.temperature() == schedule.temperature()
+    assert fresh.parametrizations.weight[0].temperature.item() == pytest.approx(0.5)
+
+
+def test_schedules_refuse_bad_settings_and_unconstrained_models():
+    model = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="PruningSchedule: no tensor with a FixedMask in the model"):
+        PruningSchedule(model, final_sparsity=0.5, end=10)
+    constrain(model, {"weight": FixedMask.magnitude(sparsity=0.0)})
+    with pytest.raises(ValueError, match="0 <= start < end. Got start=5, end=5"):
+        PruningSchedule(model, final_sparsity=0.5, start=5, end=5)
+    with pytest.raises(ValueError, match=r"final_sparsity: expected sparsity in \[0, 1\). Got 1.5"):
+        PruningSchedule(model, final_sparsity=1.5, end=5)
+    with pytest.raises(ValueError, match="no tensor with a LearnableMask"):
+        TemperatureSchedule(model, final_temperature=0.1, steps=3)
+    schedule = PruningSchedule(model, final_sparsity=0.5, end=5)
+    with pytest.raises(ValueError, match=r"missing keys \['end', 'every'"):
+        schedule.load_state_dict({"last_step": 3})

@@ -1,0 +1,101 @@
+r"""Fake quantization: weights on an integer grid, for quantization-aware training."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from torchconstrain.constraints.base import Constraint
+
+__all__ = ["FakeQuant"]
+
+
+class FakeQuant(Constraint):
+    r"""Round the effective tensor onto a ``bits``-bit integer grid, with a straight-through gradient.
+
+    The grid is recomputed from the stored original on every access:
+
+    - ``symmetric=True``: ``scale = max|w| / (2**(bits-1) - 1)``, integers in
+      ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]`` (the restricted symmetric range, so that
+      +x and -x are both representable), effective ``w_q = scale * q``;
+    - ``symmetric=False``: ``scale = (max w - min w) / (2**bits - 1)`` with the range
+      widened to include 0, an integer ``zero_point`` so that 0 is exactly representable,
+      integers in ``[0, 2**bits - 1]``, effective ``w_q = scale * (q - zero_point)``.
+
+    With ``per_channel=True`` each slice along ``dim`` (each output channel) has its own
+    scale. Zeros map to exactly zero, so masked entries stay zero. The gradient passes
+    straight through the rounding (quantization-aware training), and :func:`torchconstrain.bake`
+    leaves every weight exactly on its grid. :func:`torchconstrain.check` quantizes the
+    effective tensor again and accepts it when no entry moves by more than 1e-3 of a step
+    (the grid of a quantized tensor is its own, up to float rounding).
+
+    Args:
+        bits: integer width, 2 to 16.
+        per_channel: one scale per slice along ``dim`` instead of one for the tensor.
+        symmetric: symmetric grid around 0, or affine with a zero point.
+        dim: the channel dimension when ``per_channel``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torchconstrain import FakeQuant, constrain
+        >>> layer = nn.Linear(8, 4)
+        >>> _ = constrain(layer, {"weight": FakeQuant(bits=4)})
+        >>> steps = layer.weight / (layer.weight.abs().amax(dim=1, keepdim=True) / 7)
+        >>> torch.allclose(steps, steps.round(), atol=1e-4)
+        True
+    """
+
+    def __init__(self, bits: int = 8, *, per_channel: bool = True, symmetric: bool = True, dim: int = 0) -> None:
+        super().__init__()
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+            raise ValueError(f"FakeQuant: expected bits to be an integer from 2 to 16. Got {bits!r}.")
+        self.bits, self.per_channel, self.symmetric, self.dim = bits, per_channel, symmetric, dim
+
+    def _bind(self, fqn: str, tensor: Tensor) -> None:
+        if not tensor.is_floating_point():
+            raise ValueError(f"{fqn}: FakeQuant needs a floating-point tensor. Got {tensor.dtype}.")
+        if self.per_channel and not -tensor.dim() <= self.dim < tensor.dim():
+            raise ValueError(
+                f"{fqn}: FakeQuant dim={self.dim} is out of range for a tensor of shape {tuple(tensor.shape)}."
+            )
+
+    def grid(self, x: Tensor) -> tuple[Tensor, Tensor, int, int]:
+        r"""Return ``(scale, zero_point, qmin, qmax)`` for ``x``, broadcastable against it."""
+        dims = [d for d in range(x.dim()) if not (self.per_channel and d == self.dim % x.dim())]
+        if self.symmetric:
+            qmax = 2 ** (self.bits - 1) - 1
+            scale = x.detach().abs().amax(dim=dims, keepdim=True) / qmax
+            return _positive(scale), torch.zeros_like(scale), -qmax, qmax
+        qmax = 2**self.bits - 1
+        low = x.detach().amin(dim=dims, keepdim=True).clamp_max(0)
+        high = x.detach().amax(dim=dims, keepdim=True).clamp_min(0)
+        scale = _positive((high - low) / qmax)
+        return scale, torch.round(-low / scale).clamp(0, qmax), 0, qmax
+
+    def quantize(self, x: Tensor) -> Tensor:
+        r"""Return ``x`` rounded onto its grid (no gradient)."""
+        scale, zero_point, qmin, qmax = self.grid(x)
+        q = torch.round(x.detach() / scale + zero_point).clamp(qmin, qmax)
+        return (q - zero_point) * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + (self.quantize(x) - x).detach()
+
+    def bake(self, value: Tensor) -> Tensor:
+        return self.quantize(value)
+
+    def violation(self, value: Tensor) -> str | None:
+        scale = self.grid(value)[0]
+        moved = (value - self.quantize(value)).abs() / scale
+        count = int((moved > 1e-3).sum())
+        return f"{count} entries are off their {self.bits}-bit grid" if count else None
+
+    def extra_repr(self) -> str:
+        text = f"bits={self.bits}, per_channel={self.per_channel}, symmetric={self.symmetric}"
+        return text + (f", dim={self.dim}" if self.per_channel else "")
+
+
+def _positive(scale: Tensor) -> Tensor:
+    """Replace zero scales (an all-zero channel) by 1: any scale represents zeros exactly."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))

@@ -1,0 +1,196 @@
+r"""Schedules that change constraints while training: gradual pruning, temperature annealing.
+
+Both work like torch's learning-rate schedulers: construct one after :func:`constrain`
+(it applies the value for step 0), call :meth:`step` once per training step, and save
+:meth:`state_dict` next to the model's to resume. The constraints' own state (masks,
+temperatures) lives in the model's ``state_dict``; the schedule's holds its position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from torchconstrain._tensors import Slot, parameter_slots
+from torchconstrain.constraints.masks import FixedMask, LearnableMask
+from torchconstrain.constraints.selection import GlobalMagnitude, _check_sparsity, _keep_largest
+from torchconstrain.rules import match
+
+__all__ = ["PruningSchedule", "TemperatureSchedule"]
+
+
+class _Schedule:
+    """Step counting and checkpointing shared by the schedules."""
+
+    _settings: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.last_step = 0
+
+    def step(self) -> None:
+        r"""Advance one training step and apply that step's value."""
+        self.last_step += 1
+        self._apply()
+
+    def state_dict(self) -> dict:
+        r"""The position and settings of the schedule (the constraints' state is the model's)."""
+        return {"last_step": self.last_step, **{name: getattr(self, name) for name in self._settings}}
+
+    def load_state_dict(self, state: dict) -> None:
+        r"""Resume from :meth:`state_dict`; the model's own ``state_dict`` holds the masks."""
+        missing = {"last_step", *self._settings} - set(state)
+        if missing:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: missing keys {sorted(missing)}.")
+        for name in ("last_step", *self._settings):
+            setattr(self, name, state[name])
+
+    def _apply(self) -> None:
+        raise NotImplementedError
+
+
+def _targets(model: nn.Module, key, kind: type, schedule: str) -> list[tuple[Slot, nn.Module]]:
+    """The tensors ``key`` picks (all by default) with their first constraint of ``kind``."""
+    slots = parameter_slots(model)
+    names = list(slots) if key is None else match(model, key)
+    found = []
+    for fqn in names:
+        first = next((c for c in slots[fqn].constraints() if isinstance(c, kind)), None)
+        if first is not None:
+            found.append((slots[fqn], first))
+    if not found:
+        where = "in the model" if key is None else f"among the tensors {key!r} picks ({len(names)})"
+        raise ValueError(f"{schedule}: no tensor with a {kind.__name__} {where}. Constrain the model first.")
+    return found
+
+
+class PruningSchedule(_Schedule):
+    r"""Raise the sparsity of :class:`~torchconstrain.FixedMask` masks with Zhu & Gupta's cubic schedule.
+
+    At step ``t`` the target sparsity is
+    ``s_t = final + (initial - final) * (1 - (t - start) / (end - start)) ** 3``
+    for ``start <= t <= end`` (``initial`` before, ``final`` after). Every ``every``
+    steps in that window, and at ``end``, each target's mask is recomputed by magnitude
+    of its effective tensor (``scope="tensor"``) or with one threshold across all targets
+    (``scope="global"``). Masks only grow: an entry once masked stays masked, so a mask
+    that starts sparser than the schedule keeps its sparsity until the schedule passes it.
+
+    Args:
+        model: a model constrained with FixedMask templates on the tensors to prune, for
+            example ``FixedMask.magnitude(sparsity=0.0)``.
+        final_sparsity: the sparsity reached at ``end``, in [0, 1).
+        end: the step at which the final sparsity is reached.
+        start: the first step of pruning.
+        every: prune every ``every`` steps.
+        initial_sparsity: the sparsity at ``start``.
+        scope: ``"tensor"`` or ``"global"``.
+        key: a rule key picking the tensors to prune (default: every tensor with a FixedMask).
+
+    Raises:
+        ValueError: bad settings, or no tensor with a FixedMask to drive.
+
+    Example:
+        >>> from torch import nn
+        >>> from torchconstrain import FixedMask, PruningSchedule, constrain
+        >>> model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10))
+        >>> _ = constrain(model, {nn.Linear: FixedMask.magnitude(sparsity=0.0)})
+        >>> schedule = PruningSchedule(model, final_sparsity=0.8, end=10, every=2)
+        >>> for _ in range(10):
+        ...     schedule.step()  # after each optimizer.step()
+        >>> round((model[0].weight == 0).float().mean().item(), 2)
+        0.8
+    """
+
+    _settings = ("final_sparsity", "initial_sparsity", "start", "end", "every", "scope")
+
+    def __init__(self, model: nn.Module, *, final_sparsity: float, end: int, start: int = 0,
+                 every: int = 1, initial_sparsity: float = 0.0, scope: str = "tensor", key=None) -> None:
+        super().__init__()
+        self.final_sparsity = _check_sparsity(final_sparsity, "PruningSchedule final_sparsity")
+        self.initial_sparsity = _check_sparsity(initial_sparsity, "PruningSchedule initial_sparsity")
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
+            raise ValueError(f"PruningSchedule: expected integers 0 <= start < end. Got start={start!r}, end={end!r}.")
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"PruningSchedule: expected every >= 1. Got {every!r}.")
+        if scope not in ("tensor", "global"):
+            raise ValueError(f"PruningSchedule: expected scope 'tensor' or 'global'. Got {scope!r}.")
+        self.start, self.end, self.every, self.scope = start, end, every, scope
+        self.targets = _targets(model, key, FixedMask, "PruningSchedule")
+        self._apply()
+
+    def sparsity(self, step: int | None = None) -> float:
+        r"""The target sparsity at ``step`` (default: the current step)."""
+        step = self.last_step if step is None else step
+        progress = min(max((step - self.start) / (self.end - self.start), 0.0), 1.0)
+        return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - progress) ** 3
+
+    def _apply(self) -> None:
+        step = self.last_step
+        due = step == self.end or (self.start <= step < self.end and (step - self.start) % self.every == 0)
+        if not due:
+            return
+        values = {slot.fqn: slot.value() for slot, _ in self.targets}
+        if self.scope == "global":
+            keeps = GlobalMagnitude(sparsity=self.sparsity()).select_all(values)
+        else:
+            keeps = {fqn: _keep_largest(value.abs(), self.sparsity()) for fqn, value in values.items()}
+        with torch.no_grad():
+            for slot, mask in self.targets:
+                mask.mask.logical_and_(keeps[slot.fqn])
+
+
+class TemperatureSchedule(_Schedule):
+    r"""Anneal the temperature of :class:`~torchconstrain.LearnableMask` gates geometrically.
+
+    At step ``t`` the temperature is ``initial * (final / initial) ** min(t / steps, 1)``:
+    a falling temperature sharpens ``sigmoid(scores / temperature)`` towards a binary gate.
+
+    Args:
+        model: a model constrained with LearnableMask templates.
+        final_temperature: the temperature reached after ``steps`` steps, > 0.
+        steps: the length of the annealing.
+        initial_temperature: the temperature at step 0, > 0.
+        key: a rule key picking the masks' tensors (default: every tensor with a LearnableMask).
+
+    Example:
+        >>> from torch import nn
+        >>> from torchconstrain import LearnableMask, TemperatureSchedule, constrain
+        >>> model = nn.Linear(4, 4)
+        >>> _ = constrain(model, {"weight": LearnableMask()})
+        >>> schedule = TemperatureSchedule(model, final_temperature=0.1, steps=2)
+        >>> schedule.step()
+        >>> round(model.parametrizations.weight[0].temperature.item(), 4)
+        0.3162
+    """
+
+    _settings = ("initial_temperature", "final_temperature", "steps")
+
+    def __init__(self, model: nn.Module, *, final_temperature: float, steps: int,
+                 initial_temperature: float = 1.0, key=None) -> None:
+        super().__init__()
+        for name, value in (("initial_temperature", initial_temperature), ("final_temperature", final_temperature)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"TemperatureSchedule: expected {name} > 0. Got {value!r}.")
+        if not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(f"TemperatureSchedule: expected steps >= 1. Got {steps!r}.")
+        self.initial_temperature, self.final_temperature = float(initial_temperature), float(final_temperature)
+        self.steps = steps
+        self.targets = _targets(model, key, LearnableMask, "TemperatureSchedule")
+        self._apply()
+
+    def temperature(self, step: int | None = None) -> float:
+        r"""The temperature at ``step`` (default: the current step)."""
+        step = self.last_step if step is None else step
+        ratio = self.final_temperature / self.initial_temperature
+        return self.initial_temperature * math.pow(ratio, min(step / self.steps, 1.0))
+
+    def load_state_dict(self, state: dict) -> None:
+        r"""Resume from :meth:`state_dict` and set the masks' temperature of the restored step."""
+        super().load_state_dict(state)
+        self._apply()
+
+    def _apply(self) -> None:
+        with torch.no_grad():
+            for _, mask in self.targets:
+                mask.temperature.fill_(self.temperature())
