@@ -98,6 +98,7 @@ def drop_entries(slot: Slot, indices: list[int]) -> None:
     r"""Remove the parametrizations at ``indices`` from the tensor's chain, keeping the
     stored original as it is. The last removal turns the tensor back into a plain one,
     keeping the ``Parameter`` object."""
+    _own_class(slot.module)
     plist = slot.module.parametrizations[slot.tensor_name]
     for index in sorted(indices, reverse=True):
         del plist[index]
@@ -118,9 +119,22 @@ def register(slot: Slot, constraint: Constraint) -> None:
         record.setdefault(slot.tensor_name, []).append(constraint)
         return
     order = None if parametrize.is_parametrized(slot.module) else list(slot.module._parameters)
+    _own_class(slot.module)
     parametrize.register_parametrization(slot.module, slot.tensor_name, constraint)
     if order is not None:
         slot.module.parametrizations.plain_order = order
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before its properties change.
+
+    ``parametrize`` generates one ``Parametrized<Cls>`` class per module, but
+    ``copy.deepcopy`` (and so ``AveragedModel``) shares it between a module and its copy:
+    removing a property from the copy's class would remove it from the original's too.
+    """
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
 
 
 def drop_soft(slot: Slot, keep: int = 0) -> None:
