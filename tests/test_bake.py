@@ -77,6 +77,14 @@ def test_bake_refuses_a_constraint_behind_another_parametrization():
     assert parametrize.is_parametrized(other, "weight")  # nothing was baked
 
 
+def test_bake_with_a_key_bakes_only_what_it_picks(net):
+    constrain(net, RULES)
+    report = bake(net, key=nn.Conv2d)
+    assert report.names() == ["features.0.weight", "features.3.weight"]
+    assert type(net.features[0]) is nn.Conv2d
+    assert len(net.head.parametrizations.weight) == 1
+
+
 def test_bake_without_constraints_is_a_no_op(net):
     assert len(bake(net)) == 0
 

@@ -9,11 +9,12 @@ from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot, constrained_slots, des
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import ConstraintViolation
 from torchconstrain.report import Report
+from torchconstrain.rules import match
 
 __all__ = ["bake", "check", "penalty"]
 
 
-def bake(model: nn.Module) -> Report:
+def bake(model: nn.Module, key=None) -> Report:
     r"""Replace torchconstrain's constraints by their effective values. Modifies ``model`` in place.
 
     Each constrained tensor becomes a plain parameter holding its constrained value;
@@ -22,6 +23,11 @@ def bake(model: nn.Module) -> Report:
     once no parametrization is left the modules get their own classes back, so the
     ``state_dict`` keys are those of the unconstrained model. Parametrizations that are
     not torchconstrain's (a user's ``spectral_norm``) stay where they are.
+
+    Args:
+        model: the constrained model.
+        key: a rule key (see :func:`torchconstrain.constrain`) to bake only the tensors
+            it picks; by default every constrained tensor.
 
     Returns:
         A :class:`~torchconstrain.report.Report` with each baked tensor's constraints and
@@ -43,6 +49,9 @@ def bake(model: nn.Module) -> Report:
         ('Linear', ['weight', 'bias'])
     """
     slots = constrained_slots(model)
+    if key is not None:
+        picked = set(match(model, key))
+        slots = [slot for slot in slots if slot.fqn in picked]
     for slot in slots:
         _refuse_buried_constraints(slot)
     baked = [(slot, _baked_value(slot)) for slot in slots]
