@@ -1,0 +1,232 @@
+import copy
+import io
+
+import pytest
+import torch
+import torchvision
+from conftest import assert_unchanged, snapshot
+from torch import nn
+from torchvision.models.mobilenetv3 import InvertedResidual, InvertedResidualConfig
+
+from torchconstrain import Clamp, bake, check, constrain, penalty, surgery
+
+ARCHS = ["mobilenet_v3_small", "mobilenet_v3_large"]
+
+
+def build(arch: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, arch)(weights=None)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for module in model.modules():  # non-trivial BatchNorm statistics and affine parameters
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.5, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(0, 0.5, generator=generator)
+    return model.eval()
+
+
+def random_importance(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return lambda name, block: torch.rand(block.channels, generator=generator)
+
+
+def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.9])
+def test_shrunk_model_matches_masked_model(arch, sparsity):
+    model = build(arch)
+    surgery.mask_blocks(model, sparsity=sparsity, importance=random_importance(3))
+    check(model)
+    x = torch.randn(2, 3, 64, 64)
+    masked = outputs(model, x)
+    report = surgery.shrink(model, measure=False)
+    torch.testing.assert_close(outputs(model, x), masked, rtol=1e-5, atol=1e-6)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    expanded = {b.name: b for b in surgery.find_blocks(model) if b.expand is not None}
+    for name, block in expanded.items():
+        full = report.channels.get(name, (block.channels,))[0]
+        assert block.channels == max(full - round(sparsity * full), 1)
+    if sparsity == 0.0:
+        assert report.channels == {} and report.macs[0] == report.macs[1]
+    else:
+        assert report.params[1] < report.params[0] and report.macs[1] < report.macs[0]
+
+
+def test_masked_channel_contributes_nothing_even_with_bn_shift():
+    model = build("mobilenet_v3_small")
+    surgery.mask_blocks(model, sparsity=0.5)
+    block = surgery.find_blocks(model)[2]  # features.3: expand, depthwise, SE-free
+    keep = block.project[0].parametrizations.weight[0].mask[0, :, 0, 0]
+    x = torch.randn(1, 3, 64, 64)
+    captured = {}
+    block.depthwise.register_forward_hook(lambda m, i, out: captured.setdefault("dw", out))
+    outputs(model, x)
+    assert (captured["dw"][:, ~keep].abs().amax() > 0)  # BN shift + activation: nonzero constants
+    assert torch.all(block.project[0].weight[:, ~keep] == 0)  # ... that the project conv never reads
+
+
+def test_fifty_percent_on_large_meets_the_mac_goal():
+    model = build("mobilenet_v3_large")
+    surgery.mask_blocks(model, sparsity=0.5)
+    report = surgery.shrink(model, measure=False)
+    assert report.macs[1] <= 0.6 * report.macs[0]
+
+
+def test_shrink_after_training_learnable_masks():
+    model = build("mobilenet_v3_small").train()
+    surgery.mask_blocks(model, learnable=True, strength=1.0)
+    project = model.features[4].block[3][0].parametrizations.weight[0]
+    fc1 = model.features[4].block[2].fc1.parametrizations.weight[0]
+    assert fc1.scores is project.scores  # one gate per block
+    scores = [p for name, p in model.named_parameters() if name.endswith("scores")]
+    others = [p for name, p in model.named_parameters() if not name.endswith("scores")]
+    optimizer = torch.optim.Adam([{"params": others, "lr": 1e-3}, {"params": scores, "lr": 1.5}])
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss = model(torch.randn(4, 3, 64, 64)).square().mean() + penalty(model)
+        loss.backward()
+        optimizer.step()
+        check(model)
+    pruned = sum(int((b.project[0].parametrizations.weight[0].gate() <= 0.5).sum())
+                 for b in surgery.find_blocks(model) if b.expand is not None)
+    assert pruned > 0
+    model.eval()
+    baked = copy.deepcopy(model)
+    bake(baked)
+    x = torch.randn(2, 3, 64, 64)
+    surgery.shrink(model, measure=False)
+    torch.testing.assert_close(outputs(model, x), outputs(baked, x), rtol=1e-5, atol=1e-6)
+    assert sum(b.channels for b in surgery.find_blocks(model)) < sum(b.channels for b in surgery.find_blocks(baked))
+
+
+def test_a_block_with_every_channel_masked_keeps_one():
+    model = build("mobilenet_v3_small")
+    surgery.mask_blocks(model, sparsity=0.5)
+    block = surgery.find_blocks(model)[1]
+    for fqn in block.weights().values():
+        module = model.get_submodule(fqn.rsplit(".", 1)[0])
+        module.parametrizations.weight[0].mask.fill_(False)
+    x = torch.randn(2, 3, 64, 64)
+    masked = outputs(model, x)
+    report = surgery.shrink(model, measure=False)
+    assert report.channels["features.2"] == (72, 1)
+    assert surgery.find_blocks(model)[1].channels == 1
+    torch.testing.assert_close(outputs(model, x), masked, rtol=1e-5, atol=1e-6)
+
+
+def test_shrink_then_fold_batchnorm_keeps_outputs():
+    model = build("mobilenet_v3_large")
+    surgery.mask_blocks(model, sparsity=0.5)
+    x = torch.randn(2, 3, 64, 64)
+    masked = outputs(model, x)
+    surgery.shrink(model, measure=False)
+    folded = surgery.fold_batchnorm(model)
+    assert folded == sum(isinstance(m, nn.Identity) for m in model.modules()) > 40
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(outputs(model, x), masked, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_refuses_parametrized_convs_and_changes_nothing():
+    model = build("mobilenet_v3_small")
+    constrain(model, {"features.0.0": Clamp(-1, 1)})
+    with pytest.raises(ValueError, match="conv features.0.0 still has parametrizations; bake"):
+        surgery.fold_batchnorm(model)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 34
+
+
+def test_shrunk_model_saves_and_loads_back():
+    model = build("mobilenet_v3_small")
+    surgery.mask_blocks(model, sparsity=0.5)
+    surgery.shrink(model, measure=False)
+    buffer = io.BytesIO()
+    torch.save({"plan": surgery.channel_plan(model), "state_dict": model.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)  # weights_only: no code is unpickled
+    fresh = torchvision.models.mobilenet_v3_small(weights=None).eval()
+    surgery.resize(fresh, checkpoint["plan"])
+    fresh.load_state_dict(checkpoint["state_dict"], strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(outputs(fresh, x), outputs(model, x))
+
+
+def test_resize_refuses_impossible_plans_and_changes_nothing():
+    model = build("mobilenet_v3_small")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="no block 'features.99'"):
+        surgery.resize(model, {"features.2": 10, "features.99": 3})
+    with pytest.raises(ValueError, match="block features.2 has 72 channels; cannot make 100"):
+        surgery.resize(model, {"features.2": 100})
+    with pytest.raises(ValueError, match="block features.1 has no expand conv"):
+        surgery.resize(model, {"features.1": 8})
+    assert_unchanged(model, before)
+
+
+def test_roles_pick_layers_by_function():
+    model = build("mobilenet_v3_small")
+    depthwise = surgery.role(model, "depthwise")
+    report = constrain(model, {depthwise: Clamp(-1, 1), surgery.role(model, "se"): Clamp(-2, 2)})
+    assert report["features.1.block.0.0.weight"]["rules"] == "rule 0 (role depthwise)"
+    assert report["features.4.block.2.fc2.weight"]["rules"] == "rule 1 (role se)"
+    assert len(depthwise.names) == 11
+    assert len(surgery.role(model, "expand").names) == 10  # block 1 has no expand conv
+    with pytest.raises(ValueError, match="unknown role 'dw'. Expected one of expand, depthwise"):
+        surgery.role(model, "dw")
+
+
+def test_blocks_built_from_configs_are_supported():
+    config = InvertedResidualConfig(16, 3, 64, 24, True, "HS", 1, 1, 1.0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), InvertedResidual(config, nn.BatchNorm2d)).eval()
+    surgery.mask_blocks(model, sparsity=0.25)
+    x = torch.randn(2, 3, 16, 16)
+    masked = outputs(model, x)
+    report = surgery.shrink(model, example=torch.randn(1, 3, 16, 16), measure=False)
+    assert report.channels == {"1": (64, 48)}
+    torch.testing.assert_close(outputs(model, x), masked, rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_models_get_a_clear_error_and_stay_unchanged():
+    resnet = torchvision.models.resnet18(weights=None)
+    before = snapshot(resnet)
+    with pytest.raises(ValueError, match="ResNet has no torchvision InvertedResidual block"):
+        surgery.mask_blocks(resnet, sparsity=0.5)
+    assert_unchanged(resnet, before)
+    model = build("mobilenet_v3_small")
+    model.features[3].block[1] = nn.Sequential(nn.Conv2d(88, 88, 3, padding=1))  # not depthwise, no BN
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"block features.3: not a MobileNetV3 inverted residual block: depthwise conv has groups=1"):
+        surgery.mask_blocks(model, sparsity=0.5)
+    with pytest.raises(ValueError, match="block features.3"):
+        surgery.shrink(model, measure=False)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, r"expected sparsity in \[0, 1\) for fixed masks. Got None"),
+        ({"sparsity": 1.0}, r"expected sparsity in \[0, 1\)"),
+        ({"sparsity": 0.5, "learnable": True}, "learnable masks learn their sparsity"),
+        ({"sparsity": 0.5, "importance": "gamma"}, "unknown importance 'gamma'"),
+        ({"sparsity": 0.5, "importance": lambda name, block: torch.ones(3)}, "block features.2 has 3 scores, expected 72"),
+    ],
+)
+def test_mask_blocks_refuses_bad_arguments(kwargs, message):
+    model = build("mobilenet_v3_small")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        surgery.mask_blocks(model, **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_shrink_measures_latency_when_asked():
+    model = build("mobilenet_v3_small")
+    surgery.mask_blocks(model, sparsity=0.5)
+    report = surgery.shrink(model, example=torch.randn(1, 3, 64, 64))
+    assert report.latency[0] > 0 and report.latency[1] > 0
+    assert "latency" in str(report) and "features.2" in str(report)

@@ -1,0 +1,24 @@
+r"""Model rewrites that turn channel masks into really smaller models.
+
+Today: torchvision's MobileNetV3 (``mobilenet_v3_small``/``large`` and models built from
+their ``InvertedResidual`` blocks).
+"""
+
+from torchconstrain.surgery.measure import count_macs, count_params, measure_latency
+from torchconstrain.surgery.mobilenetv3 import (
+    Block,
+    RoleKey,
+    ShrinkReport,
+    channel_plan,
+    find_blocks,
+    fold_batchnorm,
+    mask_blocks,
+    resize,
+    role,
+    shrink,
+)
+
+__all__ = [
+    "Block", "RoleKey", "ShrinkReport", "channel_plan", "count_macs", "count_params", "find_blocks",
+    "fold_batchnorm", "mask_blocks", "measure_latency", "resize", "role", "shrink",
+]
