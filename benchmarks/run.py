@@ -5,8 +5,9 @@ Usage::
     python benchmarks/run.py [--device cpu|cuda] [--threads N] [--quick] [--json PATH]
 
 Measures the cases of :mod:`benchmarks.layers` (one MobileNetV3 layer at a time: forward,
-forward+backward, training step) and :mod:`benchmarks.models` (MobileNetV3 training step
-and inference, a stack of 40 small Linears), each under every variant, with
+forward+backward, training step), :mod:`benchmarks.models` (MobileNetV3 training step
+and inference, a stack of 40 small Linears), each under every variant, and
+:mod:`benchmarks.surgery` (shrunk MobileNetV3s against the dense ones), with
 :func:`benchmarks.timing.measure_group` (warm-up, then interleaved rounds of
 ``Timer.blocked_autorange``). Prints the
 report of :mod:`benchmarks.report` to stdout; progress goes to stderr. With ``--json PATH``
@@ -34,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 import torch
 
-from benchmarks import layers, machine, models, report
+from benchmarks import layers, machine, models, report, surgery
 from benchmarks.timing import Budget, Result, steady_allocator
 
 BUDGETS = {
@@ -102,7 +103,8 @@ def run_all(device: torch.device, threads: int, mode: str) -> list[Result]:
     layer_budget, model_budget = BUDGETS[mode]
     steady_allocator()
     results = layers.run(device, threads, layer_budget, progress)
-    return results + models.run(device, threads, model_budget, progress)
+    results += models.run(device, threads, model_budget, progress)
+    return results + surgery.run(device, threads, model_budget, progress)
 
 
 def run_settings(argv: list[str] | None, mode: str, elapsed: float, load_start: float | None) -> dict:
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(previous_threads)
     elapsed = time.perf_counter() - start
-    notes = {"layers": layers.LEGEND, "models": models.LEGEND}
+    notes = {"layers": layers.LEGEND, "models": models.LEGEND, "surgery": surgery.legend()}
     markdown = report.markdown(results, machine.summary(info), settings_line(mode, args.threads),
                                notes)
     print(markdown, end="")
