@@ -112,7 +112,8 @@ def test_bad_value_is_refused_even_when_its_rule_matches_nothing(net):
 @pytest.mark.parametrize(
     "rules, error, message",
     [
-        ("head", TypeError, "expected rules as a dict or a sequence"),
+        ("head", ValueError, "head: no such rules file"),
+        (3, TypeError, "expected rules as a dict or a sequence of \\(key, value\\) pairs. Got int"),
         ([("head",)], TypeError, r"rule 0 must be a \(key, value\) pair"),
         ({3: Clamp(-1, 1)}, TypeError, "rule 0 key must be a name, glob.*Got int: 3"),
         ({torch.Tensor: Clamp(-1, 1)}, TypeError, "Tensor is a class but not an nn.Module subclass"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +50,8 @@ def constrain(
 ) -> Report:
     r"""Put constraints on the tensors of ``model`` that ``rules`` pick. Modifies ``model`` in place.
 
-    ``rules`` is a dict, or a sequence of ``(key, value)`` pairs. A **key** picks tensors:
+    ``rules`` is a dict, a sequence of ``(key, value)`` pairs, or the path of a YAML or
+    JSON rules file (see :mod:`torchconstrain.rulesfile`). A **key** picks tensors:
 
     - an exact parameter name (``"features.0.0.weight"``), or a module name, meaning that
       module's ``weight``;
@@ -107,10 +109,21 @@ def constrain(
         raise TypeError(f"constrain: expected an nn.Module. Got {type(model).__name__}.")
     if existing not in EXISTING:
         raise ValueError(f"constrain: existing must be one of {', '.join(EXISTING)}. Got {existing!r}.")
+    if isinstance(rules, (str, os.PathLike)):
+        return _constrain_from_file(model, rules, strict=strict, existing=existing)
     slots = parameter_slots(model)
     plan = _plan(slots, _parse_rules(rules), strict=strict, existing=existing)
     _register(plan)
     return _report(plan)
+
+
+def _constrain_from_file(model: nn.Module, path, *, strict: bool, existing: str) -> Report:
+    from torchconstrain.rulesfile import read_rules  # rules files build constraints and roles
+
+    rules, finish = read_rules(path).to_rules(model)
+    report = constrain(model, rules, strict=strict, existing=existing)
+    finish()
+    return report
 
 
 def match(model: nn.Module, key) -> list[str]:

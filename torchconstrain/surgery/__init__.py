@@ -9,6 +9,7 @@ from torchconstrain.surgery.mobilenetv3 import (
     Block,
     RoleKey,
     ShrinkReport,
+    block_rules,
     channel_plan,
     find_blocks,
     fold_batchnorm,
@@ -19,6 +20,6 @@ from torchconstrain.surgery.mobilenetv3 import (
 )
 
 __all__ = [
-    "Block", "RoleKey", "ShrinkReport", "channel_plan", "count_macs", "count_params", "find_blocks",
+    "Block", "RoleKey", "ShrinkReport", "block_rules", "channel_plan", "count_macs", "count_params", "find_blocks",
     "fold_batchnorm", "mask_blocks", "measure_latency", "resize", "role", "shrink",
 ]

@@ -200,15 +200,38 @@ def mask_blocks(
         >>> report["features.2.block.2.0.weight"]["constraints"]
         ['FixedMask(shape=(24, 72, 1, 1), sparsity=0.500)']
     """
+    rules, finish = block_rules(model, sparsity=sparsity, learnable=learnable, importance=importance,
+                                strength=strength, hard=hard)
+    report = constrain(model, rules)
+    finish()
+    return report
+
+
+def block_rules(model: nn.Module, *, sparsity: float | None = None, learnable: bool = False,
+                importance="l1", strength: float = 1e-2, hard: bool = False):
+    r"""The rules :func:`mask_blocks` applies, without applying them.
+
+    Returns:
+        ``(rules, finish)``: ``(key, constraint)`` pairs to pass to
+        :func:`~torchconstrain.constrain` (alone or with other rules), and a function to
+        call once they are applied (it makes each block's learnable gates share scores).
+    """
     blocks = [block for block in find_blocks(model) if block.expand is not None]
     if learnable:
         if sparsity is not None:
             raise ValueError("surgery.mask_blocks: learnable masks learn their sparsity; pass strength= instead of sparsity=.")
-        return _mask_learnable(model, blocks, strength=strength, hard=hard)
+        rules = [(fqn, LearnableMask(per="channel", dim=1, strength=strength, hard=hard))
+                 for block in blocks for fqn in _readers(block)]
+        return rules, lambda: [_share_gate(block) for block in blocks]
     if sparsity is None or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"surgery.mask_blocks: expected sparsity in [0, 1) for fixed masks. Got {sparsity!r}.")
     rules = [rule for block in blocks for rule in _fixed_rules(block, _keep(block, sparsity, importance))]
-    return constrain(model, rules)
+    return rules, lambda: None
+
+
+def _readers(block: Block) -> list[str]:
+    names = block.weights()
+    return [names["project"]] + ([names["se_fc1"]] if block.se is not None else [])
 
 
 def _keep(block: Block, sparsity: float, importance) -> Tensor:
@@ -255,17 +278,6 @@ def _weight_shape(block: Block, role_name: str) -> torch.Size:
     if role_name == "se_fc2":
         return block.se.fc2.weight.shape
     return _conv(getattr(block, role_name)).weight.shape
-
-
-def _mask_learnable(model: nn.Module, blocks: list[Block], *, strength: float, hard: bool):
-    rules = []
-    for block in blocks:
-        readers = [block.weights()["project"]] + ([block.weights()["se_fc1"]] if block.se is not None else [])
-        rules += [(fqn, LearnableMask(per="channel", dim=1, strength=strength, hard=hard)) for fqn in readers]
-    report = constrain(model, rules)
-    for block in blocks:
-        _share_gate(block)
-    return report
 
 
 def _share_gate(block: Block) -> None:

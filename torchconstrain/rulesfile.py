@@ -1,0 +1,244 @@
+r"""Rules written in YAML or JSON files, for :func:`constrain` and the command line.
+
+A rules file is a mapping with a ``rules`` list and an optional ``blocks`` mapping::
+
+    rules:
+      - match: features.0.0                      # a name, glob or "re:" regex, as in Python
+        apply: {Clamp: {min: -1.0, max: 1.0}}
+      - match: {type: Linear}                    # every torch.nn.Linear's weight
+        apply: [NonNeg, {MaxNorm: {max_value: 2.0}}]
+      - match: {role: depthwise}                 # a MobileNetV3 role (torchconstrain.surgery.role)
+        apply: {FixedMask.magnitude: {sparsity: 0.5}}
+      - match: classifier.3
+        apply: null                              # exclude from every other rule
+    blocks:                                      # optional: surgery.mask_blocks options
+      learnable: true
+      strength: 0.05
+
+``apply`` names constraints from :data:`CONSTRAINTS`, each with its keyword arguments
+(or none: ``NonNeg`` alone), or a list of them, or ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from torch import nn
+
+from torchconstrain.constraints import (
+    L1,
+    L2,
+    Clamp,
+    FakeQuant,
+    FixedMask,
+    LearnableMask,
+    MaxNorm,
+    NonNeg,
+    UnitNorm,
+)
+
+__all__ = ["CONSTRAINTS", "RulesFile", "RulesFileError", "read_rules"]
+
+#: Constraint names usable in rules files.
+CONSTRAINTS = {
+    "Clamp": Clamp,
+    "NonNeg": NonNeg,
+    "MaxNorm": MaxNorm,
+    "UnitNorm": UnitNorm,
+    "FakeQuant": FakeQuant,
+    "LearnableMask": LearnableMask,
+    "FixedMask.magnitude": FixedMask.magnitude,
+    "FixedMask.global_magnitude": FixedMask.global_magnitude,
+    "FixedMask.random": FixedMask.random,
+    "FixedMask.structured": FixedMask.structured,
+    "FixedMask.n_m": FixedMask.n_m,
+    "L1": L1,
+    "L2": L2,
+}
+BLOCK_OPTIONS = ("sparsity", "learnable", "importance", "strength", "hard")
+
+
+class RulesFileError(ValueError):
+    r"""A rules file that cannot be read: the message names the file, the rule and, for YAML, the line."""
+
+
+@dataclass
+class RulesFile:
+    r"""A parsed rules file: ``(key, value)`` rules and ``surgery.mask_blocks`` options."""
+
+    path: str
+    rules: list[tuple[object, object]]
+    blocks: dict | None = None
+    lines: list[int | None] = field(default_factory=list)
+
+    def to_rules(self, model: nn.Module):
+        r"""Return ``(rules, finish)`` for ``model``: the file's rules with role keys resolved
+        and the block masks appended; call ``finish()`` after :func:`constrain` applied them."""
+        from torchconstrain import surgery  # the surgery imports the rules machinery
+
+        rules = [(self._key(model, key, index), value) for index, (key, value) in enumerate(self.rules)]
+        if self.blocks is None:
+            return rules, lambda: None
+        try:
+            extra, finish = surgery.block_rules(model, **self.blocks)
+        except ValueError as error:
+            raise RulesFileError(f"{self.path}, blocks: {error}") from None
+        return rules + extra, finish
+
+    def _key(self, model: nn.Module, key, index: int):
+        if not (isinstance(key, tuple) and key[0] == "role"):
+            return key
+        from torchconstrain import surgery
+
+        try:
+            return surgery.role(model, key[1])
+        except ValueError as error:
+            raise RulesFileError(f"{self.where(index)}: {error}") from None
+
+    def where(self, index: int) -> str:
+        r"""``"rules.yaml, rule 2 (line 7)"``: where rule ``index`` is written."""
+        line = self.lines[index] if index < len(self.lines) else None
+        return f"{self.path}, rule {index}" + (f" (line {line})" if line else "")
+
+
+def read_rules(path: str | os.PathLike) -> RulesFile:
+    r"""Read and validate a YAML (``.yaml``/``.yml``) or JSON (``.json``) rules file.
+
+    Every constraint is built here, so a bad name or argument is reported with its place
+    in the file before any model is touched.
+
+    Raises:
+        RulesFileError: the file is missing or malformed, or names an unknown constraint,
+            module type or option, or gives a constraint bad arguments.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from torchconstrain.rulesfile import read_rules
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "rules.yaml"
+        >>> _ = path.write_text("rules:\n  - match: '*.weight'\n    apply: {Clamp: {min: -1, max: 1}}\n")
+        >>> read_rules(path).rules
+        [('*.weight', Clamp(min=-1, max=1))]
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RulesFileError(f"{path}: no such rules file.")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        document, lines = _load_yaml(path, text)
+    elif path.suffix == ".json":
+        document, lines = _load_json(path, text), []
+    else:
+        raise RulesFileError(f"{path}: expected a .yaml, .yml or .json rules file. Got {path.suffix or 'no suffix'}.")
+    return _parse(str(path), document, lines)
+
+
+def _load_yaml(path: Path, text: str) -> tuple[object, list[int]]:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise RulesFileError(f"{path}: not valid YAML: {error}") from None
+    return document, _rule_lines(root)
+
+
+def _rule_lines(root) -> list[int]:
+    """The 1-based line of each item of the top-level ``rules`` sequence."""
+    if not isinstance(root, yaml.MappingNode):
+        return []
+    for key, value in root.value:
+        if key.value == "rules" and isinstance(value, yaml.SequenceNode):
+            return [item.start_mark.line + 1 for item in value.value]
+    return []
+
+
+def _load_json(path: Path, text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RulesFileError(f"{path}: not valid JSON: {error}") from None
+
+
+def _parse(path: str, document, lines: list[int]) -> RulesFile:
+    if not isinstance(document, dict) or not isinstance(document.get("rules"), list):
+        raise RulesFileError(f"{path}: expected a mapping with a 'rules' list. Got {type(document).__name__}.")
+    unknown = set(document) - {"rules", "blocks"}
+    if unknown:
+        raise RulesFileError(f"{path}: unknown top-level keys {sorted(unknown)}. Expected 'rules' and 'blocks'.")
+    parsed = RulesFile(path, [], _blocks(path, document.get("blocks")), lines)
+    for index, rule in enumerate(document["rules"]):
+        parsed.rules.append(_rule(parsed.where(index), rule))
+    return parsed
+
+
+def _blocks(path: str, blocks) -> dict | None:
+    if blocks is None:
+        return None
+    if not isinstance(blocks, dict):
+        raise RulesFileError(f"{path}, blocks: expected a mapping of surgery.mask_blocks options. Got {blocks!r}.")
+    unknown = set(blocks) - set(BLOCK_OPTIONS)
+    if unknown:
+        raise RulesFileError(f"{path}, blocks: unknown options {sorted(unknown)}. Expected some of {', '.join(BLOCK_OPTIONS)}.")
+    return dict(blocks)
+
+
+def _rule(where: str, rule) -> tuple[object, object]:
+    if not isinstance(rule, dict) or set(rule) != {"match", "apply"}:
+        got = sorted(rule) if isinstance(rule, dict) else repr(rule)
+        raise RulesFileError(f"{where}: expected a mapping with 'match' and 'apply'. Got {got}.")
+    return _match(where, rule["match"]), _apply(where, rule["apply"])
+
+
+def _match(where: str, match):
+    if isinstance(match, str):
+        return match
+    if isinstance(match, dict) and len(match) == 1:
+        (kind, name), = match.items()
+        if kind == "type":
+            module_type = getattr(nn, str(name), None)
+            if isinstance(module_type, type) and issubclass(module_type, nn.Module):
+                return module_type
+            raise RulesFileError(f"{where}: unknown module type {name!r}: expected a torch.nn class such as Conv2d or Linear.")
+        if kind == "role":
+            return ("role", name)
+    raise RulesFileError(
+        f"{where}: 'match' must be a name, glob or 're:' regex, {{type: <torch.nn class>}} or "
+        f"{{role: <MobileNetV3 role>}}. Got {match!r}."
+    )
+
+
+def _apply(where: str, apply):
+    if apply is None:
+        return None
+    items = apply if isinstance(apply, list) else [apply]
+    if not items:
+        raise RulesFileError(f"{where}: 'apply' is an empty list; use null to exclude tensors.")
+    built = [_constraint(where, item) for item in items]
+    return built[0] if len(built) == 1 else built
+
+
+def _constraint(where: str, item):
+    name, arguments = (item, None) if isinstance(item, str) else _single(where, item)
+    make = CONSTRAINTS.get(name)
+    if make is None:
+        raise RulesFileError(f"{where}: unknown constraint {name!r}. Known: {', '.join(CONSTRAINTS)}.")
+    arguments = {} if arguments is None else arguments
+    if not isinstance(arguments, dict):
+        raise RulesFileError(f"{where}: arguments of {name} must be a mapping. Got {arguments!r}.")
+    try:
+        return make(**arguments)
+    except (TypeError, ValueError) as error:
+        raise RulesFileError(f"{where}: {name}({_arguments(arguments)}): {error}") from None
+
+
+def _single(where: str, item):
+    if isinstance(item, dict) and len(item) == 1:
+        return next(iter(item.items()))
+    raise RulesFileError(f"{where}: each constraint is a name or a one-key mapping {{Name: {{arguments}}}}. Got {item!r}.")
+
+
+def _arguments(arguments: dict) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in arguments.items())
