@@ -1,0 +1,177 @@
+import json
+
+import pytest
+import torch
+import torchvision
+from conftest import assert_unchanged, snapshot
+from torch import nn
+
+from torchconstrain import Clamp, FixedMask, LearnableMask, NonNeg, constrain
+from torchconstrain.__main__ import main
+from torchconstrain.rulesfile import CONSTRAINTS, RulesFileError, read_rules
+
+YAML = """\
+# a comment
+rules:
+  - match: features.0
+    apply: {Clamp: {min: -0.5, max: 0.5}}
+  - match: {type: Linear}
+    apply: [NonNeg, {FixedMask.magnitude: {sparsity: 0.5}}]
+  - match: "re:features\\\\.3\\\\.weight"
+    apply: {LearnableMask: {per: channel}}
+  - match: head
+    apply: null
+"""
+
+PYTHON_RULES = [
+    ("features.0", Clamp(-0.5, 0.5)),
+    (nn.Linear, [NonNeg(), FixedMask.magnitude(sparsity=0.5)]),
+    (r"re:features\.3\.weight", LearnableMask(per="channel")),
+    ("head", None),
+]
+
+
+def as_json() -> str:
+    return json.dumps({"rules": [
+        {"match": "features.0", "apply": {"Clamp": {"min": -0.5, "max": 0.5}}},
+        {"match": {"type": "Linear"}, "apply": ["NonNeg", {"FixedMask.magnitude": {"sparsity": 0.5}}]},
+        {"match": r"re:features\.3\.weight", "apply": {"LearnableMask": {"per": "channel"}}},
+        {"match": "head", "apply": None},
+    ]})
+
+
+def write(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def build(seed=0) -> nn.Module:
+    from conftest import SmallNet
+
+    torch.manual_seed(seed)
+    return SmallNet()
+
+
+def test_yaml_json_and_python_rules_give_the_same_model(tmp_path):
+    models = [build(), build(), build()]
+    reports = [
+        constrain(models[0], write(tmp_path, "rules.yaml", YAML)),
+        constrain(models[1], str(write(tmp_path, "rules.json", as_json()))),
+        constrain(models[2], PYTHON_RULES),
+    ]
+    tables = [str(r).replace("rule 1 (Linear)", "") for r in reports]
+    assert tables[0] == tables[1]
+    assert [r["constraints"] for r in reports[0]] == [r["constraints"] for r in reports[2]]
+    states = [m.state_dict() for m in models]
+    for key in states[2]:
+        assert torch.equal(states[0][key], states[2][key]) and torch.equal(states[1][key], states[2][key]), key
+
+
+def test_every_registered_constraint_builds_from_a_file(tmp_path):
+    arguments = {"MaxNorm": {"max_value": 1.0}, "L1": {"weight": 0.1}, "L2": {"weight": 0.1},
+                 "FixedMask.magnitude": {"sparsity": 0.5}, "FixedMask.global_magnitude": {"sparsity": 0.5},
+                 "FixedMask.random": {"sparsity": 0.5, "seed": 0}, "FixedMask.structured": {"sparsity": 0.5}}
+    items = [{name: arguments.get(name)} for name in CONSTRAINTS]
+    rules = read_rules(write(tmp_path, "all.json", json.dumps({"rules": [{"match": "x", "apply": items}]}))).rules
+    assert [type(c).__name__ for c in rules[0][1]] == [
+        "Clamp", "NonNeg", "MaxNorm", "UnitNorm", "FakeQuant", "LearnableMask",
+        "FixedMask", "FixedMask", "FixedMask", "FixedMask", "FixedMask", "L1", "L2"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("rules:\n  - match: a\n    apply: {Clampp: {min: 0}}\n",
+         r"rules.yaml, rule 0 \(line 2\): unknown constraint 'Clampp'. Known: Clamp, NonNeg"),
+        ("rules:\n  - match: a\n    apply: NonNeg\n  - match: b\n    apply: {Clamp: {min: 2, max: 1}}\n",
+         r"rule 1 \(line 4\): Clamp\(min=2, max=1\): Clamp: expected min <= max"),
+        ("rules:\n  - match: a\n    apply: {Clamp: {low: 1}}\n",
+         r"rule 0 \(line 2\): Clamp\(low=1\): .*unexpected keyword argument 'low'"),
+        ("rules:\n  - match: {type: Conv9d}\n    apply: NonNeg\n", "rule 0 \\(line 2\\): unknown module type 'Conv9d'"),
+        ("rules:\n  - match: a\n", r"rule 0 \(line 2\): expected a mapping with 'match' and 'apply'. Got \['match'\]"),
+        ("rules:\n  - match: a\n    apply: []\n", "'apply' is an empty list; use null"),
+        ("rule:\n  - match: a\n", "expected a mapping with a 'rules' list"),
+        ("rules: []\nblock: {}\n", r"unknown top-level keys \['block'\]"),
+        ("rules: []\nblocks: {sparsity: 0.5, learn: true}\n", r"blocks: unknown options \['learn'\]"),
+        ("rules: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_yaml_files_name_the_file_rule_and_line(tmp_path, text, message):
+    with pytest.raises(RulesFileError, match=message):
+        read_rules(write(tmp_path, "rules.yaml", text))
+
+
+def test_bad_json_and_paths(tmp_path):
+    with pytest.raises(RulesFileError, match=r"rules.json, rule 0: unknown constraint 'Nope'"):
+        read_rules(write(tmp_path, "rules.json", '{"rules": [{"match": "a", "apply": "Nope"}]}'))
+    with pytest.raises(RulesFileError, match="not valid JSON"):
+        read_rules(write(tmp_path, "broken.json", "{"))
+    with pytest.raises(RulesFileError, match="expected a .yaml, .yml or .json rules file. Got .txt"):
+        read_rules(write(tmp_path, "rules.txt", "rules: []"))
+    with pytest.raises(RulesFileError, match="missing.yaml: no such rules file"):
+        read_rules(tmp_path / "missing.yaml")
+
+
+def test_a_bad_file_leaves_the_model_unchanged(tmp_path):
+    model = build()
+    before = snapshot(model)
+    path = write(tmp_path, "rules.yaml", "rules:\n  - match: head\n    apply: NonNeg\n  - match: nope\n    apply: NonNeg\n")
+    with pytest.raises(ValueError, match=r"rule 1 \(nope\) matches no parameter"):
+        constrain(model, path)
+    assert_unchanged(model, before)
+
+
+def test_blocks_and_roles_in_a_file(tmp_path):
+    model = torchvision.models.mobilenet_v3_small(weights=None)
+    path = write(tmp_path, "rules.yaml", "rules:\n  - match: {role: depthwise}\n    apply: {Clamp: {min: -1, max: 1}}\n"
+                                         "blocks: {learnable: true, strength: 0.1}\n")
+    report = constrain(model, path)
+    assert report["features.1.block.0.0.weight"]["rules"] == "rule 0 (role depthwise)"
+    project = model.features[4].block[3][0].parametrizations.weight[0]
+    assert model.features[4].block[2].fc1.parametrizations.weight[0].scores is project.scores
+    bad = write(tmp_path, "bad.yaml", "rules: []\nblocks: {sparsity: 2}\n")
+    with pytest.raises(RulesFileError, match=r"bad.yaml, blocks: surgery.mask_blocks: expected sparsity in \[0, 1\)"):
+        constrain(torchvision.models.mobilenet_v3_small(weights=None), bad)
+    role = write(tmp_path, "role.yaml", "rules:\n  - match: {role: dw}\n    apply: NonNeg\n")
+    with pytest.raises(RulesFileError, match=r"role.yaml, rule 0 \(line 2\): surgery.role: unknown role 'dw'"):
+        constrain(torchvision.models.mobilenet_v3_small(weights=None), role)
+
+
+def test_the_packaged_demo_rules_apply_to_mobilenet_v3_small():
+    from importlib.resources import files
+
+    path = files("torchconstrain") / "data" / "demo_rules.yaml"
+    report = constrain(torchvision.models.mobilenet_v3_small(weights=None), str(path))
+    kinds = {c.split("(")[0] for row in report for c in row["constraints"]}
+    assert kinds == {"Clamp", "FixedMask", "LearnableMask"}
+
+
+def test_inspect_prints_matches_and_the_constraint_table(tmp_path, capsys):
+    path = write(tmp_path, "rules.yaml", "rules:\n  - match: features.0.0\n    apply: NonNeg\n"
+                                         "  - match: {type: Linear}\n    apply: {L2: {weight: 0.1}}\n")
+    assert main(["inspect", "mobilenet_v3_small", "--rules", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "rule 0 (features.0.0) at line 2: 1 tensor\n  features.0.0.weight" in out
+    assert "rule 1 (Linear) at line 4: 2 tensors\n  classifier.0.weight\n  classifier.3.weight" in out
+    assert "constrained tensors" in out and "L2(weight=0.1)" in out
+
+
+def test_inspect_fails_on_a_rule_that_matches_nothing_and_on_bad_models(tmp_path, capsys):
+    path = write(tmp_path, "rules.yaml", "rules:\n  - match: featurs.0\n    apply: NonNeg\n")
+    assert main(["inspect", "mobilenet_v3_small", "--rules", str(path)]) == 1
+    assert "(nothing: fix the key" in capsys.readouterr().out
+    assert main(["inspect", "mobilenet_v3_smal", "--rules", str(path)]) == 2
+    assert "Closest torchvision models: mobilenet_v3_small" in capsys.readouterr().err
+    saved = tmp_path / "weights.pt"
+    torch.save(nn.Linear(2, 2).state_dict(), saved)
+    assert main(["inspect", str(saved), "--rules", str(path)]) == 2
+    assert "holds a OrderedDict, not a model" in capsys.readouterr().err
+
+
+def test_inspect_loads_a_saved_model(tmp_path, capsys):
+    model_path = tmp_path / "model.pt"
+    torch.save(nn.Sequential(nn.Linear(3, 3)), model_path)
+    path = write(tmp_path, "rules.yaml", "rules:\n  - match: '0'\n    apply: NonNeg\n")
+    assert main(["inspect", str(model_path), "--rules", str(path)]) == 0
+    assert "0.weight" in capsys.readouterr().out
