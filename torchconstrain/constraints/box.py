@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from torchconstrain.constraints.base import Constraint
+from torchconstrain.constraints.base import Constraint, tracing
 
 __all__ = ["Clamp"]
 
@@ -131,7 +131,7 @@ class Clamp(Constraint):
 
     def _bounds(self, x: Tensor):
         """The bounds as Python floats when they are scalars (a much faster clamp), else tensors."""
-        if self.min.dim() or self.max.dim():
+        if self.min.dim() or self.max.dim() or tracing():
             return self.min, self.max
         lower = self._derived("min", self.min, x, lambda: _finite_or_none(self.min))
         upper = self._derived("max", self.max, x, lambda: _finite_or_none(self.max))

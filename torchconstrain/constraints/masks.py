@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from torchconstrain.constraints.base import Constraint
+from torchconstrain.constraints.base import Constraint, tracing
 from torchconstrain.constraints.selection import (
     NM,
     GlobalMagnitude,
@@ -122,6 +122,8 @@ class FixedMask(Constraint):
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        if tracing():
+            return x * self.mask.to(x.dtype)
         keep = self._derived("keep", self.mask, x, lambda: self.mask.to(x.dtype))
         return x * keep
 
@@ -227,6 +229,8 @@ class LearnableMask(Constraint):
 
     def gate(self) -> Tensor:
         r"""Return the soft gate ``sigmoid(scores / temperature)``."""
+        if tracing():
+            return torch.sigmoid(self.scores / self.temperature)
         temperature = self._derived("temperature", self.temperature, self.scores, self.temperature.item)
         return torch.sigmoid(self.scores if temperature == 1.0 else self.scores / temperature)
 
