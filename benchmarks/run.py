@@ -12,7 +12,7 @@ and inference, a stack of 40 small Linears), each under every variant, and
 ``Timer.blocked_autorange``). Prints the
 report of :mod:`benchmarks.report` to stdout; progress goes to stderr. With ``--json PATH``
 also writes every measurement (per-block times included), the machine description and
-the settings to ``PATH``, and the same markdown to ``table.md`` next to it.
+the settings to ``PATH``, the same markdown to ``table.md`` next to it, and a bar chart to ``plot.png``.
 
 ``--threads`` defaults to 1, like ``Timer``'s ``num_threads``. ``--quick`` runs every case
 with a minimal budget (a smoke test: under a minute on two CPU cores; its numbers are not
@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 import torch
 
-from benchmarks import layers, machine, models, report, surgery
+from benchmarks import layers, machine, models, plot, report, surgery
 from benchmarks.timing import Budget, Result, steady_allocator
 
 BUDGETS = {
@@ -119,12 +119,14 @@ def run_settings(argv: list[str] | None, mode: str, elapsed: float, load_start: 
 
 
 def write_json(path: Path, results: list[Result], info: dict, settings: dict, markdown: str) -> None:
+    r"""Write the JSON to ``path``, and ``table.md`` and ``plot.png`` beside it."""
     ratio = report.ratios(results)
     measurements = [dict(r.to_dict(), ratio_to_plain=ratio[id(r)]) for r in results]
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {"machine": info, "settings": settings, "measurements": measurements}
     path.write_text(json.dumps(document, indent=1))
     (path.parent / "table.md").write_text(markdown)
+    plot.plot(results, path.parent / "plot.png", machine.summary(info))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,3 +20,4 @@ def test_quick_benchmark_run_writes_every_case(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert table.startswith("# torchconstrain benchmarks")
     assert "| mobilenet_v3_large | 50% shrunk |" in table
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
