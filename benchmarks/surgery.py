@@ -10,6 +10,7 @@ gives their parameter and MAC counts.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -29,8 +30,9 @@ def variant_name(sparsity: float) -> str:
     return "plain" if sparsity == 0 else f"{sparsity:.0%} shrunk"
 
 
+@functools.lru_cache(maxsize=None)
 def build(arch: str, sparsity: float, device: torch.device) -> nn.Module:
-    r"""The dense model, or the model shrunk at ``sparsity`` of its expanded channels."""
+    r"""The dense model, or the model shrunk at ``sparsity`` of its expanded channels (built once)."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(weights=None).eval()
     if sparsity:
