@@ -21,12 +21,13 @@ from torchconstrain.constraints import (
     SoftConstraint,
     UnitNorm,
 )
-from torchconstrain.errors import ConstraintViolation
+from torchconstrain.errors import CheckpointMismatch, ConstraintViolation
 from torchconstrain.report import Report
 from torchconstrain.rules import constrain, match
 from torchconstrain.schedules import PruningSchedule, TemperatureSchedule
 
 __all__ = [
+    "CheckpointMismatch",
     "Clamp",
     "Constraint",
     "ConstraintViolation",

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from torchconstrain.checkpoint import class_dict
 from torchconstrain.constraints.base import Constraint
 
 SOFT_ATTRIBUTE = "_torchconstrain_soft"
@@ -123,18 +124,20 @@ def register(slot: Slot, constraint: Constraint) -> None:
     parametrize.register_parametrization(slot.module, slot.tensor_name, constraint)
     if order is not None:
         slot.module.parametrizations.plain_order = order
+        _own_class(slot.module)
 
 
 def _own_class(module: nn.Module) -> None:
     """Give a parametrized module a class of its own before its properties change.
 
-    ``parametrize`` generates one ``Parametrized<Cls>`` class per module, but
-    ``copy.deepcopy`` (and so ``AveragedModel``) shares it between a module and its copy:
-    removing a property from the copy's class would remove it from the original's too.
+    ``parametrize`` generates one ``Parametrized<Cls>`` class per module, but its
+    ``copy.deepcopy`` shares it between a module and its copy: removing a property from the
+    copy's class would remove it from the original's too. The new class also loads plain
+    checkpoints, pickles and deep-copies into a class of its own (see ``checkpoint``).
     """
     cls = type(module)
     if parametrize.is_parametrized(module):
-        module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+        module.__class__ = type(cls.__name__, cls.__bases__, class_dict(cls))
 
 
 def drop_soft(slot: Slot, keep: int = 0) -> None:

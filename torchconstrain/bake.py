@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot, constrained_slots, describe, drop_entries, drop_soft
+from torchconstrain.checkpoint import unwatch
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import ConstraintViolation
 from torchconstrain.report import Report
@@ -23,6 +24,8 @@ def bake(model: nn.Module, key=None) -> Report:
     once no parametrization is left the modules get their own classes back, so the
     ``state_dict`` keys are those of the unconstrained model. Parametrizations that are
     not torchconstrain's (a user's ``spectral_norm``) stay where they are.
+    Once nothing is constrained, the checkpoint checks :func:`~torchconstrain.constrain`
+    added are removed too: the model pickles and loads like a plain one.
 
     Args:
         model: the constrained model.
@@ -63,6 +66,8 @@ def bake(model: nn.Module, key=None) -> Report:
         if slot.constraints():
             drop_entries(slot, list(range(len(slot.constraints()))))
         drop_soft(slot)
+    if not constrained_slots(model):
+        unwatch(model)
     return Report("baked tensors", rows)
 
 

@@ -2,7 +2,7 @@ r"""Exceptions raised by torchconstrain."""
 
 from __future__ import annotations
 
-__all__ = ["ConstraintViolation"]
+__all__ = ["CheckpointMismatch", "ConstraintViolation"]
 
 
 class ConstraintViolation(ValueError):
@@ -17,4 +17,24 @@ class ConstraintViolation(ValueError):
         tensors = sorted({fqn for fqn, _ in violations})
         lines = [f"{len(tensors)} tensor(s) break their constraints:"]
         lines += [f"  {fqn}: {reason}" for fqn, reason in violations]
+        super().__init__("\n".join(lines))
+
+
+class CheckpointMismatch(ValueError, RuntimeError):
+    r"""Raised by ``load_state_dict`` on a constrained model when a checkpoint does not fit it.
+
+    Shapes, mask values, bounds and constraint state are checked for the whole model before
+    anything is copied, so the model is unchanged. It is a ``RuntimeError`` too, like the
+    errors ``load_state_dict`` raises itself.
+
+    Attributes:
+        problems: one line per tensor that does not fit, starting with its name.
+    """
+
+    def __init__(self, problems: list[str], *, loaded: bool | None = None) -> None:
+        self.problems = problems
+        lines = [f"load_state_dict: {len(problems)} tensor(s) of the checkpoint do not fit the model."]
+        if loaded is False:
+            lines[0] += " Nothing was loaded."
+        lines += [f"  {problem}" for problem in problems]
         super().__init__("\n".join(lines))

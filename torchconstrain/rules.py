@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from torchconstrain._tensors import Slot, describe, drop_entries, drop_soft, parameter_slots, register
+from torchconstrain.checkpoint import watch
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.report import Report
 
@@ -75,6 +76,11 @@ def constrain(
     Everything is validated before the model is touched: when this raises, the model is
     exactly as it was.
 
+    Afterwards ``model.load_state_dict`` takes constrained checkpoints and plain ones (plain
+    values go through the constraints' ``right_inverse``; masks, bounds and scores stay),
+    and refuses a checkpoint that does not fit before copying anything; ``torch.save(model)``
+    works. See :mod:`torchconstrain.checkpoint`.
+
     Args:
         model: the model to constrain.
         rules: the rules, as above.
@@ -114,6 +120,8 @@ def constrain(
     slots = parameter_slots(model)
     plan = _plan(slots, _parse_rules(rules), strict=strict, existing=existing)
     _register(plan)
+    if plan:
+        watch(model)
     return _report(plan)
 
 

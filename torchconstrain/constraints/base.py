@@ -77,6 +77,11 @@ class Constraint(nn.Module):
             cache[name] = hit
         return hit[2]
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_derived_cache", None)  # rebuilt on the next forward
+        return state
+
     def _bind(self, fqn: str, tensor: Tensor) -> None:
         """Adapt this (already copied) constraint to ``tensor``; raise ValueError if it can't."""
 
@@ -91,6 +96,12 @@ class Constraint(nn.Module):
     def bake(self, value: Tensor) -> Tensor:
         r"""Return the value :func:`torchconstrain.bake` leaves in the plain tensor."""
         return self(value)
+
+    def state_problem(self, state: Mapping[str, Tensor]) -> str | None:
+        r"""Return why loading ``state`` (some of this constraint's parameters and buffers from
+        a checkpoint, by name) would leave a broken constraint, or ``None`` when it fits.
+        Shapes are checked before this is called."""
+        return None
 
     def forced_zeros(self) -> Tensor | None:
         r"""Return a bool tensor of the entries this constraint may set to zero, or ``None``."""

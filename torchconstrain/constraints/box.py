@@ -152,6 +152,13 @@ class Clamp(Constraint):
             f"(values from {value.min().item():.6g} to {value.max().item():.6g})"
         )
 
+    def state_problem(self, state: dict) -> str | None:
+        lower, upper = state.get("min", self.min), state.get("max", self.max)
+        if lower.isnan().any() or upper.isnan().any():
+            return "a bound is NaN."
+        crossed = int((lower.to(upper.device) > upper).sum())
+        return f"min > max at {crossed} entries." if crossed else None
+
     def admits_zero(self) -> Tensor:
         return (self.min <= 0) & (self.max >= 0)
 

@@ -134,6 +134,13 @@ class FixedMask(Constraint):
         leaks = int(((value != 0) & ~self.mask).sum())
         return f"{leaks} masked entries are not zero" if leaks else None
 
+    def state_problem(self, state: Mapping[str, Tensor]) -> str | None:
+        mask = state.get("mask")
+        if mask is None or mask.dtype == torch.bool:
+            return None
+        odd = int(((mask != 0) & (mask != 1)).sum())
+        return f"expected a mask of 0s and 1s. Got {odd} other values." if odd else None
+
     def forced_zeros(self) -> Tensor:
         return ~self.mask
 

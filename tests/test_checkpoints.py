@@ -1,0 +1,222 @@
+import copy
+import io
+
+import pytest
+import torch
+import torchvision
+from conftest import SmallNet
+from torch import nn
+
+from torchconstrain import (
+    CheckpointMismatch,
+    Clamp,
+    FakeQuant,
+    FixedMask,
+    LearnableMask,
+    MaxNorm,
+    NonNeg,
+    PruningSchedule,
+    bake,
+    check,
+    constrain,
+    penalty,
+)
+
+# Constraints that do not look at the weights' values: either order gives the same model.
+VALUE_FREE = {
+    "features.0": [Clamp(-0.1, 0.1), FixedMask.random(sparsity=0.5, seed=3)],
+    "features.1.weight": NonNeg(),
+    "features.3": [FakeQuant(4), MaxNorm(0.5)],
+    "head": LearnableMask(per="channel", init=0.7),
+}
+
+
+def net(seed: int) -> SmallNet:
+    torch.manual_seed(seed)
+    return SmallNet()
+
+
+def trained(rules, steps: int = 3) -> SmallNet:
+    model = net(0)
+    constrain(model, rules)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (model(torch.randn(4, 3, 9, 9)).square().mean() + penalty(model)).backward()
+        optimizer.step()
+    return model
+
+
+def state(model: nn.Module) -> dict:
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def assert_same_state(first: dict, second: dict) -> None:
+    assert list(first) == list(second)
+    for key, value in first.items():
+        assert torch.equal(value, second[key]), key
+
+
+def saved_and_loaded(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_round_trip_into_an_identically_constrained_model_keeps_scores_masks_and_temperatures():
+    rules = {**VALUE_FREE, "features.3": FixedMask.magnitude(sparsity=0.0)}
+    source = trained(rules)
+    PruningSchedule(source, final_sparsity=0.5, end=1, key="features.3").step()
+    with torch.no_grad():
+        source.head.parametrizations.weight[0].temperature.fill_(0.3)
+    target = net(1)
+    constrain(target, rules)
+    target.load_state_dict(source.state_dict(), strict=True)
+    assert_same_state(state(target), state(source))
+    assert (target.features[3].weight == 0).float().mean().item() == 0.5
+    check(target)
+
+
+def test_plain_state_dict_loads_with_strict_and_either_order_gives_the_same_model():
+    pretrained = net(7).state_dict()
+    constrained_first = net(0)
+    constrain(constrained_first, VALUE_FREE)
+    result = constrained_first.load_state_dict(pretrained, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    loaded_first = net(1)
+    loaded_first.load_state_dict(pretrained)
+    constrain(loaded_first, VALUE_FREE)
+    assert_same_state(state(constrained_first), state(loaded_first))
+    check(constrained_first)
+
+
+def test_plain_torchvision_checkpoint_loads_into_a_constrained_torchvision_model():
+    torch.manual_seed(1)
+    pretrained = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10)
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10)
+    rules = {nn.Conv2d: Clamp(-0.5, 0.5), "classifier.3": LearnableMask()}
+    constrain(model, rules)
+    model.load_state_dict(pretrained.state_dict(), strict=True)
+    constrain(pretrained, rules)
+    model.eval(), pretrained.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), pretrained(x))
+
+
+def test_plain_load_into_value_dependent_masks_keeps_the_models_masks():
+    # A magnitude mask is chosen from the weights constrain sees: loading a plain
+    # checkpoint afterwards keeps that mask; to pick it from the checkpoint, load first.
+    pretrained = net(7).state_dict()
+    rules = {"features.3": FixedMask.magnitude(sparsity=0.5)}
+    constrained_first = net(0)
+    constrain(constrained_first, rules)
+    mask = constrained_first.features[3].parametrizations.weight[0].mask.clone()
+    constrained_first.load_state_dict(pretrained, strict=True)
+    assert torch.equal(constrained_first.features[3].parametrizations.weight[0].mask, mask)
+    loaded_first = net(0)
+    loaded_first.load_state_dict(pretrained)
+    constrain(loaded_first, rules)
+    chosen = pretrained["features.3.weight"].abs() > pretrained["features.3.weight"].abs().median()
+    assert torch.equal(loaded_first.features[3].parametrizations.weight[0].mask, chosen)
+    check(constrained_first), check(loaded_first)
+
+
+def test_plain_keys_load_into_a_constrained_submodule_and_with_assign():
+    model = net(0)
+    constrain(model, {"head": Clamp(-0.01, 0.01)})
+    plain = nn.Linear(8, 4)
+    model.head.load_state_dict(plain.state_dict(), strict=True)
+    torch.testing.assert_close(model.head.weight, plain.weight.clamp(-0.01, 0.01), rtol=0, atol=0)
+    model.load_state_dict(net(3).state_dict(), strict=True, assign=True)
+    check(model)
+
+
+def test_wrong_shapes_name_every_tensor_and_load_nothing():
+    model = net(0)
+    constrain(model, VALUE_FREE)
+    before = state(model)
+    other = net(5)
+    other.head = nn.Linear(8, 5)
+    with pytest.raises(CheckpointMismatch, match=r"Nothing was loaded") as error:
+        model.load_state_dict(other.state_dict())
+    assert [p.split(":")[0] for p in error.value.problems] == ["head.weight", "head.bias"]
+    assert "shape (5, 8) in the checkpoint, (4, 8) in the model" in str(error.value)
+    assert_same_state(state(model), before)  # features were not loaded either
+
+
+@pytest.mark.parametrize("edit, culprit, message", [
+    (lambda s: s.__setitem__("features.0.parametrizations.weight.1.mask", torch.ones(8, 3, 3, 2)),
+     "features.0.parametrizations.weight.1.mask", r"shape \(8, 3, 3, 2\) in the checkpoint"),
+    (lambda s: s.__setitem__("features.0.parametrizations.weight.1.mask", torch.full((8, 3, 3, 3), 0.5)),
+     "features.0.weight", r"FixedMask .*expected a mask of 0s and 1s"),
+    (lambda s: s.__setitem__("features.0.parametrizations.weight.0.min", torch.tensor(0.2)),
+     "features.0.weight", r"Clamp .*min > max"),
+    (lambda s: s.__setitem__("features.3.parametrizations.weight.2.mask", torch.ones(8, 8, 3, 3, dtype=torch.bool)),
+     "features.3.weight", r"constraint state \['2.mask', 'original'\], the model's constraints have \['original'\]"),
+])
+def test_constraint_state_that_does_not_fit_is_refused_before_loading(edit, culprit, message):
+    source = trained(VALUE_FREE)
+    checkpoint = source.state_dict()
+    edit(checkpoint)
+    model = net(1)
+    constrain(model, VALUE_FREE)
+    before = state(model)
+    with pytest.raises(CheckpointMismatch, match=message) as error:
+        model.load_state_dict(checkpoint, strict=False)
+    assert error.value.problems[0].startswith(culprit)
+    assert_same_state(state(model), before)
+
+
+def test_constrained_checkpoint_into_a_model_without_those_constraints_is_refused():
+    source = trained(VALUE_FREE)
+    model = net(1)
+    constrain(model, {"head": LearnableMask(per="channel", init=0.7)})
+    before = state(model)
+    with pytest.raises(CheckpointMismatch, match=r"features.0.weight: the checkpoint has constraint state") as error:
+        model.load_state_dict(source.state_dict(), strict=False)
+    assert {p.split(":")[0] for p in error.value.problems} == {"features.0.weight", "features.1.weight", "features.3.weight"}
+    assert "Constrain the model with the checkpoint's rules first" in str(error.value)
+    assert_same_state(state(model), before)
+
+
+def test_baked_state_dict_loads_into_the_plain_model_and_bake_removes_the_checks():
+    model = trained(VALUE_FREE)
+    bake(model)
+    assert not any(m._load_state_dict_pre_hooks for m in model.modules())
+    SmallNet().load_state_dict(model.state_dict(), strict=True)
+
+
+def test_torch_save_of_a_whole_constrained_model_round_trips():
+    model = trained(VALUE_FREE).eval()
+    loaded = saved_and_loaded(model).eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(loaded(x), expected)
+    assert_same_state(state(loaded), state(model))
+    assert [str(row) for row in check(loaded)] == [str(row) for row in check(model)]
+    loaded.train()
+    optimizer = torch.optim.SGD(loaded.parameters(), lr=0.5)
+    loaded(x).square().mean().backward()
+    optimizer.step()
+    check(loaded)
+    loaded.load_state_dict(net(4).state_dict(), strict=True)  # plain keys still load
+    bake(loaded)
+    assert type(loaded.features[0]) is nn.Conv2d
+    with torch.no_grad():
+        assert torch.equal(model(x), expected) and len(check(model)) == 4  # the original is untouched
+
+
+def test_pickled_and_copied_modules_get_classes_of_their_own():
+    layer = nn.Linear(3, 3)  # the constrained model is itself parametrized (its hook refers to it)
+    constrain(layer, {"weight": Clamp(-0.1, 0.1)})
+    for twin in (saved_and_loaded(layer), copy.deepcopy(layer)):
+        assert type(twin) is not type(layer) and type(twin).__name__ == "ParametrizedLinear"
+        twin.load_state_dict(nn.Linear(3, 3).state_dict(), strict=True)
+        check(twin)
+        bake(twin)
+        assert type(twin) is nn.Linear
+        assert layer.weight.abs().max() <= 0.1 and len(check(layer)) == 1

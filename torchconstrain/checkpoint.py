@@ -1,0 +1,213 @@
+r"""Checkpoints and pickles of constrained models.
+
+Every module torchconstrain parametrizes gets a class of its own (``Parametrized<Cls>``,
+built from the one :mod:`torch.nn.utils.parametrize` makes) with three additions:
+
+- ``_load_from_state_dict`` accepts a plain key (``weight``) for a parametrized tensor: the
+  value goes through the first parametrization's ``right_inverse`` into the stored
+  original, exactly what :func:`torchconstrain.constrain` does to the weight it finds, and
+  the constraints' own state (masks, bounds, scores) stays as it is in the model;
+- ``__reduce_ex__`` / ``__setstate__``, so that ``torch.save(model)`` and pickling work
+  (plain ``parametrize`` refuses them), rebuilding the class on load;
+- ``__deepcopy__``, which gives the copy a class of its own.
+
+The model passed to :func:`torchconstrain.constrain` also gets a ``load_state_dict``
+pre-hook that checks the whole checkpoint before anything is copied: shapes, mask values,
+bounds, and constraint state that the model's constraints do not have. A checkpoint that
+does not fit raises :class:`~torchconstrain.CheckpointMismatch` naming every tensor, and the
+model is left unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from torchconstrain.constraints.base import Constraint
+from torchconstrain.errors import CheckpointMismatch
+
+__all__ = ["class_dict", "watch", "unwatch"]
+
+_INNER = "parametrizations."
+
+
+def class_dict(cls: type) -> dict:
+    r"""The namespace of torchconstrain's class for a module whose parametrized class is ``cls``."""
+    return {**cls.__dict__, **_methods(cls.__bases__[0])}
+
+
+def _methods(base: type) -> dict:
+    methods = {
+        "__getstate__": _getstate,
+        "__reduce_ex__": _reduce_ex,
+        "__setstate__": _setstate,
+        "_load_from_state_dict": _load_from_state_dict,
+    }
+    if not hasattr(base, "__deepcopy__"):
+        methods["__deepcopy__"] = _deepcopy
+    return methods
+
+
+def watch(model: nn.Module) -> None:
+    r"""Check checkpoints loaded into ``model`` before anything is copied (once per model)."""
+    if not _watched(model):
+        model.register_load_state_dict_pre_hook(_check_checkpoint)
+
+
+def unwatch(model: nn.Module) -> None:
+    r"""Remove the checkpoint checks from ``model`` and every module in it."""
+    for module in model.modules():
+        hooks = module._load_state_dict_pre_hooks
+        for handle_id in [i for i, hook in hooks.items() if getattr(hook, "hook", None) is _check_checkpoint]:
+            del hooks[handle_id]
+
+
+def _watched(module: nn.Module) -> bool:
+    return any(getattr(hook, "hook", None) is _check_checkpoint for hook in module._load_state_dict_pre_hooks.values())
+
+
+# --- methods of the parametrized classes -------------------------------------------------
+
+
+def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+    problems = _adapt(self, state_dict, prefix)
+    if problems:
+        raise CheckpointMismatch(problems)
+    super(type(self), self)._load_from_state_dict(state_dict, prefix, *args)
+
+
+def _getstate(self) -> dict:
+    return type(self).__bases__[0].__getstate__(self)
+
+
+def _reduce_ex(self, protocol):
+    return _rebuild, (type(self).__bases__[0],), self.__getstate__()
+
+
+def _setstate(self, state: dict) -> None:
+    type(self).__bases__[0].__setstate__(self, state)
+    for tensor_name in self.parametrizations:
+        if tensor_name not in type(self).__dict__:
+            parametrize._inject_property(self, tensor_name)
+
+
+def _deepcopy(self, memo: dict):
+    replica = _rebuild(type(self).__bases__[0])
+    memo[id(self)] = replica
+    _setstate(replica, copy.deepcopy(self.__dict__, memo))
+    return replica
+
+
+def _rebuild(base: type) -> nn.Module:
+    """A bare instance of a fresh ``Parametrized<base>`` class; ``_setstate`` completes it."""
+    cls = type(f"Parametrized{base.__name__}", (base,), _methods(base))
+    return cls.__new__(cls)
+
+
+# --- loading ----------------------------------------------------------------------------
+
+
+def _adapt(module: nn.Module, state_dict: dict, prefix: str) -> list[str]:
+    """Turn the plain keys of ``module``'s parametrized tensors into stored originals."""
+    problems = []
+    for tensor_name, plist in module.parametrizations.items():
+        plain, inner = prefix + tensor_name, f"{prefix}{_INNER}{tensor_name}."
+        if not plist.is_tensor or plain not in state_dict or inner + "original" in state_dict:
+            continue
+        problem = _tensor_problem(state_dict[plain], plist.original)
+        if problem:
+            problems.append(f"{plain}: {problem}")
+            continue
+        state_dict[inner + "original"] = _stored_value(plist, state_dict.pop(plain))
+        for key, tensor in plist.state_dict(keep_vars=True).items():
+            state_dict.setdefault(inner + key, tensor)
+    return problems
+
+
+def _stored_value(plist: nn.Module, value: Tensor) -> Tensor:
+    """What ``constrain`` stores for a plain ``value``: the first right_inverse of it."""
+    original = plist.original
+    with torch.no_grad():
+        value = value.detach().to(device=original.device, dtype=original.dtype)
+        if hasattr(plist[0], "right_inverse"):
+            value = plist[0].right_inverse(value)
+    return value
+
+
+def _check_checkpoint(root, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    """``load_state_dict`` pre-hook of a constrained model: check everything, copy nothing."""
+    modules = {_prefix(prefix, name): m for name, m in root.named_modules()}
+    problems = []
+    for module_prefix, module in modules.items():
+        if parametrize.is_parametrized(module):
+            problems += _adapt(module, state_dict, module_prefix)
+    problems += _foreign_state(modules, state_dict)
+    for module_prefix, module in modules.items():
+        problems += _local_problems(module, state_dict, module_prefix)
+    if problems:
+        raise CheckpointMismatch(problems, loaded=False)
+
+
+def _prefix(prefix: str, name: str) -> str:
+    return f"{prefix}{name}." if name else prefix
+
+
+def _foreign_state(modules: dict[str, nn.Module], state_dict: dict) -> list[str]:
+    """Constraint state in the checkpoint for tensors whose constraints in the model lack it."""
+    problems, seen = [], set()
+    for key in state_dict:
+        module_prefix, found, rest = key.rpartition(_INNER)
+        module = modules.get(module_prefix) if found else None
+        if module is None or "." not in rest:
+            continue
+        tensor_name, name = rest.split(".", 1)
+        fqn = module_prefix + tensor_name
+        ours = _constraint_keys(module, tensor_name)
+        if fqn in seen or name in ours:
+            continue
+        seen.add(fqn)
+        inner = f"{module_prefix}{_INNER}{tensor_name}."
+        theirs = sorted(k[len(inner):] for k in state_dict if k.startswith(inner))
+        problems.append(
+            f"{fqn}: the checkpoint has constraint state {theirs}, the model's constraints have "
+            f"{sorted(ours) or 'none'}. Constrain the model with the checkpoint's rules first, "
+            "or load a baked (plain) state_dict."
+        )
+    return problems
+
+
+def _constraint_keys(module: nn.Module, tensor_name: str) -> set[str]:
+    if not parametrize.is_parametrized(module, tensor_name):
+        return set()
+    return set(module.parametrizations[tensor_name].state_dict(keep_vars=True))
+
+
+def _local_problems(module: nn.Module, state_dict: dict, prefix: str) -> list[str]:
+    """Shapes of the module's own tensors, and constraint state that breaks its constraint."""
+    local = {name: t for name, t in module._parameters.items() if t is not None}
+    local.update((n, b) for n, b in module._buffers.items() if b is not None and n not in module._non_persistent_buffers_set)
+    problems = []
+    for name, tensor in local.items():
+        if prefix + name in state_dict:
+            problem = _tensor_problem(state_dict[prefix + name], tensor)
+            problems += [f"{prefix}{name}: {problem}"] if problem else []
+    if isinstance(module, Constraint) and not problems:
+        loaded = {name: state_dict[prefix + name] for name in local if prefix + name in state_dict}
+        problem = module.state_problem(loaded) if loaded else None
+        if problem:
+            owner, _, rest = prefix.rpartition(_INNER)
+            problems.append(f"{owner}{rest.split('.')[0]}: {type(module).__name__} ({prefix[:-1]}): {problem}")
+    return problems
+
+
+def _tensor_problem(value, tensor: Tensor) -> str | None:
+    if not torch.overrides.is_tensor_like(value):
+        return f"expected a tensor in the checkpoint. Got {type(value).__name__}."
+    if torch.nn.parameter.is_lazy(tensor) or value.shape == tensor.shape:
+        return None
+    if tensor.dim() == 0 and tuple(value.shape) == (1,):
+        return None  # torch loads a 1-element tensor into a 0-dim one
+    return f"shape {tuple(value.shape)} in the checkpoint, {tuple(tensor.shape)} in the model."
