@@ -2,7 +2,7 @@ import copy
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
 from torchconstrain import Clamp, FixedMask, LearnableMask, bake, check, constrain
 
@@ -55,3 +55,25 @@ def test_swa_and_ema_averages_stay_feasible_and_bake():
         assert -bound <= report["0.weight"]["min"] and report["0.weight"]["max"] <= bound
     bake(swa.module)
     assert len(check(model)) == 2
+
+
+def test_update_bn_recomputes_batch_norm_statistics_of_a_constrained_average():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    constrain(model, {nn.Conv2d: [Clamp(-0.2, 0.2), FixedMask.random(sparsity=0.5, seed=0)], "1.weight": Clamp(0.5, 2)})
+    swa = AveragedModel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = [torch.randn(4, 3, 8, 8) * 3 + 1 for _ in range(3)]
+    for x in data:
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+        swa.update_parameters(model)
+    update_bn(data, swa)
+    with torch.no_grad():  # momentum=None: the plain average of the per-batch statistics
+        features = [swa.module[0](x) for x in data]
+    bn = swa.module[1]
+    torch.testing.assert_close(bn.running_mean, torch.stack([f.mean(dim=(0, 2, 3)) for f in features]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([f.var(dim=(0, 2, 3)) for f in features]).mean(0))
+    report = check(swa.module)
+    assert report["0.weight"]["sparsity"] == 0.5 and report["1.weight"]["min"] >= 0.5
