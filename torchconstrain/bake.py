@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from torchconstrain._distributed import is_sharded, unsharded, whole
 from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot, constrained_slots, describe, drop_entries, drop_soft
 from torchconstrain.checkpoint import unwatch
 from torchconstrain.constraints.base import Constraint
@@ -38,8 +39,8 @@ def bake(model: nn.Module, key=None) -> Report:
 
     Raises:
         ValueError: a torchconstrain constraint comes after another library's
-            parametrization on the same tensor, so it cannot be removed on its own.
-            Nothing is changed in that case.
+            parametrization on the same tensor, so it cannot be removed on its own, or the
+            model is sharded with FSDP2. Nothing is changed in that case.
 
     Example:
         >>> import torch
@@ -57,6 +58,7 @@ def bake(model: nn.Module, key=None) -> Report:
         slots = [slot for slot in slots if slot.fqn in picked]
     for slot in slots:
         _refuse_buried_constraints(slot)
+        _refuse_shards(slot)
     baked = [(slot, _baked_value(slot)) for slot in slots]
     rows = []
     for slot, value in baked:
@@ -74,7 +76,8 @@ def bake(model: nn.Module, key=None) -> Report:
 def check(model: nn.Module) -> Report:
     r"""Verify every constrained tensor's effective value against each of its constraints.
 
-    NaN or infinite entries count as a violation.
+    NaN or infinite entries count as a violation. On a model sharded with FSDP2
+    (``fully_shard``) the parameters are gathered for the check, so every rank must call it.
 
     Returns:
         A :class:`~torchconstrain.report.Report` per constrained tensor: its constraints,
@@ -92,10 +95,11 @@ def check(model: nn.Module) -> Report:
         True
     """
     violations, rows = [], []
-    for slot in constrained_slots(model):
-        value = slot.value()
-        violations += [(slot.fqn, reason) for reason in _violations(slot, value)]
-        rows.append(_check_row(slot, value))
+    with unsharded(model):
+        for slot in constrained_slots(model):
+            value = slot.value()
+            violations += [(slot.fqn, reason) for reason in _violations(slot, value)]
+            rows.append(_check_row(slot, value))
     if violations:
         raise ConstraintViolation(violations)
     return Report("checked tensors", rows)
@@ -106,7 +110,8 @@ def penalty(model: nn.Module) -> Tensor:
 
     The terms are the learnable masks' sparsity penalties and the soft constraints
     (:class:`~torchconstrain.L1`, :class:`~torchconstrain.L2`) on effective values.
-    Zero when there are none (plain clamps and fixed masks).
+    Zero when there are none (plain clamps and fixed masks). On an FSDP2-sharded model the
+    terms of sharded scores are reduced over the ranks, so every rank must call it.
 
     Example:
         >>> from torch import nn
@@ -115,7 +120,7 @@ def penalty(model: nn.Module) -> Tensor:
         0.0
     """
     terms = [term for m in model.modules() if isinstance(m, Constraint) for term in [m.penalty()] if term is not None]
-    terms += _soft_terms(model)
+    terms = [whole(term) for term in terms + _soft_terms(model)]
     if terms:
         return sum(terms[1:], terms[0]).reshape(())
     device = next(model.parameters(), torch.empty(0)).device
@@ -140,6 +145,16 @@ def _refuse_buried_constraints(slot: Slot) -> None:
             f"{slot.fqn}: {describe(buried[0])} comes after {type(chain[first_foreign]).__name__}, "
             "which is not a torchconstrain parametrization, so it cannot be baked on its own. "
             "Register the other parametrization after constrain(), or remove it first."
+        )
+
+
+def _refuse_shards(slot: Slot) -> None:
+    if is_sharded(slot.stored()):
+        raise ValueError(
+            f"{slot.fqn}: the model is sharded (FSDP2), and bake needs whole tensors. Gather a "
+            "full state_dict (torch.distributed.checkpoint.state_dict.get_model_state_dict with "
+            "StateDictOptions(full_state_dict=True)), load it into an unsharded model constrained "
+            "with the same rules, and bake that one."
         )
 
 
