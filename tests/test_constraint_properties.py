@@ -57,7 +57,11 @@ def test_constraint_holds_under_training_composes_with_masks_and_bakes(
 ):
     torch.manual_seed(seed)
     layer = nn.Linear(4 * in_groups, out_features)
-    constrain(layer, {"weight": MASKS[mask]() + [CONSTRAINTS[name]()]})
+    try:
+        constrain(layer, {"weight": MASKS[mask]() + [CONSTRAINTS[name]()]})
+    except ValueError as error:  # a mask that empties a whole row is refused with UnitNorm
+        assert name == "UnitNorm" and mask != "none" and "do not have unit L2 norm" in str(error)
+        return
     first = layer.parametrizations.weight[0]
     zeros = ~first.mask if isinstance(first, FixedMask) else None
     opt = OPTIMIZERS[optimizer](layer.parameters(), lr)
