@@ -22,6 +22,7 @@ from torchconstrain.constraints import (
     UnitNorm,
 )
 from torchconstrain.errors import CheckpointMismatch, ConstraintViolation
+from torchconstrain.optim import param_groups, unoptimized
 from torchconstrain.report import Report
 from torchconstrain.rules import constrain, match
 from torchconstrain.schedules import PruningSchedule, TemperatureSchedule
@@ -47,7 +48,9 @@ __all__ = [
     "check",
     "constrain",
     "match",
+    "param_groups",
     "penalty",
+    "unoptimized",
 ]
 
 __version__ = "0.1.0"

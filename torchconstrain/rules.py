@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from torchconstrain._tensors import Slot, describe, drop_entries, drop_soft, parameter_slots, register
 from torchconstrain.checkpoint import watch
 from torchconstrain.constraints.base import Constraint
+from torchconstrain.optim import warn_unoptimized
 from torchconstrain.report import Report
 
 __all__ = ["constrain", "match"]
@@ -48,6 +49,7 @@ def constrain(
     *,
     strict: bool = True,
     existing: str = "error",
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Report:
     r"""Put constraints on the tensors of ``model`` that ``rules`` pick. Modifies ``model`` in place.
 
@@ -87,6 +89,9 @@ def constrain(
         strict: raise when a rule matches nothing.
         existing: what to do with a tensor that already has torchconstrain constraints:
             ``"error"`` (default) refuses, ``"stack"`` adds the new ones on top.
+        optimizer: an optimizer built before this call. Constraints with learnable state
+            (a :class:`~torchconstrain.LearnableMask`'s ``scores``) create new parameters
+            that it does not hold; a ``UserWarning`` names them.
 
     Returns:
         A :class:`~torchconstrain.report.Report` with one row per newly constrained tensor.
@@ -115,6 +120,11 @@ def constrain(
         raise TypeError(f"constrain: expected an nn.Module. Got {type(model).__name__}.")
     if existing not in EXISTING:
         raise ValueError(f"constrain: existing must be one of {', '.join(EXISTING)}. Got {existing!r}.")
+    if optimizer is not None:
+        before = {id(p) for p in model.parameters()}
+        report = constrain(model, rules, strict=strict, existing=existing)
+        warn_unoptimized(model, optimizer, before)
+        return report
     if isinstance(rules, (str, os.PathLike)):
         return _constrain_from_file(model, rules, strict=strict, existing=existing)
     slots = parameter_slots(model)
