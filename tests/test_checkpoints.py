@@ -6,6 +6,7 @@ import torch
 import torchvision
 from conftest import SmallNet
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from torchconstrain import (
     CheckpointMismatch,
@@ -91,7 +92,7 @@ def test_plain_state_dict_loads_with_strict_and_either_order_gives_the_same_mode
     check(constrained_first)
 
 
-def test_plain_torchvision_checkpoint_loads_into_a_constrained_torchvision_model():
+def test_torchvision_checkpoints_load_into_constrained_models_and_baked_ones_into_stock_models():
     torch.manual_seed(1)
     pretrained = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10)
     torch.manual_seed(0)
@@ -103,7 +104,13 @@ def test_plain_torchvision_checkpoint_loads_into_a_constrained_torchvision_model
     model.eval(), pretrained.eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(model(x), pretrained(x))
+        expected = model(x)
+        assert torch.equal(pretrained(x), expected)
+    bake(model)
+    stock = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10).eval()
+    stock.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(stock(x), expected)
 
 
 def test_plain_load_into_value_dependent_masks_keeps_the_models_masks():
@@ -132,6 +139,18 @@ def test_plain_keys_load_into_a_constrained_submodule_and_with_assign():
     torch.testing.assert_close(model.head.weight, plain.weight.clamp(-0.01, 0.01), rtol=0, atol=0)
     model.load_state_dict(net(3).state_dict(), strict=True, assign=True)
     check(model)
+
+
+def test_wrapped_models_load_plain_keys_and_check_them_under_their_prefix():
+    model = net(0)
+    constrain(model, VALUE_FREE)
+    averaged = AveragedModel(model)
+    plain = {f"module.{key}": value for key, value in net(3).state_dict().items()}
+    averaged.load_state_dict({**plain, "n_averaged": torch.tensor(2)}, strict=True)
+    check(averaged.module)
+    plain["module.head.weight"] = torch.zeros(3, 8)
+    with pytest.raises(CheckpointMismatch, match=r"module.head.weight: shape \(3, 8\) in the checkpoint"):
+        averaged.load_state_dict({**plain, "n_averaged": torch.tensor(2)})
 
 
 def test_wrong_shapes_name_every_tensor_and_load_nothing():
