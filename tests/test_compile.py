@@ -9,6 +9,8 @@ from torchconstrain import (
     Clamp,
     FakeQuant,
     FixedMask,
+    L1,
+    L2,
     LearnableMask,
     MaxNorm,
     NonNeg,
@@ -72,6 +74,16 @@ def test_training_steps_compile_once_and_follow_eager():
         check(model)
         for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
             torch.testing.assert_close(a, b, msg=name)
+    assert counter.frame_count == 1
+
+
+def test_a_loss_with_penalty_compiles_in_one_graph():
+    model = every_constraint()
+    constrain(model, {"0": L1(1e-3), "4": L2(1e-3)}, existing="stack")
+    counter = compiled(model)[1]
+    loss = torch.compile(lambda x: model(x).square().mean() + penalty(model), backend=counter, fullgraph=True)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(loss(x), model(x).square().mean() + penalty(model))
     assert counter.frame_count == 1
 
 

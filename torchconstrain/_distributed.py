@@ -8,28 +8,19 @@ bounds) stay whole on every rank.
 from __future__ import annotations
 
 import contextlib
-import functools
+import sys
 from collections.abc import Iterator
 
-import torch
 from torch import Tensor, nn
 
 
-@functools.cache
-def _dtensor_type():
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return None
-    return DTensor
-
-
 def is_sharded(tensor: Tensor) -> bool:
-    r"""Whether ``tensor`` is a ``DTensor`` (a shard of a tensor spread over ranks)."""
-    dtensor = _dtensor_type()
-    return dtensor is not None and isinstance(tensor, dtensor)
+    r"""Whether ``tensor`` is a ``DTensor`` (a shard of a tensor spread over ranks).
+
+    No tensor is one unless ``torch.distributed.tensor`` was imported, which this does not do.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def whole(term: Tensor) -> Tensor:
@@ -38,13 +29,9 @@ def whole(term: Tensor) -> Tensor:
 
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
-    if not torch.distributed.is_available():
-        return []
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
+    kind = getattr(fsdp, "FSDPModule", None)
+    return [] if kind is None else [m for m in model.modules() if isinstance(m, kind)]
 
 
 @contextlib.contextmanager
