@@ -11,14 +11,12 @@ from torch import Tensor, nn
 __all__ = ["Constraint"]
 
 
-def tracing() -> bool:
-    """Whether torch.compile or torch.export is tracing the current code.
-
-    Traced code takes the plain tensor path: the eager caches below read version counters
-    and call ``.item()``, which a graph cannot capture, and a graph reads buffers as inputs
-    anyway, so in-place edits of masks and bounds reach compiled code without them.
-    """
-    return torch.compiler.is_compiling()
+# Whether torch.compile or torch.export is tracing the calling code. Traced code takes the
+# plain tensor path: the eager caches (``Constraint._derived``) read version counters and
+# call ``.item()``, which a graph cannot capture, and a graph reads buffers as inputs
+# anyway, so in-place edits of masks and bounds reach compiled code without them. (An
+# alias rather than a wrapper: it runs on every constrained forward.)
+tracing = torch.compiler.is_compiling
 
 
 class Constraint(nn.Module):
