@@ -16,6 +16,25 @@ pre-hook that checks the whole checkpoint before anything is copied: shapes, mas
 bounds, and constraint state that the model's constraints do not have. A checkpoint that
 does not fit raises :class:`~torchconstrain.CheckpointMismatch` naming every tensor, and the
 model is left unchanged.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from torchconstrain import CheckpointMismatch, Clamp, constrain
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> _ = constrain(model, {"0": Clamp(-0.1, 0.1)})
+    >>> pretrained = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).state_dict()
+    >>> model.load_state_dict(pretrained, strict=True)
+    <All keys matched successfully>
+    >>> torch.equal(model[0].weight, pretrained["0.weight"].clamp(-0.1, 0.1))
+    True
+    >>> pretrained["2.weight"] = torch.zeros(3, 4)
+    >>> try:
+    ...     model.load_state_dict(pretrained)
+    ... except CheckpointMismatch as error:
+    ...     print(error)
+    load_state_dict: 1 tensor(s) of the checkpoint do not fit the model. Nothing was loaded.
+      2.weight: shape (3, 4) in the checkpoint, (2, 4) in the model.
 """
 
 from __future__ import annotations
@@ -29,7 +48,7 @@ from torch.nn.utils import parametrize
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import CheckpointMismatch
 
-__all__ = ["class_dict", "watch", "unwatch"]
+__all__ = []  # used through load_state_dict, constrain and bake
 
 _INNER = "parametrizations."
 
