@@ -1,6 +1,6 @@
 r"""Train a constrained MobileNetV3-Small with DistributedDataParallel, then bake it.
 
-    torchrun --nproc_per_node=2 examples/train_ddp.py --steps 100
+    torchrun --nproc_per_node=2 -m torchconstrain.examples.train_ddp --steps 100
 
 Every rank builds the same model (same seed) and constrains it with the same rules
 before wrapping it in DDP and building the optimizer. DDP averages the gradients of the
