@@ -4,8 +4,6 @@ import torchvision
 from torch import nn
 
 from torchconstrain import Clamp, FixedMask, LearnableMask, bake, check, constrain, penalty
-from torchconstrain.__main__ import main
-from torchconstrain.demo import run_demo
 
 
 def small(seed: int = 0) -> nn.Module:
@@ -64,19 +62,3 @@ def test_state_dict_round_trip_into_an_identically_constrained_model():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(source(x), target(x))
-
-
-def test_demo_runs_end_to_end():
-    lines = []
-    result = run_demo(steps=2, batch=4, size=32, echo=lambda item: lines.append(str(item)))
-    assert result["stock_difference"] == 0.0
-    assert len(result["reports"]["bake"]) == 16
-    assert any(line.startswith("step   2") for line in lines)
-
-
-def test_command_line_demo_and_bad_arguments(capsys):
-    assert main(["demo", "--steps", "1", "--batch", "2"]) == 0
-    assert "baked tensors" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["demo", "--steps", "0"])
-    assert "--steps and --batch must be at least 1" in capsys.readouterr().err

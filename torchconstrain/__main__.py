@@ -41,10 +41,30 @@ def _run_inspect(args) -> int:
 
 
 def _add_demo(commands) -> None:
-    demo = commands.add_parser("demo", help="constrain MobileNetV3-Small, train, check and bake")
-    demo.add_argument("--steps", type=int, default=30, help="SGD steps (default 30)")
-    demo.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo = commands.add_parser(
+        "demo", help="train MobileNetV3-Small on digits, plain and constrained; bake, shrink, report",
+        description="Train torchvision's MobileNetV3-Small on scikit-learn's 8x8 digits, plain and under a "
+        "rules file (check after every epoch), bake, shrink and fold it, and write report.md, metrics.json "
+        "and plots. Exits with 1 if a check fails or the shrunk model's outputs differ from the baked model's.")
+    demo.add_argument("--epochs", type=_at_least_one, default=15, help="epochs of each training (default 15)")
+    demo.add_argument("--batch-size", type=_at_least_one, default=64, help="training batch size (default 64)")
+    demo.add_argument("--seed", type=int, default=0, help="seeds the split, the weights and the batches (default 0)")
+    demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="training device (default cpu)")
+    demo.add_argument("--rules", metavar="FILE", help="a YAML or JSON rules file (default: the packaged demo_rules.yaml)")
+    demo.add_argument("--out", metavar="DIR", default="torchconstrain-demo",
+                      help="the report folder (default ./torchconstrain-demo)")
+    demo.add_argument("--threads", type=_at_least_one, help="torch CPU threads (default: torch's choice)")
+    demo.add_argument("--show-rules", action="store_true", help="print the rules file and exit")
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1. Got {text!r}.") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1. Got {value}.")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,12 +76,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_demo(args) -> int:
-    if args.steps < 1 or args.batch < 1:
-        _parser().error(f"--steps and --batch must be at least 1. Got {args.steps} and {args.batch}.")
-    from torchconstrain.demo import run_demo
+    from torchconstrain.demo import DemoConfig, run_demo
+    from torchconstrain.errors import ConstraintViolation
 
-    result = run_demo(steps=args.steps, batch=args.batch, seed=args.seed)
-    return 0 if result["stock_difference"] == 0.0 else 1
+    config = DemoConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                        rules=args.rules, out=args.out)
+    try:
+        config.validate()
+        if args.show_rules:
+            print(config.rules_path.read_text(), end="")
+            return 0
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        result = run_demo(config)
+    except ConstraintViolation as error:
+        print(f"torchconstrain demo: check failed: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as error:
+        print(f"torchconstrain demo: {error}", file=sys.stderr)
+        return 2
+    print(result.summary)
+    if not result.ok:
+        print("torchconstrain demo: the shrunk model's outputs differ from the baked model's (see above).",
+              file=sys.stderr)
+    return 0 if result.ok else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,137 @@
+import json
+
+import pytest
+import torch
+
+import torchconstrain.demo
+from torchconstrain.__main__ import main
+from torchconstrain.demo import DemoConfig, default_rules_path, run_demo
+from torchconstrain.errors import ConstraintViolation
+
+# One epoch of two batches, short latency timing: the whole demo in a few seconds.
+TINY = {"epochs": 1, "limit_batches": 2, "latency_time": 0.01, "progress": False}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("curves.png", "sparsity.png", "weights.png")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread: fast and steady on a busy two-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out=out, **TINY)
+
+
+@pytest.fixture
+def quick_cli(monkeypatch):
+    """Make the command line run the tiny setting (the CLI keeps its own flags)."""
+    def run(config):
+        return run_demo(config, limit_batches=TINY["limit_batches"], latency_time=TINY["latency_time"],
+                        progress=False)
+
+    monkeypatch.setattr(torchconstrain.demo, "run_demo", run)
+
+
+def without_timing(metrics: dict) -> dict:
+    return {key: value for key, value in metrics.items() if key != "timing"}
+
+
+def test_the_demo_writes_every_artefact(tiny):
+    out, result = tiny
+    assert result.ok
+    assert sorted(path.name for path in result.files) == sorted(["report.md", "metrics.json", *PLOTS])
+    for name in PLOTS:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000, name
+    report = (out / "report.md").read_text()
+    for text in ("## Stages", "| shrunk + folded |", "## Constraints", "`features.0.0.weight`", *PLOTS):
+        assert text in report
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"settings", "data", "stages", "history", "constraints", "blocks", "verification", "timing"}
+    assert set(metrics["stages"]) == {"plain", "constrained", "baked", "shrunk"}
+    assert set(metrics["timing"]["latency_ms"]) == {*metrics["stages"], "folded"}
+    assert [len(metrics["history"][name]) for name in ("plain", "constrained")] == [1, 1]
+
+
+def test_the_demo_checks_constraints_and_verifies_the_shrunk_model(tiny):
+    _, result = tiny
+    metrics = result.metrics
+    history = metrics["history"]["constrained"]
+    assert history[0]["checked_tensors"] == len(metrics["constraints"]) > 0
+    assert metrics["verification"]["shrunk_matches_baked"]
+    assert metrics["verification"]["stock_load_max_abs_difference"] == 0.0
+    assert metrics["data"] == {"train_images": 1437, "test_images": 360, "image_size": 32, "classes": 10}
+    stages = metrics["stages"]
+    assert stages["plain"]["sparsity"] == 0.0 < stages["baked"]["sparsity"]
+    assert stages["shrunk"]["params"] <= stages["baked"]["params"] == stages["plain"]["params"]
+    assert "shrunk vs plain" in result.summary
+
+
+def test_the_command_line_runs_the_demo_and_the_same_seed_gives_the_same_metrics(tiny, quick_cli, tmp_path, capsys):
+    assert main(["demo", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    assert "shrunk + folded" in capsys.readouterr().out
+    again = json.loads((tmp_path / "metrics.json").read_text())
+    assert without_timing(again) == without_timing(tiny[1].metrics)
+
+
+def test_show_rules_prints_the_rules_file(tmp_path, capsys):
+    assert main(["demo", "--show-rules"]) == 0
+    assert capsys.readouterr().out == default_rules_path().read_text()
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("rules:\n  - match: classifier.0\n    apply: NonNeg\n")
+    assert main(["demo", "--show-rules", "--rules", str(mine)]) == 0
+    assert capsys.readouterr().out == mine.read_text()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--epochs", "0"], "argument --epochs: expected an integer >= 1. Got 0."),
+    (["--epochs", "two"], "argument --epochs: expected an integer >= 1. Got 'two'."),
+    (["--batch-size", "-3"], "argument --batch-size: expected an integer >= 1. Got -3."),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--steps", "3"], "unrecognized arguments: --steps 3"),
+])
+def test_bad_flags_are_refused_by_the_parser(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", *arguments])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_or_bad_rules_file_is_a_clear_error(tmp_path, capsys):
+    assert main(["demo", "--rules", str(tmp_path / "missing.yaml")]) == 2
+    assert f"rules: no such file: {tmp_path / 'missing.yaml'}" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - match: features.0.0\n    apply: {Clam: {min: -1}}\n")
+    assert main(["demo", "--rules", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert "unknown constraint 'Clam'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="limit_batches: expected None or an integer >= 1. Got 0."):
+        run_demo(DemoConfig(out=tmp_path / "out"), limit_batches=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_check_exits_with_1(monkeypatch, quick_cli, tmp_path, capsys):
+    def broken(model):
+        raise ConstraintViolation([("features.0.0.weight", "3 entries are above 1")])
+
+    monkeypatch.setattr(torchconstrain.demo.train, "check", broken)
+    assert main(["demo", "--epochs", "1", "--out", str(tmp_path)]) == 1
+    assert "check failed" in capsys.readouterr().err
+
+
+def test_a_shrunk_model_that_differs_from_the_baked_one_exits_with_1(monkeypatch, quick_cli, tmp_path, capsys):
+    monkeypatch.setattr(torchconstrain.demo.stages, "max_difference", lambda *models: (0.5, False))
+    assert main(["demo", "--epochs", "1", "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "MISMATCH" in captured.out
+    assert "differ from the baked model's" in captured.err

@@ -1,0 +1,115 @@
+r"""The demo's settings and the packaged default rules file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["DemoConfig", "default_rules_path"]
+
+DEVICES = ("cpu", "cuda")
+PACKAGED_RULES = "packaged torchconstrain/data/demo_rules.yaml"
+
+
+def default_rules_path() -> Path:
+    r"""Return the path of the packaged rules file, ``torchconstrain/data/demo_rules.yaml``.
+
+    Example:
+        >>> from torchconstrain.demo.config import default_rules_path
+        >>> default_rules_path().name
+        'demo_rules.yaml'
+    """
+    return Path(str(resources.files("torchconstrain") / "data" / "demo_rules.yaml"))
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    r"""What the demo does; the defaults are the command line's.
+
+    Args:
+        epochs: training epochs, the same for the plain and the constrained model.
+        batch_size: training batch size.
+        lr: peak learning rate of the weights (AdamW, one-cycle schedule).
+        weight_decay: AdamW weight decay of the weights.
+        mask_lr: peak learning rate of the learnable mask scores (their own param group,
+            no weight decay): high enough that gates cross the threshold within the run.
+        mask_temperature: the learnable gates' temperature at the end of training,
+            annealed geometrically from 1 (:class:`~torchconstrain.TemperatureSchedule`):
+            sharper gates, so fewer sit near the threshold.
+        hard_epochs: the last epochs train with hard gates (``LearnableMask.hard``: the
+            binary gate in the forward, straight-through gradient), so the weights adapt to
+            exactly the network that ``bake`` leaves.        seed: seeds the split, the initial weights and the batch order.
+        device: ``"cpu"`` or ``"cuda"`` for training; latency is always batch-1 CPU.
+        rules: a YAML or JSON rules file (default: the packaged ``demo_rules.yaml``).
+        out: the report folder.
+        limit_batches: stop each epoch after this many batches (``None``: all); for tests.
+        latency_time: seconds of timing per model (``torch.utils.benchmark`` ``min_run_time``).
+        progress: show a tqdm bar per epoch on stderr.
+
+    Example:
+        >>> from torchconstrain.demo import DemoConfig
+        >>> DemoConfig(epochs=3).rules_path.name
+        'demo_rules.yaml'
+        >>> DemoConfig(epochs=0).validate()
+        Traceback (most recent call last):
+        ...
+        ValueError: epochs: expected an integer >= 1. Got 0.
+    """
+
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    mask_lr: float = 0.2
+    mask_temperature: float = 0.5
+    hard_epochs: int = 3
+    seed: int = 0
+    device: str = "cpu"
+    rules: str | os.PathLike | None = None
+    out: str | os.PathLike = "torchconstrain-demo"
+    limit_batches: int | None = None
+    latency_time: float = 1.0
+    progress: bool = True
+
+    @property
+    def rules_path(self) -> Path:
+        r"""The rules file this run reads."""
+        return default_rules_path() if self.rules is None else Path(self.rules)
+
+    def validate(self) -> None:
+        r"""Raise ``ValueError`` naming the first bad setting, before any work is done."""
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1. Got {value!r}.")
+        for name in ("seed", "hard_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: expected an integer >= 0. Got {value!r}.")
+        if self.limit_batches is not None and (not isinstance(self.limit_batches, int) or self.limit_batches < 1):
+            raise ValueError(f"limit_batches: expected None or an integer >= 1. Got {self.limit_batches!r}.")
+        for name in ("lr", "mask_lr", "mask_temperature", "latency_time"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a number > 0. Got {getattr(self, name)!r}.")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay: expected a number >= 0. Got {self.weight_decay!r}.")
+        self._validate_device()
+        if not self.rules_path.is_file():
+            raise ValueError(f"rules: no such file: {self.rules_path}.")
+
+    def _validate_device(self) -> None:
+        import torch
+
+        if self.device not in DEVICES:
+            raise ValueError(f"device: expected one of {', '.join(DEVICES)}. Got {self.device!r}.")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: 'cuda' was asked for, but torch.cuda.is_available() is False.")
+
+    def to_dict(self) -> dict:
+        r"""The settings that decide the numbers, as JSON-ready values (the rules file as a string)."""
+        settings = asdict(self)
+        settings["rules"] = PACKAGED_RULES if self.rules is None else str(self.rules)
+        del settings["out"], settings["progress"]
+        return settings

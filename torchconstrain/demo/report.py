@@ -1,0 +1,186 @@
+r"""The demo's outputs: ``metrics.json``, ``report.md`` and the summary printed on stdout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import Tensor
+
+from torchconstrain.demo.data import BN_MOMENTUM
+
+__all__ = ["LABELS", "summary", "write"]
+
+#: Display names of the stages, in order.
+LABELS = {"plain": "plain", "constrained": "constrained", "baked": "baked", "shrunk": "shrunk + folded"}
+
+
+def write(out: Path, metrics: dict, before: dict[str, Tensor], after: dict[str, Tensor]) -> list[Path]:
+    r"""Write ``metrics.json``, the PNG plots and ``report.md`` into ``out`` (created if missing).
+
+    Returns:
+        The written paths.
+    """
+    from torchconstrain.demo import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    pictures = plots.write(out, metrics, before, after)
+    (out / "report.md").write_text(markdown(metrics, [path.name for path in pictures]))
+    return [out / "report.md", out / "metrics.json", *pictures]
+
+
+def stage_rows(metrics: dict) -> list[list[str]]:
+    r"""One row per stage: name, test accuracy, zero weights, params, MACs, latency; then the
+    shrunk model relative to the plain one."""
+    rows = []
+    latency = metrics["timing"]["latency_ms"]
+    for name, label in LABELS.items():
+        stage = metrics["stages"][name]
+        rows.append([label, f"{stage['test_accuracy']:.1%}", f"{stage['sparsity']:.1%}", f"{stage['params'] / 1e6:.2f} M",
+                     f"{stage['macs'] / 1e6:.2f} M", f"{latency[name]:.2f} ms"])
+    plain, shrunk = metrics["stages"]["plain"], metrics["stages"]["shrunk"]
+    points = 100 * (shrunk["test_accuracy"] - plain["test_accuracy"])
+    rows.append(["shrunk vs plain", f"{points:+.1f} pt", "", f"{shrunk['params'] / plain['params']:.2f}x",
+                 f"{shrunk['macs'] / plain['macs']:.2f}x", f"{latency['shrunk'] / latency['plain']:.2f}x"])
+    return rows
+
+
+HEADER = ["stage", "test acc", "zero weights", "params", "MACs", "latency"]
+
+
+def summary(metrics: dict, files: list[Path]) -> str:
+    r"""The compact table printed at the end of a run."""
+    data, settings = metrics["data"], metrics["settings"]
+    rows = stage_rows(metrics)
+    widths = [max(len(row[i]) for row in [HEADER, *rows]) for i in range(len(HEADER))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths)))
+
+    lines = [
+        f"MobileNetV3-Small on 8x8 digits at {data['image_size']}x{data['image_size']} ({data['train_images']} train / "
+        f"{data['test_images']} test), {_count(settings['epochs'], 'epoch')}, seed {settings['seed']}, "
+        f"{settings['device']}",
+        f"rules: {settings['rules']} ({_count(len(metrics['constraints']), 'tensor')} constrained)",
+        "",
+        line(HEADER),
+        *(line(row) for row in rows[:-1]),
+        line(["-" * w for w in widths]),
+        line(rows[-1]),
+        f"latency: batch 1, one CPU thread ({_folding_note(metrics)})",
+        "",
+        *_verdicts(metrics),
+        f"report: {files[0]} (+ {', '.join(path.name for path in files[1:])})" if files else "",
+    ]
+    return "\n".join(lines).rstrip()
+
+
+def _folding_note(metrics: dict) -> str:
+    latency = metrics["timing"]["latency_ms"]
+    return f"BatchNorm folding alone: {latency['folded']:.2f} ms, {latency['folded'] / latency['plain']:.2f}x"
+
+
+def _verdicts(metrics: dict) -> list[str]:
+    check = metrics["verification"]
+    history = metrics["history"]["constrained"]
+    lines = [f"check: {history[-1]['checked_tensors'] if history else 0} constrained tensors held after each of "
+             f"{_count(check['check_passed_epochs'], 'epoch')}"]
+    if metrics["blocks"]:
+        before = sum(block["before"] for block in metrics["blocks"].values())
+        after = sum(block["after"] for block in metrics["blocks"].values())
+        lines.append(f"shrink: {len(metrics['blocks'])} blocks, expanded channels {before:,} -> {after:,}; "
+                     f"{check['folded_batchnorms']} BatchNorms folded")
+    lines.append(f"baked vs constrained outputs: max |difference| {check['baked_vs_constrained_max_abs_difference']:.2g}")
+    verdict = "ok" if check["shrunk_matches_baked"] else "MISMATCH"
+    tolerance = ", ".join(f"{key}={value:g}" for key, value in check["tolerance"].items())
+    lines.append(f"shrunk + folded vs baked outputs: max |difference| {check['shrunk_vs_baked_max_abs_difference']:.2g} "
+                 f"({verdict}, {tolerance})")
+    return lines
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
+
+
+def markdown(metrics: dict, pictures: list[str]) -> str:
+    r"""The text of ``report.md``."""
+    parts = [
+        "# torchconstrain demo\n",
+        _setup(metrics),
+        "## Stages\n",
+        _table(HEADER, stage_rows(metrics)),
+        _stage_notes(metrics),
+        "## Checks\n",
+        "\n".join(f"- {line}" for line in _verdicts(metrics)) + "\n"
+        + f"- the baked `state_dict` loads into a freshly built model with `strict=True`; max |difference| of "
+          f"the outputs: {metrics['verification']['stock_load_max_abs_difference']:.2g}\n",
+        "## Training\n",
+        _history_table(metrics),
+        *(f"![{name}]({name})\n" for name in pictures),
+        "## Constraints\n",
+        f"The report of `constrain(model, path)` for `{metrics['settings']['rules']}`, with each tensor's share of "
+        "zeros after `bake`.\n",
+        _constraint_table(metrics["constraints"]),
+    ]
+    if metrics["blocks"]:
+        rows = [[name, str(b["before"]), f"{b['after']} ({b['after'] / b['before']:.0%})"]
+                for name, b in metrics["blocks"].items()]
+        parts += ["## Block channels after `surgery.shrink`\n", _table(["block", "expanded channels", "kept"], rows)]
+    return "\n".join(parts)
+
+
+def _setup(metrics: dict) -> str:
+    s, data = metrics["settings"], metrics["data"]
+    return (
+        f"`torchvision.models.mobilenet_v3_small(weights=None, num_classes=10)` with the stem conv's stride set to 1 "
+        f"and BatchNorm momentum {BN_MOMENTUM}, trained on scikit-learn's 8x8 digits upsampled to "
+        f"{data['image_size']}x{data['image_size']} ({data['train_images']} train / {data['test_images']} test images, "
+        f"stratified split by seed {s['seed']}). Both models start from the same weights and see the same batches: "
+        f"{s['epochs']} epochs, batch {s['batch_size']}, AdamW (lr {s['lr']:g}, weight decay {s['weight_decay']:g}, "
+        f"one-cycle schedule) on `cross_entropy + penalty(model)`; the learnable mask scores have their own group "
+        f"(lr {s['mask_lr']:g}, no weight decay), their temperature is annealed to {s['mask_temperature']:g}, and "
+        f"the gates are hard (binary, straight-through gradient) for the last {s['hard_epochs']} epochs, so the "
+        f"trained network is the one `bake` leaves. "
+        f"Device: {s['device']}. Rules: `{s['rules']}`.\n"
+    )
+
+
+def _stage_notes(metrics: dict) -> str:
+    timing = metrics["timing"]
+    return (
+        "Test accuracy on the held-out images. *zero weights*: the share of exactly zero entries among the "
+        "(effective) weights of every conv and linear layer. *params* of the constrained model count the stored "
+        "originals and the mask scores. *MACs*: multiply-accumulates of one image. *latency*: batch-1 CPU inference "
+        f"on {timing['latency_threads']} thread, `torch.utils.benchmark` medians in interleaved rounds, the fastest "
+        "round. *shrunk + folded* is the baked model after "
+        "`surgery.shrink` (block channels whose gates fell to 0 removed) and `surgery.fold_batchnorm`; "
+        f"{_folding_note(metrics)} (the baked model with BatchNorm folded, nothing removed).\n\n"
+        f"Wall time ({timing['training_threads']} training threads): plain training "
+        f"{timing['seconds']['plain_training']:.0f} s, constrained training "
+        f"{timing['seconds']['constrained_training']:.0f} s, everything up to writing this report "
+        f"{timing['seconds']['total']:.0f} s.\n"
+    )
+
+
+def _history_table(metrics: dict) -> str:
+    plain, constrained = metrics["history"]["plain"], metrics["history"]["constrained"]
+    header = ["epoch", "plain loss", "plain test acc", "constrained loss", "penalty", "constrained test acc", "gates kept"]
+    rows = [[str(p["epoch"]), f"{p['train_loss']:.3f}", f"{p['test_accuracy']:.1%}", f"{c['train_loss']:.3f}",
+             f"{c['penalty']:.3f}", f"{c['test_accuracy']:.1%}",
+             "" if c.get("gates_kept") is None else f"{c['gates_kept']:.0%}"] for p, c in zip(plain, constrained)]
+    return "Loss: training cross-entropy, mean over the epoch.\n\n" + _table(header, rows)
+
+
+def _constraint_table(rows: list[dict]) -> str:
+    cells = [[f"`{row['tensor']}`", "x".join(map(str, row["shape"])), " > ".join(row["constraints"]), row["rules"],
+              "" if row["sparsity_after_bake"] is None else f"{row['sparsity_after_bake']:.1%}"] for row in rows]
+    return _table(["tensor", "shape", "constraints", "rules", "zeros after bake"], cells, left=4)
+
+
+def _table(header: list[str], rows: list[list[str]], *, left: int = 1) -> str:
+    """A Markdown table; columns from ``left`` on are right-aligned (numbers)."""
+    rule = "|" + "".join(" --- |" if i < left else " ---: |" for i in range(len(header)))
+    lines = ["| " + " | ".join(header) + " |", rule]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
