@@ -12,15 +12,7 @@ from torchconstrain.errors import ConstraintViolation
 TINY = {"epochs": 1, "limit_batches": 2, "latency_time": 0.01, "progress": False}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("curves.png", "sparsity.png", "weights.png")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread: fast and steady on a busy two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+THREADS = torch.get_num_threads()
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +104,11 @@ def test_a_missing_or_bad_rules_file_is_a_clear_error(tmp_path, capsys):
     assert main(["demo", "--rules", str(bad), "--out", str(tmp_path / "out")]) == 2
     assert "unknown constraint 'Clam'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_demo_restores_the_thread_count(tiny):
+    assert tiny[1].metrics["settings"]["threads"] == 1
+    assert torch.get_num_threads() == THREADS
 
 
 def test_bad_settings_are_refused_before_any_work(tmp_path):

@@ -40,12 +40,17 @@ class DemoConfig:
             sharper gates, so fewer sit near the threshold.
         hard_epochs: the last epochs train with hard gates (``LearnableMask.hard``: the
             binary gate in the forward, straight-through gradient), so the weights adapt to
-            exactly the network that ``bake`` leaves.        seed: seeds the split, the initial weights and the batch order.
+            exactly the network that ``bake`` leaves.
+        seed: seeds the split, the initial weights and the batch order.
         device: ``"cpu"`` or ``"cuda"`` for training; latency is always batch-1 CPU.
+        threads: torch CPU threads while the demo runs (restored afterwards). One by
+            default: the same numbers on every machine (float sums depend on the thread
+            count), and no collapse when other processes share the cores (with two
+            OpenMP threads on a busy two-core machine a step can take 100 times longer).
         rules: a YAML or JSON rules file (default: the packaged ``demo_rules.yaml``).
         out: the report folder.
         limit_batches: stop each epoch after this many batches (``None``: all); for tests.
-        latency_time: seconds of timing per model (``torch.utils.benchmark`` ``min_run_time``).
+        latency_time: seconds of latency timing per model (``torch.utils.benchmark``).
         progress: show a tqdm bar per epoch on stderr.
 
     Example:
@@ -67,6 +72,7 @@ class DemoConfig:
     hard_epochs: int = 3
     seed: int = 0
     device: str = "cpu"
+    threads: int = 1
     rules: str | os.PathLike | None = None
     out: str | os.PathLike = "torchconstrain-demo"
     limit_batches: int | None = None
@@ -80,7 +86,7 @@ class DemoConfig:
 
     def validate(self) -> None:
         r"""Raise ``ValueError`` naming the first bad setting, before any work is done."""
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1. Got {value!r}.")

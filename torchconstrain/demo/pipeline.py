@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -71,6 +72,22 @@ def run_demo(config: DemoConfig | None = None, **settings) -> DemoResult:
     """
     config = replace(config or DemoConfig(), **settings)
     config.validate()
+    with _threads(config.threads):
+        return _run(config)
+
+
+@contextmanager
+def _threads(count: int):
+    """Run with ``count`` torch CPU threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(config: DemoConfig) -> DemoResult:
     started = time.perf_counter()
     data = load_digits(seed=config.seed)
     plain = make_model(config.seed)
