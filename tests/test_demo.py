@@ -106,6 +106,14 @@ def test_a_missing_or_bad_rules_file_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_missing_demo_extras_are_named_before_any_work(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torchconstrain.demo.config, "EXTRAS", ("sklearn", "no_such_module_here"))
+    assert main(["demo", "--out", str(tmp_path / "out")]) == 2
+    assert "the demo needs no_such_module_here, which is not installed: pip install 'torchconstrain[demo]'." in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_demo_restores_the_thread_count(tiny):
     assert tiny[1].metrics["settings"]["threads"] == 1
     assert torch.get_num_threads() == THREADS

@@ -91,7 +91,7 @@ def _run_demo(args) -> int:
     except ConstraintViolation as error:
         print(f"torchconstrain demo: check failed: {error}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, ModuleNotFoundError) as error:
         print(f"torchconstrain demo: {error}", file=sys.stderr)
         return 2
     print(result.summary)

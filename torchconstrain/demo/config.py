@@ -2,15 +2,28 @@ r"""The demo's settings and the packaged default rules file."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["DemoConfig", "default_rules_path"]
+__all__ = ["DemoConfig", "default_rules_path", "require_extras"]
 
 DEVICES = ("cpu", "cuda")
+#: Modules the demo needs beyond torchconstrain's own requirements: the ``demo`` extra.
+EXTRAS = ("sklearn", "matplotlib", "tqdm")
 PACKAGED_RULES = "packaged torchconstrain/data/demo_rules.yaml"
+
+
+def require_extras() -> None:
+    r"""Raise ``ModuleNotFoundError`` naming the modules of :data:`EXTRAS` that are not installed."""
+    missing = [name for name in EXTRAS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"the demo needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+            "pip install 'torchconstrain[demo]'."
+        )
 
 
 def default_rules_path() -> Path:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from torchconstrain.demo import report, stages
-from torchconstrain.demo.config import DemoConfig
+from torchconstrain.demo.config import DemoConfig, require_extras
 from torchconstrain.demo.data import NUM_CLASSES, load_digits, make_model
 from torchconstrain.demo.train import train
 from torchconstrain.report import Report
@@ -60,6 +60,7 @@ def run_demo(config: DemoConfig | None = None, **settings) -> DemoResult:
         ValueError: a bad setting, or a rules file that cannot be read or applied
             (before any training).
         OSError: the report folder cannot be created (before any training).
+        ModuleNotFoundError: scikit-learn, matplotlib or tqdm is missing (the ``demo`` extra).
         ConstraintViolation: ``check`` failed after an epoch.
 
     Example:
@@ -72,6 +73,7 @@ def run_demo(config: DemoConfig | None = None, **settings) -> DemoResult:
     """
     config = replace(config or DemoConfig(), **settings)
     config.validate()
+    require_extras()
     with _threads(config.threads):
         return _run(config)
 
