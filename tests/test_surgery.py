@@ -224,6 +224,14 @@ def test_mask_blocks_refuses_bad_arguments(kwargs, message):
     assert_unchanged(model, before)
 
 
+def test_counting_macs_leaves_batchnorm_statistics_alone():
+    model = build("mobilenet_v3_small").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert surgery.count_macs(model, torch.randn(1, 3, 64, 64)) > 0
+    assert model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_shrink_measures_latency_when_asked():
     model = build("mobilenet_v3_small")
     surgery.mask_blocks(model, sparsity=0.5)

@@ -29,10 +29,13 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
 
     hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     hooks += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    was_training = model.training
+    model.eval()  # a forward in train mode would update BatchNorm's running statistics
     try:
         with torch.inference_mode():
             model(example)
     finally:
+        model.train(was_training)
         for hook in hooks:
             hook.remove()
     return total
