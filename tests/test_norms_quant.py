@@ -172,3 +172,15 @@ def test_clamp_and_fake_quant_compose():
     constrain(layer, {"weight": [Clamp(-0.1, 0.1), FakeQuant(8)]})
     train(layer)
     assert layer.weight.abs().max() <= 0.1
+
+
+def test_affine_grid_with_a_rounding_tie_passes_check():
+    layer = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[-10.0, 9.99999, 0.0, 5.0], [-9.999997, 9.999993, 0.0, -3.0]]))
+    constrain(layer, {"weight": FakeQuant(4, symmetric=False, per_channel=False)})
+    assert len(check(layer)) == 1
+    bake(layer)
+    values = set(layer.weight.flatten().tolist())
+    scale = 20 / 15
+    assert all(abs(v / scale - round(v / scale)) < 1e-4 for v in values)

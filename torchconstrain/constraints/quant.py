@@ -25,9 +25,10 @@ class FakeQuant(Constraint):
     With ``per_channel=True`` each slice along ``dim`` (each output channel) has its own
     scale. Zeros map to exactly zero, so masked entries stay zero. The gradient passes
     straight through the rounding (quantization-aware training), and :func:`torchconstrain.bake`
-    leaves every weight exactly on its grid. :func:`torchconstrain.check` quantizes the
-    effective tensor again and accepts it when no entry moves by more than 1e-3 of a step
-    (the grid of a quantized tensor is its own, up to float rounding).
+    leaves every weight exactly on its grid. :func:`torchconstrain.check` quantizes each
+    slice of the effective tensor again on the grid of its own range and accepts it when no
+    entry moves by more than 1e-3 of a step; for the affine grid it also accepts a range of
+    ``2**bits - 2`` steps (a rounding tie can leave one end a level short).
 
     Args:
         bits: integer width, 2 to 16.
@@ -62,7 +63,7 @@ class FakeQuant(Constraint):
 
     def grid(self, x: Tensor) -> tuple[Tensor, Tensor, int, int]:
         r"""Return ``(scale, zero_point, qmin, qmax)`` for ``x``, broadcastable against it."""
-        dims = [d for d in range(x.dim()) if not (self.per_channel and d == self.dim % x.dim())]
+        dims = self._dims(x)
         if self.symmetric:
             qmax = 2 ** (self.bits - 1) - 1
             scale = x.detach().abs().amax(dim=dims, keepdim=True) / qmax
@@ -71,12 +72,15 @@ class FakeQuant(Constraint):
         low = x.detach().amin(dim=dims, keepdim=True).clamp_max(0)
         high = x.detach().amax(dim=dims, keepdim=True).clamp_min(0)
         scale = _positive((high - low) / qmax)
-        return scale, torch.round(-low / scale).clamp(0, qmax), 0, qmax
+        # Half-down here and half-up in quantize() put the extremes exactly on 0 and qmax,
+        # so the grid of a quantized tensor is its own (no half-to-even ties moving them).
+        return scale, torch.ceil(-low / scale - 0.5).clamp(0, qmax), 0, qmax
 
     def quantize(self, x: Tensor) -> Tensor:
         r"""Return ``x`` rounded onto its grid (no gradient)."""
         scale, zero_point, qmin, qmax = self.grid(x)
-        q = torch.round(x.detach() / scale + zero_point).clamp(qmin, qmax)
+        steps = x.detach() / scale + zero_point
+        q = (torch.round(steps) if self.symmetric else torch.floor(steps + 0.5)).clamp(qmin, qmax)
         return (q - zero_point) * scale
 
     def forward(self, x: Tensor) -> Tensor:
@@ -86,10 +90,25 @@ class FakeQuant(Constraint):
         return self.quantize(value)
 
     def violation(self, value: Tensor) -> str | None:
-        scale = self.grid(value)[0]
-        moved = (value - self.quantize(value)).abs() / scale
-        count = int((moved > 1e-3).sum())
+        off = self._off_grid(value, levels=None)
+        if not self.symmetric:  # a rounding tie can leave an end one level short of qmax
+            off = off & self._off_grid(value, levels=2**self.bits - 2)
+        count = int(off.sum())
         return f"{count} entries are off their {self.bits}-bit grid" if count else None
+
+    def _off_grid(self, value: Tensor, *, levels: int | None) -> Tensor:
+        """Per slice: whether quantizing ``value`` again on its own grid moves an entry."""
+        scale, zero_point, qmin, qmax = self.grid(value)
+        if levels is not None:
+            scale = _positive(scale * qmax / levels)
+            zero_point = torch.ceil(-value.detach().amin(dim=self._dims(value), keepdim=True).clamp_max(0) / scale - 0.5)
+        steps = value / scale + zero_point
+        q = (torch.round(steps) if self.symmetric else torch.floor(steps + 0.5)).clamp(qmin, qmax)
+        moved = ((q - zero_point) * scale - value).abs() / scale > 1e-3
+        return moved.amax(dim=self._dims(value), keepdim=True).expand_as(value)
+
+    def _dims(self, x: Tensor) -> list[int]:
+        return [d for d in range(x.dim()) if not (self.per_channel and d == self.dim % x.dim())]
 
     def extra_repr(self) -> str:
         text = f"bits={self.bits}, per_channel={self.per_channel}, symmetric={self.symmetric}"
