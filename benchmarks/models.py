@@ -8,8 +8,8 @@ Cases:
 - ``mobilenet_v3_large`` inference: ``mobilenet_v3_large(weights=None)`` in eval mode,
   batch 1 of 3x224x224, under ``torch.inference_mode()``.
 - ``40 x Linear(64, 64)``: ``Sequential`` of 40 ``Linear(64, 64)`` each followed by ReLU,
-  batch 8; a training step (fixed random upstream gradient, SGD with momentum) and
-  inference. Little arithmetic per parameter, so per-tensor overheads dominate.
+  batch 8; a training step (mean squared error to a fixed random target, SGD with
+  momentum) and inference. Little arithmetic per parameter, so per-tensor overheads dominate.
 
 Variants (per :mod:`benchmarks.variants`), on every Conv2d weight of the MobileNets (52
 in small, 62 in large, SE fcs included) and every Linear weight of the stack (40 tensors):
@@ -88,8 +88,8 @@ def _labels(out: torch.Tensor) -> steps.Backward:
     return steps.cross_entropy_backward(target)
 
 
-def _upstream(out: torch.Tensor) -> steps.Backward:
-    return steps.grad_backward(torch.randn_like(out))
+def _regression(out: torch.Tensor) -> steps.Backward:
+    return steps.mse_backward(torch.randn_like(out))
 
 
 LEGEND = (
@@ -120,8 +120,8 @@ CASES = (
               MOBILENET),
     ModelCase("mobilenet_v3_large b1", "inference", _mobilenet_v3_large, (1, 3, 224, 224), _labels,
               MOBILENET),
-    ModelCase("40 x Linear(64,64) b8", "train step", _linear_stack, (8, 64), _upstream, STACK),
-    ModelCase("40 x Linear(64,64) b8", "inference", _linear_stack, (8, 64), _upstream, STACK),
+    ModelCase("40 x Linear(64,64) b8", "train step", _linear_stack, (8, 64), _regression, STACK),
+    ModelCase("40 x Linear(64,64) b8", "inference", _linear_stack, (8, 64), _regression, STACK),
 )
 
 

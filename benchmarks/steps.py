@@ -78,6 +78,12 @@ def grad_backward(grad: Tensor) -> Backward:
     return lambda out: out.backward(grad)
 
 
+def mse_backward(target: Tensor) -> Backward:
+    r"""Backward of ``mse_loss(out, target)``: a loss with a minimum, so that weights stay
+    finite over a long measurement (a fixed upstream gradient drives them to infinity)."""
+    return lambda out: nn.functional.mse_loss(out, target).backward()
+
+
 def cross_entropy_backward(target: Tensor) -> Backward:
     r"""Backward of ``cross_entropy(out, target)``."""
     return lambda out: nn.functional.cross_entropy(out, target).backward()

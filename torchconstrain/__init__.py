@@ -21,6 +21,7 @@ from torchconstrain.constraints import (
     SoftConstraint,
     UnitNorm,
 )
+from torchconstrain.fastpath import fast_path_enabled, set_fast_path
 from torchconstrain.errors import CheckpointMismatch, ConstraintViolation
 from torchconstrain.optim import param_groups, unoptimized
 from torchconstrain.report import Report
@@ -47,9 +48,11 @@ __all__ = [
     "bake",
     "check",
     "constrain",
+    "fast_path_enabled",
     "match",
     "param_groups",
     "penalty",
+    "set_fast_path",
     "unoptimized",
 ]
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from torchconstrain import fastpath
 from torchconstrain.checkpoint import class_dict
 from torchconstrain.constraints.base import Constraint
 
@@ -122,6 +123,7 @@ def register(slot: Slot, constraint: Constraint) -> None:
     order = None if parametrize.is_parametrized(slot.module) else list(slot.module._parameters)
     _own_class(slot.module)
     parametrize.register_parametrization(slot.module, slot.tensor_name, constraint)
+    fastpath.install(type(slot.module), slot.tensor_name)
     if order is not None:
         slot.module.parametrizations.plain_order = order
         _own_class(slot.module)

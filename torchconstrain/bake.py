@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from torchconstrain._distributed import is_sharded, unsharded, whole
 from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot, constrained_slots, describe, drop_entries, drop_soft
+from torchconstrain import fastpath
 from torchconstrain.checkpoint import unwatch
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import ConstraintViolation
@@ -70,6 +71,7 @@ def bake(model: nn.Module, key=None) -> Report:
         drop_soft(slot)
     if not constrained_slots(model):
         unwatch(model)
+        fastpath.detach(model)
     return Report("baked tensors", rows)
 
 

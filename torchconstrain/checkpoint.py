@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from torchconstrain import fastpath
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import CheckpointMismatch
 
@@ -110,7 +111,7 @@ def _setstate(self, state: dict) -> None:
     type(self).__bases__[0].__setstate__(self, state)
     for tensor_name in self.parametrizations:
         if tensor_name not in type(self).__dict__:
-            parametrize._inject_property(self, tensor_name)
+            fastpath.install(type(self), tensor_name)
 
 
 def _deepcopy(self, memo: dict):

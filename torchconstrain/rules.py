@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from torchconstrain._tensors import Slot, describe, drop_entries, drop_soft, parameter_slots, register
+from torchconstrain import fastpath
 from torchconstrain.checkpoint import watch
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.optim import warn_unoptimized
@@ -132,6 +133,7 @@ def constrain(
     _register(plan)
     if plan:
         watch(model)
+        fastpath.attach(model)
     return _report(plan)
 
 

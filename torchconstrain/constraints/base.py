@@ -18,6 +18,11 @@ __all__ = ["Constraint"]
 # alias rather than a wrapper: it runs on every constrained forward.)
 tracing = torch.compiler.is_compiling
 
+# Bumped by every change to a constraint that its tensors' version counters do not show (an
+# attribute, a new buffer, ``.to()``): the fast path (``torchconstrain.fastpath``) then
+# rebuilds its plans.
+REVISION = [0]
+
 
 class Constraint(nn.Module):
     r"""A parametrization that keeps a tensor inside a feasible set.
@@ -33,8 +38,36 @@ class Constraint(nn.Module):
     - :meth:`penalty`: a differentiable term added by :func:`torchconstrain.penalty`;
     - :meth:`bake`: the value written into the plain weight by :func:`torchconstrain.bake`;
     - :meth:`forced_zeros` / :meth:`admits_zero`: used to refuse contradictory stacks;
-    - :meth:`_bind`: adapt the fresh copy to the tensor it will constrain.
+    - :meth:`_bind`: adapt the fresh copy to the tensor it will constrain;
+    - :meth:`_plan` / :meth:`_fusion`: how the fast path evaluates it (see
+      :mod:`torchconstrain.fastpath`).
+
+    A subclass takes the fast path only if its own class body sets ``cacheable = True``:
+    its forward must depend on nothing but its input and the constraint's own tensors and
+    attributes. Otherwise ``parametrize`` evaluates it on every access, as usual.
     """
+
+    cacheable = False
+
+    def __setattr__(self, name: str, value) -> None:
+        REVISION[0] += 1
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        REVISION[0] += 1
+        super().__delattr__(name)
+
+    def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
+        REVISION[0] += 1
+        super().register_buffer(name, tensor, persistent)
+
+    def register_parameter(self, name: str, param) -> None:
+        REVISION[0] += 1
+        super().register_parameter(name, param)
+
+    def _apply(self, *args, **kwargs):
+        REVISION[0] += 1
+        return super()._apply(*args, **kwargs)
 
     def for_tensor(self, fqn: str, tensor: Tensor) -> "Constraint":
         r"""Return a fresh copy of this template bound to ``tensor``.
@@ -82,6 +115,18 @@ class Constraint(nn.Module):
 
     def _bind(self, fqn: str, tensor: Tensor) -> None:
         """Adapt this (already copied) constraint to ``tensor``; raise ValueError if it can't."""
+
+    def _plan(self, like: Tensor):
+        r"""Return a function equal to ``forward`` for inputs like ``like`` (same dtype and
+        device), with what it derives from this constraint's state prepared once. The fast
+        path rebuilds it whenever that state changes."""
+        return self.forward
+
+    def _fusion(self):
+        r"""Return a key ``(fused, ...)`` when this constraint can be evaluated together with
+        others of equal key by ``fused(plans, xs) -> ys``, given their :meth:`_plan`
+        functions (bitwise what each plan gives, gradients included), or ``None``."""
+        return None
 
     def violation(self, value: Tensor) -> str | None:
         r"""Return why ``value`` breaks this constraint, or ``None`` when it satisfies it."""

@@ -2,6 +2,7 @@ r"""Masks: fixed binary masks and sigmoid-gated learnable masks."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -54,6 +55,8 @@ class FixedMask(Constraint):
         0.0
         >>> _ = constrain(nn.Linear(8, 8), {"weight": FixedMask.magnitude(sparsity=0.5)})
     """
+
+    cacheable = True  # see Constraint: forward depends on its input and own state only
 
     def __init__(self, mask: Tensor | None = None, *, _selector=None) -> None:
         super().__init__()
@@ -127,6 +130,17 @@ class FixedMask(Constraint):
         keep = self._derived("keep", self.mask, x, lambda: self.mask.to(x.dtype))
         return x * keep
 
+    def _plan(self, like: Tensor):
+        return functools.partial(_times, keep=self.mask.to(like.dtype))
+
+    def _fusion(self):
+        return (FixedMask._fused,)
+
+    @staticmethod
+    def _fused(plans: list[functools.partial], xs: list[Tensor]) -> list[Tensor]:
+        """Many masks (plans from :meth:`_plan`) in one multi-tensor multiplication."""
+        return torch._foreach_mul(xs, [p.keywords["keep"] for p in plans])
+
     def right_inverse(self, value: Tensor) -> Tensor:
         return torch.where(self.mask, value, 0.0)
 
@@ -153,6 +167,10 @@ class FixedMask(Constraint):
         if self.mask is None:
             return repr(self.selector)
         return f"shape={tuple(self.mask.shape)}, sparsity={self.sparsity:.3f}"
+
+
+def _times(x: Tensor, keep: Tensor) -> Tensor:
+    return x * keep
 
 
 class LearnableMask(Constraint):
@@ -193,6 +211,8 @@ class LearnableMask(Constraint):
         >>> round(penalty(layer).item(), 4)
         0.0098
     """
+
+    cacheable = True  # see Constraint: forward depends on its input and own state only
 
     def __init__(
         self,

@@ -27,6 +27,8 @@ class NonNeg(Clamp):
         True
     """
 
+    cacheable = True  # see Constraint: forward depends on its input and own state only
+
     def __init__(self, *, gradient: str = "pull_back") -> None:
         super().__init__(0.0, None, gradient=gradient)
 
@@ -85,6 +87,8 @@ class MaxNorm(_ChannelNorm):
         True
     """
 
+    cacheable = True  # see Constraint: forward depends on its input and own state only
+
     def __init__(self, max_value: float, *, dim: int = 0) -> None:
         super().__init__(dim)
         if isinstance(max_value, bool) or not isinstance(max_value, (int, float)) or not max_value > 0:
@@ -131,6 +135,8 @@ class UnitNorm(_ChannelNorm):
         >>> [round(n, 4) for n in layer.weight.norm(dim=1).tolist()]
         [1.0, 1.0, 1.0, 1.0]
     """
+
+    cacheable = True  # see Constraint: forward depends on its input and own state only
 
     def __init__(self, *, dim: int = 0) -> None:
         super().__init__(dim)

@@ -47,6 +47,8 @@ class FakeQuant(Constraint):
         True
     """
 
+    cacheable = True  # see Constraint: forward depends on its input and own state only
+
     def __init__(self, bits: int = 8, *, per_channel: bool = True, symmetric: bool = True, dim: int = 0) -> None:
         super().__init__()
         if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:

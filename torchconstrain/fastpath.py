@@ -1,0 +1,372 @@
+r"""The fast path: constrained tensors at close to plain speed, with parametrize's results.
+
+``torch.nn.utils.parametrize`` evaluates a tensor's parametrizations through a chain of
+Python calls on every access. For the tensors torchconstrain constrains, the property
+that ``parametrize`` installs is replaced by one that computes the same thing with less
+work, and with bitwise the same values and gradients:
+
+- **Plans.** Each constrained tensor keeps a *plan*: the constraints' forward functions
+  with what they derive from their state prepared once (scalar bounds as Python floats,
+  a mask in the weight's dtype). The plan is rebuilt whenever anything it depends on
+  changes: a constraint's buffer (in-place edit, ``load_state_dict``, assignment), an
+  attribute of a constraint, ``.to()``, the stored original being replaced, or the
+  chain of parametrizations.
+- **No-grad reuse.** With gradients off (``torch.no_grad()``, ``torch.inference_mode()``)
+  the effective tensor is computed once and returned again until a stored original, a
+  learnable parameter of a constraint (a mask's scores) or the plan changes, which tensor
+  version counters show; an in-place edit of the returned tensor also recomputes it.
+- **One pass per forward.** When gradients are on, calling the model that
+  :func:`~torchconstrain.constrain` was given evaluates the constraints of every
+  tensor its previous forward used in one pass, with multi-tensor (``torch._foreach_*``)
+  kernels for the constraints that have them (``Clamp`` with scalar bounds, ``FixedMask``):
+  the Python and kernel-launch cost no longer grows with the number of layers. Each
+  tensor's first access in the forward takes its value from that pass; any other access
+  computes it anew, as ``parametrize`` does.
+
+The fast path steps aside (the plain ``parametrize`` evaluation runs) under
+``torch.compile``/``torch.export`` tracing, ``torch.jit.trace``, ``parametrize.cached()``,
+``torch.func`` transforms and autocast (for reuse), for chains holding a parametrization
+that is not a torchconstrain constraint, and for constraint classes that do not declare
+``cacheable = True`` in their own body (a subclass that overrides ``forward`` must declare
+it itself, and only if its forward depends on nothing but the stored original and the
+constraint's own tensors and attributes).
+
+What it cannot see: writing through ``.data`` (``weight.data.copy_(...)``) bypasses
+version counters, so a value reused under ``no_grad`` would be stale; edit stored tensors
+in place under ``torch.no_grad()`` instead, or turn the fast path off.
+
+Switch: :func:`set_fast_path` works like :func:`torch.set_grad_enabled`, as a call or as
+a context manager.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from torchconstrain import Clamp, constrain, set_fast_path
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> _ = constrain(model, {nn.Linear: Clamp(-0.1, 0.1)})
+    >>> x = torch.randn(3, 4)
+    >>> fast = model(x)
+    >>> with set_fast_path(False):
+    ...     plain = model(x)
+    >>> torch.equal(fast, plain)
+    True
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from torchconstrain.constraints.base import REVISION, tracing
+
+__all__ = ["fast_path_enabled", "set_fast_path"]
+
+_ENABLED = [True]
+_KEY = "_torchconstrain_fast"
+_ACTIVE: list[list] = []  # the access logs of the batched forwards now running
+# Stored originals of other types (DTensor shards under FSDP2, functorch wrappers) take the
+# plain path.
+_PLAIN_TYPES = (nn.Parameter, Tensor)
+
+
+class set_fast_path:
+    r"""Turn the fast path on or off; as a context manager, restore the setting on exit.
+
+    Args:
+        enabled: ``True`` (the default setting) or ``False``.
+
+    Example:
+        >>> from torchconstrain import fast_path_enabled, set_fast_path
+        >>> with set_fast_path(False):
+        ...     fast_path_enabled()
+        False
+        >>> fast_path_enabled()
+        True
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"set_fast_path: expected True or False. Got {enabled!r}.")
+        self.previous = _ENABLED[0]
+        _ENABLED[0] = enabled
+
+    def __enter__(self) -> "set_fast_path":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ENABLED[0] = self.previous
+
+
+def fast_path_enabled() -> bool:
+    r"""Whether constrained tensors use the fast path (see :func:`set_fast_path`)."""
+    return _ENABLED[0]
+
+
+def _usable() -> bool:
+    """Whether this access may take the fast path (checked on every access: cheap first)."""
+    return (
+        _ENABLED[0]
+        and not parametrize._cache_enabled
+        and not tracing()
+        and torch._C._get_tracing_state() is None
+        and torch._C._functorch.peek_interpreter_stack() is None
+    )
+
+
+# --- the property -----------------------------------------------------------------------
+
+
+def install(cls: type, tensor_name: str) -> None:
+    r"""Put the fast property for ``tensor_name`` on a parametrized module class."""
+    setattr(cls, tensor_name, property(_getter(tensor_name), _setter(tensor_name)))
+
+
+def _getter(tensor_name: str):
+    def get(module: nn.Module) -> Tensor:
+        plist = module._modules["parametrizations"]._modules[tensor_name]
+        evaluator = plist.__dict__.get(_KEY)
+        if evaluator is None or evaluator.plist is not plist:
+            evaluator = plist.__dict__[_KEY] = _Evaluator(plist)
+        if not _usable():
+            return _plain(module, tensor_name, plist)
+        value = evaluator.value()
+        return _plain(module, tensor_name, plist) if value is None else value
+
+    return get
+
+
+def _setter(tensor_name: str):
+    def set_original(module: nn.Module, value: Tensor) -> None:
+        module._modules["parametrizations"]._modules[tensor_name].right_inverse(value)
+
+    return set_original
+
+
+def _plain(module: nn.Module, tensor_name: str, plist: nn.Module) -> Tensor:
+    """What ``parametrize``'s own property returns."""
+    if torch.jit.is_scripting():
+        raise RuntimeError("Parametrization is not working with scripting.")
+    if not parametrize._cache_enabled:
+        return plist()
+    if torch._C._get_tracing_state() is not None:
+        raise RuntimeError("Cannot trace a model while caching parametrizations.")
+    key = (id(module), tensor_name)
+    tensor = parametrize._cache.get(key)
+    if tensor is None:
+        tensor = parametrize._cache[key] = plist()
+    return tensor
+
+
+def _none():
+    return None
+
+
+# --- one tensor ---------------------------------------------------------------------------
+
+
+class _Evaluator:
+    """The plan of one parametrized tensor, its reusable value and its value from a batch.
+
+    Deep copies and pickles of a model carry ``None`` instead: the copy builds its own.
+    """
+
+    __slots__ = (
+        "plist", "params", "modules", "original", "data_ptr", "count", "revision", "ok",
+        "chain", "buffers", "learnables", "plan", "fusion", "reused", "pending", "__weakref__",
+    )
+
+    def __init__(self, plist: nn.Module) -> None:
+        self.plist = plist
+        self.params, self.modules = plist._parameters, plist._modules
+        self.reused = self.pending = None
+        self._build()
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return _none, ()
+
+    def _build(self) -> None:
+        self.revision = REVISION[0]
+        self.chain = tuple(self.modules.values())
+        self.count = len(self.chain)
+        self.original = self.params.get("original")
+        self.reused = self.pending = None
+        self.data_ptr = None if self.original is None else self.original.data_ptr()
+        self.ok = type(self.original) in _PLAIN_TYPES and all(_cacheable(c) for c in self.chain)
+        if not self.ok:
+            return
+        self.buffers = [(c._buffers, n, t, t._version) for c in self.chain for n, t in c._buffers.items() if t is not None]
+        self.learnables = [(c._parameters, n, t) for c in self.chain for n, t in c._parameters.items() if t is not None]
+        self.plan = tuple(c._plan(self.original) for c in self.chain)
+        where = (self.original.device, self.original.dtype)
+        self.fusion = tuple(None if key is None else (key, where) for key in (c._fusion() for c in self.chain))
+
+    def current(self) -> bool:
+        """Whether the plan still matches the chain and its state; rebuild it if not."""
+        original = self.original
+        if (
+            self.revision != REVISION[0]
+            or len(self.modules) != self.count
+            or self.params.get("original") is not original
+            or (original is not None and original.data_ptr() != self.data_ptr)
+        ):
+            self._build()
+        elif self.ok and not self._same_state():
+            self._build()
+        return self.ok
+
+    def _same_state(self) -> bool:
+        for container, name, tensor, version in self.buffers:
+            if container.get(name) is not tensor or tensor._version != version:
+                return False
+        for container, name, tensor in self.learnables:
+            if container.get(name) is not tensor:
+                return False
+        return True
+
+    def versions(self) -> tuple:
+        """Version counters of what the value is computed from, besides the plan's state."""
+        if not self.learnables:
+            return (self.original._version,)
+        return (self.original._version, *(t._version for _, _, t in self.learnables))
+
+    def evaluate(self, x: Tensor) -> Tensor:
+        for step in self.plan:
+            x = step(x)
+        return x
+
+    def value(self) -> Tensor | None:
+        """The effective tensor, or ``None`` when the plain evaluation must run."""
+        if not self.current():
+            return None
+        if torch.is_grad_enabled():
+            return self._with_grad()
+        if torch._C._is_any_autocast_enabled() or self.original.is_inference():
+            return None
+        return self._reuse()
+
+    def _with_grad(self) -> Tensor:
+        if _ACTIVE:
+            _ACTIVE[-1].append(self)
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[1] == self.versions():
+            return pending[0]
+        return self.evaluate(self.original)
+
+    def _reuse(self) -> Tensor:
+        versions, hit = self.versions(), self.reused
+        if hit is not None and hit[1] == versions and hit[0]._version == hit[2]:
+            return hit[0]
+        with torch.inference_mode(False), torch.no_grad():  # a tensor with a version counter
+            value = self.evaluate(self.original)
+        self.reused = (value, versions, value._version)
+        return value
+
+
+def _cacheable(constraint: nn.Module) -> bool:
+    """Declared in the constraint's own class body, and no hooks on the module."""
+    return (
+        type(constraint).__dict__.get("cacheable", False)
+        and not constraint._forward_hooks
+        and not constraint._forward_pre_hooks
+    )
+
+
+# --- one pass per forward -----------------------------------------------------------------
+
+
+class _Batcher:
+    r"""Forward hooks of a constrained model: evaluate the tensors its forward uses in one pass.
+
+    The tensors are those the previous forward accessed (learned from an access log), so
+    that a model whose forward skips some layers does not pay for them.
+    """
+
+    def __init__(self, root: nn.Module | None = None) -> None:
+        self.root = None if root is None else weakref.ref(root)
+        self.used: list[_Evaluator] = []
+        self.running: list[tuple[list, list]] = []
+
+    def __reduce__(self):
+        return _Batcher, ()
+
+    def __deepcopy__(self, memo):
+        return _Batcher()
+
+    def before(self, module: nn.Module, args) -> None:
+        if self.root is None:
+            self.root = weakref.ref(module)
+        if self.root() is not module or not (torch.is_grad_enabled() and _usable()):
+            self.running.append(None)
+            return
+        evaluators = [e for e in self.used if e.plist.__dict__.get(_KEY) is e and e.current()]
+        if evaluators:
+            _evaluate_batch(evaluators)
+        log = []
+        _ACTIVE.append(log)
+        self.running.append((log, evaluators))
+
+    def after(self, module: nn.Module, args, output) -> None:
+        if not self.running:
+            return
+        run = self.running.pop()
+        if run is None:
+            return
+        log, evaluators = run
+        _ACTIVE[:] = [active for active in _ACTIVE if active is not log]
+        for evaluator in evaluators:
+            evaluator.pending = None
+        self.used = list(dict.fromkeys(log))
+
+
+def attach(model: nn.Module) -> None:
+    r"""Give ``model`` the one-pass forward hooks (once)."""
+    if _batcher(model) is None:
+        batcher = _Batcher(model)
+        model.register_forward_pre_hook(batcher.before)
+        model.register_forward_hook(batcher.after, always_call=True)
+
+
+def detach(model: nn.Module) -> None:
+    r"""Remove the one-pass forward hooks from ``model``."""
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for handle_id in [i for i, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), _Batcher)]:
+            del hooks[handle_id]
+            model._forward_hooks_always_called.pop(handle_id, None)
+
+
+def _batcher(model: nn.Module) -> _Batcher | None:
+    for hook in model._forward_pre_hooks.values():
+        if isinstance(getattr(hook, "__self__", None), _Batcher):
+            return hook.__self__
+    return None
+
+
+def _evaluate_batch(evaluators: list[_Evaluator]) -> None:
+    """Evaluate every chain stage by stage; fuse the constraints that share a fusion key."""
+    xs = [e.original for e in evaluators]
+    versions = [e.versions() for e in evaluators]
+    todo, stage = list(range(len(evaluators))), 0
+    while todo:
+        groups: dict = {}
+        for i in todo:
+            key = evaluators[i].fusion[stage]
+            groups.setdefault(("alone", i) if key is None else key, []).append(i)
+        for key, members in groups.items():
+            if len(members) == 1:
+                i = members[0]
+                xs[i] = evaluators[i].plan[stage](xs[i])
+                continue
+            fused = key[0][0]
+            outputs = fused([evaluators[i].plan[stage] for i in members], [xs[i] for i in members])
+            for i, y in zip(members, outputs):
+                xs[i] = y
+        stage += 1
+        todo = [i for i in todo if evaluators[i].count > stage]
+    for evaluator, x, version in zip(evaluators, xs, versions):
+        evaluator.pending = (x, version)
