@@ -16,9 +16,13 @@ in small, 62 in large, SE fcs included) and every Linear weight of the stack (40
 
 - ``plain``;
 - ``Clamp``: ``{nn.Conv2d: Clamp(-1, 1)}`` (``{nn.Linear: ...}`` for the stack);
+- ``FixedMask``: ``FixedMask.magnitude(sparsity=0.5)`` on the same weights, what the
+  ``prune hooks`` variant computes;
 - ``mix``: MobileNets ``{nn.Conv2d: [Clamp(-1, 1), FixedMask.magnitude(sparsity=0.5)],
   nn.Linear: LearnableMask()}``; the stack ``{nn.Linear: [Clamp(-1, 1),
   FixedMask.magnitude(sparsity=0.5)]}``;
+- ``mix, fast path off``: ``mix`` timed under ``torchconstrain.set_fast_path(False)``: plain
+  ``parametrize`` evaluation;
 - ``prune hooks``: ``prune.l1_unstructured(amount=0.5)`` on the same weights as ``Clamp``;
 - ``clamp_ after step``: plain, plus ``weight.data.clamp_(-1, 1)`` on those weights after
   each ``optimizer.step()`` (training only);
@@ -57,11 +61,12 @@ class ModelCase:
 
 
 def _model_variants(types: tuple, mix: Callable[[], dict]) -> tuple[variants.Variant, ...]:
-    clamp = {t: Clamp(-1, 1) for t in types}
     return (
         variants.plain(),
-        variants.constrained("Clamp", lambda: dict(clamp)),
+        variants.constrained("Clamp", lambda: {t: Clamp(-1, 1) for t in types}),
+        variants.constrained("FixedMask", lambda: {t: FixedMask.magnitude(sparsity=0.5) for t in types}),
         variants.constrained("mix", mix),
+        variants.constrained("mix, fast path off", mix, fast_path=False),
         variants.pruned("prune hooks", types, amount=0.5),
         variants.clamp_after_step("clamp_ after step", types, -1.0, 1.0),
         variants.baked("baked", mix),
@@ -94,9 +99,11 @@ def _regression(out: torch.Tensor) -> steps.Backward:
 
 LEGEND = (
     "Variants on every Conv2d weight of the MobileNets (SE fcs included) and every Linear weight "
-    "of the stack: `Clamp(-1, 1)`; `mix` = MobileNets `{nn.Conv2d: [Clamp(-1, 1), "
+    "of the stack: `Clamp(-1, 1)`; `FixedMask` = `FixedMask.magnitude(sparsity=0.5)`; `mix` = "
+    "MobileNets `{nn.Conv2d: [Clamp(-1, 1), "
     "FixedMask.magnitude(sparsity=0.5)], nn.Linear: LearnableMask()}`, stack `{nn.Linear: "
-    "[Clamp(-1, 1), FixedMask.magnitude(sparsity=0.5)]}`; `prune hooks` = "
+    "[Clamp(-1, 1), FixedMask.magnitude(sparsity=0.5)]}`; `mix, fast path off` = mix timed under "
+    "`set_fast_path(False)` (plain parametrize); `prune hooks` = "
     "`l1_unstructured(amount=0.5)` on the Clamp weights; `clamp_ after step` = plain model plus "
     "`weight.data.clamp_(-1, 1)` on those weights after `optimizer.step()`; `baked` = mix, then "
     "`bake()` (plain modules again: its distance from 1.00x is the noise floor). Training steps: "
@@ -147,6 +154,6 @@ def _call(case: ModelCase, variant: variants.Variant, device: torch.device) -> C
         backward = case.backward(model.eval()(x))
     variant.prepare(model)
     if case.task == "inference":
-        return steps.forward(model.eval(), x)
+        return variant.timed(steps.forward(model.eval(), x))
     model.train()
-    return steps.train_step(model, x, backward, steps.sgd(model), variant.hook(model))
+    return variant.timed(steps.train_step(model, x, backward, steps.sgd(model), variant.hook(model)))

@@ -4,7 +4,8 @@ A :class:`Variant` modifies a module in place (``prepare``) and may add work aft
 optimizer step (``after_step``). The builders:
 
 - :func:`plain`: the module untouched (the baseline every ratio is taken against).
-- :func:`constrained`: ``torchconstrain.constrain(module, rules)``: parametrizations.
+- :func:`constrained`: ``torchconstrain.constrain(module, rules)``: parametrizations
+  (optionally timed with the fast path off, :func:`torchconstrain.set_fast_path`).
 - :func:`pruned`: ``torch.nn.utils.prune.l1_unstructured(m, "weight", amount)`` on every
   module of the given types: the peer tool, a forward pre-hook computing
   ``weight_orig * weight_mask``.
@@ -24,7 +25,7 @@ from typing import Callable
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from torchconstrain import bake, constrain
+from torchconstrain import bake, constrain, set_fast_path
 
 Types = tuple[type[nn.Module], ...]
 
@@ -37,6 +38,18 @@ class Variant:
     prepare: Callable[[nn.Module], None]
     after_step: Callable[[nn.Module], Callable[[], None]] | None = None
     training_only: bool = False
+    fast_path: bool = True
+
+    def timed(self, call: Callable[[], None]) -> Callable[[], None]:
+        r"""``call``, run with torchconstrain's fast path off when this variant asks for it."""
+        if self.fast_path:
+            return call
+
+        def without_fast_path() -> None:
+            with set_fast_path(False):
+                call()
+
+        return without_fast_path
 
     def hook(self, module: nn.Module) -> Callable[[], None] | None:
         r"""The callable to run after each optimizer step, bound to ``module``."""
@@ -47,14 +60,15 @@ def plain() -> Variant:
     return Variant("plain", lambda module: None)
 
 
-def constrained(name: str, rules: Callable[[], dict]) -> Variant:
-    r"""``constrain(module, rules())``; ``rules`` is a factory so every copy gets fresh templates."""
+def constrained(name: str, rules: Callable[[], dict], *, fast_path: bool = True) -> Variant:
+    r"""``constrain(module, rules())``; ``rules`` is a factory so every copy gets fresh templates.
+    With ``fast_path=False`` the timed calls run under ``set_fast_path(False)``."""
 
     def prepare(module: nn.Module) -> None:
         report = constrain(module, rules())
         assert len(report) > 0, f"{name}: the rules constrained nothing"
 
-    return Variant(name, prepare)
+    return Variant(name, prepare, fast_path=fast_path)
 
 
 def pruned(name: str, types: Types, amount: float) -> Variant:

@@ -105,14 +105,18 @@ def fast_path_enabled() -> bool:
     return _ENABLED[0]
 
 
+_tracing_state = torch._C._get_tracing_state
+_transforms = torch._C._functorch.peek_interpreter_stack
+
+
 def _usable() -> bool:
-    """Whether this access may take the fast path (checked on every access: cheap first)."""
+    """Whether this access may take the fast path (the property inlines the same test)."""
     return (
         _ENABLED[0]
         and not parametrize._cache_enabled
         and not tracing()
-        and torch._C._get_tracing_state() is None
-        and torch._C._functorch.peek_interpreter_stack() is None
+        and _tracing_state() is None
+        and _transforms() is None
     )
 
 
@@ -130,10 +134,17 @@ def _getter(tensor_name: str):
         evaluator = plist.__dict__.get(_KEY)
         if evaluator is None or evaluator.plist is not plist:
             evaluator = plist.__dict__[_KEY] = _Evaluator(plist)
-        if not _usable():
-            return _plain(module, tensor_name, plist)
-        value = evaluator.value()
-        return _plain(module, tensor_name, plist) if value is None else value
+        if (
+            _ENABLED[0]
+            and not parametrize._cache_enabled
+            and not tracing()
+            and _tracing_state() is None
+            and _transforms() is None
+        ):
+            value = evaluator.value()
+            if value is not None:
+                return value
+        return _plain(module, tensor_name, plist)
 
     return get
 
@@ -174,8 +185,8 @@ class _Evaluator:
     """
 
     __slots__ = (
-        "plist", "params", "modules", "original", "data_ptr", "count", "revision", "ok",
-        "chain", "buffers", "learnables", "plan", "fusion", "reused", "pending", "__weakref__",
+        "plist", "params", "modules", "original", "data_ptr", "count", "revision", "ok", "chain",
+        "buffers", "learnables", "plan", "fusion", "reused", "pending", "__weakref__",
     )
 
     def __init__(self, plist: nn.Module) -> None:
@@ -194,46 +205,49 @@ class _Evaluator:
         self.revision = REVISION[0]
         self.chain = tuple(self.modules.values())
         self.count = len(self.chain)
-        self.original = self.params.get("original")
+        self.original = original = self.params.get("original")
         self.reused = self.pending = None
-        self.data_ptr = None if self.original is None else self.original.data_ptr()
-        self.ok = type(self.original) in _PLAIN_TYPES and all(_cacheable(c) for c in self.chain)
+        self.data_ptr = None if original is None else original.data_ptr()
+        self.ok = type(original) in _PLAIN_TYPES and all(_cacheable(c) for c in self.chain)
         if not self.ok:
             return
+        # The plan depends on the buffers (identity and version); the value also on the
+        # versions of the original and of learnable parameters (a mask's scores).
         self.buffers = [(c._buffers, n, t, t._version) for c in self.chain for n, t in c._buffers.items() if t is not None]
         self.learnables = [(c._parameters, n, t) for c in self.chain for n, t in c._parameters.items() if t is not None]
-        self.plan = tuple(c._plan(self.original) for c in self.chain)
-        where = (self.original.device, self.original.dtype)
+        self.plan = tuple(c._plan(original) for c in self.chain)
+        where = (original.device, original.dtype)
         self.fusion = tuple(None if key is None else (key, where) for key in (c._fusion() for c in self.chain))
 
-    def current(self) -> bool:
-        """Whether the plan still matches the chain and its state; rebuild it if not."""
+    def state(self):
+        """The versions of the tensors the value is computed from, or ``None`` (after
+        rebuilding the plan) when the plan no longer fits: a structural change, a replaced
+        tensor, or an edited buffer."""
+        if self.revision != REVISION[0] or len(self.modules) != self.count:
+            self._build()
+        if not self.ok:
+            return None
         original = self.original
-        if (
-            self.revision != REVISION[0]
-            or len(self.modules) != self.count
-            or self.params.get("original") is not original
-            or (original is not None and original.data_ptr() != self.data_ptr)
-        ):
-            self._build()
-        elif self.ok and not self._same_state():
-            self._build()
-        return self.ok
+        try:
+            for container, name, tensor, version in self.buffers:
+                if container[name] is not tensor or tensor._version != version:
+                    return self._rebuilt_state()
+            if self.params["original"] is not original or original.data_ptr() != self.data_ptr:
+                return self._rebuilt_state()
+            if not self.learnables:
+                return original._version
+            versions = [original._version]
+            for container, name, tensor in self.learnables:
+                if container[name] is not tensor:
+                    return self._rebuilt_state()
+                versions.append(tensor._version)
+        except KeyError:
+            return self._rebuilt_state()
+        return tuple(versions)
 
-    def _same_state(self) -> bool:
-        for container, name, tensor, version in self.buffers:
-            if container.get(name) is not tensor or tensor._version != version:
-                return False
-        for container, name, tensor in self.learnables:
-            if container.get(name) is not tensor:
-                return False
-        return True
-
-    def versions(self) -> tuple:
-        """Version counters of what the value is computed from, besides the plan's state."""
-        if not self.learnables:
-            return (self.original._version,)
-        return (self.original._version, *(t._version for _, _, t in self.learnables))
+    def _rebuilt_state(self) -> tuple | None:
+        self._build()
+        return self.state() if self.ok else None
 
     def evaluate(self, x: Tensor) -> Tensor:
         for step in self.plan:
@@ -242,29 +256,24 @@ class _Evaluator:
 
     def value(self) -> Tensor | None:
         """The effective tensor, or ``None`` when the plain evaluation must run."""
-        if not self.current():
+        state = self.state()
+        if state is None:
             return None
         if torch.is_grad_enabled():
-            return self._with_grad()
+            if _ACTIVE:
+                _ACTIVE[-1].append(self)
+            pending, self.pending = self.pending, None
+            if pending is not None and pending[1] == state:
+                return pending[0]
+            return self.evaluate(self.original)
+        hit = self.reused
+        if hit is not None and hit[1] == state and hit[0]._version == hit[2]:
+            return hit[0]
         if torch._C._is_any_autocast_enabled() or self.original.is_inference():
             return None
-        return self._reuse()
-
-    def _with_grad(self) -> Tensor:
-        if _ACTIVE:
-            _ACTIVE[-1].append(self)
-        pending, self.pending = self.pending, None
-        if pending is not None and pending[1] == self.versions():
-            return pending[0]
-        return self.evaluate(self.original)
-
-    def _reuse(self) -> Tensor:
-        versions, hit = self.versions(), self.reused
-        if hit is not None and hit[1] == versions and hit[0]._version == hit[2]:
-            return hit[0]
         with torch.inference_mode(False), torch.no_grad():  # a tensor with a version counter
             value = self.evaluate(self.original)
-        self.reused = (value, versions, value._version)
+        self.reused = (value, state, value._version)
         return value
 
 
@@ -304,9 +313,9 @@ class _Batcher:
         if self.root() is not module or not (torch.is_grad_enabled() and _usable()):
             self.running.append(None)
             return
-        evaluators = [e for e in self.used if e.plist.__dict__.get(_KEY) is e and e.current()]
+        evaluators = [e for e in self.used if e.plist.__dict__.get(_KEY) is e]
         if evaluators:
-            _evaluate_batch(evaluators)
+            evaluators = _evaluate_batch(evaluators)
         log = []
         _ACTIVE.append(log)
         self.running.append((log, evaluators))
@@ -347,10 +356,13 @@ def _batcher(model: nn.Module) -> _Batcher | None:
     return None
 
 
-def _evaluate_batch(evaluators: list[_Evaluator]) -> None:
-    """Evaluate every chain stage by stage; fuse the constraints that share a fusion key."""
+def _evaluate_batch(evaluators: list[_Evaluator]) -> list[_Evaluator]:
+    """Evaluate every chain stage by stage, fusing the constraints that share a fusion key;
+    leave each value in its evaluator's ``pending``. Return the evaluators it served."""
+    states = [e.state() for e in evaluators]
+    evaluators = [e for e, state in zip(evaluators, states) if state is not None]
+    states = [state for state in states if state is not None]
     xs = [e.original for e in evaluators]
-    versions = [e.versions() for e in evaluators]
     todo, stage = list(range(len(evaluators))), 0
     while todo:
         groups: dict = {}
@@ -368,5 +380,6 @@ def _evaluate_batch(evaluators: list[_Evaluator]) -> None:
                 xs[i] = y
         stage += 1
         todo = [i for i in todo if evaluators[i].count > stage]
-    for evaluator, x, version in zip(evaluators, xs, versions):
-        evaluator.pending = (x, version)
+    for evaluator, x, state in zip(evaluators, xs, states):
+        evaluator.pending = (x, state)
+    return evaluators

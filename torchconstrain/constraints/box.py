@@ -20,8 +20,7 @@ class _PullBackClamp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, lower, upper) -> Tensor:
-        clamped = torch.clamp(x, lower, upper)
-        side = _sides([x], [clamped], [lower], [upper])[0]
+        (clamped,), (side,) = _clamp_with_sides([x], [lower], [upper])
         ctx.save_for_backward(side)
         ctx.inside = side is None
         return clamped
@@ -33,30 +32,48 @@ class _PullBackClamp(torch.autograd.Function):
         return _pull_back(ctx.saved_tensors[0], grad), None, None
 
 
-def _sides(xs: list[Tensor], clamped: list[Tensor], lowers: list, uppers: list) -> list[Tensor | None]:
-    """``sign(x - clamped)`` of each tensor: -1 below the box, 1 above, 0 inside.
+def _clamp_all(xs: list[Tensor], lowers: list, uppers: list) -> list[Tensor]:
+    """``torch.clamp`` of each tensor: a loop on the CPU (one pass each beats two foreach
+    passes), multi-tensor kernels elsewhere (the same values: ``min(max(x, lo), hi)``)."""
+    if xs[0].device.type == "cpu" or tracing():
+        return [torch.clamp(x, lo, hi) for x, lo, hi in zip(xs, lowers, uppers)]
+    lows = [-math.inf if lo is None else lo for lo in lowers]
+    highs = [math.inf if hi is None else hi for hi in uppers]
+    return torch._foreach_clamp_max(torch._foreach_clamp_min(xs, lows), highs)
 
-    On the CPU a tensor with no entry outside gets ``None``, and its gradient passes as it
-    is, which is what :func:`_pull_back` gives for an all-zero side: one cheap reduction
-    instead of a saved tensor and five passes in backward. (On a GPU the test would
+
+def _clamp_with_sides(xs: list[Tensor], lowers: list, uppers: list):
+    """The clamped tensors, and ``sign(x - clamped)`` of each: -1 below the box, 1 above,
+    0 inside.
+
+    On the CPU a tensor with no entry outside gets side ``None``, and its gradient passes
+    as it is, which is what :func:`_pull_back` gives for an all-zero side: one reduction
+    instead of a saved tensor and five passes in backward. With scalar bounds such a
+    tensor is copied rather than clamped (its clamp is itself). On a GPU the test would
     synchronize with the device, and a traced graph cannot branch on data: there every
-    tensor takes the formula.)
+    tensor is clamped and takes the formula.
     """
     if xs[0].device.type != "cpu" or tracing():
-        return [torch.sub(x, c).sign_() for x, c in zip(xs, clamped)] if tracing() else (
-            torch._foreach_sign_(torch._foreach_sub(xs, clamped)))
-    return [
-        None if _inside(x, c, lo, hi) else torch.sub(x, c).sign_()
-        for x, c, lo, hi in zip(xs, clamped, lowers, uppers)
-    ]
+        ys = _clamp_all(xs, lowers, uppers)
+        if tracing():
+            return ys, [torch.sub(x, y).sign_() for x, y in zip(xs, ys)]
+        return ys, torch._foreach_sign_(torch._foreach_sub(xs, ys))
+    ys, sides = [], []
+    for x, lo, hi in zip(xs, lowers, uppers):
+        if _scalar_box_holds(x, lo, hi):
+            ys.append(x.clone())
+            sides.append(None)
+            continue
+        y = torch.clamp(x, lo, hi)
+        ys.append(y)
+        sides.append(None if x.numel() == 0 or torch.equal(x, y) else torch.sub(x, y).sign_())
+    return ys, sides
 
 
-def _inside(x: Tensor, clamped: Tensor, lower, upper) -> bool:
-    """Whether no entry of ``x`` is outside the box (NaN counts as outside)."""
-    if x.numel() == 0:
-        return True
-    if isinstance(lower, Tensor) or isinstance(upper, Tensor):
-        return torch.equal(x, clamped)
+def _scalar_box_holds(x: Tensor, lower, upper) -> bool:
+    """Whether the bounds are numbers and no entry of ``x`` is outside (NaN is outside)."""
+    if isinstance(lower, Tensor) or isinstance(upper, Tensor) or x.numel() == 0:
+        return False
     low, high = torch.aminmax(x)
     return (lower is None or low.item() >= lower) and (upper is None or high.item() <= upper)
 
@@ -78,17 +95,12 @@ class _FusedClamp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lowers, uppers, pull_back: bool, *xs: Tensor):
-        if xs[0].device.type == "cpu":  # a loop of one-pass clamps beats two foreach passes
-            ys = [torch.clamp(x, lo, hi) for x, lo, hi in zip(xs, lowers, uppers)]
-        else:
-            lows = [-math.inf if lo is None else lo for lo in lowers]
-            highs = [math.inf if hi is None else hi for hi in uppers]
-            ys = torch._foreach_clamp_max(torch._foreach_clamp_min(list(xs), lows), highs)
         ctx.set_materialize_grads(False)
-        if pull_back:
-            sides = _sides(list(xs), ys, lowers, uppers)
-            ctx.outside = [i for i, side in enumerate(sides) if side is not None]
-            ctx.save_for_backward(*(sides[i] for i in ctx.outside))
+        if not pull_back:
+            return tuple(_clamp_all(list(xs), lowers, uppers))
+        ys, sides = _clamp_with_sides(list(xs), lowers, uppers)
+        ctx.outside = [i for i, side in enumerate(sides) if side is not None]
+        ctx.save_for_backward(*(sides[i] for i in ctx.outside))
         return tuple(ys)
 
     @staticmethod
@@ -115,7 +127,7 @@ class _StraightThroughClamp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, lower, upper) -> Tensor:
-        return torch.clamp(x, lower, upper)
+        return _clamp_all([x], [lower], [upper])[0]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
