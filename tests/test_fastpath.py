@@ -369,3 +369,35 @@ def test_set_fast_path_checks_its_argument():
     with pytest.raises(TypeError, match="expected True or False"):
         set_fast_path("no")
     assert fast_path_enabled()
+
+
+def _kernel_launches(model: nn.Module, x: torch.Tensor) -> int:
+    """CUDA kernels one training step (forward, backward, SGD step) launches."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()  # warm up: the first forward learns which tensors the model uses
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rule", [lambda: Clamp(-0.5, 0.5), lambda: [Clamp(-0.5, 0.5), FixedMask.magnitude(sparsity=0.5)]])
+def test_cuda_launches_added_by_constraints_do_not_grow_with_the_layers(rule):
+    added = []
+    for layers in (4, 16):
+        torch.manual_seed(0)
+        make = lambda: nn.Sequential(*[nn.Linear(64, 64) for _ in range(layers)]).cuda()  # noqa: E731
+        x = torch.randn(8, 64, device="cuda")
+        plain, constrained = make(), make()
+        constrain(constrained, {nn.Linear: rule()})
+        added.append(_kernel_launches(constrained, x) - _kernel_launches(plain, x))
+    assert added[0] == added[1], f"kernels added by constraints: {added[0]} with 4 layers, {added[1]} with 16"
