@@ -401,3 +401,12 @@ def test_cuda_launches_added_by_constraints_do_not_grow_with_the_layers(rule):
         constrain(constrained, {nn.Linear: rule()})
         added.append(_kernel_launches(constrained, x) - _kernel_launches(plain, x))
     assert added[0] == added[1], f"kernels added by constraints: {added[0]} with 4 layers, {added[1]} with 16"
+
+
+def test_training_drops_the_copy_kept_for_no_grad_reuse():
+    model, _ = constrained_pair(RULES["FixedMask"])
+    evaluator = model[0].parametrizations.weight.__dict__[fastpath._KEY]
+    _reused(model[0])
+    assert evaluator.reused is not None
+    model(torch.randn(2, 6)).sum().backward()
+    assert evaluator.reused is None

@@ -14,7 +14,8 @@ work, and with bitwise the same values and gradients:
 - **No-grad reuse.** With gradients off (``torch.no_grad()``, ``torch.inference_mode()``)
   the effective tensor is computed once and returned again until a stored original, a
   learnable parameter of a constraint (a mask's scores) or the plan changes, which tensor
-  version counters show; an in-place edit of the returned tensor also recomputes it.
+  version counters show; an in-place edit of the returned tensor also recomputes it. The
+  kept copy costs the memory of the tensor, until the next access with gradients on.
 - **One pass per forward.** When gradients are on, calling the model that
   :func:`~torchconstrain.constrain` was given evaluates the constraints of every
   tensor its previous forward used in one pass, with multi-tensor (``torch._foreach_*``)
@@ -262,6 +263,7 @@ class _Evaluator:
         if torch.is_grad_enabled():
             if _ACTIVE:
                 _ACTIVE[-1].append(self)
+            self.reused = None  # training again: do not hold a copy of the weight meanwhile
             pending, self.pending = self.pending, None
             if pending is not None and pending[1] == state:
                 return pending[0]
