@@ -2,6 +2,7 @@
 
 import copy
 import pickle
+import threading
 
 import pytest
 import torch
@@ -410,3 +411,34 @@ def test_training_drops_the_copy_kept_for_no_grad_reuse():
     assert evaluator.reused is not None
     model(torch.randn(2, 6)).sum().backward()
     assert evaluator.reused is None
+
+
+def test_a_value_prepared_on_one_thread_is_not_taken_by_another():
+    model, _ = constrained_pair(RULES["Clamp pull_back"])
+    model(torch.randn(2, 6))
+    evaluators = [m.parametrizations.weight.__dict__[fastpath._KEY] for m in (model[0], model[2], model[4])]
+    fastpath._evaluate_batch(evaluators)  # what a forward on this thread starts with
+    prepared = evaluators[0].pending[0]
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(model[0].weight))
+    worker.start()
+    worker.join()
+    assert seen[0] is not prepared
+    assert model[0].weight is prepared
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda params: torch.optim.SGD(params, lr=0.1, foreach=True),
+    lambda params: torch.optim.Adam(params, lr=0.1, foreach=True),
+    lambda params: torch.optim.Adam(params, lr=0.1, fused=True),
+])
+def test_multi_tensor_and_fused_optimizer_steps_are_seen(optimizer):
+    model = stack()
+    constrain(model, {nn.Linear: FixedMask.magnitude(sparsity=0.5)})
+    step = optimizer(model.parameters())
+    before = _reused(model[0]).clone()
+    model(torch.randn(3, 6)).sum().backward()
+    step.step()
+    after = _reused(model[0])
+    assert not torch.equal(before, after)
+    assert same_bits(after, _plain_value(model[0]))

@@ -123,7 +123,7 @@ def register(slot: Slot, constraint: Constraint) -> None:
     order = None if parametrize.is_parametrized(slot.module) else list(slot.module._parameters)
     _own_class(slot.module)
     parametrize.register_parametrization(slot.module, slot.tensor_name, constraint)
-    fastpath.install(type(slot.module), slot.tensor_name)
+    fastpath.install(slot.module, slot.tensor_name)
     if order is not None:
         slot.module.parametrizations.plain_order = order
         _own_class(slot.module)

@@ -111,7 +111,7 @@ def _setstate(self, state: dict) -> None:
     type(self).__bases__[0].__setstate__(self, state)
     for tensor_name in self.parametrizations:
         if tensor_name not in type(self).__dict__:
-            fastpath.install(type(self), tensor_name)
+            fastpath.install(self, tensor_name)
 
 
 def _deepcopy(self, memo: dict):

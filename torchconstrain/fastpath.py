@@ -56,6 +56,7 @@ Example:
 from __future__ import annotations
 
 import weakref
+from threading import get_ident
 
 import torch
 from torch import Tensor, nn
@@ -67,7 +68,9 @@ __all__ = ["fast_path_enabled", "set_fast_path"]
 
 _ENABLED = [True]
 _KEY = "_torchconstrain_fast"
-_ACTIVE: list[list] = []  # the access logs of the batched forwards now running
+# (thread, access log) of each batched forward now running: a forward logs the tensors it
+# uses, and only the thread that evaluated a batch takes its values.
+_ACTIVE: list[tuple[int, list]] = []
 # Stored originals of other types (DTensor shards under FSDP2, functorch wrappers) take the
 # plain path.
 _PLAIN_TYPES = (nn.Parameter, Tensor)
@@ -111,7 +114,7 @@ _transforms = torch._C._functorch.peek_interpreter_stack
 
 
 def _usable() -> bool:
-    """Whether this access may take the fast path (the property inlines the same test)."""
+    """Whether this access may take the fast path (checked on every access: cheap first)."""
     return (
         _ENABLED[0]
         and not parametrize._cache_enabled
@@ -124,30 +127,37 @@ def _usable() -> bool:
 # --- the property -----------------------------------------------------------------------
 
 
-def install(cls: type, tensor_name: str) -> None:
-    r"""Put the fast property for ``tensor_name`` on a parametrized module class."""
-    setattr(cls, tensor_name, property(_getter(tensor_name), _setter(tensor_name)))
+def install(module: nn.Module, tensor_name: str) -> None:
+    r"""Put the fast property for ``tensor_name`` on ``module``'s own parametrized class."""
+    setattr(type(module), tensor_name, property(_getter(module, tensor_name), _setter(tensor_name)))
 
 
-def _getter(tensor_name: str):
+def _getter(owner: nn.Module, tensor_name: str):
+    # The property keeps its owner's evaluator: no attribute lookups on the module, whose
+    # class differs from module to module (each gets its own), on the hot path. Other
+    # modules that share the class (``nn.DataParallel`` replicas) find theirs each time.
+    owner = weakref.ref(owner)
+    kept: list[_Evaluator] = []
+
     def get(module: nn.Module) -> Tensor:
-        plist = module._modules["parametrizations"]._modules[tensor_name]
-        evaluator = plist.__dict__.get(_KEY)
-        if evaluator is None or evaluator.plist is not plist:
-            evaluator = plist.__dict__[_KEY] = _Evaluator(plist)
-        if (
-            _ENABLED[0]
-            and not parametrize._cache_enabled
-            and not tracing()
-            and _tracing_state() is None
-            and _transforms() is None
-        ):
-            value = evaluator.value()
-            if value is not None:
-                return value
-        return _plain(module, tensor_name, plist)
+        if kept and module is owner():
+            evaluator = kept[0]
+        else:
+            evaluator = _evaluator(module, tensor_name)
+            if not kept and module is owner():
+                kept.append(evaluator)
+        value = evaluator.value() if _usable() else None
+        return _plain(module, tensor_name, evaluator.plist) if value is None else value
 
     return get
+
+
+def _evaluator(module: nn.Module, tensor_name: str) -> "_Evaluator":
+    plist = module._modules["parametrizations"]._modules[tensor_name]
+    evaluator = plist.__dict__.get(_KEY)
+    if evaluator is None or evaluator.plist is not plist:
+        evaluator = plist.__dict__[_KEY] = _Evaluator(plist)
+    return evaluator
 
 
 def _setter(tensor_name: str):
@@ -261,12 +271,15 @@ class _Evaluator:
         if state is None:
             return None
         if torch.is_grad_enabled():
-            if _ACTIVE:
-                _ACTIVE[-1].append(self)
             self.reused = None  # training again: do not hold a copy of the weight meanwhile
-            pending, self.pending = self.pending, None
-            if pending is not None and pending[1] == state:
-                return pending[0]
+            pending = self.pending
+            if _ACTIVE or pending is not None:
+                thread = get_ident()
+                _log_access(self, thread)
+                if pending is not None and pending[2] == thread:
+                    self.pending = None
+                    if pending[1] == state:
+                        return pending[0]
             return self.evaluate(self.original)
         hit = self.reused
         if hit is not None and hit[1] == state and hit[0]._version == hit[2]:
@@ -277,6 +290,13 @@ class _Evaluator:
             value = self.evaluate(self.original)
         self.reused = (value, state, value._version)
         return value
+
+
+def _log_access(evaluator: _Evaluator, thread: int) -> None:
+    for owner, log in reversed(_ACTIVE):
+        if owner == thread:
+            log.append(evaluator)
+            return
 
 
 def _cacheable(constraint: nn.Module) -> bool:
@@ -319,7 +339,7 @@ class _Batcher:
         if evaluators:
             evaluators = _evaluate_batch(evaluators)
         log = []
-        _ACTIVE.append(log)
+        _ACTIVE.append((get_ident(), log))
         self.running.append((log, evaluators))
 
     def after(self, module: nn.Module, args, output) -> None:
@@ -329,7 +349,7 @@ class _Batcher:
         if run is None:
             return
         log, evaluators = run
-        _ACTIVE[:] = [active for active in _ACTIVE if active is not log]
+        _ACTIVE[:] = [active for active in _ACTIVE if active[1] is not log]
         for evaluator in evaluators:
             evaluator.pending = None
         self.used = list(dict.fromkeys(log))
@@ -382,6 +402,7 @@ def _evaluate_batch(evaluators: list[_Evaluator]) -> list[_Evaluator]:
                 xs[i] = y
         stage += 1
         todo = [i for i in todo if evaluators[i].count > stage]
+    thread = get_ident()
     for evaluator, x, state in zip(evaluators, xs, states):
-        evaluator.pending = (x, state)
+        evaluator.pending = (x, state, thread)
     return evaluators
