@@ -34,8 +34,9 @@ class _PullBackClamp(torch.autograd.Function):
 
 def _clamp_all(xs: list[Tensor], lowers: list, uppers: list) -> list[Tensor]:
     """``torch.clamp`` of each tensor: a loop on the CPU (one pass each beats two foreach
-    passes), multi-tensor kernels elsewhere (the same values: ``min(max(x, lo), hi)``)."""
-    if xs[0].device.type == "cpu" or tracing():
+    passes) or with tensor bounds, multi-tensor kernels elsewhere (the same values:
+    ``min(max(x, lo), hi)``)."""
+    if xs[0].device.type == "cpu" or tracing() or any(isinstance(b, Tensor) for b in (*lowers, *uppers)):
         return [torch.clamp(x, lo, hi) for x, lo, hi in zip(xs, lowers, uppers)]
     lows = [-math.inf if lo is None else lo for lo in lowers]
     highs = [math.inf if hi is None else hi for hi in uppers]
@@ -58,9 +59,10 @@ def _clamp_with_sides(xs: list[Tensor], lowers: list, uppers: list):
         if tracing():
             return ys, [torch.sub(x, y).sign_() for x, y in zip(xs, ys)]
         return ys, torch._foreach_sign_(torch._foreach_sub(xs, ys))
+    holds = _scalar_box_holds(xs, lowers, uppers)
     ys, sides = [], []
-    for x, lo, hi in zip(xs, lowers, uppers):
-        if _scalar_box_holds(x, lo, hi):
+    for x, lo, hi, inside in zip(xs, lowers, uppers, holds):
+        if inside:
             ys.append(x.clone())
             sides.append(None)
             continue
@@ -70,12 +72,19 @@ def _clamp_with_sides(xs: list[Tensor], lowers: list, uppers: list):
     return ys, sides
 
 
-def _scalar_box_holds(x: Tensor, lower, upper) -> bool:
-    """Whether the bounds are numbers and no entry of ``x`` is outside (NaN is outside)."""
-    if isinstance(lower, Tensor) or isinstance(upper, Tensor) or x.numel() == 0:
-        return False
-    low, high = torch.aminmax(x)
-    return (lower is None or low.item() >= lower) and (upper is None or high.item() <= upper)
+def _scalar_box_holds(xs: list[Tensor], lowers: list, uppers: list) -> list[bool]:
+    """For each tensor: whether its bounds are numbers and no entry is outside (NaN is
+    outside). One ``aminmax`` per tensor, read back to Python in one transfer."""
+    tested = [i for i, (x, lo, hi) in enumerate(zip(xs, lowers, uppers))
+              if x.numel() and not isinstance(lo, Tensor) and not isinstance(hi, Tensor)]
+    holds = [False] * len(xs)
+    if not tested:
+        return holds
+    ranges = torch.stack([end for i in tested for end in torch.aminmax(xs[i])]).tolist()
+    for k, i in enumerate(tested):
+        low, high = ranges[2 * k], ranges[2 * k + 1]
+        holds[i] = (lowers[i] is None or low >= lowers[i]) and (uppers[i] is None or high <= uppers[i])
+    return holds
 
 
 def _pull_back(side: Tensor, grad: Tensor) -> Tensor:
