@@ -76,6 +76,7 @@ def _grad_of_stored(gradient: str, stored: float, pull: float) -> float:
         ("pull_back", -5.0, -1.0, -1.0),
         ("pull_back", -5.0, 1.0, 0.0),
         ("pull_back", 0.5, -1.0, -1.0),  # inside: always passes
+        ("pull_back", 0.5, math.inf, math.inf),  # ...infinite gradients too
         ("straight_through", 5.0, -1.0, -1.0),
         ("clamp", 5.0, 1.0, 0.0),
         ("clamp", 0.5, 1.0, 1.0),
@@ -83,6 +84,17 @@ def _grad_of_stored(gradient: str, stored: float, pull: float) -> float:
 )
 def test_clamp_gradient_modes(gradient, stored, pull, expected):
     assert _grad_of_stored(gradient, stored, pull) == expected
+
+
+def test_pull_back_treats_each_entry_of_a_tensor_on_its_own():
+    layer = nn.Linear(4, 1, bias=False)
+    constrain(layer, {"weight": Clamp(-1, 1)})
+    with torch.no_grad():
+        layer.parametrizations.weight.original.copy_(torch.tensor([[0.5, 5.0, -5.0, 5.0]]))
+    upstream = torch.tensor([[math.inf, 1.0, 1.0, -1.0]])
+    (layer.weight * upstream).sum().backward()
+    grad = layer.parametrizations.weight.original.grad
+    assert grad.tolist() == [[math.inf, 1.0, 0.0, 0.0]]
 
 
 def test_clamp_weight_stuck_outside_comes_back_with_default_gradient():

@@ -20,16 +20,18 @@ class _PullBackClamp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, lower, upper) -> Tensor:
-        (clamped,), (side,) = _clamp_with_sides([x], [lower], [upper])
-        ctx.save_for_backward(side)
-        ctx.inside = side is None
+        (clamped,), (outside,) = _clamp_for_pull_back([x], [lower], [upper])
+        ctx.outside = outside
+        if outside:
+            ctx.save_for_backward(x, clamped)
         return clamped
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        if ctx.inside:
+        if not ctx.outside:
             return grad, None, None
-        return _pull_back(ctx.saved_tensors[0], grad), None, None
+        x, clamped = ctx.saved_tensors
+        return _pull_back([x], [clamped], [grad])[0], None, None
 
 
 def _clamp_all(xs: list[Tensor], lowers: list, uppers: list) -> list[Tensor]:
@@ -43,33 +45,30 @@ def _clamp_all(xs: list[Tensor], lowers: list, uppers: list) -> list[Tensor]:
     return torch._foreach_clamp_max(torch._foreach_clamp_min(xs, lows), highs)
 
 
-def _clamp_with_sides(xs: list[Tensor], lowers: list, uppers: list):
-    """The clamped tensors, and ``sign(x - clamped)`` of each: -1 below the box, 1 above,
-    0 inside.
+def _clamp_for_pull_back(xs: list[Tensor], lowers: list, uppers: list):
+    """The clamped tensors, and for each whether an entry may be outside the box.
 
-    On the CPU a tensor with no entry outside gets side ``None``, and its gradient passes
-    as it is, which is what :func:`_pull_back` gives for an all-zero side: one reduction
-    instead of a saved tensor and five passes in backward. With scalar bounds such a
-    tensor is copied rather than clamped (its clamp is itself). On a GPU the test would
+    On the CPU a tensor with every entry inside gets ``False``: its gradient passes as it
+    is, which is what :func:`_pull_back` gives it, and nothing is saved for backward. The
+    test is one ``aminmax`` per tensor with scalar bounds (such a tensor is then copied,
+    its clamp being itself) and ``torch.equal`` with tensor bounds. On a GPU the test would
     synchronize with the device, and a traced graph cannot branch on data: there every
-    tensor is clamped and takes the formula.
+    tensor counts as outside.
     """
     if xs[0].device.type != "cpu" or tracing():
-        ys = _clamp_all(xs, lowers, uppers)
-        if tracing():
-            return ys, [torch.sub(x, y).sign_() for x, y in zip(xs, ys)]
-        return ys, torch._foreach_sign_(torch._foreach_sub(xs, ys))
+        return _clamp_all(xs, lowers, uppers), [True] * len(xs)
     holds = _scalar_box_holds(xs, lowers, uppers)
-    ys, sides = [], []
+    ys, outside = [], []
     for x, lo, hi, inside in zip(xs, lowers, uppers, holds):
         if inside:
             ys.append(x.clone())
-            sides.append(None)
+            outside.append(False)
             continue
         y = torch.clamp(x, lo, hi)
         ys.append(y)
-        sides.append(None if x.numel() == 0 or torch.equal(x, y) else torch.sub(x, y).sign_())
-    return ys, sides
+        tensor_bounds = isinstance(lo, Tensor) or isinstance(hi, Tensor)
+        outside.append(x.numel() > 0 and not (tensor_bounds and torch.equal(x, y)))
+    return ys, outside
 
 
 def _scalar_box_holds(xs: list[Tensor], lowers: list, uppers: list) -> list[bool]:
@@ -87,15 +86,25 @@ def _scalar_box_holds(xs: list[Tensor], lowers: list, uppers: list) -> list[bool
     return holds
 
 
-def _pull_back(side: Tensor, grad: Tensor) -> Tensor:
-    r"""``grad`` where it points back into the box or the entry is inside it, else 0.
+def _pull_back(xs: list[Tensor], clamped: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    r"""Each ``grad`` where it points back into the box or the entry is inside it, else 0.
 
-    Gradient descent moves x by -grad, so an entry above the box (side 1) keeps a gradient
-    >= 0 and one below (side -1) a gradient <= 0; inside (side 0) every gradient passes,
-    infinite ones included. The factor is ``min(sign(grad) * side + 1, 1)``: float ops
-    that multi-tensor kernels also have (:class:`_FusedClamp`), so both give the same bits.
+    Gradient descent moves x by -grad, so an entry above the box (``x > clamped``) keeps a
+    gradient >= 0 and one below a gradient <= 0; inside, every gradient passes, infinite
+    ones included. The 0/1 factor is ``(x - clamped) * sign(grad) >= 0``; multi-tensor
+    kernels have no comparison, so off the CPU it is ``min(sign(...) + 1, 1)`` (equal but
+    for NaN). The plain and the fused path of one device use the same formula, so they
+    give the same bits.
     """
-    return torch.sign(grad).mul_(side).add_(1).clamp_max_(1).mul_(grad)
+    if xs[0].device.type == "cpu" or tracing():
+        return [torch.sub(x, c).mul_(torch.sign(g)).ge_(0).mul_(g) for x, c, g in zip(xs, clamped, grads)]
+    factors = torch._foreach_sub(xs, clamped)
+    torch._foreach_mul_(factors, torch._foreach_sign(grads))
+    torch._foreach_sign_(factors)
+    torch._foreach_add_(factors, 1)
+    torch._foreach_clamp_max_(factors, 1)
+    torch._foreach_mul_(factors, grads)
+    return factors
 
 
 class _FusedClamp(torch.autograd.Function):
@@ -107,27 +116,22 @@ class _FusedClamp(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if not pull_back:
             return tuple(_clamp_all(list(xs), lowers, uppers))
-        ys, sides = _clamp_with_sides(list(xs), lowers, uppers)
-        ctx.outside = [i for i, side in enumerate(sides) if side is not None]
-        ctx.save_for_backward(*(sides[i] for i in ctx.outside))
+        ys, outside = _clamp_for_pull_back(list(xs), lowers, uppers)
+        ctx.outside = [i for i, out in enumerate(outside) if out]
+        ctx.save_for_backward(*(xs[i] for i in ctx.outside), *(ys[i] for i in ctx.outside))
         return tuple(ys)
 
     @staticmethod
     def backward(ctx, *grads):
         result = [g if g is not None and ctx.needs_input_grad[3 + i] else None for i, g in enumerate(grads)]
-        if not hasattr(ctx, "outside"):
+        if not hasattr(ctx, "outside") or not ctx.outside:
             return (None, None, None, *result)
-        pairs = [(i, side) for i, side in zip(ctx.outside, ctx.saved_tensors) if result[i] is not None]
-        if not pairs:
-            return (None, None, None, *result)
-        gs = [result[i] for i, _ in pairs]
-        factors = torch._foreach_sign(gs)
-        torch._foreach_mul_(factors, [side for _, side in pairs])
-        torch._foreach_add_(factors, 1)
-        torch._foreach_clamp_max_(factors, 1)
-        torch._foreach_mul_(factors, gs)
-        for (i, _), g in zip(pairs, factors):
-            result[i] = g
+        saved, n = ctx.saved_tensors, len(ctx.outside)
+        wanted = [(i, saved[k], saved[n + k]) for k, i in enumerate(ctx.outside) if result[i] is not None]
+        if wanted:
+            passed = _pull_back([x for _, x, _ in wanted], [y for _, _, y in wanted], [result[i] for i, _, _ in wanted])
+            for (i, _, _), g in zip(wanted, passed):
+                result[i] = g
         return (None, None, None, *result)
 
 
