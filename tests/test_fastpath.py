@@ -417,7 +417,7 @@ def test_a_value_prepared_on_one_thread_is_not_taken_by_another():
     model, _ = constrained_pair(RULES["Clamp pull_back"])
     model(torch.randn(2, 6))
     evaluators = [m.parametrizations.weight.__dict__[fastpath._KEY] for m in (model[0], model[2], model[4])]
-    fastpath._evaluate_batch(evaluators)  # what a forward on this thread starts with
+    fastpath._evaluate_batch(evaluators, [])  # what a forward on this thread starts with
     prepared = evaluators[0].pending[0]
     seen = []
     worker = threading.Thread(target=lambda: seen.append(model[0].weight))

@@ -271,15 +271,16 @@ class _Evaluator:
         if state is None:
             return None
         if torch.is_grad_enabled():
-            self.reused = None  # training again: do not hold a copy of the weight meanwhile
+            if self.reused is not None:
+                self.reused = None  # training again: do not hold a copy of the weight meanwhile
             pending = self.pending
-            if _ACTIVE or pending is not None:
-                thread = get_ident()
-                _log_access(self, thread)
-                if pending is not None and pending[2] == thread:
-                    self.pending = None
-                    if pending[1] == state:
-                        return pending[0]
+            if pending is not None and pending[2] == get_ident():  # this thread's batch
+                self.pending = None
+                pending[3].append(self)
+                if pending[1] == state:
+                    return pending[0]
+            elif _ACTIVE:
+                _log_access(self, get_ident())
             return self.evaluate(self.original)
         hit = self.reused
         if hit is not None and hit[1] == state and hit[0]._version == hit[2]:
@@ -335,10 +336,10 @@ class _Batcher:
         if self.root() is not module or not (torch.is_grad_enabled() and _usable()):
             self.running.append(None)
             return
+        log = []
         evaluators = [e for e in self.used if e.plist.__dict__.get(_KEY) is e]
         if evaluators:
-            evaluators = _evaluate_batch(evaluators)
-        log = []
+            evaluators = _evaluate_batch(evaluators, log)
         _ACTIVE.append((get_ident(), log))
         self.running.append((log, evaluators))
 
@@ -378,9 +379,10 @@ def _batcher(model: nn.Module) -> _Batcher | None:
     return None
 
 
-def _evaluate_batch(evaluators: list[_Evaluator]) -> list[_Evaluator]:
+def _evaluate_batch(evaluators: list[_Evaluator], log: list) -> list[_Evaluator]:
     """Evaluate every chain stage by stage, fusing the constraints that share a fusion key;
-    leave each value in its evaluator's ``pending``. Return the evaluators it served."""
+    leave each value in its evaluator's ``pending``, for this thread, with the forward's
+    access ``log``. Return the evaluators it served."""
     states = [e.state() for e in evaluators]
     evaluators = [e for e, state in zip(evaluators, states) if state is not None]
     states = [state for state in states if state is not None]
@@ -404,5 +406,5 @@ def _evaluate_batch(evaluators: list[_Evaluator]) -> list[_Evaluator]:
         todo = [i for i in todo if evaluators[i].count > stage]
     thread = get_ident()
     for evaluator, x, state in zip(evaluators, xs, states):
-        evaluator.pending = (x, state, thread)
+        evaluator.pending = (x, state, thread, log)
     return evaluators
