@@ -18,16 +18,20 @@ work, and with bitwise the same values and gradients:
   kept copy costs the memory of the tensor, until the next access with gradients on.
 - **One pass per forward.** When gradients are on, calling the model that
   :func:`~torchconstrain.constrain` was given evaluates the constraints of every
-  tensor its previous forward used in one pass, with multi-tensor (``torch._foreach_*``)
-  kernels for the constraints that have them (``Clamp`` with scalar bounds, ``FixedMask``):
-  the Python and kernel-launch cost no longer grows with the number of layers. Each
-  tensor's first access in the forward takes its value from that pass; any other access
-  computes it anew, as ``parametrize`` does.
+  tensor its previous forward used in one pass (forward hooks on that model learn which
+  tensors from the previous call). Constraints that declare a fusion
+  (:meth:`~torchconstrain.Constraint._fusion`: ``Clamp`` with scalar bounds, ``FixedMask``)
+  are evaluated for all tensors at once, one autograd node each, with multi-tensor
+  (``torch._foreach_*``) kernels on the GPU, so their Python and kernel-launch costs do
+  not grow with the number of layers; the others run one tensor at a time. Each tensor's
+  first access in the forward takes its value from that pass; any other access computes
+  it anew, as ``parametrize`` does. Only the thread that ran the pass takes its values.
 
 The fast path steps aside (the plain ``parametrize`` evaluation runs) under
 ``torch.compile``/``torch.export`` tracing, ``torch.jit.trace``, ``parametrize.cached()``,
-``torch.func`` transforms and autocast (for reuse), for chains holding a parametrization
-that is not a torchconstrain constraint, and for constraint classes that do not declare
+``torch.func`` transforms and autocast (for reuse), for stored originals that are not plain
+tensors (FSDP2 shards), for chains holding a parametrization that is not a torchconstrain
+constraint, and for constraint classes that do not declare
 ``cacheable = True`` in their own body (a subclass that overrides ``forward`` must declare
 it itself, and only if its forward depends on nothing but the stored original and the
 constraint's own tensors and attributes).
