@@ -114,7 +114,8 @@ def fast_path_enabled() -> bool:
 
 
 _tracing_state = torch._C._get_tracing_state
-_transforms = torch._C._functorch.peek_interpreter_stack
+_transforms = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+_autocast = getattr(torch._C, "_is_any_autocast_enabled", torch.is_autocast_enabled)
 
 
 def _usable() -> bool:
@@ -289,7 +290,7 @@ class _Evaluator:
         hit = self.reused
         if hit is not None and hit[1] == state and hit[0]._version == hit[2]:
             return hit[0]
-        if torch._C._is_any_autocast_enabled() or self.original.is_inference():
+        if _autocast() or self.original.is_inference():
             return None
         with torch.inference_mode(False), torch.no_grad():  # a tensor with a version counter
             value = self.evaluate(self.original)
@@ -393,22 +394,28 @@ def _evaluate_batch(evaluators: list[_Evaluator], log: list) -> list[_Evaluator]
     xs = [e.original for e in evaluators]
     todo, stage = list(range(len(evaluators))), 0
     while todo:
-        groups: dict = {}
-        for i in todo:
-            key = evaluators[i].fusion[stage]
-            groups.setdefault(("alone", i) if key is None else key, []).append(i)
-        for key, members in groups.items():
-            if len(members) == 1:
-                i = members[0]
-                xs[i] = evaluators[i].plan[stage](xs[i])
-                continue
-            fused = key[0][0]
-            outputs = fused([evaluators[i].plan[stage] for i in members], [xs[i] for i in members])
-            for i, y in zip(members, outputs):
-                xs[i] = y
+        _evaluate_stage(evaluators, xs, todo, stage)
         stage += 1
         todo = [i for i in todo if evaluators[i].count > stage]
     thread = get_ident()
     for evaluator, x, state in zip(evaluators, xs, states):
         evaluator.pending = (x, state, thread, log)
     return evaluators
+
+
+def _evaluate_stage(evaluators: list[_Evaluator], xs: list[Tensor], todo: list[int], stage: int) -> None:
+    """Apply constraint number ``stage`` of each chain in ``todo`` to its ``xs`` entry, all
+    constraints with one fusion key in one call."""
+    groups: dict = {}
+    for i in todo:
+        key = evaluators[i].fusion[stage]
+        groups.setdefault(("alone", i) if key is None else key, []).append(i)
+    for key, members in groups.items():
+        if len(members) == 1:
+            i = members[0]
+            xs[i] = evaluators[i].plan[stage](xs[i])
+            continue
+        fused = key[0][0]
+        outputs = fused([evaluators[i].plan[stage] for i in members], [xs[i] for i in members])
+        for i, y in zip(members, outputs):
+            xs[i] = y
