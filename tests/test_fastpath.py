@@ -442,3 +442,34 @@ def test_multi_tensor_and_fused_optimizer_steps_are_seen(optimizer):
     after = _reused(model[0])
     assert not torch.equal(before, after)
     assert same_bits(after, _plain_value(model[0]))
+
+
+def test_a_replica_sharing_the_class_uses_its_own_tensors():
+    layer = stack()[0]
+    constrain(layer, {"weight": FixedMask.magnitude(sparsity=0.5)})
+    _reused(layer)
+    replica = layer._replicate_for_data_parallel()  # what nn.DataParallel makes: same class
+    replica._modules["parametrizations"] = copy.deepcopy(layer.parametrizations)  # own children
+    assert type(replica) is type(layer)
+    with torch.no_grad():
+        replica.parametrizations.weight.original.mul_(0.5)
+    assert same_bits(_reused(replica), _plain_value(replica))
+    assert torch.equal(_reused(replica), 0.5 * _reused(layer))
+    assert same_bits(_reused(layer), _plain_value(layer))
+
+
+def test_a_constrained_submodule_batches_inside_its_parent():
+    torch.manual_seed(0)
+    parent = nn.Sequential(nn.Linear(6, 6), stack()[0:3], nn.Linear(8, 3))
+    constrain(parent[1], {nn.Linear: Clamp(-0.2, 0.2)})
+    twin = copy.deepcopy(parent)
+    fast = train(parent, steps=2)
+    with set_fast_path(False):
+        plain = train(twin, steps=2)
+    for (out_f, grads_f), (out_p, grads_p) in zip(fast, plain):
+        assert same_bits(out_f, out_p) and all(same_bits(a, b) for a, b in zip(grads_f, grads_p))
+    seen = []
+    hook = parent[1][0].register_forward_pre_hook(lambda m, args: seen.append(m.weight.grad_fn))
+    parent(torch.randn(2, 6))
+    hook.remove()
+    assert type(seen[0]).__name__ == "_FusedClampBackward"  # the submodule's two weights, at once
