@@ -23,6 +23,7 @@ from torchconstrain import (
     set_fast_path,
 )
 from torchconstrain import fastpath
+from torchconstrain.constraints import box
 
 
 def same_bits(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -473,3 +474,33 @@ def test_a_constrained_submodule_batches_inside_its_parent():
     parent(torch.randn(2, 6))
     hook.remove()
     assert type(seen[0]).__name__ == "_FusedClampBackward"  # the submodule's two weights, at once
+
+
+@pytest.mark.parametrize("name", ["Clamp pull_back", "Clamp straight_through", "Clamp one-sided", "Clamp + FixedMask"])
+def test_the_multi_tensor_branch_gives_the_bits_of_the_plain_path(name, monkeypatch):
+    # What runs on a GPU (multi-tensor kernels, no data-dependent test), here on the CPU.
+    monkeypatch.setattr(box, "_loops", lambda xs: False)
+    fast, plain = constrained_pair(RULES[name])
+    fast_record = train(fast)
+    with set_fast_path(False):
+        plain_record = train(plain)
+    for (out_f, grads_f), (out_p, grads_p) in zip(fast_record, plain_record):
+        assert same_bits(out_f, out_p)
+        assert all(same_bits(a, b) for a, b in zip(grads_f, grads_p))
+
+
+def test_the_multi_tensor_branch_pulls_back_like_the_loop(monkeypatch):
+    def grad_of(weights, upstream):
+        layer = nn.Linear(4, 1, bias=False)
+        constrain(layer, {"weight": Clamp(-1, 1)})
+        with torch.no_grad():
+            layer.parametrizations.weight.original.copy_(weights)
+        (layer.weight * upstream).sum().backward()
+        return layer.parametrizations.weight.original.grad
+
+    weights = torch.tensor([[0.5, 5.0, -5.0, 5.0]])
+    upstream = torch.tensor([[float("inf"), 1.0, 1.0, -1.0]])
+    looped = grad_of(weights, upstream)
+    monkeypatch.setattr(box, "_loops", lambda xs: False)
+    assert same_bits(grad_of(weights, upstream), looped)
+    assert looped.tolist() == [[float("inf"), 1.0, 0.0, 0.0]]

@@ -34,11 +34,17 @@ class _PullBackClamp(torch.autograd.Function):
         return _pull_back([x], [clamped], [grad])[0], None, None
 
 
+def _loops(xs: list[Tensor]) -> bool:
+    """Whether to work tensor by tensor (on the CPU, and in traced graphs) rather than with
+    multi-tensor kernels and without data-dependent tests (on GPUs)."""
+    return xs[0].device.type == "cpu" or tracing()
+
+
 def _clamp_all(xs: list[Tensor], lowers: list, uppers: list) -> list[Tensor]:
     """``torch.clamp`` of each tensor: a loop on the CPU (one pass each beats two foreach
     passes) or with tensor bounds, multi-tensor kernels elsewhere (the same values:
     ``min(max(x, lo), hi)``)."""
-    if xs[0].device.type == "cpu" or tracing() or any(isinstance(b, Tensor) for b in (*lowers, *uppers)):
+    if _loops(xs) or any(isinstance(b, Tensor) for b in (*lowers, *uppers)):
         return [torch.clamp(x, lo, hi) for x, lo, hi in zip(xs, lowers, uppers)]
     lows = [-math.inf if lo is None else lo for lo in lowers]
     highs = [math.inf if hi is None else hi for hi in uppers]
@@ -55,7 +61,7 @@ def _clamp_for_pull_back(xs: list[Tensor], lowers: list, uppers: list):
     synchronize with the device, and a traced graph cannot branch on data: there every
     tensor counts as outside.
     """
-    if xs[0].device.type != "cpu" or tracing():
+    if not _loops(xs) or tracing():
         return _clamp_all(xs, lowers, uppers), [True] * len(xs)
     holds = _scalar_box_holds(xs, lowers, uppers)
     ys, outside = [], []
@@ -96,7 +102,7 @@ def _pull_back(xs: list[Tensor], clamped: list[Tensor], grads: list[Tensor]) -> 
     for NaN). The plain and the fused path of one device use the same formula, so they
     give the same bits.
     """
-    if xs[0].device.type == "cpu" or tracing():
+    if _loops(xs):
         return [torch.sub(x, c).mul_(torch.sign(g)).ge_(0).mul_(g) for x, c, g in zip(xs, clamped, grads)]
     factors = torch._foreach_sub(xs, clamped)
     torch._foreach_mul_(factors, torch._foreach_sign(grads))
