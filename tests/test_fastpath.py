@@ -504,3 +504,22 @@ def test_the_multi_tensor_branch_pulls_back_like_the_loop(monkeypatch):
     monkeypatch.setattr(box, "_loops", lambda xs: False)
     assert same_bits(grad_of(weights, upstream), looped)
     assert looped.tolist() == [[float("inf"), 1.0, 0.0, 0.0]]
+
+
+def test_skipping_the_inside_test_changes_no_bit():
+    torch.manual_seed(0)
+    tested = nn.Linear(8, 4)
+    constrain(tested, {"weight": Clamp(-1, 1)})  # every stored weight inside the box
+    untested = copy.deepcopy(tested)
+    untested.parametrizations.weight[0].__dict__["_untested"] = 10**6  # always the formula
+    upstream = torch.randn(4, 8)
+    upstream[0, 0], upstream[1, 1], upstream[2, 2] = float("inf"), -0.0, float("nan")
+    values, grads = [], []
+    for layer in (tested, untested):
+        weight = layer.weight
+        (weight * upstream).sum().backward()
+        values.append(weight)
+        grads.append(layer.parametrizations.weight.original.grad)
+    assert same_bits(values[0], values[1])
+    assert same_bits(grads[0], grads[1])
+    assert grads[0][0, 0] == float("inf")

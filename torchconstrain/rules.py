@@ -13,7 +13,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from torchconstrain._tensors import Slot, describe, drop_entries, drop_soft, parameter_slots, register
+from torchconstrain._tensors import (
+    Slot,
+    constrained_slots,
+    describe,
+    drop_entries,
+    drop_soft,
+    parameter_slots,
+    register,
+)
 from torchconstrain import fastpath
 from torchconstrain.checkpoint import watch
 from torchconstrain.constraints.base import Constraint
@@ -133,7 +141,8 @@ def constrain(
     _register(plan)
     if plan:
         watch(model)
-        fastpath.attach(model)
+        if sum(1 for slot in constrained_slots(model) if slot.constraints()) > 1:
+            fastpath.attach(model)  # one pass per forward pays off from two tensors on
     return _report(plan)
 
 

@@ -19,8 +19,8 @@ class _PullBackClamp(torch.autograd.Function):
     """Clamp forward; backward keeps an outside entry's gradient only if it points back in."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, lower, upper) -> Tensor:
-        (clamped,), (outside,) = _clamp_for_pull_back([x], [lower], [upper])
+    def forward(ctx, x: Tensor, lower, upper, owner: "Clamp") -> Tensor:
+        (clamped,), (outside,) = _clamp_for_pull_back([x], [lower], [upper], [owner])
         ctx.outside = outside
         if outside:
             ctx.save_for_backward(x, clamped)
@@ -29,9 +29,9 @@ class _PullBackClamp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         if not ctx.outside:
-            return grad, None, None
+            return grad, None, None, None
         x, clamped = ctx.saved_tensors
-        return _pull_back([x], [clamped], [grad])[0], None, None
+        return _pull_back([x], [clamped], [grad])[0], None, None, None
 
 
 def _loops(xs: list[Tensor]) -> bool:
@@ -51,21 +51,29 @@ def _clamp_all(xs: list[Tensor], lowers: list, uppers: list) -> list[Tensor]:
     return torch._foreach_clamp_max(torch._foreach_clamp_min(xs, lows), highs)
 
 
-def _clamp_for_pull_back(xs: list[Tensor], lowers: list, uppers: list):
+# While a tensor has entries outside its box, the inside test is skipped for this many
+# evaluations (it would only cost a pass); then it is made again.
+RETEST_EVERY = 8
+
+
+def _clamp_for_pull_back(xs: list[Tensor], lowers: list, uppers: list, owners: list["Clamp"]):
     """The clamped tensors, and for each whether an entry may be outside the box.
 
     On the CPU a tensor with every entry inside gets ``False``: its gradient passes as it
     is, which is what :func:`_pull_back` gives it, and nothing is saved for backward. The
     test is one ``aminmax`` per tensor with scalar bounds (such a tensor is then copied,
-    its clamp being itself) and ``torch.equal`` with tensor bounds. On a GPU the test would
-    synchronize with the device, and a traced graph cannot branch on data: there every
-    tensor counts as outside.
+    its clamp being itself) and ``torch.equal`` with tensor bounds; a tensor found outside
+    skips it for the next ``RETEST_EVERY - 1`` evaluations. Whether a tensor is tested
+    changes no bit: for one inside its box, the copy is its clamp and the pull-back
+    factor is 1. On a GPU the test would synchronize with the device, and a traced graph
+    cannot branch on data: there every tensor counts as outside.
     """
     if not _loops(xs) or tracing():
         return _clamp_all(xs, lowers, uppers), [True] * len(xs)
-    holds = _scalar_box_holds(xs, lowers, uppers)
+    tested = [_due_for_test(owner) for owner in owners]
+    holds = _scalar_box_holds(xs, lowers, uppers, tested)
     ys, outside = [], []
-    for x, lo, hi, inside in zip(xs, lowers, uppers, holds):
+    for x, lo, hi, owner, test, inside in zip(xs, lowers, uppers, owners, tested, holds):
         if inside:
             ys.append(x.clone())
             outside.append(False)
@@ -73,15 +81,25 @@ def _clamp_for_pull_back(xs: list[Tensor], lowers: list, uppers: list):
         y = torch.clamp(x, lo, hi)
         ys.append(y)
         tensor_bounds = isinstance(lo, Tensor) or isinstance(hi, Tensor)
-        outside.append(x.numel() > 0 and not (tensor_bounds and torch.equal(x, y)))
+        out = x.numel() > 0 and not (test and tensor_bounds and torch.equal(x, y))
+        if test and out:
+            owner.__dict__["_untested"] = RETEST_EVERY - 1  # not an attribute change: no plan rebuild
+        outside.append(out)
     return ys, outside
 
 
-def _scalar_box_holds(xs: list[Tensor], lowers: list, uppers: list) -> list[bool]:
-    """For each tensor: whether its bounds are numbers and no entry is outside (NaN is
-    outside). One ``aminmax`` per tensor, read back to Python in one transfer."""
-    tested = [i for i, (x, lo, hi) in enumerate(zip(xs, lowers, uppers))
-              if x.numel() and not isinstance(lo, Tensor) and not isinstance(hi, Tensor)]
+def _due_for_test(owner: "Clamp") -> bool:
+    left = owner.__dict__.get("_untested", 0)
+    if left:
+        owner.__dict__["_untested"] = left - 1
+    return not left
+
+
+def _scalar_box_holds(xs: list[Tensor], lowers: list, uppers: list, tested: list[bool]) -> list[bool]:
+    """For each tensor to test: whether its bounds are numbers and no entry is outside (NaN
+    is outside). One ``aminmax`` per tensor, read back to Python in one transfer."""
+    tested = [i for i, (x, lo, hi, test) in enumerate(zip(xs, lowers, uppers, tested))
+              if test and x.numel() and not isinstance(lo, Tensor) and not isinstance(hi, Tensor)]
     holds = [False] * len(xs)
     if not tested:
         return holds
@@ -118,11 +136,11 @@ class _FusedClamp(torch.autograd.Function):
     of each tensor's own ``Clamp.forward``, with multi-tensor kernels off the CPU."""
 
     @staticmethod
-    def forward(ctx, lowers, uppers, pull_back: bool, *xs: Tensor):
+    def forward(ctx, lowers, uppers, owners, *xs: Tensor):
         ctx.set_materialize_grads(False)
-        if not pull_back:
+        if owners is None:  # straight-through
             return tuple(_clamp_all(list(xs), lowers, uppers))
-        ys, outside = _clamp_for_pull_back(list(xs), lowers, uppers)
+        ys, outside = _clamp_for_pull_back(list(xs), lowers, uppers, owners)
         ctx.outside = [i for i, out in enumerate(outside) if out]
         ctx.save_for_backward(*(xs[i] for i in ctx.outside), *(ys[i] for i in ctx.outside))
         return tuple(ys)
@@ -237,7 +255,7 @@ class Clamp(Constraint):
         if not (x.requires_grad and torch.is_grad_enabled()):
             return torch.clamp(x, lower, upper)
         if self.gradient == "pull_back":
-            return _PullBackClamp.apply(x, lower, upper)
+            return _PullBackClamp.apply(x, lower, upper, self)
         if self.gradient == "straight_through":
             return _StraightThroughClamp.apply(x, lower, upper)
         return torch.clamp(x, lower, upper)
@@ -258,10 +276,11 @@ class Clamp(Constraint):
         """Scalar-bound clamps of one gradient mode (plans from :meth:`_plan`), all at once."""
         lowers = [p.keywords["lower"] for p in plans]
         uppers = [p.keywords["upper"] for p in plans]
-        pull_back = plans[0].func.__self__.gradient == "pull_back"
+        owners = [p.func.__self__ for p in plans]
         if not (torch.is_grad_enabled() and any(x.requires_grad for x in xs)):
             return [p(x) for p, x in zip(plans, xs)]
-        return list(_FusedClamp.apply(lowers, uppers, pull_back, *xs))
+        pull_back = owners[0].gradient == "pull_back"
+        return list(_FusedClamp.apply(lowers, uppers, owners if pull_back else None, *xs))
 
     def _bounds(self, x: Tensor):
         """The bounds as Python floats when they are scalars (a much faster clamp), else tensors."""
