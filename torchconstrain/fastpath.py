@@ -17,9 +17,9 @@ work, and with bitwise the same values and gradients:
   version counters show; an in-place edit of the returned tensor also recomputes it. The
   kept copy costs the memory of the tensor, until the next access with gradients on.
 - **One pass per forward.** When gradients are on, calling the model that
-  :func:`~torchconstrain.constrain` was given evaluates the constraints of every
-  tensor its previous forward used in one pass (forward hooks on that model learn which
-  tensors from the previous call). Constraints that declare a fusion
+  :func:`~torchconstrain.constrain` was given (with two or more constrained tensors)
+  evaluates the constraints of every tensor its previous forward used in one pass
+  (forward hooks on that model learn which tensors from the previous call). Constraints that declare a fusion
   (:meth:`~torchconstrain.Constraint._fusion`: ``Clamp`` with scalar bounds, ``FixedMask``)
   are evaluated for all tensors at once, one autograd node each, with multi-tensor
   (``torch._foreach_*``) kernels on the GPU, so their Python and kernel-launch costs do
