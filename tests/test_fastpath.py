@@ -523,3 +523,19 @@ def test_skipping_the_inside_test_changes_no_bit():
     assert same_bits(values[0], values[1])
     assert same_bits(grads[0], grads[1])
     assert grads[0][0, 0] == float("inf")
+
+
+def test_bake_removes_the_one_pass_hooks_it_leaves_nothing_for():
+    from torchconstrain import bake
+
+    torch.manual_seed(0)
+    model = nn.Sequential(stack(), nn.Linear(3, 3))
+    constrain(model[0], {nn.Linear: Clamp(-1, 1)})  # hooks on the submodule
+    constrain(model, {"1.weight": FixedMask.magnitude(sparsity=0.5)})
+    assert fastpath.attached(model[0]) and fastpath.attached(model)
+    bake(model, key="re:0\\.[02]\\.weight")
+    assert not fastpath.attached(model[0])  # one constrained tensor left under it
+    assert fastpath.attached(model)  # two: 0.4.weight and 1.weight
+    bake(model)
+    assert not any(fastpath.attached(m) for m in model.modules())
+    model(torch.randn(2, 6)).sum().backward()

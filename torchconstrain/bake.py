@@ -71,7 +71,9 @@ def bake(model: nn.Module, key=None) -> Report:
         drop_soft(slot)
     if not constrained_slots(model):
         unwatch(model)
-        fastpath.detach(model)
+    for module in model.modules():
+        if fastpath.attached(module) and sum(1 for s in constrained_slots(module) if s.constraints()) < 2:
+            fastpath.detach(module)  # nothing left to evaluate in one pass
     return Report("baked tensors", rows)
 
 

@@ -377,6 +377,11 @@ def detach(model: nn.Module) -> None:
             model._forward_hooks_always_called.pop(handle_id, None)
 
 
+def attached(model: nn.Module) -> bool:
+    r"""Whether ``model`` has the one-pass forward hooks."""
+    return _batcher(model) is not None
+
+
 def _batcher(model: nn.Module) -> _Batcher | None:
     for hook in model._forward_pre_hooks.values():
         if isinstance(getattr(hook, "__self__", None), _Batcher):
