@@ -89,15 +89,20 @@ def train(model, steps=3):
     return record
 
 
+def assert_same_training(fast_record, plain_record):
+    """Every step's output and gradients, bit for bit."""
+    for (out_f, grads_f), (out_p, grads_p) in zip(fast_record, plain_record, strict=True):
+        assert same_bits(out_f, out_p)
+        assert all(same_bits(a, b) for a, b in zip(grads_f, grads_p, strict=True))
+
+
 @pytest.mark.parametrize("name", list(RULES))
 def test_training_gives_the_bits_of_the_plain_path(name):
     fast, plain = constrained_pair(RULES[name])
     fast_record = train(fast)
     with set_fast_path(False):
         plain_record = train(plain)
-    for (out_f, grads_f), (out_p, grads_p) in zip(fast_record, plain_record):
-        assert same_bits(out_f, out_p)
-        assert all(same_bits(a, b) for a, b in zip(grads_f, grads_p))
+    assert_same_training(fast_record, plain_record)
     for a, b in zip(fast.parameters(), plain.parameters()):
         assert same_bits(a, b)
 
@@ -230,8 +235,7 @@ def test_attribute_changes_reach_values_and_gradients():
     fast = train(model, steps=2)
     with set_fast_path(False):
         plain = train(twin, steps=2)
-    for (out_f, grads_f), (out_p, grads_p) in zip(fast, plain):
-        assert same_bits(out_f, out_p) and all(same_bits(a, b) for a, b in zip(grads_f, grads_p))
+    assert_same_training(fast, plain)
 
 
 def test_a_changed_gradient_mode_is_followed():
@@ -467,8 +471,7 @@ def test_a_constrained_submodule_batches_inside_its_parent():
     fast = train(parent, steps=2)
     with set_fast_path(False):
         plain = train(twin, steps=2)
-    for (out_f, grads_f), (out_p, grads_p) in zip(fast, plain):
-        assert same_bits(out_f, out_p) and all(same_bits(a, b) for a, b in zip(grads_f, grads_p))
+    assert_same_training(fast, plain)
     seen = []
     hook = parent[1][0].register_forward_pre_hook(lambda m, args: seen.append(m.weight.grad_fn))
     parent(torch.randn(2, 6))
@@ -484,9 +487,7 @@ def test_the_multi_tensor_branch_gives_the_bits_of_the_plain_path(name, monkeypa
     fast_record = train(fast)
     with set_fast_path(False):
         plain_record = train(plain)
-    for (out_f, grads_f), (out_p, grads_p) in zip(fast_record, plain_record):
-        assert same_bits(out_f, out_p)
-        assert all(same_bits(a, b) for a, b in zip(grads_f, grads_p))
+    assert_same_training(fast_record, plain_record)
 
 
 def test_the_multi_tensor_branch_pulls_back_like_the_loop(monkeypatch):
