@@ -6,7 +6,15 @@ import torch
 from torch import Tensor, nn
 
 from torchconstrain._distributed import is_sharded, unsharded, whole
-from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot, constrained_slots, describe, drop_entries, drop_soft
+from torchconstrain._tensors import (
+    SOFT_ATTRIBUTE,
+    Slot,
+    constrained_slots,
+    describe,
+    drop_entries,
+    drop_soft,
+    one_pass_pays_off,
+)
 from torchconstrain import fastpath
 from torchconstrain.checkpoint import unwatch
 from torchconstrain.constraints.base import Constraint
@@ -72,8 +80,8 @@ def bake(model: nn.Module, key=None) -> Report:
     if not constrained_slots(model):
         unwatch(model)
     for module in model.modules():
-        if fastpath.attached(module) and sum(1 for s in constrained_slots(module) if s.constraints()) < 2:
-            fastpath.detach(module)  # nothing left to evaluate in one pass
+        if fastpath.attached(module) and not one_pass_pays_off(module):
+            fastpath.detach(module)
     return Report("baked tensors", rows)
 
 

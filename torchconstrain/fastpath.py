@@ -178,7 +178,7 @@ def _plain(module: nn.Module, tensor_name: str, plist: nn.Module) -> Tensor:
         raise RuntimeError("Parametrization is not working with scripting.")
     if not parametrize._cache_enabled:
         return plist()
-    if torch._C._get_tracing_state() is not None:
+    if _tracing_state() is not None:
         raise RuntimeError("Cannot trace a model while caching parametrizations.")
     key = (id(module), tensor_name)
     tensor = parametrize._cache.get(key)

@@ -15,10 +15,10 @@ from torch.nn.utils import parametrize
 
 from torchconstrain._tensors import (
     Slot,
-    constrained_slots,
     describe,
     drop_entries,
     drop_soft,
+    one_pass_pays_off,
     parameter_slots,
     register,
 )
@@ -141,8 +141,8 @@ def constrain(
     _register(plan)
     if plan:
         watch(model)
-        if sum(1 for slot in constrained_slots(model) if slot.constraints()) > 1:
-            fastpath.attach(model)  # one pass per forward pays off from two tensors on
+        if one_pass_pays_off(model):
+            fastpath.attach(model)
     return _report(plan)
 
 

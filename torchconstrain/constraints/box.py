@@ -68,7 +68,7 @@ def _clamp_for_pull_back(xs: list[Tensor], lowers: list, uppers: list, owners: l
     factor is 1. On a GPU the test would synchronize with the device, and a traced graph
     cannot branch on data: there every tensor counts as outside.
     """
-    if not _loops(xs) or tracing():
+    if tracing() or not _loops(xs):
         return _clamp_all(xs, lowers, uppers), [True] * len(xs)
     tested = [_due_for_test(owner) for owner in owners]
     holds = _scalar_box_holds(xs, lowers, uppers, tested)
@@ -139,6 +139,7 @@ class _FusedClamp(torch.autograd.Function):
     def forward(ctx, lowers, uppers, owners, *xs: Tensor):
         ctx.set_materialize_grads(False)
         if owners is None:  # straight-through
+            ctx.outside = []
             return tuple(_clamp_all(list(xs), lowers, uppers))
         ys, outside = _clamp_for_pull_back(list(xs), lowers, uppers, owners)
         ctx.outside = [i for i, out in enumerate(outside) if out]
@@ -148,7 +149,7 @@ class _FusedClamp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         result = [g if g is not None and ctx.needs_input_grad[3 + i] else None for i, g in enumerate(grads)]
-        if not hasattr(ctx, "outside") or not ctx.outside:
+        if not ctx.outside:
             return (None, None, None, *result)
         saved, n = ctx.saved_tensors, len(ctx.outside)
         wanted = [(i, saved[k], saved[n + k]) for k, i in enumerate(ctx.outside) if result[i] is not None]
