@@ -23,7 +23,7 @@ from torchconstrain import (
     set_fast_path,
 )
 from torchconstrain import fastpath
-from torchconstrain.constraints import box
+from torchconstrain.constraints import _multi, box
 
 
 def same_bits(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -56,6 +56,15 @@ RULES = {
     "FakeQuant": lambda: FakeQuant(bits=4),
     "Clamp + FixedMask": lambda: [Clamp(-0.2, 0.2), FixedMask.magnitude(sparsity=0.5)],
     "FixedMask + Clamp": lambda: [FixedMask.magnitude(sparsity=0.3), Clamp(-0.1, 0.1)],
+    "wide Clamp + FixedMask": lambda: [Clamp(-10, 10), FixedMask.magnitude(sparsity=0.5)],  # all inside
+    "Clamp + FixedMask + FixedMask": lambda: [
+        Clamp(-0.2, 0.2), FixedMask.magnitude(sparsity=0.5), FixedMask.magnitude(sparsity=0.3)
+    ],
+    "a different chain per layer": lambda: {  # one fused call, some outputs masked, some not
+        "0.weight": Clamp(-0.2, 0.2),
+        "2.weight": [Clamp(-0.2, 0.2), FixedMask.magnitude(sparsity=0.5), LearnableMask()],
+        "4.weight": [FixedMask.magnitude(sparsity=0.5), Clamp(-0.1, 0.1), FixedMask.magnitude(sparsity=0.3)],
+    },
 }
 
 
@@ -63,7 +72,9 @@ def constrained_pair(make_rule):
     """Two identical constrained stacks whose stored weights partly leave the box."""
     model = stack()
     rule = make_rule()
-    if isinstance(rule, Clamp) and rule.min.dim():  # per-channel bounds: the middle layer only
+    if isinstance(rule, dict):
+        constrain(model, rule)
+    elif isinstance(rule, Clamp) and rule.min.dim():  # per-channel bounds: the middle layer only
         constrain(model, {"2.weight": rule})
     else:
         constrain(model, {nn.Linear: rule})
@@ -129,6 +140,7 @@ def test_a_forward_evaluates_its_constraints_in_one_node():
     for hook in hooks:
         hook.remove()
     assert len(seen) == 3 and len(set(seen)) == 1  # one multi-tensor node for all three
+    assert type(seen[0]).__name__ == "_FusedClampBackward"  # the masks folded into the clamp
 
 
 def test_no_grad_reuses_the_value_and_the_switch_turns_it_off():
@@ -482,7 +494,7 @@ def test_a_constrained_submodule_batches_inside_its_parent():
 @pytest.mark.parametrize("name", ["Clamp pull_back", "Clamp straight_through", "Clamp one-sided", "Clamp + FixedMask"])
 def test_the_multi_tensor_branch_gives_the_bits_of_the_plain_path(name, monkeypatch):
     # What runs on a GPU (multi-tensor kernels, no data-dependent test), here on the CPU.
-    monkeypatch.setattr(box, "_loops", lambda xs: False)
+    monkeypatch.setattr(_multi, "loops", lambda xs: False)
     fast, plain = constrained_pair(RULES[name])
     fast_record = train(fast)
     with set_fast_path(False):
@@ -502,7 +514,7 @@ def test_the_multi_tensor_branch_pulls_back_like_the_loop(monkeypatch):
     weights = torch.tensor([[0.5, 5.0, -5.0, 5.0]])
     upstream = torch.tensor([[float("inf"), 1.0, 1.0, -1.0]])
     looped = grad_of(weights, upstream)
-    monkeypatch.setattr(box, "_loops", lambda xs: False)
+    monkeypatch.setattr(_multi, "loops", lambda xs: False)
     assert same_bits(grad_of(weights, upstream), looped)
     assert looped.tolist() == [[float("inf"), 1.0, 0.0, 0.0]]
 

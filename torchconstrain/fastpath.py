@@ -23,7 +23,9 @@ work, and with bitwise the same values and gradients:
   (:meth:`~torchconstrain.Constraint._fusion`: ``Clamp`` with scalar bounds, ``FixedMask``)
   are evaluated for all tensors at once, one autograd node each, with multi-tensor
   (``torch._foreach_*``) kernels on the GPU, so their Python and kernel-launch costs do
-  not grow with the number of layers; the others run one tensor at a time. Each tensor's
+  not grow with the number of layers; the others run one tensor at a time. A constant
+  factor right after a fused constraint (:meth:`~torchconstrain.Constraint._factor`: a
+  ``FixedMask`` after a ``Clamp``) is applied inside that constraint's node. Each tensor's
   first access in the forward takes its value from that pass; any other access computes
   it anew, as ``parametrize`` does. Only the thread that ran the pass takes its values.
 
@@ -202,7 +204,7 @@ class _Evaluator:
 
     __slots__ = (
         "plist", "params", "modules", "original", "data_ptr", "count", "revision", "ok", "chain",
-        "buffers", "learnables", "plan", "fusion", "reused", "pending", "__weakref__",
+        "buffers", "learnables", "plan", "factors", "fusion", "reused", "pending", "__weakref__",
     )
 
     def __init__(self, plist: nn.Module) -> None:
@@ -232,6 +234,7 @@ class _Evaluator:
         self.buffers = [(c._buffers, n, t, t._version) for c in self.chain for n, t in c._buffers.items() if t is not None]
         self.learnables = [(c._parameters, n, t) for c in self.chain for n, t in c._parameters.items() if t is not None]
         self.plan = tuple(c._plan(original) for c in self.chain)
+        self.factors = tuple(c._factor(plan) for c, plan in zip(self.chain, self.plan))
         where = (original.device, original.dtype)
         self.fusion = tuple(None if key is None else (key, where) for key in (c._fusion() for c in self.chain))
 
@@ -264,6 +267,10 @@ class _Evaluator:
     def _rebuilt_state(self) -> tuple | None:
         self._build()
         return self.state() if self.ok else None
+
+    def factor_after(self, step: int) -> Tensor | None:
+        """The constant factor of the constraint after number ``step``, if any."""
+        return self.factors[step + 1] if step + 1 < self.count else None
 
     def evaluate(self, x: Tensor) -> Tensor:
         for step in self.plan:
@@ -390,37 +397,41 @@ def _batcher(model: nn.Module) -> _Batcher | None:
 
 
 def _evaluate_batch(evaluators: list[_Evaluator], log: list) -> list[_Evaluator]:
-    """Evaluate every chain stage by stage, fusing the constraints that share a fusion key;
-    leave each value in its evaluator's ``pending``, for this thread, with the forward's
-    access ``log``. Return the evaluators it served."""
+    """Evaluate every chain, fusing the constraints that share a fusion key; leave each
+    value in its evaluator's ``pending``, for this thread, with the forward's access
+    ``log``. Return the evaluators it served."""
     states = [e.state() for e in evaluators]
     evaluators = [e for e, state in zip(evaluators, states) if state is not None]
     states = [state for state in states if state is not None]
     xs = [e.original for e in evaluators]
-    todo, stage = list(range(len(evaluators))), 0
+    steps = [0] * len(evaluators)  # constraints of each chain applied so far
+    todo = list(range(len(evaluators)))
     while todo:
-        _evaluate_stage(evaluators, xs, todo, stage)
-        stage += 1
-        todo = [i for i in todo if evaluators[i].count > stage]
+        _evaluate_step(evaluators, xs, steps, todo)
+        todo = [i for i in todo if evaluators[i].count > steps[i]]
     thread = get_ident()
     for evaluator, x, state in zip(evaluators, xs, states):
         evaluator.pending = (x, state, thread, log)
     return evaluators
 
 
-def _evaluate_stage(evaluators: list[_Evaluator], xs: list[Tensor], todo: list[int], stage: int) -> None:
-    """Apply constraint number ``stage`` of each chain in ``todo`` to its ``xs`` entry, all
-    constraints with one fusion key in one call."""
+def _evaluate_step(evaluators: list[_Evaluator], xs: list[Tensor], steps: list[int], todo: list[int]) -> None:
+    """Apply the next constraint of each chain in ``todo`` to its ``xs`` entry, all
+    constraints with one fusion key in one call, which also applies the constant factor
+    of the constraint after it (a ``FixedMask`` after a ``Clamp``), if any."""
     groups: dict = {}
     for i in todo:
-        key = evaluators[i].fusion[stage]
+        key = evaluators[i].fusion[steps[i]]
         groups.setdefault(("alone", i) if key is None else key, []).append(i)
     for key, members in groups.items():
-        if len(members) == 1:
+        if key[0] == "alone":
             i = members[0]
-            xs[i] = evaluators[i].plan[stage](xs[i])
+            xs[i] = evaluators[i].plan[steps[i]](xs[i])
+            steps[i] += 1
             continue
+        factors = [evaluators[i].factor_after(steps[i]) for i in members]
         fused = key[0][0]
-        outputs = fused([evaluators[i].plan[stage] for i in members], [xs[i] for i in members])
-        for i, y in zip(members, outputs):
+        outputs = fused([evaluators[i].plan[steps[i]] for i in members], [xs[i] for i in members], factors)
+        for i, y, factor in zip(members, outputs, factors):
             xs[i] = y
+            steps[i] += 1 if factor is None else 2

@@ -124,8 +124,19 @@ class Constraint(nn.Module):
 
     def _fusion(self):
         r"""Return a key ``(fused, ...)`` when this constraint can be evaluated together with
-        others of equal key by ``fused(plans, xs) -> ys``, given their :meth:`_plan`
-        functions (bitwise what each plan gives, gradients included), or ``None``."""
+        others of equal key by ``fused(plans, xs, factors) -> ys``, or ``None``.
+
+        ``fused`` gets the constraints' :meth:`_plan` functions and inputs, and for each a
+        factor: ``None``, or the :meth:`_factor` of the constraint that comes next in that
+        tensor's chain, which ``fused`` applies in place of it. Its results must be bitwise
+        ``plan(x)``, times ``factor`` where one is given, gradients included.
+        """
+        return None
+
+    def _factor(self, plan) -> Tensor | None:
+        r"""Return the constant tensor this constraint multiplies its input by (given its
+        :meth:`_plan`), when that is all its forward does, or ``None``: a fused evaluation
+        of the constraint before it in a chain can then apply it too (see :meth:`_fusion`)."""
         return None
 
     def violation(self, value: Tensor) -> str | None:

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import Tensor
 
+from torchconstrain.constraints import _multi
 from torchconstrain.constraints.base import Constraint, tracing
 
 __all__ = ["Clamp"]
@@ -20,7 +21,7 @@ class _PullBackClamp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, lower, upper, owner: "Clamp") -> Tensor:
-        (clamped,), (outside,) = _clamp_for_pull_back([x], [lower], [upper], [owner])
+        (clamped,), _, (outside,) = _clamp_for_pull_back([x], [lower], [upper], [owner], [None])
         ctx.outside = outside
         if outside:
             ctx.save_for_backward(x, clamped)
@@ -34,17 +35,11 @@ class _PullBackClamp(torch.autograd.Function):
         return _pull_back([x], [clamped], [grad])[0], None, None, None
 
 
-def _loops(xs: list[Tensor]) -> bool:
-    """Whether to work tensor by tensor (on the CPU, and in traced graphs) rather than with
-    multi-tensor kernels and without data-dependent tests (on GPUs)."""
-    return xs[0].device.type == "cpu" or tracing()
-
-
 def _clamp_all(xs: list[Tensor], lowers: list, uppers: list) -> list[Tensor]:
     """``torch.clamp`` of each tensor: a loop on the CPU (one pass each beats two foreach
     passes) or with tensor bounds, multi-tensor kernels elsewhere (the same values:
     ``min(max(x, lo), hi)``)."""
-    if _loops(xs) or any(isinstance(b, Tensor) for b in (*lowers, *uppers)):
+    if _multi.loops(xs) or any(isinstance(b, Tensor) for b in (*lowers, *uppers)):
         return [torch.clamp(x, lo, hi) for x, lo, hi in zip(xs, lowers, uppers)]
     lows = [-math.inf if lo is None else lo for lo in lowers]
     highs = [math.inf if hi is None else hi for hi in uppers]
@@ -56,36 +51,41 @@ def _clamp_all(xs: list[Tensor], lowers: list, uppers: list) -> list[Tensor]:
 RETEST_EVERY = 8
 
 
-def _clamp_for_pull_back(xs: list[Tensor], lowers: list, uppers: list, owners: list["Clamp"]):
-    """The clamped tensors, and for each whether an entry may be outside the box.
+def _clamp_for_pull_back(xs: list[Tensor], lowers: list, uppers: list, owners: list["Clamp"], factors: list):
+    """The clamped tensors times their ``factors`` (``None``: as they are), the clamped
+    tensors themselves where an entry may be outside the box (else ``None``), and for
+    each whether an entry may be outside.
 
     On the CPU a tensor with every entry inside gets ``False``: its gradient passes as it
     is, which is what :func:`_pull_back` gives it, and nothing is saved for backward. The
-    test is one ``aminmax`` per tensor with scalar bounds (such a tensor is then copied,
-    its clamp being itself) and ``torch.equal`` with tensor bounds; a tensor found outside
-    skips it for the next ``RETEST_EVERY - 1`` evaluations. Whether a tensor is tested
-    changes no bit: for one inside its box, the copy is its clamp and the pull-back
-    factor is 1. On a GPU the test would synchronize with the device, and a traced graph
-    cannot branch on data: there every tensor counts as outside.
+    test is one ``aminmax`` per tensor with scalar bounds (such a tensor is then copied, or
+    multiplied by its factor, its clamp being itself) and ``torch.equal`` with tensor
+    bounds; a tensor found outside skips it for the next ``RETEST_EVERY - 1`` evaluations.
+    Whether a tensor is tested changes no bit: for one inside its box, the copy is its
+    clamp and the pull-back factor is 1. On a GPU the test would synchronize with the
+    device, and a traced graph cannot branch on data: there every tensor counts as outside.
     """
-    if tracing() or not _loops(xs):
-        return _clamp_all(xs, lowers, uppers), [True] * len(xs)
+    if tracing() or not _multi.loops(xs):
+        clamped = _clamp_all(xs, lowers, uppers)
+        return _multi.times(clamped, factors), clamped, [True] * len(xs)
     tested = [_due_for_test(owner) for owner in owners]
     holds = _scalar_box_holds(xs, lowers, uppers, tested)
-    ys, outside = [], []
-    for x, lo, hi, owner, test, inside in zip(xs, lowers, uppers, owners, tested, holds):
+    ys, kept, outside = [], [], []
+    for x, lo, hi, owner, factor, test, inside in zip(xs, lowers, uppers, owners, factors, tested, holds):
         if inside:
-            ys.append(x.clone())
+            ys.append(x.clone() if factor is None else x * factor)
+            kept.append(None)
             outside.append(False)
             continue
-        y = torch.clamp(x, lo, hi)
-        ys.append(y)
+        clamped = torch.clamp(x, lo, hi)
+        ys.append(clamped if factor is None else clamped * factor)
+        kept.append(clamped)
         tensor_bounds = isinstance(lo, Tensor) or isinstance(hi, Tensor)
-        out = x.numel() > 0 and not (test and tensor_bounds and torch.equal(x, y))
+        out = x.numel() > 0 and not (test and tensor_bounds and torch.equal(x, clamped))
         if test and out:
             owner.__dict__["_untested"] = RETEST_EVERY - 1  # not an attribute change: no plan rebuild
         outside.append(out)
-    return ys, outside
+    return ys, kept, outside
 
 
 def _due_for_test(owner: "Clamp") -> bool:
@@ -120,7 +120,7 @@ def _pull_back(xs: list[Tensor], clamped: list[Tensor], grads: list[Tensor]) -> 
     for NaN). The plain and the fused path of one device use the same formula, so they
     give the same bits.
     """
-    if _loops(xs):
+    if _multi.loops(xs):
         return [torch.sub(x, c).mul_(torch.sign(g)).ge_(0).mul_(g) for x, c, g in zip(xs, clamped, grads)]
     factors = torch._foreach_sub(xs, clamped)
     torch._foreach_mul_(factors, torch._foreach_sign(grads))
@@ -132,32 +132,35 @@ def _pull_back(xs: list[Tensor], clamped: list[Tensor], grads: list[Tensor]) -> 
 
 
 class _FusedClamp(torch.autograd.Function):
-    """Clamp many tensors with scalar bounds in one autograd node: the values and gradients
-    of each tensor's own ``Clamp.forward``, with multi-tensor kernels off the CPU."""
+    """Clamp many tensors with scalar bounds in one autograd node, each output multiplied by
+    its factor (if any): the values and gradients of each tensor's own ``Clamp.forward``
+    followed by ``x * factor``, with multi-tensor kernels off the CPU."""
 
     @staticmethod
-    def forward(ctx, lowers, uppers, owners, *xs: Tensor):
+    def forward(ctx, lowers, uppers, owners, factors, *xs: Tensor):
         ctx.set_materialize_grads(False)
+        ctx.factors = factors
         if owners is None:  # straight-through
             ctx.outside = []
-            return tuple(_clamp_all(list(xs), lowers, uppers))
-        ys, outside = _clamp_for_pull_back(list(xs), lowers, uppers, owners)
+            return tuple(_multi.times(_clamp_all(list(xs), lowers, uppers), factors))
+        ys, clamped, outside = _clamp_for_pull_back(list(xs), lowers, uppers, owners, factors)
         ctx.outside = [i for i, out in enumerate(outside) if out]
-        ctx.save_for_backward(*(xs[i] for i in ctx.outside), *(ys[i] for i in ctx.outside))
+        ctx.save_for_backward(*(xs[i] for i in ctx.outside), *(clamped[i] for i in ctx.outside))
         return tuple(ys)
 
     @staticmethod
     def backward(ctx, *grads):
-        result = [g if g is not None and ctx.needs_input_grad[3 + i] else None for i, g in enumerate(grads)]
-        if not ctx.outside:
-            return (None, None, None, *result)
-        saved, n = ctx.saved_tensors, len(ctx.outside)
-        wanted = [(i, saved[k], saved[n + k]) for k, i in enumerate(ctx.outside) if result[i] is not None]
-        if wanted:
-            passed = _pull_back([x for _, x, _ in wanted], [y for _, _, y in wanted], [result[i] for i, _, _ in wanted])
-            for (i, _, _), g in zip(wanted, passed):
-                result[i] = g
-        return (None, None, None, *result)
+        wanted = [g is not None and ctx.needs_input_grad[4 + i] for i, g in enumerate(grads)]
+        factors = [f if w else None for f, w in zip(ctx.factors, wanted)]
+        result = [g if w else None for g, w in zip(_multi.times(list(grads), factors), wanted)]
+        if ctx.outside:
+            saved, n = ctx.saved_tensors, len(ctx.outside)
+            pulled = [(i, saved[k], saved[n + k]) for k, i in enumerate(ctx.outside) if result[i] is not None]
+            if pulled:
+                passed = _pull_back([x for _, x, _ in pulled], [c for _, _, c in pulled], [result[i] for i, _, _ in pulled])
+                for (i, _, _), g in zip(pulled, passed):
+                    result[i] = g
+        return (None, None, None, None, *result)
 
 
 class _StraightThroughClamp(torch.autograd.Function):
@@ -273,15 +276,16 @@ class Clamp(Constraint):
         return (Clamp._fused, self.gradient)
 
     @staticmethod
-    def _fused(plans: list[functools.partial], xs: list[Tensor]) -> list[Tensor]:
-        """Scalar-bound clamps of one gradient mode (plans from :meth:`_plan`), all at once."""
+    def _fused(plans: list[functools.partial], xs: list[Tensor], factors: list) -> list[Tensor]:
+        """Scalar-bound clamps of one gradient mode (plans from :meth:`_plan`), all at once,
+        each times its factor (see :meth:`Constraint._fusion`)."""
         lowers = [p.keywords["lower"] for p in plans]
         uppers = [p.keywords["upper"] for p in plans]
         owners = [p.func.__self__ for p in plans]
         if not (torch.is_grad_enabled() and any(x.requires_grad for x in xs)):
-            return [p(x) for p, x in zip(plans, xs)]
+            return _multi.times([p(x) for p, x in zip(plans, xs)], factors)
         pull_back = owners[0].gradient == "pull_back"
-        return list(_FusedClamp.apply(lowers, uppers, owners if pull_back else None, *xs))
+        return list(_FusedClamp.apply(lowers, uppers, owners if pull_back else None, factors, *xs))
 
     def _bounds(self, x: Tensor):
         """The bounds as Python floats when they are scalars (a much faster clamp), else tensors."""

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from torchconstrain.constraints import _multi
 from torchconstrain.constraints.base import Constraint, tracing
 from torchconstrain.constraints.selection import (
     NM,
@@ -136,10 +137,14 @@ class FixedMask(Constraint):
     def _fusion(self):
         return (FixedMask._fused,)
 
+    def _factor(self, plan: functools.partial) -> Tensor:
+        return plan.keywords["keep"]
+
     @staticmethod
-    def _fused(plans: list[functools.partial], xs: list[Tensor]) -> list[Tensor]:
-        """Many masks (plans from :meth:`_plan`) in one multi-tensor multiplication."""
-        return torch._foreach_mul(xs, [p.keywords["keep"] for p in plans])
+    def _fused(plans: list[functools.partial], xs: list[Tensor], factors: list) -> list[Tensor]:
+        """Many masks (plans from :meth:`_plan`) in one multi-tensor multiplication, each
+        result times its factor (see :meth:`Constraint._fusion`)."""
+        return _multi.times(torch._foreach_mul(xs, [p.keywords["keep"] for p in plans]), factors)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return torch.where(self.mask, value, 0.0)
