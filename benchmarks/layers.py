@@ -112,7 +112,7 @@ def _run_task(case: LayerCase, task: str, device, threads, budget, progress) -> 
             continue
         module = copy.deepcopy(layer)
         variant.prepare(module)
-        calls[variant.name] = _call(task, module, x, grad, variant)
+        calls[variant.name] = [_call(task, module, x, grad, variant)]
     stats = measure_group(calls, budget, threads, device)
     results = [Result(SECTION, case.name, task, name, **stats[name]) for name in calls]
     for result in results:

@@ -28,8 +28,9 @@ in small, 62 in large, SE fcs included) and every Linear weight of the stack (40
   each ``optimizer.step()`` (training only);
 - ``baked``: ``mix``, then ``bake``.
 
-Every variant gets a freshly built model (seed 0) with the same inputs; the variants of a
-case are timed in interleaved rounds (:func:`benchmarks.timing.measure_group`).
+Every variant gets freshly built models (seed 0; ``budget.copies`` of them, whose
+measurements are merged) with the same inputs; the variants of a case are timed in
+interleaved rounds (:func:`benchmarks.timing.measure_group`).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[
     results = []
     for case in CASES:
         chosen = [v for v in case.variants if not (v.training_only and case.task != "train step")]
-        calls = {v.name: _call(case, v, device) for v in chosen}
+        calls = {v.name: [_call(case, v, device) for _ in range(budget.copies)] for v in chosen}
         stats = measure_group(calls, budget, threads, device)
         for name in calls:
             results.append(Result(SECTION, case.name, case.task, name, **stats[name]))

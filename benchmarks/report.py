@@ -5,8 +5,9 @@ the unmodified module; every other column is that variant's median divided by pl
 median for the same case and task, measured in the same run (``1.25x`` = 25 % slower).
 ``–`` marks a variant that does not apply (``clamp_ after step`` outside training steps).
 The detail table lists median and IQR (absolute and as a share of the median) of every
-measurement over all its blocks (of every round), the number of blocks and the calls per
-block; ``*`` flags an IQR above 10 % of the median (a noisy measurement).
+measurement over all its blocks (of every round and copy), the number of copies with the
+range of their own medians relative to the merged one, the number of blocks and the calls
+per block; ``*`` flags an IQR above 10 % of the median (a noisy measurement).
 """
 
 from __future__ import annotations
@@ -91,11 +92,20 @@ def detail_table(results: list[Result]) -> list[str]:
         flag = " *" if share > NOISY else ""
         rows.append([
             r.section, r.case, r.task, r.variant, format_time(r.median), format_time(r.iqr),
-            f"{share:.1%}{flag}", f"{ratio[id(r)]:.2f}x", str(len(r.block_times)), _calls(r.calls_per_block),
+            f"{share:.1%}{flag}", f"{ratio[id(r)]:.2f}x", _spread(r), str(len(r.block_times)),
+            _calls(r.calls_per_block),
         ])
-    header = ["section", "case", "task", "variant", "median", "IQR", "IQR/median", "vs plain", "blocks",
-              "calls/block"]
+    header = ["section", "case", "task", "variant", "median", "IQR", "IQR/median", "vs plain", "copies",
+              "blocks", "calls/block"]
     return _table(header, rows, right_from=4)
+
+
+def _spread(result: Result) -> str:
+    """``3: 0.98-1.03``: how many copies were timed and their medians relative to the merged one."""
+    medians = result.copy_medians
+    if len(medians) < 2:
+        return str(len(medians) or 1)
+    return f"{len(medians)}: {min(medians) / result.median:.2f}-{max(medians) / result.median:.2f}"
 
 
 def _calls(numbers: list[int]) -> str:

@@ -43,7 +43,7 @@ BUDGETS = {
     "quick": (Budget(warmup=0.0, warmup_calls=1, min_run_time=0.003),
               Budget(warmup=0.0, warmup_calls=1, min_run_time=0.003)),
     "full": (Budget(warmup=0.3, warmup_calls=3, min_run_time=1.2, rounds=6),
-             Budget(warmup=1.0, warmup_calls=3, min_run_time=3.0, rounds=3)),
+             Budget(warmup=1.0, warmup_calls=3, min_run_time=3.0, rounds=3, copies=3)),
 }
 
 

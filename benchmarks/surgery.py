@@ -31,8 +31,9 @@ def variant_name(sparsity: float) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def build(arch: str, sparsity: float, device: torch.device) -> nn.Module:
-    r"""The dense model, or the model shrunk at ``sparsity`` of its expanded channels (built once)."""
+def build(arch: str, sparsity: float, device: torch.device, copy: int = 0) -> nn.Module:
+    r"""The dense model, or the model shrunk at ``sparsity`` of its expanded channels (built
+    once per ``copy`` number: copies are separately built, identical models)."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(weights=None).eval()
     if sparsity:
@@ -46,7 +47,8 @@ def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[
     results = []
     for arch in ARCHS:
         x = torch.randn(1, 3, 224, 224, device=device)
-        calls = {variant_name(s): steps.forward(build(arch, s, device), x) for s in SPARSITIES}
+        calls = {variant_name(s): [steps.forward(build(arch, s, device, k), x) for k in range(budget.copies)]
+                 for s in SPARSITIES}
         stats = measure_group(calls, budget, threads, device)
         for name in calls:
             results.append(Result(SECTION, f"{arch} b1", "inference", name, **stats[name]))

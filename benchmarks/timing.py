@@ -13,6 +13,12 @@ r"""How the numbers are measured: warm-up, then interleaved rounds of ``Timer.bl
 3. The median and inter-quartile range (IQR) are taken over the per-call times of all
    blocks of all rounds (``Measurement.merge``).
 
+With ``budget.copies`` above 1, each variant is ``copies`` separately built modules that
+split its warm-up and measured time; their blocks are merged. Two identical copies of a
+whole MobileNet can differ by a few percent on a CPU (where their tensors land in memory),
+more than the overheads being measured: one copy per variant would let that decide the
+ratios. The copies' own medians are kept (``copy_medians``) to show that spread.
+
 On CUDA the Timer synchronizes the device before reading the clock, and the warm-up ends
 with a synchronize, so queued kernels are never attributed to the wrong block.
 
@@ -36,12 +42,14 @@ ALLOCATOR_PRIMING_BYTES = 30 * 2**20
 
 @dataclass(frozen=True)
 class Budget:
-    r"""Time spent per measurement: warm-up seconds and calls, measured seconds, rounds."""
+    r"""Time spent per measurement: warm-up seconds and calls, measured seconds, rounds, and
+    how many separately built copies of each variant share them (see :func:`measure_group`)."""
 
     warmup: float
     warmup_calls: int
     min_run_time: float
     rounds: int = 1
+    copies: int = 1
 
 
 @dataclass
@@ -57,6 +65,7 @@ class Result:
     mean: float
     calls_per_block: list[int]
     block_times: list[float] = field(repr=False)
+    copy_medians: list[float] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -78,10 +87,10 @@ def steady_allocator() -> None:
     del buffer
 
 
-def warm_up(fn: Callable[[], object], budget: Budget, device: torch.device) -> None:
-    r"""Call ``fn`` for ``budget.warmup`` seconds and at least ``budget.warmup_calls`` times."""
+def warm_up(fn: Callable[[], object], budget: Budget, device: torch.device, share: int = 1) -> None:
+    r"""Call ``fn`` for ``budget.warmup / share`` seconds and at least ``budget.warmup_calls`` times."""
     start, calls = time.perf_counter(), 0
-    while calls < budget.warmup_calls or time.perf_counter() - start < budget.warmup:
+    while calls < budget.warmup_calls or time.perf_counter() - start < budget.warmup / share:
         fn()
         calls += 1
     if device.type == "cuda":
@@ -89,26 +98,36 @@ def warm_up(fn: Callable[[], object], budget: Budget, device: torch.device) -> N
 
 
 def measure_group(
-    fns: dict[str, Callable[[], object]], budget: Budget, threads: int, device: torch.device
+    fns: dict[str, list[Callable[[], object]]], budget: Budget, threads: int, device: torch.device
 ) -> dict[str, dict]:
-    r"""Warm up and time every function of ``fns`` in interleaved rounds; statistics in seconds."""
+    r"""Warm up and time every function of ``fns`` in interleaved rounds; statistics in seconds.
+
+    Each name maps to one or more copies of a variant (the same computation on separately
+    built modules): they share the name's warm-up and measured time, and their blocks are
+    merged, so that where one copy's tensors happen to land in memory does not decide
+    the name's time.
+    """
     timers = {}
-    for name, fn in fns.items():
-        warm_up(fn, budget, device)
-        timers[name] = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, description=name)
-    rounds: dict[str, list[Measurement]] = {name: [] for name in fns}
+    for name, copies in fns.items():
+        for fn in copies:
+            warm_up(fn, budget, device, share=len(copies))
+        timers[name] = [Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, description=name) for fn in copies]
+    rounds: dict[str, list[list[Measurement]]] = {name: [[] for _ in copies] for name, copies in timers.items()}
     for _ in range(budget.rounds):
-        for name, timer in timers.items():
-            rounds[name].append(timer.blocked_autorange(min_run_time=budget.min_run_time / budget.rounds))
-    return {name: _statistics(measurements) for name, measurements in rounds.items()}
+        for name, copies in timers.items():
+            block_time = budget.min_run_time / (budget.rounds * len(copies))
+            for timer, measured in zip(copies, rounds[name]):
+                measured.append(timer.blocked_autorange(min_run_time=block_time))
+    return {name: _statistics(per_copy) for name, per_copy in rounds.items()}
 
 
-def _statistics(measurements: list[Measurement]) -> dict:
-    (merged,) = Measurement.merge(measurements)
+def _statistics(per_copy: list[list[Measurement]]) -> dict:
+    (merged,) = Measurement.merge([m for measurements in per_copy for m in measurements])
     return {
         "median": merged.median,
         "iqr": merged.iqr,
         "mean": merged.mean,
-        "calls_per_block": [m.number_per_run for m in measurements],
+        "calls_per_block": [m.number_per_run for measurements in per_copy for m in measurements],
         "block_times": list(merged.times),
+        "copy_medians": [Measurement.merge(measurements)[0].median for measurements in per_copy],
     }

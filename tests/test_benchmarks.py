@@ -21,3 +21,31 @@ def test_quick_benchmark_run_writes_every_case(tmp_path):
     assert table.startswith("# torchconstrain benchmarks")
     assert "| mobilenet_v3_large | 50% shrunk |" in table
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_copies_of_a_variant_are_each_timed_and_merged():
+    import torch
+
+    from benchmarks.timing import Budget, measure_group
+
+    calls = {"plain": [0, 0], "slow": [0]}
+
+    def counting(name, k, size):
+        work = torch.ones(size)
+
+        def call():
+            calls[name][k] += 1
+            work.add_(1)
+
+        return call
+
+    budget = Budget(warmup=0.0, warmup_calls=1, min_run_time=0.02, rounds=2, copies=2)
+    stats = measure_group(
+        {"plain": [counting("plain", 0, 10), counting("plain", 1, 10)], "slow": [counting("slow", 0, 10**6)]},
+        budget, threads=1, device=torch.device("cpu"),
+    )
+    assert all(n > 1 for n in calls["plain"] + calls["slow"])  # every copy warmed up and timed
+    assert len(stats["plain"]["copy_medians"]) == 2 and len(stats["slow"]["copy_medians"]) == 1
+    low, high = sorted(stats["plain"]["copy_medians"])
+    assert low <= stats["plain"]["median"] <= high
+    assert stats["slow"]["median"] > stats["plain"]["median"]
