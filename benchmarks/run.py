@@ -76,9 +76,10 @@ def settings_line(mode: str, threads: int) -> str:
 
 
 def _budget_text(budget: Budget) -> str:
+    copies = f" shared by {budget.copies} separately built copies" if budget.copies > 1 else ""
     return (
         f"warm-up ≥{budget.warmup:g} s and ≥{budget.warmup_calls} calls, "
-        f"{budget.rounds} x {budget.min_run_time / budget.rounds:g} s per variant"
+        f"{budget.rounds} x {budget.min_run_time / budget.rounds:g} s per variant{copies}"
     )
 
 
