@@ -57,6 +57,10 @@ RULES = {
     "Clamp + FixedMask": lambda: [Clamp(-0.2, 0.2), FixedMask.magnitude(sparsity=0.5)],
     "FixedMask + Clamp": lambda: [FixedMask.magnitude(sparsity=0.3), Clamp(-0.1, 0.1)],
     "wide Clamp + FixedMask": lambda: [Clamp(-10, 10), FixedMask.magnitude(sparsity=0.5)],  # all inside
+    "Clamp straight_through + FixedMask": lambda: [
+        Clamp(-0.2, 0.2, gradient="straight_through"), FixedMask.magnitude(sparsity=0.5)
+    ],
+    "FixedMask + FixedMask": lambda: [FixedMask.magnitude(sparsity=0.5), FixedMask.random(sparsity=0.3)],
     "Clamp + FixedMask + FixedMask": lambda: [
         Clamp(-0.2, 0.2), FixedMask.magnitude(sparsity=0.5), FixedMask.magnitude(sparsity=0.3)
     ],
@@ -127,6 +131,20 @@ def test_inference_gives_the_bits_of_the_plain_path(name):
     with torch.no_grad(), set_fast_path(False):
         plain = fast(x)
     assert same_bits(first, plain) and same_bits(again, plain)
+
+
+@pytest.mark.parametrize("frozen", [(2,), (0, 2, 4)])
+@pytest.mark.parametrize("name", ["Clamp + FixedMask", "FixedMask + FixedMask"])
+def test_frozen_stored_weights_give_the_bits_of_the_plain_path(name, frozen):
+    fast, plain = constrained_pair(RULES[name])
+    for model in (fast, plain):
+        for i in frozen:
+            model[i].parametrizations.weight.original.requires_grad_(False)
+    fast_record = train(fast)
+    with set_fast_path(False):
+        plain_record = train(plain)
+    assert_same_training(fast_record, plain_record)
+    assert all(fast[i].parametrizations.weight.original.grad is None for i in frozen)
 
 
 def test_a_forward_evaluates_its_constraints_in_one_node():
