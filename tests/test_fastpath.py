@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchconstrain import (
     Clamp,
@@ -426,7 +427,11 @@ def _kernel_launches(model: nn.Module, x: torch.Tensor) -> int:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("rule", [lambda: Clamp(-0.5, 0.5), lambda: [Clamp(-0.5, 0.5), FixedMask.magnitude(sparsity=0.5)]])
+@pytest.mark.parametrize("rule", [
+    lambda: Clamp(-0.5, 0.5),
+    lambda: [Clamp(-0.5, 0.5), FixedMask.magnitude(sparsity=0.5)],
+    lambda: FixedMask.magnitude(sparsity=0.5),
+])
 def test_cuda_launches_added_by_constraints_do_not_grow_with_the_layers(rule):
     added = []
     for layers in (4, 16):
@@ -509,7 +514,10 @@ def test_a_constrained_submodule_batches_inside_its_parent():
     assert type(seen[0]).__name__ == "_FusedClampBackward"  # the submodule's two weights, at once
 
 
-@pytest.mark.parametrize("name", ["Clamp pull_back", "Clamp straight_through", "Clamp one-sided", "Clamp + FixedMask"])
+@pytest.mark.parametrize("name", [
+    "Clamp pull_back", "Clamp straight_through", "Clamp one-sided", "Clamp + FixedMask", "FixedMask",
+    "FixedMask + FixedMask", "a different chain per layer",
+])
 def test_the_multi_tensor_branch_gives_the_bits_of_the_plain_path(name, monkeypatch):
     # What runs on a GPU (multi-tensor kernels, no data-dependent test), here on the CPU.
     monkeypatch.setattr(_multi, "loops", lambda xs: False)
@@ -518,6 +526,52 @@ def test_the_multi_tensor_branch_gives_the_bits_of_the_plain_path(name, monkeypa
     with set_fast_path(False):
         plain_record = train(plain)
     assert_same_training(fast_record, plain_record)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the operators that compute something (views such as ``detach`` launch no kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_step(model: nn.Module, x: torch.Tensor) -> int:
+    """Computing operators one training step (forward, backward, foreach SGD step) dispatches."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()  # warm up: the first forward learns which tensors the model uses
+    with _CountOps() as counter:
+        step()
+    return counter.count
+
+
+@pytest.mark.parametrize("name", [
+    "Clamp pull_back", "Clamp straight_through", "Clamp + FixedMask", "FixedMask", "FixedMask + FixedMask",
+])
+def test_the_multi_tensor_branch_adds_as_many_operators_for_any_number_of_layers(name, monkeypatch):
+    # What a GPU runs, here on the CPU: the operators (kernel launches on a GPU) that the
+    # constraints add to a training step do not grow with the number of constrained layers.
+    monkeypatch.setattr(_multi, "loops", lambda xs: False)
+    added = []
+    for layers in (4, 16):
+        torch.manual_seed(0)
+        plain = nn.Sequential(*[nn.Linear(16, 16) for _ in range(layers)])
+        constrained = copy.deepcopy(plain)
+        constrain(constrained, {nn.Linear: RULES[name]()})
+        x = torch.randn(8, 16)
+        added.append(_ops_per_step(constrained, x) - _ops_per_step(plain, x))
+    assert 0 < added[0] == added[1], f"operators added: {added[0]} with 4 layers, {added[1]} with 16"
 
 
 def test_the_multi_tensor_branch_pulls_back_like_the_loop(monkeypatch):

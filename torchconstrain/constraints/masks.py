@@ -142,9 +142,9 @@ class FixedMask(Constraint):
 
     @staticmethod
     def _fused(plans: list[functools.partial], xs: list[Tensor], factors: list) -> list[Tensor]:
-        """Many masks (plans from :meth:`_plan`) in one multi-tensor multiplication, each
-        result times its factor (see :meth:`Constraint._fusion`)."""
-        return _multi.times(torch._foreach_mul(xs, [p.keywords["keep"] for p in plans]), factors)
+        """Many masks (plans from :meth:`_plan`) in one autograd node with multi-tensor
+        multiplications, each result times its factor (see :meth:`Constraint._fusion`)."""
+        return _multi.scale(xs, [[p.keywords["keep"], factor] for p, factor in zip(plans, factors)])
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return torch.where(self.mask, value, 0.0)
