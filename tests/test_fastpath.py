@@ -394,6 +394,35 @@ def test_a_constraint_class_that_does_not_declare_itself_cacheable_is_evaluated_
         assert not torch.equal(layer.weight, layer.weight)
 
 
+class _HalvedMask(FixedMask):
+    cacheable = True  # its forward depends on its input and own state only
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+class _ShrunkClamp(Clamp):
+    cacheable = True
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def test_a_subclass_with_its_own_forward_is_not_evaluated_with_its_parents_plan():
+    # FixedMask and Clamp evaluate fused plans of their own forward; a subclass that
+    # overrides forward (and declares itself cacheable) must get its forward, not theirs.
+    fast, plain = constrained_pair(lambda: [_ShrunkClamp(-0.2, 0.2), _HalvedMask.magnitude(sparsity=0.5)])
+    fast_record = train(fast)
+    with set_fast_path(False):
+        plain_record = train(plain)
+    assert_same_training(fast_record, plain_record)
+    with torch.no_grad():
+        reused = fast[2].weight
+        assert same_bits(reused, fast[2].weight)
+        with set_fast_path(False):
+            assert same_bits(reused, fast[2].weight)
+
+
 def test_parametrize_cached_is_respected():
     model, _ = constrained_pair(RULES["Clamp + FixedMask"])
     with parametrize.cached():

@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from torchconstrain.constraints.base import REVISION, tracing
+from torchconstrain.constraints.base import REVISION, Constraint, tracing
 
 __all__ = ["fast_path_enabled", "set_fast_path"]
 
@@ -233,10 +233,13 @@ class _Evaluator:
         # versions of the original and of learnable parameters (a mask's scores).
         self.buffers = [(c._buffers, n, t, t._version) for c in self.chain for n, t in c._buffers.items() if t is not None]
         self.learnables = [(c._parameters, n, t) for c in self.chain for n, t in c._parameters.items() if t is not None]
-        self.plan = tuple(c._plan(original) for c in self.chain)
-        self.factors = tuple(c._factor(plan) for c, plan in zip(self.chain, self.plan))
+        self.plan = tuple(c._plan(original) if _fits(c, "_plan") else c.forward for c in self.chain)
+        self.factors = tuple(
+            c._factor(plan) if _fits(c, "_factor") else None for c, plan in zip(self.chain, self.plan)
+        )
         where = (original.device, original.dtype)
-        self.fusion = tuple(None if key is None else (key, where) for key in (c._fusion() for c in self.chain))
+        keys = (c._fusion() if _fits(c, "_fusion") else None for c in self.chain)
+        self.fusion = tuple(None if key is None else (key, where) for key in keys)
 
     def state(self):
         """The versions of the tensors the value is computed from, or ``None`` (after
@@ -310,6 +313,16 @@ def _log_access(evaluator: _Evaluator, thread: int) -> None:
         if owner == thread:
             log.append(evaluator)
             return
+
+
+def _fits(constraint: Constraint, hook: str) -> bool:
+    """Whether the constraint's ``hook`` (``_plan``, ``_fusion``, ``_factor``) was written for
+    its ``forward``: not inherited from above a subclass that overrides ``forward`` (that
+    subclass then gets the defaults: its own forward, no fusion, no factor)."""
+    cls = type(constraint)
+    hook_owner = next(k for k in cls.__mro__ if hook in vars(k))
+    forward_owner = next(k for k in cls.__mro__ if "forward" in vars(k))
+    return hook_owner is Constraint or issubclass(hook_owner, forward_owner)
 
 
 def _cacheable(constraint: nn.Module) -> bool:

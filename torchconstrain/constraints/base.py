@@ -44,7 +44,10 @@ class Constraint(nn.Module):
 
     A subclass takes the fast path only if its own class body sets ``cacheable = True``:
     its forward must depend on nothing but its input and the constraint's own tensors and
-    attributes. Otherwise ``parametrize`` evaluates it on every access, as usual.
+    attributes. Otherwise ``parametrize`` evaluates it on every access, as usual. The fast
+    path uses :meth:`_plan`, :meth:`_fusion` and :meth:`_factor` only where they were
+    written for the class's ``forward``: a subclass that overrides ``forward`` alone is
+    evaluated through its ``forward``.
     """
 
     cacheable = False
