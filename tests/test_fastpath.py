@@ -543,10 +543,7 @@ def test_a_constrained_submodule_batches_inside_its_parent():
     assert type(seen[0]).__name__ == "_FusedClampBackward"  # the submodule's two weights, at once
 
 
-@pytest.mark.parametrize("name", [
-    "Clamp pull_back", "Clamp straight_through", "Clamp one-sided", "Clamp + FixedMask", "FixedMask",
-    "FixedMask + FixedMask", "a different chain per layer",
-])
+@pytest.mark.parametrize("name", list(RULES))
 def test_the_multi_tensor_branch_gives_the_bits_of_the_plain_path(name, monkeypatch):
     # What runs on a GPU (multi-tensor kernels, no data-dependent test), here on the CPU.
     monkeypatch.setattr(_multi, "loops", lambda xs: False)
