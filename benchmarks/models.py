@@ -2,11 +2,12 @@ r"""Whole-model cost of each constraint variant: MobileNetV3 and a stack of 40 s
 
 Cases:
 
-- ``mobilenet_v3_small`` training step: ``torchvision.models.mobilenet_v3_small(weights=None)``
-  in train mode, batch 8 of 3x224x224, cross-entropy on fixed random labels, SGD
-  (momentum 0.9): ``zero_grad``, forward, backward, ``step``.
-- ``mobilenet_v3_large`` inference: ``mobilenet_v3_large(weights=None)`` in eval mode,
-  batch 1 of 3x224x224, under ``torch.inference_mode()``.
+- ``mobilenet_v3_small`` and ``mobilenet_v3_large`` training steps
+  (``torchvision.models.mobilenet_v3_*(weights=None)``) in train mode, batches of 8 and
+  32 of 3x224x224, cross-entropy on fixed random labels, SGD (momentum 0.9):
+  ``zero_grad``, forward, backward, ``step``.
+- ``mobilenet_v3_small`` and ``mobilenet_v3_large`` inference: eval mode, batch 1 of
+  3x224x224, under ``torch.inference_mode()``.
 - ``40 x Linear(64, 64)``: ``Sequential`` of 40 ``Linear(64, 64)`` each followed by ReLU,
   batch 8; a training step (mean squared error to a fixed random target, SGD with
   momentum) and inference. Little arithmetic per parameter, so per-tensor overheads dominate.
@@ -124,7 +125,12 @@ def _mobilenet_v3_large() -> nn.Module:
 
 
 CASES = (
-    ModelCase("mobilenet_v3_small b8", "train step", _mobilenet_v3_small, (8, 3, 224, 224), _labels,
+    *(
+        ModelCase(f"{name} b{batch}", "train step", make, (batch, 3, 224, 224), _labels, MOBILENET)
+        for name, make in (("mobilenet_v3_small", _mobilenet_v3_small), ("mobilenet_v3_large", _mobilenet_v3_large))
+        for batch in (8, 32)
+    ),
+    ModelCase("mobilenet_v3_small b1", "inference", _mobilenet_v3_small, (1, 3, 224, 224), _labels,
               MOBILENET),
     ModelCase("mobilenet_v3_large b1", "inference", _mobilenet_v3_large, (1, 3, 224, 224), _labels,
               MOBILENET),
@@ -133,11 +139,15 @@ CASES = (
 )
 
 
-def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[Result], None]
-        ) -> list[Result]:
-    r"""Time every case, its variants interleaved; return the results in table order."""
+# What ``--quick`` runs: the batch-32 training steps run the code of batch 8 at four times the cost.
+QUICK_CASES = tuple(case for case in CASES if case.input_shape[0] <= 8)
+
+
+def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[Result], None],
+        cases: tuple[ModelCase, ...] = CASES) -> list[Result]:
+    r"""Time every case of ``cases``, its variants interleaved; return the results in table order."""
     results = []
-    for case in CASES:
+    for case in cases:
         chosen = [v for v in case.variants if not (v.training_only and case.task != "train step")]
         calls = {v.name: [_call(case, v, device) for _ in range(budget.copies)] for v in chosen}
         stats = measure_group(calls, budget, threads, device)

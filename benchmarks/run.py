@@ -15,8 +15,8 @@ also writes every measurement (per-block times included), the machine descriptio
 the settings to ``PATH``, the same markdown to ``table.md`` next to it, and a bar chart to ``plot.png``.
 
 ``--threads`` defaults to 1, like ``Timer``'s ``num_threads``. ``--quick`` runs every case
-with a minimal budget (a smoke test: under a minute on two CPU cores; its numbers are not
-meant to be read). Import and call :func:`main` to run it from
+but the batch-32 training steps, one call each (a smoke test: under a minute on two CPU
+cores; its numbers are not meant to be read). Import and call :func:`main` to run it from
 a test: ``main(["--quick", "--json", path])`` returns 0.
 """
 
@@ -40,10 +40,10 @@ from benchmarks.timing import Budget, Result, steady_allocator
 
 BUDGETS = {
     # (layers, models)
-    "quick": (Budget(warmup=0.0, warmup_calls=1, min_run_time=0.003),
-              Budget(warmup=0.0, warmup_calls=1, min_run_time=0.003)),
+    "quick": (Budget(warmup=0.0, warmup_calls=1, min_run_time=0.0),
+              Budget(warmup=0.0, warmup_calls=0, min_run_time=0.0)),
     "full": (Budget(warmup=0.3, warmup_calls=3, min_run_time=1.2, rounds=6),
-             Budget(warmup=1.0, warmup_calls=3, min_run_time=3.0, rounds=3, copies=3)),
+             Budget(warmup=1.0, warmup_calls=2, min_run_time=3.0, rounds=3, copies=3)),
 }
 
 
@@ -104,7 +104,8 @@ def run_all(device: torch.device, threads: int, mode: str) -> list[Result]:
     layer_budget, model_budget = BUDGETS[mode]
     steady_allocator()
     results = layers.run(device, threads, layer_budget, progress)
-    results += models.run(device, threads, model_budget, progress)
+    model_cases = models.QUICK_CASES if mode == "quick" else models.CASES
+    results += models.run(device, threads, model_budget, progress, model_cases)
     return results + surgery.run(device, threads, model_budget, progress)
 
 

@@ -13,6 +13,8 @@ r"""How the numbers are measured: warm-up, then interleaved rounds of ``Timer.bl
 3. The median and inter-quartile range (IQR) are taken over the per-call times of all
    blocks of all rounds (``Measurement.merge``).
 
+A budget with ``min_run_time=0`` (``--quick``, a smoke test) times a single call per round.
+
 With ``budget.copies`` above 1, each variant is ``copies`` separately built modules that
 split its warm-up and measured time; their blocks are merged. Two identical copies of a
 whole MobileNet can differ by a few percent on a CPU (where their tensors land in memory),
@@ -117,7 +119,7 @@ def measure_group(
         for name, copies in timers.items():
             block_time = budget.min_run_time / (budget.rounds * len(copies))
             for timer, measured in zip(copies, rounds[name]):
-                measured.append(timer.blocked_autorange(min_run_time=block_time))
+                measured.append(timer.blocked_autorange(min_run_time=block_time) if block_time else timer.timeit(1))
     return {name: _statistics(per_copy) for name, per_copy in rounds.items()}
 
 

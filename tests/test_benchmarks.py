@@ -15,6 +15,10 @@ def test_quick_benchmark_run_writes_every_case(tmp_path):
     for variant in ("plain", "Clamp", "FixedMask", "LearnableMask", "prune hooks", "baked"):
         assert ("layers", variant) in variants
     assert ("surgery", "50% shrunk") in variants
+    cases = {(r["section"], r["case"], r["task"]) for r in rows}
+    for arch in ("mobilenet_v3_small", "mobilenet_v3_large"):
+        assert ("models", f"{arch} b8", "train step") in cases
+        assert ("models", f"{arch} b1", "inference") in cases
     assert all(r["ratio_to_plain"] == 1.0 for r in rows if r["variant"] == "plain")
     assert all(r["median"] > 0 for r in rows)
     table = (tmp_path / "table.md").read_text()
