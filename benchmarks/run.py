@@ -43,7 +43,7 @@ BUDGETS = {
     "quick": (Budget(warmup=0.0, warmup_calls=1, min_run_time=0.0),
               Budget(warmup=0.0, warmup_calls=0, min_run_time=0.0)),
     "full": (Budget(warmup=0.3, warmup_calls=3, min_run_time=1.2, rounds=6),
-             Budget(warmup=1.0, warmup_calls=2, min_run_time=3.0, rounds=3, copies=3)),
+             Budget(warmup=1.0, warmup_calls=2, min_run_time=3.0, rounds=3, copies=3, min_blocks=27)),
 }
 
 
@@ -77,9 +77,10 @@ def settings_line(mode: str, threads: int) -> str:
 
 def _budget_text(budget: Budget) -> str:
     copies = f" shared by {budget.copies} separately built copies" if budget.copies > 1 else ""
+    blocks = f" and ≥{budget.min_blocks} blocks" if budget.min_blocks else ""
     return (
         f"warm-up ≥{budget.warmup:g} s and ≥{budget.warmup_calls} calls, "
-        f"{budget.rounds} x {budget.min_run_time / budget.rounds:g} s per variant{copies}"
+        f"{budget.rounds} x {budget.min_run_time / budget.rounds:g} s{blocks} per variant{copies}"
     )
 
 

@@ -44,14 +44,16 @@ ALLOCATOR_PRIMING_BYTES = 30 * 2**20
 
 @dataclass(frozen=True)
 class Budget:
-    r"""Time spent per measurement: warm-up seconds and calls, measured seconds, rounds, and
-    how many separately built copies of each variant share them (see :func:`measure_group`)."""
+    r"""Time spent per measurement: warm-up seconds and calls, measured seconds, rounds, how
+    many separately built copies of each variant share them (see :func:`measure_group`), and
+    the fewest blocks a variant gets however slow its calls (single-call blocks are added)."""
 
     warmup: float
     warmup_calls: int
     min_run_time: float
     rounds: int = 1
     copies: int = 1
+    min_blocks: int = 0
 
 
 @dataclass
@@ -117,10 +119,21 @@ def measure_group(
     rounds: dict[str, list[list[Measurement]]] = {name: [[] for _ in copies] for name, copies in timers.items()}
     for _ in range(budget.rounds):
         for name, copies in timers.items():
-            block_time = budget.min_run_time / (budget.rounds * len(copies))
+            share = budget.rounds * len(copies)
             for timer, measured in zip(copies, rounds[name]):
-                measured.append(timer.blocked_autorange(min_run_time=block_time) if block_time else timer.timeit(1))
+                measured += _blocks(timer, budget.min_run_time / share, -(-budget.min_blocks // share))
     return {name: _statistics(per_copy) for name, per_copy in rounds.items()}
+
+
+def _blocks(timer: Timer, min_run_time: float, at_least: int) -> list[Measurement]:
+    """``blocked_autorange`` for ``min_run_time`` seconds, then single calls until there are
+    ``at_least`` blocks (calls slower than the time share give few); one call if no time."""
+    if not min_run_time:
+        return [timer.timeit(1)]
+    measured = [timer.blocked_autorange(min_run_time=min_run_time)]
+    while sum(len(m.raw_times) for m in measured) < at_least:
+        measured.append(timer.timeit(1))
+    return measured
 
 
 def _statistics(per_copy: list[list[Measurement]]) -> dict:

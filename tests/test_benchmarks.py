@@ -53,3 +53,16 @@ def test_copies_of_a_variant_are_each_timed_and_merged():
     low, high = sorted(stats["plain"]["copy_medians"])
     assert low <= stats["plain"]["median"] <= high
     assert stats["slow"]["median"] > stats["plain"]["median"]
+
+
+def test_slow_calls_still_get_the_fewest_blocks_the_budget_asks_for():
+    import time
+
+    import torch
+
+    from benchmarks.timing import Budget, measure_group
+
+    budget = Budget(warmup=0.0, warmup_calls=0, min_run_time=0.001, rounds=2, copies=1, min_blocks=6)
+    stats = measure_group({"slow": [lambda: time.sleep(0.005)]}, budget, threads=1, device=torch.device("cpu"))
+    assert len(stats["slow"]["block_times"]) >= 6
+    assert stats["slow"]["median"] >= 0.005
