@@ -437,8 +437,9 @@ def test_set_fast_path_checks_its_argument():
     assert fast_path_enabled()
 
 
-def _kernel_launches(model: nn.Module, x: torch.Tensor) -> int:
-    """CUDA kernels one training step (forward, backward, SGD step) launches."""
+def _warm_training_step(model: nn.Module, x: torch.Tensor):
+    """A training step (forward, backward, foreach SGD step), run a few times already: the
+    first forward learns which tensors the model uses."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
 
     def step():
@@ -447,7 +448,13 @@ def _kernel_launches(model: nn.Module, x: torch.Tensor) -> int:
         optimizer.step()
 
     for _ in range(3):
-        step()  # warm up: the first forward learns which tensors the model uses
+        step()
+    return step
+
+
+def _kernel_launches(model: nn.Module, x: torch.Tensor) -> int:
+    """CUDA kernels one training step launches."""
+    step = _warm_training_step(model, x)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
@@ -567,16 +574,8 @@ class _CountOps(TorchDispatchMode):
 
 
 def _ops_per_step(model: nn.Module, x: torch.Tensor) -> int:
-    """Computing operators one training step (forward, backward, foreach SGD step) dispatches."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        model(x).pow(2).mean().backward()
-        optimizer.step()
-
-    for _ in range(3):
-        step()  # warm up: the first forward learns which tensors the model uses
+    """Computing operators one training step dispatches."""
+    step = _warm_training_step(model, x)
     with _CountOps() as counter:
         step()
     return counter.count
