@@ -635,6 +635,53 @@ def test_skipping_the_inside_test_changes_no_bit():
     assert grads[0][0, 0] == float("inf")
 
 
+def same_shape_layers(rule) -> nn.Sequential:
+    """Seven Linear(8, 8) under ``rule`` (a box of +-0.2): stored weights inside the box
+    (0, 1, 5), outside it (2, 3), with a NaN (4), and transposed (not contiguous) inside (6)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(7)])  # weights within +-0.36
+    constrain(model, {nn.Linear: rule})
+    with torch.no_grad():
+        for i, scale in enumerate([0.5, 0.5, 3.0, 3.0, 0.5, 0.5, 0.5]):
+            model[i].parametrizations.weight.original.mul_(scale)
+        model[4].parametrizations.weight.original[1, 2] = float("nan")
+        transposed = model[6].parametrizations.weight.original.detach().t().contiguous().t()
+        model[6].parametrizations.weight.original = nn.Parameter(transposed)
+    return model
+
+
+@pytest.mark.parametrize("at_least, entries", [(3, 1 << 18), (2, 128), (3, 192)])
+@pytest.mark.parametrize("chain", ["Clamp pull_back", "Clamp + FixedMask"])
+def test_tensors_tested_in_stacks_give_the_bits_of_the_plain_path(chain, at_least, entries, monkeypatch):
+    monkeypatch.setattr(box, "STACK_AT_LEAST", at_least)
+    monkeypatch.setattr(box, "STACK_ENTRIES", entries)  # 128: stacks of 2 tensors, 192: of 3
+    tests = []
+    test = box._test_scalar_boxes
+    monkeypatch.setattr(box, "_test_scalar_boxes", lambda *args: tests.append(test(*args)) or tests[-1])
+    fast = same_shape_layers(RULES[chain]())
+    plain = copy.deepcopy(fast)
+
+    def run(model):
+        x = torch.randn(5, 8)
+        model(x)  # the first forward learns which tensors the next one uses
+        for constraint in model.modules():
+            constraint.__dict__.pop("_untested", None)  # test the tensors found outside again
+        out = model(x)
+        out.nan_to_num().pow(2).sum().backward()
+        return out, [model[i].parametrizations.weight.original.grad for i in range(7)]
+
+    torch.manual_seed(1)
+    fast_out, fast_grads = run(fast)
+    torch.manual_seed(1)
+    with set_fast_path(False):
+        plain_out, plain_grads = run(plain)
+    holds, copies = next(test for test in tests if len(test[0]) == 7)  # the one-pass evaluation
+    assert holds == [True, True, False, False, False, True, True]
+    assert [copy is not None for copy in copies] == [True] * 6 + [False]  # 6: strides differ
+    assert same_bits(fast_out, plain_out)
+    assert all(same_bits(a, b) for a, b in zip(fast_grads, plain_grads, strict=True))
+
+
 def test_bake_removes_the_one_pass_hooks_it_leaves_nothing_for():
     from torchconstrain import bake
 

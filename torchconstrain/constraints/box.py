@@ -57,23 +57,27 @@ def _clamp_for_pull_back(xs: list[Tensor], lowers: list, uppers: list, owners: l
     each whether an entry may be outside.
 
     On the CPU a tensor with every entry inside gets ``False``: its gradient passes as it
-    is, which is what :func:`_pull_back` gives it, and nothing is saved for backward. The
-    test is one ``aminmax`` per tensor with scalar bounds (such a tensor is then copied, or
-    multiplied by its factor, its clamp being itself) and ``torch.equal`` with tensor
-    bounds; a tensor found outside skips it for the next ``RETEST_EVERY - 1`` evaluations.
-    Whether a tensor is tested changes no bit: for one inside its box, the copy is its
-    clamp and the pull-back factor is 1. On a GPU the test would synchronize with the
-    device, and a traced graph cannot branch on data: there every tensor counts as outside.
+    is, which is what :func:`_pull_back` gives it, and nothing is saved for backward. Such
+    a tensor is copied (its clamp is itself), or multiplied by its factor. The test
+    (:func:`_test_scalar_boxes`) covers tensors with scalar bounds; with tensor bounds it
+    is ``torch.equal``; a tensor found outside skips it for the next ``RETEST_EVERY - 1``
+    evaluations. Whether a tensor is tested changes no bit: for one inside its box, the
+    copy is its clamp and the pull-back factor is 1. On a GPU the test would synchronize
+    with the device, and a traced graph cannot branch on data: there every tensor counts
+    as outside.
     """
     if tracing() or not _multi.loops(xs):
         clamped = _clamp_all(xs, lowers, uppers)
         return _multi.times(clamped, factors), clamped, [True] * len(xs)
     tested = [_due_for_test(owner) for owner in owners]
-    holds = _scalar_box_holds(xs, lowers, uppers, tested)
+    holds, copies = _test_scalar_boxes(xs, lowers, uppers, tested)
     ys, kept, outside = [], [], []
-    for x, lo, hi, owner, factor, test, inside in zip(xs, lowers, uppers, owners, factors, tested, holds):
+    for x, lo, hi, owner, factor, test, inside, copy in zip(xs, lowers, uppers, owners, factors, tested, holds, copies):
         if inside:
-            ys.append(x.clone() if factor is None else x * factor)
+            if factor is not None:
+                ys.append((x if copy is None else copy) * factor)
+            else:
+                ys.append(x.clone() if copy is None else copy)
             kept.append(None)
             outside.append(False)
             continue
@@ -95,19 +99,63 @@ def _due_for_test(owner: "Clamp") -> bool:
     return not left
 
 
-def _scalar_box_holds(xs: list[Tensor], lowers: list, uppers: list, tested: list[bool]) -> list[bool]:
+# Tensors of at most STACK_AT_MOST entries are tested in stacks of tensors of one shape
+# (at least STACK_AT_LEAST of them, at most STACK_ENTRIES entries in all): for them the
+# per-tensor cost of an operator outweighs copying them.
+STACK_AT_MOST = 1 << 14
+STACK_AT_LEAST = 3
+STACK_ENTRIES = 1 << 18
+
+
+def _test_scalar_boxes(xs: list[Tensor], lowers: list, uppers: list, tested: list[bool]):
     """For each tensor to test: whether its bounds are numbers and no entry is outside (NaN
-    is outside). One ``aminmax`` per tensor, read back to Python in one transfer."""
-    tested = [i for i, (x, lo, hi, test) in enumerate(zip(xs, lowers, uppers, tested))
+    is outside); and a copy of it where the test made one (else ``None``).
+
+    Small tensors of one shape are copied into one ``torch.stack`` and tested with one
+    ``amin`` and one ``amax`` over its rows; the rows are their copies (where the strides
+    match), which a tensor found inside returns. Other tensors get one ``aminmax`` each.
+    The ranges are read back to Python in one transfer.
+    """
+    picked = [i for i, (x, lo, hi, test) in enumerate(zip(xs, lowers, uppers, tested))
               if test and x.numel() and not isinstance(lo, Tensor) and not isinstance(hi, Tensor)]
-    holds = [False] * len(xs)
-    if not tested:
-        return holds
-    ranges = torch.stack([end for i in tested for end in torch.aminmax(xs[i])]).tolist()
-    for k, i in enumerate(tested):
-        low, high = ranges[2 * k], ranges[2 * k + 1]
+    holds, copies = [False] * len(xs), [None] * len(xs)
+    if not picked:
+        return holds, copies
+    stacks = _stacks(xs, [i for i in picked if xs[i].numel() <= STACK_AT_MOST])
+    in_stacks = {i for members in stacks for i in members}
+    alone = [i for i in picked if i not in in_stacks]
+    ranges = [_stacked_range(xs, members, copies) for members in stacks]
+    if alone:
+        ends = [torch.aminmax(xs[i]) for i in alone]
+        ranges.append((torch.stack([low for low, _ in ends]), torch.stack([high for _, high in ends])))
+    order = [i for members in stacks for i in members] + alone
+    lows, highs = torch.stack([torch.cat([low for low, _ in ranges]), torch.cat([high for _, high in ranges])]).tolist()
+    for i, low, high in zip(order, lows, highs):
         holds[i] = (lowers[i] is None or low >= lowers[i]) and (uppers[i] is None or high <= uppers[i])
-    return holds
+    return holds, copies
+
+
+def _stacked_range(xs: list[Tensor], members: list[int], copies: list) -> tuple[Tensor, Tensor]:
+    """The least and greatest entry of each member, from one stack of them, whose rows
+    become the members' ``copies`` where their strides match."""
+    stacked = torch.stack([xs[i] for i in members])
+    for i, row in zip(members, stacked.unbind(0)):
+        copies[i] = row if row.stride() == xs[i].stride() else None
+    rows = stacked.view(len(members), -1)
+    return rows.amin(1), rows.amax(1)  # aminmax(dim=1) is many times slower on the CPU
+
+
+def _stacks(xs: list[Tensor], indices: list[int]) -> list[list[int]]:
+    """``indices`` grouped by the shape of their tensors, at most ``STACK_ENTRIES`` entries
+    a group; groups of fewer than ``STACK_AT_LEAST`` are left out."""
+    shapes: dict = {}
+    for i in indices:
+        shapes.setdefault(xs[i].shape, []).append(i)
+    groups = []
+    for members in shapes.values():
+        size = max(1, STACK_ENTRIES // xs[members[0]].numel())
+        groups += [members[k:k + size] for k in range(0, len(members), size)]
+    return [group for group in groups if len(group) >= STACK_AT_LEAST]
 
 
 def _pull_back(xs: list[Tensor], clamped: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
