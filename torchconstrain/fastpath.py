@@ -28,6 +28,8 @@ work, and with bitwise the same values and gradients:
   ``FixedMask`` after a ``Clamp``) is applied inside that constraint's node. Each tensor's
   first access in the forward takes its value from that pass; any other access computes
   it anew, as ``parametrize`` does. Only the thread that ran the pass takes its values.
+  Such a value may share its storage with others (``Clamp`` returns small tensors inside
+  their box as rows of one stacked copy), so it must not be edited in place.
 
 The fast path steps aside (the plain ``parametrize`` evaluation runs) under
 ``torch.compile``/``torch.export`` tracing, ``torch.jit.trace``, ``parametrize.cached()``,
