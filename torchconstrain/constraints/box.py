@@ -126,11 +126,11 @@ def _test_scalar_boxes(xs: list[Tensor], lowers: list, uppers: list, tested: lis
     alone = [i for i in picked if i not in in_stacks]
     ranges = [_stacked_range(xs, members, copies) for members in stacks]
     if alone:
-        ends = [torch.aminmax(xs[i]) for i in alone]
-        ranges.append((torch.stack([low for low, _ in ends]), torch.stack([high for _, high in ends])))
+        ranges.append(_range(xs, alone))
     order = [i for members in stacks for i in members] + alone
-    lows, highs = torch.stack([torch.cat([low for low, _ in ranges]), torch.cat([high for _, high in ranges])]).tolist()
-    for i, low, high in zip(order, lows, highs):
+    lows = torch.cat([low for low, _ in ranges])
+    highs = torch.cat([high for _, high in ranges])
+    for i, low, high in zip(order, *torch.stack([lows, highs]).tolist()):
         holds[i] = (lowers[i] is None or low >= lowers[i]) and (uppers[i] is None or high <= uppers[i])
     return holds, copies
 
@@ -143,6 +143,12 @@ def _stacked_range(xs: list[Tensor], members: list[int], copies: list) -> tuple[
         copies[i] = row if row.stride() == xs[i].stride() else None
     rows = stacked.view(len(members), -1)
     return rows.amin(1), rows.amax(1)  # aminmax(dim=1) is many times slower on the CPU
+
+
+def _range(xs: list[Tensor], members: list[int]) -> tuple[Tensor, Tensor]:
+    """The least and greatest entry of each member, one ``aminmax`` each."""
+    ends = [torch.aminmax(xs[i]) for i in members]
+    return torch.stack([low for low, _ in ends]), torch.stack([high for _, high in ends])
 
 
 def _stacks(xs: list[Tensor], indices: list[int]) -> list[list[int]]:
