@@ -94,11 +94,11 @@ VARIANTS = (
 )
 
 
-def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[Result], None]
-        ) -> list[Result]:
-    r"""Time every case, task and variant; return the results in table order."""
+def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[Result], None],
+        cases: tuple[LayerCase, ...] = CASES) -> list[Result]:
+    r"""Time every task and variant of ``cases``; return the results in table order."""
     results = []
-    for case in CASES:
+    for case in cases:
         for task in TASKS:
             results += _run_task(case, task, device, threads, budget, progress)
     return results

@@ -2,7 +2,7 @@ r"""Entry point: time every layer and model case, print a markdown report, optio
 
 Usage::
 
-    python benchmarks/run.py [--device cpu|cuda] [--threads N] [--quick] [--json PATH]
+    python benchmarks/run.py [--device cpu|cuda] [--threads N] [--quick] [--case TEXT] [--json PATH]
 
 Measures the cases of :mod:`benchmarks.layers` (one MobileNetV3 layer at a time: forward,
 forward+backward, training step), :mod:`benchmarks.models` (MobileNetV3 training step
@@ -16,7 +16,9 @@ the settings to ``PATH``, the same markdown to ``table.md`` next to it, and a ba
 
 ``--threads`` defaults to 1, like ``Timer``'s ``num_threads``. ``--quick`` runs every case
 but the batch-32 training steps, one call each (a smoke test: under a minute on two CPU
-cores; its numbers are not meant to be read). Import and call :func:`main` to run it from
+cores; its numbers are not meant to be read). ``--case TEXT`` times only the cases whose
+name contains ``TEXT`` (``--case "40 x Linear"``: the two cases of the Linear stack), to
+measure one row again without the whole run. Import and call :func:`main` to run it from
 a test: ``main(["--quick", "--json", path])`` returns 0.
 """
 
@@ -54,9 +56,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="torch threads while timing (default 1, as Timer's)")
     parser.add_argument("--quick", action="store_true",
                         help="minimal budget: a smoke test, not numbers to read")
+    parser.add_argument("--case", default=None, metavar="TEXT",
+                        help="time only the cases whose name contains TEXT")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="write every measurement here, and table.md beside it")
     args = parser.parse_args(argv)
+    if args.case is not None and not any(args.case in name for name in case_names()):
+        parser.error(f"--case {args.case!r} matches no case. Cases: {', '.join(case_names())}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     if args.threads < 1:
@@ -101,13 +107,22 @@ def progress(result: Result) -> None:
     )
 
 
-def run_all(device: torch.device, threads: int, mode: str) -> list[Result]:
+def case_names() -> list[str]:
+    r"""The names of every case, in the order they run (``--case`` picks among them)."""
+    names = [case.name for case in (*layers.CASES, *models.CASES)] + [f"{arch} b1" for arch in surgery.ARCHS]
+    return list(dict.fromkeys(names))
+
+
+def run_all(device: torch.device, threads: int, mode: str, case: str | None = None) -> list[Result]:
+    r"""Time the cases ``mode`` runs, those whose name contains ``case`` where given."""
     layer_budget, model_budget = BUDGETS[mode]
+    picked = (lambda name: True) if case is None else (lambda name: case in name)
     steady_allocator()
-    results = layers.run(device, threads, layer_budget, progress)
+    results = layers.run(device, threads, layer_budget, progress, tuple(c for c in layers.CASES if picked(c.name)))
     model_cases = models.QUICK_CASES if mode == "quick" else models.CASES
-    results += models.run(device, threads, model_budget, progress, model_cases)
-    return results + surgery.run(device, threads, model_budget, progress)
+    results += models.run(device, threads, model_budget, progress, tuple(c for c in model_cases if picked(c.name)))
+    archs = tuple(arch for arch in surgery.ARCHS if picked(f"{arch} b1"))
+    return results + surgery.run(device, threads, model_budget, progress, archs)
 
 
 def run_settings(argv: list[str] | None, mode: str, elapsed: float, load_start: float | None) -> dict:
@@ -141,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     start, load_start = time.perf_counter(), _load_average()
     torch.set_num_threads(args.threads)
     try:
-        results = run_all(device, args.threads, mode)
+        results = run_all(device, args.threads, mode, args.case)
     finally:
         torch.set_num_threads(previous_threads)
     elapsed = time.perf_counter() - start

@@ -42,10 +42,11 @@ def build(arch: str, sparsity: float, device: torch.device, copy: int = 0) -> nn
     return model.to(device)
 
 
-def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[Result], None]) -> list[Result]:
-    r"""Time every architecture's dense and shrunk variants, interleaved."""
+def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[Result], None],
+        archs: tuple[str, ...] = ARCHS) -> list[Result]:
+    r"""Time the dense and shrunk variants of every architecture of ``archs``, interleaved."""
     results = []
-    for arch in ARCHS:
+    for arch in archs:
         x = torch.randn(1, 3, 224, 224, device=device)
         calls = {variant_name(s): [steps.forward(build(arch, s, device, k), x) for k in range(budget.copies)]
                  for s in SPARSITIES}

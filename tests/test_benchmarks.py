@@ -66,3 +66,19 @@ def test_slow_calls_still_get_the_fewest_blocks_the_budget_asks_for():
     stats = measure_group({"slow": [lambda: time.sleep(0.005)]}, budget, threads=1, device=torch.device("cpu"))
     assert len(stats["slow"]["block_times"]) >= 6
     assert stats["slow"]["median"] >= 0.005
+
+
+def test_case_picks_the_cases_whose_name_contains_it(tmp_path):
+    path = tmp_path / "bench.json"
+    assert main(["--quick", "--case", "40 x Linear", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["measurements"]
+    assert {(r["case"], r["task"]) for r in rows} == {
+        ("40 x Linear(64,64) b8", "train step"), ("40 x Linear(64,64) b8", "inference")
+    }
+
+
+def test_a_case_that_matches_nothing_is_refused_before_timing(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--case", "resnet"])
+    assert exit_info.value.code == 2
+    assert "--case 'resnet' matches no case" in capsys.readouterr().err
