@@ -677,7 +677,8 @@ def test_tensors_tested_in_stacks_give_the_bits_of_the_plain_path(chain, at_leas
         plain_out, plain_grads = run(plain)
     holds, copies = next(test for test in tests if len(test[0]) == 7)  # the one-pass evaluation
     assert holds == [True, True, False, False, False, True, True]
-    assert [copy is not None for copy in copies] == [True] * 6 + [False]  # 6: strides differ
+    stacked = [True] * 6 + [False]  # 6: its strides differ from its row's
+    assert [copy is not None for copy in copies] == (stacked if chain == "Clamp pull_back" else [False] * 7)
     assert same_bits(fast_out, plain_out)
     assert all(same_bits(a, b) for a, b in zip(fast_grads, plain_grads, strict=True))
 

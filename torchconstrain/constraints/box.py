@@ -70,12 +70,12 @@ def _clamp_for_pull_back(xs: list[Tensor], lowers: list, uppers: list, owners: l
         clamped = _clamp_all(xs, lowers, uppers)
         return _multi.times(clamped, factors), clamped, [True] * len(xs)
     tested = [_due_for_test(owner) for owner in owners]
-    holds, copies = _test_scalar_boxes(xs, lowers, uppers, tested)
+    holds, copies = _test_scalar_boxes(xs, lowers, uppers, tested, [factor is None for factor in factors])
     ys, kept, outside = [], [], []
     for x, lo, hi, owner, factor, test, inside, copy in zip(xs, lowers, uppers, owners, factors, tested, holds, copies):
         if inside:
             if factor is not None:
-                ys.append((x if copy is None else copy) * factor)
+                ys.append(x * factor)
             else:
                 ys.append(x.clone() if copy is None else copy)
             kept.append(None)
@@ -107,21 +107,22 @@ STACK_AT_LEAST = 3
 STACK_ENTRIES = 1 << 18
 
 
-def _test_scalar_boxes(xs: list[Tensor], lowers: list, uppers: list, tested: list[bool]):
+def _test_scalar_boxes(xs: list[Tensor], lowers: list, uppers: list, tested: list[bool], copied: list[bool]):
     """For each tensor to test: whether its bounds are numbers and no entry is outside (NaN
     is outside); and a copy of it where the test made one (else ``None``).
 
-    Small tensors of one shape are copied into one ``torch.stack`` and tested with one
-    ``amin`` and one ``amax`` over its rows; the rows are their copies (where the strides
-    match), which a tensor found inside returns. Other tensors get one ``aminmax`` each.
-    The ranges are read back to Python in one transfer.
+    Small tensors of one shape that would be ``copied`` when inside (not multiplied by a
+    factor) are copied into one ``torch.stack`` and tested with one ``amin`` and one
+    ``amax`` over its rows; the rows are their copies (where the strides match), which a
+    tensor found inside returns. Other tensors get one ``aminmax`` each. The ranges are
+    read back to Python in one transfer.
     """
     picked = [i for i, (x, lo, hi, test) in enumerate(zip(xs, lowers, uppers, tested))
               if test and x.numel() and not isinstance(lo, Tensor) and not isinstance(hi, Tensor)]
     holds, copies = [False] * len(xs), [None] * len(xs)
     if not picked:
         return holds, copies
-    stacks = _stacks(xs, [i for i in picked if xs[i].numel() <= STACK_AT_MOST])
+    stacks = _stacks(xs, [i for i in picked if copied[i] and xs[i].numel() <= STACK_AT_MOST])
     in_stacks = {i for members in stacks for i in members}
     alone = [i for i in picked if i not in in_stacks]
     ranges = [_stacked_range(xs, members, copies) for members in stacks]
