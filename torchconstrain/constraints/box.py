@@ -125,7 +125,12 @@ def _test_scalar_boxes(xs: list[Tensor], lowers: list, uppers: list, tested: lis
     stacks = _stacks(xs, [i for i in picked if copied[i] and xs[i].numel() <= STACK_AT_MOST])
     in_stacks = {i for members in stacks for i in members}
     alone = [i for i in picked if i not in in_stacks]
-    ranges = [_stacked_range(xs, members, copies) for members in stacks]
+    ranges = []
+    for members in stacks:
+        low, high, rows = _stacked_range([xs[i] for i in members])
+        ranges.append((low, high))
+        for i, row in zip(members, rows):
+            copies[i] = row if row.stride() == xs[i].stride() else None
     if alone:
         ranges.append(_range(xs, alone))
     order = [i for members in stacks for i in members] + alone
@@ -136,14 +141,12 @@ def _test_scalar_boxes(xs: list[Tensor], lowers: list, uppers: list, tested: lis
     return holds, copies
 
 
-def _stacked_range(xs: list[Tensor], members: list[int], copies: list) -> tuple[Tensor, Tensor]:
-    """The least and greatest entry of each member, from one stack of them, whose rows
-    become the members' ``copies`` where their strides match."""
-    stacked = torch.stack([xs[i] for i in members])
-    for i, row in zip(members, stacked.unbind(0)):
-        copies[i] = row if row.stride() == xs[i].stride() else None
-    rows = stacked.view(len(members), -1)
-    return rows.amin(1), rows.amax(1)  # aminmax(dim=1) is many times slower on the CPU
+def _stacked_range(xs: list[Tensor]) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """The least and greatest entry of each tensor of one shape, and a copy of each: the
+    rows of the one stack they are computed from."""
+    stacked = torch.stack(xs)
+    flat = stacked.view(len(xs), -1)
+    return flat.amin(1), flat.amax(1), stacked.unbind(0)  # aminmax(dim=1) is many times slower
 
 
 def _range(xs: list[Tensor], members: list[int]) -> tuple[Tensor, Tensor]:
