@@ -132,7 +132,7 @@ def _test_scalar_boxes(xs: list[Tensor], lowers: list, uppers: list, tested: lis
         for i, row in zip(members, rows):
             copies[i] = row if row.stride() == xs[i].stride() else None
     if alone:
-        ranges.append(_range(xs, alone))
+        ranges.append(_range([xs[i] for i in alone]))
     order = [i for members in stacks for i in members] + alone
     lows = torch.cat([low for low, _ in ranges])
     highs = torch.cat([high for _, high in ranges])
@@ -149,9 +149,9 @@ def _stacked_range(xs: list[Tensor]) -> tuple[Tensor, Tensor, tuple[Tensor, ...]
     return flat.amin(1), flat.amax(1), stacked.unbind(0)  # aminmax(dim=1) is many times slower
 
 
-def _range(xs: list[Tensor], members: list[int]) -> tuple[Tensor, Tensor]:
-    """The least and greatest entry of each member, one ``aminmax`` each."""
-    ends = [torch.aminmax(xs[i]) for i in members]
+def _range(xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The least and greatest entry of each tensor, one ``aminmax`` each."""
+    ends = [torch.aminmax(x) for x in xs]
     return torch.stack([low for low, _ in ends]), torch.stack([high for _, high in ends])
 
 
