@@ -123,7 +123,8 @@ def _test_scalar_boxes(xs: list[Tensor], lowers: list, uppers: list, tested: lis
     if not picked:
         return holds, copies
     stacks = _stacks(xs, [i for i in picked if copied[i] and xs[i].numel() <= STACK_AT_MOST])
-    in_stacks = {i for members in stacks for i in members}
+    stacked = [i for members in stacks for i in members]
+    in_stacks = set(stacked)
     alone = [i for i in picked if i not in in_stacks]
     ranges = []
     for members in stacks:
@@ -133,7 +134,7 @@ def _test_scalar_boxes(xs: list[Tensor], lowers: list, uppers: list, tested: lis
             copies[i] = row if row.stride() == xs[i].stride() else None
     if alone:
         ranges.append(_range([xs[i] for i in alone]))
-    order = [i for members in stacks for i in members] + alone
+    order = stacked + alone
     lows = torch.cat([low for low, _ in ranges])
     highs = torch.cat([high for _, high in ranges])
     for i, low, high in zip(order, *torch.stack([lows, highs]).tolist()):
