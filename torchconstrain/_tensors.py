@@ -91,13 +91,6 @@ def constrained_slots(model: nn.Module) -> list[Slot]:
     return [slot for slot in parameter_slots(model).values() if slot.everything()]
 
 
-def one_pass_pays_off(model: nn.Module) -> bool:
-    r"""Whether ``model`` holds two or more tensors with torchconstrain parametrizations:
-    from there, evaluating them in one pass per forward (:mod:`torchconstrain.fastpath`)
-    costs less than it saves."""
-    return sum(1 for slot in constrained_slots(model) if slot.constraints()) > 1
-
-
 def describe(constraint: nn.Module) -> str:
     r"""``Clamp(min=-1, max=1)``: the constraint's class and its ``extra_repr``."""
     return f"{type(constraint).__name__}({constraint.extra_repr()})"

@@ -13,9 +13,7 @@ from torchconstrain._tensors import (
     describe,
     drop_entries,
     drop_soft,
-    one_pass_pays_off,
 )
-from torchconstrain import fastpath
 from torchconstrain.checkpoint import unwatch
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import ConstraintViolation
@@ -79,9 +77,6 @@ def bake(model: nn.Module, key=None) -> Report:
         drop_soft(slot)
     if not constrained_slots(model):
         unwatch(model)
-    for module in model.modules():
-        if fastpath.attached(module) and not one_pass_pays_off(module):
-            fastpath.detach(module)
     return Report("baked tensors", rows)
 
 

@@ -18,11 +18,9 @@ from torchconstrain._tensors import (
     describe,
     drop_entries,
     drop_soft,
-    one_pass_pays_off,
     parameter_slots,
     register,
 )
-from torchconstrain import fastpath
 from torchconstrain.checkpoint import watch
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.optim import warn_unoptimized
@@ -141,8 +139,6 @@ def constrain(
     _register(plan)
     if plan:
         watch(model)
-        if one_pass_pays_off(model):
-            fastpath.attach(model)
     return _report(plan)
 
 

@@ -18,10 +18,13 @@ __all__ = ["Constraint"]
 # alias rather than a wrapper: it runs on every constrained forward.)
 tracing = torch.compiler.is_compiling
 
-# Bumped by every change to a constraint that its tensors' version counters do not show (an
-# attribute, a new buffer, ``.to()``): the fast path (``torchconstrain.fastpath``) then
-# rebuilds its plans.
-REVISION = [0]
+_interpreters = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
+
+def transformed() -> bool:
+    r"""Whether a :mod:`torch.func` transform (``grad``, ``vmap``, ...) is running: its
+    tensors may be batched, so forwards take their plain tensor path there too."""
+    return _interpreters() is not None
 
 
 class Constraint(nn.Module):
@@ -34,42 +37,54 @@ class Constraint(nn.Module):
 
     Subclasses implement ``forward`` and may override:
 
+    - :meth:`_bind`: adapt the fresh copy to the tensor it will constrain;
+    - :meth:`for_tensors`: bind one template to all the tensors a rule matched at once;
     - :meth:`violation`: describe how an effective tensor breaks the constraint (``check``);
     - :meth:`penalty`: a differentiable term added by :func:`torchconstrain.penalty`;
     - :meth:`bake`: the value written into the plain weight by :func:`torchconstrain.bake`;
-    - :meth:`forced_zeros` / :meth:`admits_zero`: used to refuse contradictory stacks;
-    - :meth:`_bind`: adapt the fresh copy to the tensor it will constrain;
-    - :meth:`_plan` / :meth:`_fusion`: how the fast path evaluates it (see
-      :mod:`torchconstrain.fastpath`).
+    - :meth:`state_problem`: refuse checkpoint state that would break the constraint;
+    - :meth:`forced_zeros` / :meth:`admits_zero`: used to refuse contradictory stacks.
 
-    A subclass takes the fast path only if its own class body sets ``cacheable = True``:
-    its forward must depend on nothing but its input and the constraint's own tensors and
-    attributes. Otherwise ``parametrize`` evaluates it on every access, as usual. The fast
-    path uses :meth:`_plan`, :meth:`_fusion` and :meth:`_factor` only where they were
-    written for the class's ``forward``: a subclass that overrides ``forward`` alone is
-    evaluated through its ``forward``.
+    ``cacheable = True`` on a class lets :mod:`torchconstrain.fastpath` evaluate it without
+    ``parametrize``'s per-access call chain and, with gradients off, reuse its value until
+    one of its inputs changes: its forward must depend on nothing but its input and the
+    constraint's own tensors and attributes. Subclasses inherit the flag, except those that
+    define ``forward`` themselves: they are evaluated the plain way unless their own class
+    body sets ``cacheable = True`` again.
     """
 
     cacheable = False
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "forward" in vars(cls) and "cacheable" not in vars(cls):
+            cls.cacheable = False
+
+    # Every change that its tensors' version counters do not show (an attribute, a new or
+    # replaced tensor, ``.to()``) bumps the constraint's ``_revision``: the values the fast
+    # path reuses are keyed on it.
+
+    def _changed(self) -> None:
+        self.__dict__["_revision"] = self.__dict__.get("_revision", 0) + 1
+
     def __setattr__(self, name: str, value) -> None:
-        REVISION[0] += 1
+        self._changed()
         super().__setattr__(name, value)
 
     def __delattr__(self, name: str) -> None:
-        REVISION[0] += 1
+        self._changed()
         super().__delattr__(name)
 
     def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
-        REVISION[0] += 1
+        self._changed()
         super().register_buffer(name, tensor, persistent)
 
     def register_parameter(self, name: str, param) -> None:
-        REVISION[0] += 1
+        self._changed()
         super().register_parameter(name, param)
 
     def _apply(self, *args, **kwargs):
-        REVISION[0] += 1
+        self._changed()
         return super()._apply(*args, **kwargs)
 
     def for_tensor(self, fqn: str, tensor: Tensor) -> "Constraint":
@@ -118,29 +133,6 @@ class Constraint(nn.Module):
 
     def _bind(self, fqn: str, tensor: Tensor) -> None:
         """Adapt this (already copied) constraint to ``tensor``; raise ValueError if it can't."""
-
-    def _plan(self, like: Tensor):
-        r"""Return a function equal to ``forward`` for inputs like ``like`` (same dtype and
-        device), with what it derives from this constraint's state prepared once. The fast
-        path rebuilds it whenever that state changes."""
-        return self.forward
-
-    def _fusion(self):
-        r"""Return a key ``(fused, ...)`` when this constraint can be evaluated together with
-        others of equal key by ``fused(plans, xs, factors) -> ys``, or ``None``.
-
-        ``fused`` gets the constraints' :meth:`_plan` functions and inputs, and for each a
-        factor: ``None``, or the :meth:`_factor` of the constraint that comes next in that
-        tensor's chain, which ``fused`` applies in place of it. Its results must be bitwise
-        ``plan(x)``, times ``factor`` where one is given, gradients included.
-        """
-        return None
-
-    def _factor(self, plan) -> Tensor | None:
-        r"""Return the constant tensor this constraint multiplies its input by (given its
-        :meth:`_plan`), when that is all its forward does, or ``None``: a fused evaluation
-        of the constraint before it in a chain can then apply it too (see :meth:`_fusion`)."""
-        return None
 
     def violation(self, value: Tensor) -> str | None:
         r"""Return why ``value`` breaks this constraint, or ``None`` when it satisfies it."""

@@ -2,15 +2,13 @@ r"""Masks: fixed binary masks and sigmoid-gated learnable masks."""
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from torchconstrain.constraints import _multi
-from torchconstrain.constraints.base import Constraint, tracing
+from torchconstrain.constraints.base import Constraint, tracing, transformed
 from torchconstrain.constraints.selection import (
     NM,
     GlobalMagnitude,
@@ -28,9 +26,8 @@ class FixedMask(Constraint):
     The mask is a bool buffer named ``mask`` (``True`` keeps an entry). The effective
     tensor is ``original * mask``: masked entries are exactly 0 and their stored originals
     receive exactly 0 gradient, so whatever momentum or weight decay does to the stored
-    value, the effective weight stays 0. (The multiplication uses a copy of the mask in
-    the weight's dtype, rebuilt whenever ``mask`` changes: it is many times faster than
-    ``torch.where`` on a bool tensor. Stored values at masked entries are set to 0 when the
+    value, the effective weight stays 0. (No float copy of the mask is kept: each product
+    converts it, and backward saves only the bool mask. Stored values at masked entries are set to 0 when the
     mask is applied and never receive a gradient, so they stay finite; a NaN or inf
     written there by hand would show through, and :func:`torchconstrain.check` reports it.)
 
@@ -57,7 +54,7 @@ class FixedMask(Constraint):
         >>> _ = constrain(nn.Linear(8, 8), {"weight": FixedMask.magnitude(sparsity=0.5)})
     """
 
-    cacheable = True  # see Constraint: forward depends on its input and own state only
+    cacheable = True  # see Constraint
 
     def __init__(self, mask: Tensor | None = None, *, _selector=None) -> None:
         super().__init__()
@@ -126,25 +123,9 @@ class FixedMask(Constraint):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        if tracing():
+        if tracing() or transformed():
             return x * self.mask.to(x.dtype)
-        keep = self._derived("keep", self.mask, x, lambda: self.mask.to(x.dtype))
-        return x * keep
-
-    def _plan(self, like: Tensor):
-        return functools.partial(_times, keep=self.mask.to(like.dtype))
-
-    def _fusion(self):
-        return (FixedMask._fused,)
-
-    def _factor(self, plan: functools.partial) -> Tensor:
-        return plan.keywords["keep"]
-
-    @staticmethod
-    def _fused(plans: list[functools.partial], xs: list[Tensor], factors: list) -> list[Tensor]:
-        """Many masks (plans from :meth:`_plan`) in one autograd node with multi-tensor
-        multiplications, each result times its factor (see :meth:`Constraint._fusion`)."""
-        return _multi.scale(xs, [[p.keywords["keep"], factor] for p, factor in zip(plans, factors)])
+        return _MaskProduct.apply(x, self.mask)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return torch.where(self.mask, value, 0.0)
@@ -174,8 +155,31 @@ class FixedMask(Constraint):
         return f"shape={tuple(self.mask.shape)}, sparsity={self.sparsity:.3f}"
 
 
-def _times(x: Tensor, keep: Tensor) -> Tensor:
-    return x * keep
+class _MaskProduct(torch.autograd.Function):
+    """``x * mask`` and its gradient ``grad * mask``, bitwise, saving only the bool mask.
+
+    Autograd's own product would save a float copy of the mask, the size of the weight,
+    until backward. Each product converts the mask through a ``uint8`` view (on the CPU,
+    converting a bool tensor or multiplying by one takes several times longer) and
+    multiplies into the converted copy in place.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, mask: Tensor) -> Tensor:
+        return _times_mask(x, mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (mask,) = ctx.saved_tensors
+        return _times_mask(grad, mask), None
+
+
+def _times_mask(x: Tensor, mask: Tensor) -> Tensor:
+    return mask.view(torch.uint8).to(x.dtype).mul_(x)
 
 
 class LearnableMask(Constraint):
@@ -217,7 +221,7 @@ class LearnableMask(Constraint):
         0.0098
     """
 
-    cacheable = True  # see Constraint: forward depends on its input and own state only
+    cacheable = True  # see Constraint
 
     def __init__(
         self,

@@ -27,8 +27,6 @@ class NonNeg(Clamp):
         True
     """
 
-    cacheable = True  # see Constraint: forward depends on its input and own state only
-
     def __init__(self, *, gradient: str = "pull_back") -> None:
         super().__init__(0.0, None, gradient=gradient)
 
@@ -87,7 +85,7 @@ class MaxNorm(_ChannelNorm):
         True
     """
 
-    cacheable = True  # see Constraint: forward depends on its input and own state only
+    cacheable = True  # see Constraint
 
     def __init__(self, max_value: float, *, dim: int = 0) -> None:
         super().__init__(dim)
@@ -136,7 +134,7 @@ class UnitNorm(_ChannelNorm):
         [1.0, 1.0, 1.0, 1.0]
     """
 
-    cacheable = True  # see Constraint: forward depends on its input and own state only
+    cacheable = True  # see Constraint
 
     def __init__(self, *, dim: int = 0) -> None:
         super().__init__(dim)

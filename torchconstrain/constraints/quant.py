@@ -47,7 +47,7 @@ class FakeQuant(Constraint):
         True
     """
 
-    cacheable = True  # see Constraint: forward depends on its input and own state only
+    cacheable = True  # see Constraint
 
     def __init__(self, bits: int = 8, *, per_channel: bool = True, symmetric: bool = True, dim: int = 0) -> None:
         super().__init__()
