@@ -426,3 +426,240 @@ def test_a_replica_sharing_the_class_uses_its_own_tensors():
     assert same_bits(_reused(layer), _plain_value(layer))
 
 
+
+
+class _Unrecoverable(Constraint):
+    """Accepted by constrain's checks, then refused by parametrize at registration."""
+
+    def forward(self, x):
+        return x
+
+    def right_inverse(self, value):
+        raise RuntimeError("cannot store this value")
+
+
+def test_a_rolled_back_constrain_leaves_later_constraints_applied():
+    model, _ = constrained_pair(RULES["Clamp pull_back"])
+    model[0].weight.sum().backward()  # the evaluator has run, with and without gradients
+    _reused(model[0])
+    with pytest.raises(RuntimeError, match="cannot store"):
+        constrain(model, [("0.weight", Clamp(-0.4, 0.4)), ("2.weight", _Unrecoverable())], existing="stack")
+    assert len(model[0].parametrizations.weight) == 1  # rolled back
+    constrain(model, {"0.weight": Clamp(-0.1, 0.1)}, existing="stack")
+    assert _reused(model[0]).abs().max() <= 0.1
+    assert model[0].weight.abs().max() <= 0.1
+    assert same_bits(_reused(model[0]), _plain_value(model[0]))
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, model: nn.Module, reentrant: bool):
+        super().__init__()
+        self.model, self.reentrant = model, reentrant
+
+    def forward(self, x):
+        if self.reentrant:  # it gives gradients only where an input requires them
+            x = x.detach().requires_grad_()
+        for layer in self.model:
+            x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=self.reentrant)
+        return x
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("name", list(RULES))
+def test_activation_checkpointing_gives_the_bits_of_the_plain_path(name, reentrant):
+    fast, plain = constrained_pair(RULES[name])
+    fast_record = train(_Checkpointed(fast, reentrant), steps=4)
+    with set_fast_path(False):
+        plain_record = train(_Checkpointed(plain, reentrant), steps=4)
+    assert_same_training(fast_record, plain_record)
+
+
+def test_a_pre_hook_that_edits_stored_weights_gives_the_bits_of_the_plain_path():
+    def shrink(module, args):
+        with torch.no_grad():
+            module.parametrizations.weight.original.mul_(0.9)
+
+    fast, plain = constrained_pair(RULES["Clamp + FixedMask"])
+    for model in (fast, plain):
+        for i in (0, 2, 4):
+            model[i].register_forward_pre_hook(shrink)
+    fast_record = train(fast)
+    with set_fast_path(False):
+        plain_record = train(plain)
+    assert_same_training(fast_record, plain_record)
+
+
+def _loss_of(model, x):
+    def loss(params):
+        return torch.func.functional_call(model, params, (x,)).pow(2).sum()
+
+    return loss
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_torch_func_grad_gives_the_gradients_of_backward(name):
+    model, _ = constrained_pair(RULES[name])
+    x = torch.randn(5, 6)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    grads = torch.func.grad(_loss_of(model, x))(params)
+    model(x).pow(2).sum().backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-6, atol=1e-7)
+    with set_fast_path(False):
+        plain = torch.func.grad(_loss_of(model, x))(params)
+    assert all(same_bits(grads[k], plain[k]) for k in grads)
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_torch_func_vmap_over_inputs_and_over_an_ensemble(name):
+    models = [constrained_pair(RULES[name])[0] for _ in range(3)]
+    for i, model in enumerate(models):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + 0.1 * i)
+    x = torch.randn(4, 2, 6)
+    params = {k: v.detach() for k, v in models[0].named_parameters()}
+    per_sample = torch.func.vmap(lambda xi: torch.func.functional_call(models[0], params, (xi,)))(x)
+    with torch.no_grad():
+        torch.testing.assert_close(per_sample, torch.stack([models[0](xi) for xi in x]))
+    stacked, buffers = torch.func.stack_module_state(models)
+
+    def one(p, b, xi):
+        return torch.func.functional_call(models[0], (p, b), (xi,))
+
+    ensemble = torch.func.vmap(one, in_dims=(0, 0, None))(stacked, buffers, x[0])
+    with torch.no_grad():
+        torch.testing.assert_close(ensemble, torch.stack([m(x[0]) for m in models]))
+
+
+def test_functional_call_with_gradients_gives_the_bits_of_the_plain_path():
+    model, _ = constrained_pair(RULES["Clamp + FixedMask"])
+    name = "2.parametrizations.weight.original"
+    replaced = {name: dict(model.named_parameters())[name].detach().mul(2).requires_grad_()}
+    x = torch.randn(3, 6)
+    fast = torch.func.functional_call(model, replaced, (x,))
+    (fast_grad,) = torch.autograd.grad(fast.sum(), replaced[name])
+    with set_fast_path(False):
+        plain = torch.func.functional_call(model, replaced, (x,))
+        (plain_grad,) = torch.autograd.grad(plain.sum(), replaced[name])
+    assert same_bits(fast, plain) and same_bits(fast_grad, plain_grad)
+
+
+def test_set_fast_path_holds_for_the_calling_thread_only():
+    inside, leave = threading.Barrier(2), threading.Barrier(2)
+    seen = {}
+
+    def toggle(name, delay_exit):
+        with set_fast_path(False):
+            inside.wait()  # both threads are inside their blocks
+            seen[name] = fast_path_enabled()
+            if delay_exit:
+                leave.wait()
+        if not delay_exit:
+            leave.wait()  # this thread left its block first
+        seen[name + " after"] = fast_path_enabled()
+
+    threads = [threading.Thread(target=toggle, args=(name, name == "b")) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {"a": False, "b": False, "a after": True, "b after": True}
+    assert fast_path_enabled()
+    seen.clear()
+    with set_fast_path(False):
+        worker = threading.Thread(target=lambda: seen.update(worker=fast_path_enabled()))
+        worker.start()
+        worker.join()
+    assert seen == {"worker": True}  # a new thread starts with it on, like grad mode
+
+
+def test_threads_reading_the_same_model_get_its_values():
+    model, _ = constrained_pair(RULES["Clamp + FixedMask"])
+    expected = _plain_value(model[0])
+    results = []
+
+    def read():
+        for _ in range(50):
+            with torch.no_grad():
+                results.append(same_bits(model[0].weight, expected))
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 200 and all(results)
+
+
+def test_a_hook_on_a_constraint_runs_on_every_access():
+    model, _ = constrained_pair(RULES["Clamp pull_back"])
+    clamp = model[0].parametrizations.weight[0]
+    calls = []
+    handle = clamp.register_forward_hook(lambda module, args, out: calls.append(1) or out * 0.5)
+    with torch.no_grad():
+        first, second = model[0].weight, model[0].weight
+        with set_fast_path(False):
+            plain = model[0].weight
+    handle.remove()
+    assert len(calls) == 3 and same_bits(first, plain) and same_bits(second, plain)
+
+
+def test_cacheable_is_inherited_unless_a_subclass_defines_forward():
+    class Renamed(Clamp):
+        def extra_repr(self):
+            return "renamed"
+
+    class OwnForward(Clamp):
+        def forward(self, x):
+            return super().forward(x)
+
+    assert NonNeg.cacheable and Renamed.cacheable
+    assert not OwnForward.cacheable and _ShrunkClamp.cacheable
+
+
+def test_a_training_step_keeps_no_weight_sized_tensor_and_a_mask_saves_only_its_bools():
+    model, _ = constrained_pair(RULES["Clamp + FixedMask"])
+    evaluator = model[0].parametrizations.weight.__dict__[fastpath._KEY]
+    _reused(model[0])
+    weight = model[0].weight  # with gradients: the product of the mask
+    assert evaluator.kept is None
+    assert [t.dtype for t in weight.grad_fn.saved_tensors] == [torch.bool]
+    mask = model[0].parametrizations.weight[1]
+    assert [k for k, v in vars(mask).items() if isinstance(v, torch.Tensor)] == []
+
+
+def test_every_cached_value_belongs_to_a_constraint_and_changes_with_it():
+    layer = nn.Linear(4, 4)
+    constrain(layer, {"weight": [Clamp(-0.1, 0.1), LearnableMask(temperature=2.0)]})
+    clamp, gate = layer.parametrizations.weight
+    before = _reused(layer).clone()
+    clamp.max.fill_(0.05)  # a bound, in place: the float bound derived from it follows
+    gate.temperature.fill_(0.5)
+    assert same_bits(_reused(layer), _plain_value(layer))
+    assert not torch.equal(before, _reused(layer))
+    assert _reused(layer).max() <= 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(RULES))
+def test_training_on_cuda_gives_the_bits_of_the_plain_path(name):
+    fast, plain = constrained_pair(RULES[name])
+    fast, plain = fast.cuda(), plain.cuda()
+
+    def train_cuda(model):
+        torch.manual_seed(1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        record = []
+        for _ in range(3):
+            out = model(torch.randn(5, 6, device="cuda"))
+            optimizer.zero_grad(set_to_none=True)
+            out.pow(2).sum().backward()
+            record.append((out, [p.grad for p in model.parameters()]))
+            optimizer.step()
+        return record
+
+    fast_record = train_cuda(fast)
+    with set_fast_path(False):
+        plain_record = train_cuda(plain)
+    assert_same_training(fast_record, plain_record)

@@ -265,7 +265,7 @@ class LearnableMask(Constraint):
 
     def gate(self) -> Tensor:
         r"""Return the soft gate ``sigmoid(scores / temperature)``."""
-        if tracing():
+        if tracing() or transformed():
             return torch.sigmoid(self.scores / self.temperature)
         temperature = self._derived("temperature", self.temperature, self.scores, self.temperature.item)
         return torch.sigmoid(self.scores if temperature == 1.0 else self.scores / temperature)
