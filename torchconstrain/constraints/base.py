@@ -110,20 +110,20 @@ class Constraint(nn.Module):
         """
         return {fqn: self.for_tensor(fqn, tensor) for fqn, tensor in tensors.items()}
 
-    def _derived(self, name: str, source: Tensor, like: Tensor, build):
-        """Return ``build()``, cached until ``source`` changes or ``like``'s dtype/device does.
+    def _derived(self, name: str, source: Tensor, build):
+        """Return ``build()``, cached until ``source`` changes.
 
-        ``source`` is a buffer the derived value comes from (a bool mask, a bound). An
-        in-place edit or ``load_state_dict`` bumps its version counter; ``.to()`` or an
-        assignment replaces it. Either rebuilds the value. The cache holds ``source``
-        itself, so its identity cannot be reused by another tensor while cached.
+        ``source`` is a tensor of this constraint the derived value comes from (a bound, a
+        temperature). An in-place edit or ``load_state_dict`` bumps its version counter;
+        ``.to()`` or an assignment replaces it. Either rebuilds the value. The cache holds
+        ``source`` itself, so its identity cannot be reused by another tensor while cached.
         """
-        cache = self.__dict__.setdefault("_derived_cache", {})
-        key = (source._version, like.dtype, like.device)
+        cache = self.__dict__.get("_derived_cache")
+        if cache is None:
+            cache = self.__dict__["_derived_cache"] = {}
         hit = cache.get(name)
-        if hit is None or hit[0] is not source or hit[1] != key:
-            hit = (source, key, build())
-            cache[name] = hit
+        if hit is None or hit[0] is not source or hit[1] != source._version:
+            hit = cache[name] = (source, source._version, build())
         return hit[2]
 
     def __getstate__(self) -> dict:

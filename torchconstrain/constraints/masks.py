@@ -161,16 +161,14 @@ class _MaskProduct(torch.autograd.Function):
     Autograd's own product would save a float copy of the mask, the size of the weight,
     until backward. Each product converts the mask through a ``uint8`` view (on the CPU,
     converting a bool tensor or multiplying by one takes several times longer) and
-    multiplies into the converted copy in place.
+    multiplies into the converted copy in place. (The eager form of a Function: under
+    ``torch.func`` transforms the mask takes autograd's own product instead.)
     """
 
     @staticmethod
-    def forward(x: Tensor, mask: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, mask: Tensor) -> Tensor:
+        ctx.save_for_backward(mask)
         return _times_mask(x, mask)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -267,7 +265,7 @@ class LearnableMask(Constraint):
         r"""Return the soft gate ``sigmoid(scores / temperature)``."""
         if tracing() or transformed():
             return torch.sigmoid(self.scores / self.temperature)
-        temperature = self._derived("temperature", self.temperature, self.scores, self.temperature.item)
+        temperature = self._derived("temperature", self.temperature, self.temperature.item)
         return torch.sigmoid(self.scores if temperature == 1.0 else self.scores / temperature)
 
     def forward(self, x: Tensor) -> Tensor:
