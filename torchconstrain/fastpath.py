@@ -17,9 +17,12 @@ so values and gradients are bitwise the plain path's.
   counter: ``optimizer.step()``, ``load_state_dict``, in-place edits), the stored
   original's storage (``.to()``), a constraint's attributes or tensors being set or
   replaced (each constraint counts its changes), or the chain of parametrizations. An
-  in-place edit of the returned tensor also recomputes it. The kept value costs the
-  memory of the tensor; it is dropped at the next access with gradients on, so training
-  keeps none.
+  in-place edit of the returned tensor also recomputes it.
+
+Memory: the value kept for reuse is the one weight-sized tensor the fast path holds per
+constrained tensor, and only between accesses with gradients off: the next access with
+gradients on drops it, so training keeps none (the constraints keep none either: a
+``FixedMask`` holds its bool mask only).
 
 The plain ``parametrize`` evaluation runs instead under ``torch.compile``/``torch.export``
 tracing, ``torch.jit.trace``, ``parametrize.cached()``, ``torch.func`` transforms, for
@@ -174,10 +177,6 @@ def _plain(module: nn.Module, tensor_name: str, plist: nn.Module) -> Tensor:
     return tensor
 
 
-def _none():
-    return None
-
-
 # --- one tensor ---------------------------------------------------------------------------
 
 
@@ -198,7 +197,7 @@ class _Evaluator:
         return None
 
     def __reduce__(self):
-        return _none, ()
+        return type(None), ()  # unpickles as None
 
     def value(self, plist: nn.Module) -> Tensor | None:
         """The effective tensor, or ``None`` when the plain evaluation must run."""
