@@ -3,6 +3,7 @@
 import copy
 import pickle
 import threading
+import weakref
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from torchconstrain import (
     MaxNorm,
     NonNeg,
     UnitNorm,
+    check,
     constrain,
     fast_path_enabled,
     set_fast_path,
@@ -388,8 +390,8 @@ def test_set_fast_path_checks_its_argument():
 
 def test_training_drops_the_copy_kept_for_no_grad_reuse():
     model, _ = constrained_pair(RULES["FixedMask"])
-    evaluator = model[0].parametrizations.weight.__dict__[fastpath._KEY]
     _reused(model[0])
+    evaluator = model[0].parametrizations.weight.__dict__[fastpath._KEY]
     assert evaluator.kept is not None
     model(torch.randn(2, 6)).sum().backward()
     assert evaluator.kept is None
@@ -635,13 +637,42 @@ def test_cacheable_is_inherited_unless_a_subclass_defines_forward():
 
 def test_a_training_step_keeps_no_weight_sized_tensor_and_a_mask_saves_only_its_bools():
     model, _ = constrained_pair(RULES["Clamp + FixedMask"])
-    evaluator = model[0].parametrizations.weight.__dict__[fastpath._KEY]
     _reused(model[0])
+    evaluator = model[0].parametrizations.weight.__dict__[fastpath._KEY]
+    assert evaluator.kept is not None
     weight = model[0].weight  # with gradients: the product of the mask
     assert evaluator.kept is None
     assert [t.dtype for t in weight.grad_fn.saved_tensors] == [torch.bool]
     mask = model[0].parametrizations.weight[1]
     assert [k for k, v in vars(mask).items() if isinstance(v, torch.Tensor)] == []
+
+
+def test_constrain_and_check_leave_no_value_kept_for_reuse():
+    model = stack()
+    constrain(model, {nn.Linear: [Clamp(-0.1, 0.1), FixedMask.magnitude(sparsity=0.5)]})
+    check(model)
+    assert not any(fastpath._KEY in m.parametrizations.weight.__dict__ for m in (model[0], model[2], model[4]))
+
+
+def test_a_stale_kept_value_is_released_before_its_replacement_is_computed():
+    stale = []
+
+    class Watching(Clamp):
+        cacheable = True  # its forward depends on its input and own state only
+
+        def forward(self, x):
+            stale.append(None if not refs else refs[0]())  # the stale value, if still alive
+            return super().forward(x)
+
+    refs = []
+    layer = nn.Linear(8, 8)
+    constrain(layer, {"weight": Watching(-0.1, 0.1)})
+    refs.append(weakref.ref(_reused(layer)))
+    layer.eval()  # an attribute of the constraint changes: the kept value is stale
+    stale.clear()
+    fresh = _reused(layer)
+    assert stale == [None] and refs[0]() is None
+    assert same_bits(fresh, _plain_value(layer))
 
 
 def test_every_cached_value_belongs_to_a_constraint_and_changes_with_it():

@@ -25,8 +25,12 @@ class Slot:
     tensor_name: str
 
     def value(self) -> Tensor:
-        r"""The effective value (through every parametrization), detached."""
+        r"""The effective value (through every parametrization), detached: computed the
+        plain way, so that it leaves no value kept for reuse behind (see
+        :mod:`torchconstrain.fastpath`)."""
         with torch.no_grad():
+            if parametrize.is_parametrized(self.module, self.tensor_name):
+                return self.module.parametrizations[self.tensor_name]().detach()
             return getattr(self.module, self.tensor_name).detach()
 
     def stored(self) -> Tensor:

@@ -139,8 +139,11 @@ def _usable() -> bool:
 
 
 def install(module: nn.Module, tensor_name: str) -> None:
-    r"""Put the fast property for ``tensor_name`` on ``module``'s own parametrized class."""
+    r"""Put the fast property for ``tensor_name`` on ``module``'s own parametrized class,
+    and drop any value kept while the chain was being built (``parametrize`` reads the
+    tensor when it stacks a parametrization)."""
     setattr(type(module), tensor_name, property(_getter(tensor_name), _setter(tensor_name)))
+    module._modules["parametrizations"]._modules[tensor_name].__dict__.pop(_KEY, None)
 
 
 def _getter(tensor_name: str):
@@ -214,6 +217,7 @@ class _Evaluator:
         kept = self.kept
         if kept is not None and kept[1] == key and kept[0]._version == kept[2]:
             return kept[0]
+        self.kept = kept = None  # free the stale value before computing the new one
         with torch.inference_mode(False), torch.no_grad():  # a tensor with a version counter
             value = _evaluate(original, chain)
         self.kept = (value, key, value._version, sources)

@@ -81,12 +81,12 @@ class FakeQuant(Constraint):
     def quantize(self, x: Tensor) -> Tensor:
         r"""Return ``x`` rounded onto its grid (no gradient)."""
         scale, zero_point, qmin, qmax = self.grid(x)
-        steps = x.detach() / scale + zero_point
-        q = (torch.round(steps) if self.symmetric else torch.floor(steps + 0.5)).clamp(qmin, qmax)
-        return (q - zero_point) * scale
+        q = torch.div(x.detach(), scale).add_(zero_point)  # in place from here: one temporary
+        q = (q.round_() if self.symmetric else q.add_(0.5).floor_()).clamp_(qmin, qmax)
+        return q.sub_(zero_point).mul_(scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + (self.quantize(x) - x).detach()
+        return x + self.quantize(x).sub_(x.detach())
 
     def bake(self, value: Tensor) -> Tensor:
         return self.quantize(value)
