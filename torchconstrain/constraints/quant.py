@@ -82,7 +82,7 @@ class FakeQuant(Constraint):
         r"""Return ``x`` rounded onto its grid (no gradient)."""
         scale, zero_point, qmin, qmax = self.grid(x)
         q = torch.div(x.detach(), scale).add_(zero_point)  # in place from here: one temporary
-        q = (q.round_() if self.symmetric else q.add_(0.5).floor_()).clamp_(qmin, qmax)
+        q = (q.round_() if self.symmetric else q.add_(0.5).floor_()).clamp_min_(qmin).clamp_max_(qmax)
         return q.sub_(zero_point).mul_(scale)
 
     def forward(self, x: Tensor) -> Tensor:
