@@ -12,6 +12,8 @@ per block; ``*`` flags an IQR above 10 % of the median (a noisy measurement).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from benchmarks.timing import Result
 
 NOISY = 0.10
@@ -112,13 +114,18 @@ def _calls(numbers: list[int]) -> str:
     return "/".join(str(n) for n in dict.fromkeys(numbers))
 
 
-def markdown(results: list[Result], machine_line: str, settings: str, notes: dict[str, str]) -> str:
+def markdown(results: list[Result], machine_line: str, settings: str, notes: dict[str, str],
+             appendix: Sequence[str] = ()) -> str:
     r"""The full report: title, machine line, settings, per section a summary table and its
-    note (``notes[section]``: what the variants are), then the detail table."""
+    note (``notes[section]``: what the variants are), the ``appendix`` lines (sections that
+    are not timings: :func:`benchmarks.memory.markdown`), then the detail table of the
+    timings, if any."""
     lines = ["# torchconstrain benchmarks", "", machine_line, "", settings]
     for section in dict.fromkeys(r.section for r in results):
         lines += ["", f"## {TITLES.get(section, section)}", ""] + summary_table(results, section)
         if section in notes:
             lines += ["", notes[section]]
-    lines += ["", "## Every measurement", ""] + detail_table(results)
+    lines += list(appendix)
+    if results:
+        lines += ["", "## Every measurement", ""] + detail_table(results)
     return "\n".join(lines) + "\n"

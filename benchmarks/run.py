@@ -1,4 +1,5 @@
-r"""Entry point: time every layer and model case, print a markdown report, optionally save JSON.
+r"""Entry point: time every layer and model case, measure peak memory, print a markdown report,
+optionally save JSON.
 
 Usage::
 
@@ -9,15 +10,22 @@ forward+backward, training step), :mod:`benchmarks.models` (MobileNetV3 training
 and inference, a stack of 40 small Linears), each under every variant, and
 :mod:`benchmarks.surgery` (shrunk MobileNetV3s against the dense ones), with
 :func:`benchmarks.timing.measure_group` (warm-up, then interleaved rounds of
-``Timer.blocked_autorange``). Prints the
+``Timer.blocked_autorange``); then the case ``peak memory`` of :mod:`benchmarks.memory`
+(peak resident memory of no-grad inference and Adam training of 8 ``Linear(2048, 2048)``
+under every constraint, one fresh process per variant and task, over plain in units of
+the constrained weights' bytes; CPU and 1 thread whatever ``--device`` and
+``--threads`` say). Prints the
 report of :mod:`benchmarks.report` to stdout; progress goes to stderr. With ``--json PATH``
-also writes every measurement (per-block times included), the machine description and
-the settings to ``PATH``, the same markdown to ``table.md`` next to it, and a bar chart to ``plot.png``.
+also writes every measurement (per-block times included; the memory result under
+``"memory"``), the machine description and the settings to ``PATH``, the same markdown
+to ``table.md`` next to it, and a bar chart of the timings to ``plot.png``.
 
 ``--threads`` defaults to 1, like ``Timer``'s ``num_threads``. ``--quick`` runs every case
-but the batch-32 training steps, one call each (a smoke test: under a minute on two CPU
-cores; its numbers are not meant to be read). ``--case TEXT`` times only the cases whose
-name contains ``TEXT`` (``--case "40 x Linear"``: the two cases of the Linear stack), to
+but the batch-32 training steps, one call each, and measures memory on 2 ``Linear(256,
+256)`` with one forward or step (a smoke test: under a minute on two CPU cores; its
+numbers are not meant to be read). ``--case TEXT`` runs only the cases whose
+name contains ``TEXT`` (``--case "40 x Linear"``: the two cases of the Linear stack;
+``--case "peak memory"``: the memory table alone, a minute or two), to
 measure one row again without the whole run. Import and call :func:`main` to run it from
 a test: ``main(["--quick", "--json", path])`` returns 0.
 """
@@ -37,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 import torch
 
-from benchmarks import layers, machine, models, plot, report, surgery
+from benchmarks import layers, machine, memory, models, plot, report, surgery
 from benchmarks.timing import Budget, Result, steady_allocator
 
 BUDGETS = {
@@ -57,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="minimal budget: a smoke test, not numbers to read")
     parser.add_argument("--case", default=None, metavar="TEXT",
-                        help="time only the cases whose name contains TEXT")
+                        help="run only the cases whose name contains TEXT ('peak memory': the memory table)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="write every measurement here, and table.md beside it")
     args = parser.parse_args(argv)
@@ -110,7 +118,7 @@ def progress(result: Result) -> None:
 def case_names() -> list[str]:
     r"""The names of every case, in the order they run (``--case`` picks among them)."""
     names = [case.name for case in (*layers.CASES, *models.CASES)] + [f"{arch} b1" for arch in surgery.ARCHS]
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(names + [memory.NAME]))
 
 
 def run_all(device: torch.device, threads: int, mode: str, case: str | None = None) -> list[Result]:
@@ -125,6 +133,15 @@ def run_all(device: torch.device, threads: int, mode: str, case: str | None = No
     return results + surgery.run(device, threads, model_budget, progress, archs)
 
 
+def run_memory(mode: str, case: str | None = None) -> dict | None:
+    r"""The peak-memory table (:func:`benchmarks.memory.run`), unless ``case`` leaves it out;
+    ``--quick`` measures a small model."""
+    if case is not None and case not in memory.NAME:
+        return None
+    setup = memory.QUICK if mode == "quick" else memory.FULL
+    return memory.run(setup, lambda row: print(memory.progress_line(row), file=sys.stderr, flush=True))
+
+
 def run_settings(argv: list[str] | None, mode: str, elapsed: float, load_start: float | None) -> dict:
     r"""What the JSON records about this run: arguments, budgets, wall time, machine load."""
     return {
@@ -136,15 +153,19 @@ def run_settings(argv: list[str] | None, mode: str, elapsed: float, load_start: 
     }
 
 
-def write_json(path: Path, results: list[Result], info: dict, settings: dict, markdown: str) -> None:
-    r"""Write the JSON to ``path``, and ``table.md`` and ``plot.png`` beside it."""
+def write_json(path: Path, results: list[Result], info: dict, settings: dict, markdown: str,
+               memory_result: dict | None = None) -> None:
+    r"""Write the JSON to ``path``, and ``table.md`` and (if anything was timed) ``plot.png`` beside it."""
     ratio = report.ratios(results)
     measurements = [dict(r.to_dict(), ratio_to_plain=ratio[id(r)]) for r in results]
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {"machine": info, "settings": settings, "measurements": measurements}
+    if memory_result is not None:
+        document["memory"] = memory_result
     path.write_text(json.dumps(document, indent=1))
     (path.parent / "table.md").write_text(markdown)
-    plot.plot(results, path.parent / "plot.png", machine.summary(info))
+    if results:
+        plot.plot(results, path.parent / "plot.png", machine.summary(info))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,13 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         results = run_all(device, args.threads, mode, args.case)
     finally:
         torch.set_num_threads(previous_threads)
+    memory_result = run_memory(mode, args.case)
     elapsed = time.perf_counter() - start
-    notes = {"layers": layers.LEGEND, "models": models.LEGEND, "surgery": surgery.legend()}
-    markdown = report.markdown(results, machine.summary(info), settings_line(mode, args.threads),
-                               notes)
+    notes = {"layers": layers.LEGEND, "models": models.LEGEND}
+    if any(r.section == surgery.SECTION for r in results):  # its legend builds every shrunk model
+        notes["surgery"] = surgery.legend()
+    appendix = memory.markdown(memory_result) if memory_result is not None else []
+    settings = settings_line(mode, args.threads) if results else f"Run: `{mode}`, no timings."
+    markdown = report.markdown(results, machine.summary(info), settings, notes, appendix)
     print(markdown, end="")
     if args.json is not None:
-        write_json(args.json, results, info, run_settings(argv, mode, elapsed, load_start), markdown)
+        write_json(args.json, results, info, run_settings(argv, mode, elapsed, load_start), markdown,
+                   memory_result)
     print(f"done in {elapsed:.1f} s", file=sys.stderr)
     return 0
 

@@ -25,6 +25,9 @@ def test_quick_benchmark_run_writes_every_case(tmp_path):
     assert table.startswith("# torchconstrain benchmarks")
     assert "| mobilenet_v3_large | 50% shrunk |" in table
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+    memory_cells = {(r["variant"], r["task"]) for r in document["memory"]["rows"]}
+    assert {("mix", "training"), ("plain", "inference")} <= memory_cells
+    assert "## Peak memory: 2 x Linear(256,256) b8" in table
 
 
 def test_copies_of_a_variant_are_each_timed_and_merged():
@@ -82,3 +85,37 @@ def test_a_case_that_matches_nothing_is_refused_before_timing(capsys):
         main(["--quick", "--case", "resnet"])
     assert exit_info.value.code == 2
     assert "--case 'resnet' matches no case" in capsys.readouterr().err
+
+
+def test_memory_is_measured_for_every_variant_and_task_each_in_a_process_of_its_own():
+    import math
+    import os
+
+    from benchmarks import memory
+
+    tiny = memory.Setup(layers=2, width=64, batch=4, calls=1)
+    result = memory.run(tiny)
+    rows = result["rows"]
+    assert [(r["variant"], r["task"]) for r in rows] == [(v.name, t) for v in memory.VARIANTS for t in memory.TASKS]
+    assert result["W_bytes"] == 2 * 64 * 64 * 4
+    assert all(r["weight_bytes"] == result["W_bytes"] for r in rows)  # what each process's model stores
+    assert all(r["constrained"] == (0 if r["variant"] == "plain" else 2) for r in rows)
+    assert all(r["peak_kib"] > 0 and math.isfinite(r["peak_over_plain_W"]) for r in rows)
+    assert all(r["peak_over_plain_W"] == 0 for r in rows if r["variant"] == "plain")
+    assert os.getpid() not in {r["pid"] for r in rows} and len({r["pid"] for r in rows}) == len(rows)
+    assert result["verdicts"]["prune hooks"] == "reference"
+    assert result["verdicts"]["LearnableMask (per element)"] == "exempt"
+    table = "\n".join(memory.markdown(result))
+    assert all(f"| {v.name} |" in table for v in memory.VARIANTS)
+
+
+def test_case_peak_memory_runs_the_memory_table_alone(tmp_path):
+    path = tmp_path / "bench.json"
+    assert main(["--quick", "--case", "peak memory", "--json", str(path)]) == 0
+    document = json.loads(path.read_text())
+    assert document["measurements"] == []
+    assert document["memory"]["model"] == "2 x Linear(256,256) b8"
+    table = (tmp_path / "table.md").read_text()
+    assert "## Peak memory: 2 x Linear(256,256) b8" in table
+    assert "## Every measurement" not in table
+    assert not (tmp_path / "plot.png").exists()
