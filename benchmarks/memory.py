@@ -30,7 +30,7 @@ How one number is taken (:func:`measure`):
 1. Each variant and task runs in a process of its own, forked from a fork server
    (:func:`serve`, ``python -m benchmarks.memory --serve``): a fresh Python that has only
    imported torch, ``torch._dynamo`` (which the first optimizer step imports otherwise),
-   torchconstrain and this module, its objects frozen (``gc.freeze``: the children's
+   torchconstrain and this module, and warmed up (below), its objects frozen (``gc.freeze``: the children's
    collections neither scan nor copy them). No measurement inherits another's heap, and
    none pays the seconds of those imports again. 1 torch thread.
 2. glibc's mmap threshold is fixed at 1 MiB (``mallopt``): every tensor of 1 MiB or more
@@ -48,9 +48,11 @@ How one number is taken (:func:`measure`):
    says so.
 5. The task runs; the peak is ``VmHWM`` after it.
 
-Everything resident counts: tensors, and also torch's code pages and one-time state that
-a variant's operations touch first (about 8 MiB for torchconstrain's first ``constrain()``
-call, whatever the model's size: 0.06 W here).
+Everything resident counts: tensors, and also torch's code pages and one-time state. The
+fork server runs every variant and task once on a tiny model before forking
+(:func:`_warm_up`), so those are resident in every measuring process alike, plain's
+included (without it, torchconstrain's first ``constrain()`` call added about 8 MiB,
+whatever the model's size: 0.06 W here).
 
 Reported: ``(peak(variant, task) - peak(plain, task)) / W``, "+x.xx W over plain": what
 the variant adds to the same process's peak, everything else (Python, torch, the model's
@@ -265,6 +267,7 @@ def serve(requests: TextIO, replies: TextIO) -> None:
     or ``{"error": ...}``, as one JSON line to ``replies``."""
     for module in PRELOAD:
         importlib.import_module(module)
+    _warm_up()
     gc.freeze()  # the children's ``gc.collect()`` skips (and does not copy) what was imported
     for line in requests:
         request = json.loads(line)
@@ -280,6 +283,20 @@ def serve(requests: TextIO, replies: TextIO) -> None:
         died = json.dumps({"error": f"the measuring process died (wait status {status})"})
         replies.write((reply or died) + "\n")
         replies.flush()
+
+
+def _warm_up() -> None:
+    r"""Run every variant and task once on a tiny model, so that the code pages and
+    one-time state their operations touch first are resident in the server already, and
+    so in every measuring process alike (plain's included), instead of counting against
+    the first variant that touches them."""
+    tiny = Setup(layers=2, width=64, batch=2, calls=1)
+    for variant in VARIANTS:
+        for run_task in TASK_RUNS.values():
+            model, x, target = _build(tiny)
+            variant.prepare(model)
+            run_task(model, x, target, tiny.calls)
+    gc.collect()
 
 
 def _measure_and_exit(request: dict, write_end: int) -> None:
