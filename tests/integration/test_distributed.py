@@ -17,7 +17,7 @@ from torchconstrain import Clamp, FixedMask, LearnableMask, bake, check, constra
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "torchconstrain" / "examples" / "train_ddp.py"
+EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "torchconstrain" / "examples" / "train_ddp.py"
 RULES = {
     "0": [Clamp(-0.2, 0.2), FixedMask.random(sparsity=0.5, seed=1)],
     "2": LearnableMask(strength=0.1),

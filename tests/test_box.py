@@ -1,0 +1,137 @@
+"""Clamp: the box holds, bounds are buffers, the gradient modes, bad bounds are refused."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from torchconstrain import Clamp, constrain
+
+
+def test_clamp_holds_and_bounds_are_buffers():
+    layer = nn.Linear(5, 4)
+    constrain(layer, {"weight": Clamp(-0.1, 0.2)})
+    assert layer.weight.min() >= -0.1 and layer.weight.max() <= 0.2
+    keys = set(layer.state_dict())
+    assert {"parametrizations.weight.0.min", "parametrizations.weight.0.max"} <= keys
+
+
+def test_clamp_per_output_channel_bounds_broadcast_along_dim0():
+    conv = nn.Conv2d(2, 3, 3)
+    upper = torch.tensor([0.01, 0.02, 0.03])
+    constrain(conv, {"weight": Clamp(-upper, upper)})
+    per_channel_max = conv.weight.abs().amax(dim=(1, 2, 3))
+    assert torch.all(per_channel_max <= upper + 0)
+
+
+def test_clamp_one_sided_bound():
+    layer = nn.Linear(4, 4)
+    constrain(layer, {"weight": Clamp(min=0)})
+    assert layer.weight.min() >= 0
+    assert "min=0, max=None" in repr(layer.parametrizations.weight[0])
+
+
+def test_clamp_follows_dtype_and_device_moves():
+    layer = nn.Linear(3, 3)
+    constrain(layer, {"weight": Clamp(-0.5, 0.5)})
+    layer.double()
+    assert layer.parametrizations.weight[0].min.dtype == torch.float64
+    assert layer.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("low, high", [(1.0, 0.0), (torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0]))])
+def test_clamp_refuses_min_above_max(low, high):
+    with pytest.raises(ValueError, match="expected min <= max"):
+        Clamp(low, high)
+
+
+def test_clamp_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="contains NaN"):
+        Clamp(float("nan"), 1.0)
+    with pytest.raises(TypeError, match="expected min to be a number"):
+        Clamp("0", 1.0)
+    with pytest.raises(ValueError, match="unknown gradient 'sign'.*pull_back"):
+        Clamp(0, 1, gradient="sign")
+
+
+def test_clamp_bound_of_wrong_length_names_the_tensor():
+    with pytest.raises(ValueError, match=r"weight: Clamp max of shape \(5,\) does not fit .*\(3, 4\)"):
+        constrain(nn.Linear(4, 3), {"weight": Clamp(None, torch.ones(5))})
+
+
+def _grad_of_stored(gradient: str, stored: float, pull: float) -> float:
+    """Gradient on a stored value with loss ``pull * effective``."""
+    layer = nn.Linear(1, 1, bias=False)
+    constrain(layer, {"weight": Clamp(-1, 1, gradient=gradient)})
+    with torch.no_grad():
+        layer.parametrizations.weight.original.fill_(stored)
+    (pull * layer.weight.sum()).backward()
+    return layer.parametrizations.weight.original.grad.item()
+
+
+@pytest.mark.parametrize(
+    "gradient, stored, pull, expected",
+    [
+        ("pull_back", 5.0, 1.0, 1.0),  # above the box, descent moves it down: passes
+        ("pull_back", 5.0, -1.0, 0.0),  # above the box, descent would push it up: blocked
+        ("pull_back", -5.0, -1.0, -1.0),
+        ("pull_back", -5.0, 1.0, 0.0),
+        ("pull_back", 0.5, -1.0, -1.0),  # inside: always passes
+        ("pull_back", 0.5, math.inf, math.inf),  # ...infinite gradients too
+        ("straight_through", 5.0, -1.0, -1.0),
+        ("clamp", 5.0, 1.0, 0.0),
+        ("clamp", 0.5, 1.0, 1.0),
+    ],
+)
+def test_clamp_gradient_modes(gradient, stored, pull, expected):
+    assert _grad_of_stored(gradient, stored, pull) == expected
+
+
+def test_pull_back_treats_each_entry_of_a_tensor_on_its_own():
+    layer = nn.Linear(4, 1, bias=False)
+    constrain(layer, {"weight": Clamp(-1, 1)})
+    with torch.no_grad():
+        layer.parametrizations.weight.original.copy_(torch.tensor([[0.5, 5.0, -5.0, 5.0]]))
+    upstream = torch.tensor([[math.inf, 1.0, 1.0, -1.0]])
+    (layer.weight * upstream).sum().backward()
+    grad = layer.parametrizations.weight.original.grad
+    assert grad.tolist() == [[math.inf, 1.0, 0.0, 0.0]]
+
+
+def test_clamp_weight_stuck_outside_comes_back_with_default_gradient():
+    for gradient, comes_back in (("pull_back", True), ("clamp", False)):
+        layer = nn.Linear(1, 1, bias=False)
+        constrain(layer, {"weight": Clamp(-1, 1, gradient=gradient)})
+        with torch.no_grad():
+            layer.parametrizations.weight.original.fill_(50.0)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.25)
+        for _ in range(300):  # the loss wants the weight at 0.3
+            optimizer.zero_grad()
+            ((layer.weight - 0.3) ** 2).sum().backward()
+            optimizer.step()
+        stored = layer.parametrizations.weight.original.item()
+        assert (abs(stored - 0.3) < 1e-3) == comes_back, (gradient, stored)
+
+
+def test_clamp_assignment_stores_clamped_value():
+    layer = nn.Linear(2, 2)
+    constrain(layer, {"weight": Clamp(-1, 1)})
+    layer.weight = torch.full((2, 2), 3.0)
+    assert torch.equal(layer.parametrizations.weight.original, torch.ones(2, 2))
+
+
+def test_clamp_follows_in_place_edits_of_scalar_bounds():
+    layer = nn.Linear(4, 4)
+    constrain(layer, {"weight": Clamp(-1, 1)})
+    assert layer.weight.abs().max() > 0.1
+    layer.parametrizations.weight[0].max.fill_(0.1)
+    layer.parametrizations.weight[0].min.fill_(-0.1)
+    assert layer.weight.abs().max() <= 0.1
+
+
+def test_non_floating_tensor_is_refused():
+    module = nn.Module()
+    module.count = nn.Parameter(torch.ones(3, dtype=torch.int64), requires_grad=False)
+    with pytest.raises(ValueError, match="count: rule 0 .* floating-point tensors. Got torch.int64"):
+        constrain(module, {"count": Clamp(0, 1)})
