@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import torchconstrain.rules
 from torchconstrain import Clamp, FixedMask, LearnableMask, constrain, param_groups, unoptimized
 
 
@@ -74,6 +75,10 @@ def test_param_groups_refuses_rules_that_match_nothing_and_bad_options():
         param_groups(model, {"fc": 0.1})
     with pytest.raises(TypeError, match="without 'params'"):
         param_groups(model, {"fc": {"params": []}})
+    with pytest.raises(TypeError, match=r"param_groups: rule 0 key must be a name, glob"):
+        param_groups(model, {3: {"lr": 0.1}})
+    with pytest.raises(ValueError, match=r"param_groups: rule 0 \(re:\(\) is not a valid regex"):
+        param_groups(model, {"re:(": {"lr": 0.1}})
 
 
 def test_constrain_warns_about_new_parameters_an_earlier_optimizer_lacks():
@@ -88,3 +93,12 @@ def test_constrain_warns_about_new_parameters_an_earlier_optimizer_lacks():
     assert unoptimized(model, optimizer) == ["layer2.conv2.parametrizations.weight.0.scores"]
     optimizer.add_param_group({"params": [model.layer2.conv2.parametrizations.weight[0].scores], "weight_decay": 0.0})
     assert unoptimized(model, optimizer) == []
+
+
+@pytest.mark.parametrize("apply", [constrain, torchconstrain.rules.constrain])
+def test_the_warning_about_an_earlier_optimizer_points_at_the_call(apply):
+    model = layered()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="not in the optimizer") as record:
+        apply(model, {"layer2.conv2": LearnableMask()}, optimizer=optimizer)
+    assert record[0].filename == __file__

@@ -6,6 +6,7 @@ import torchvision
 from conftest import assert_unchanged, snapshot
 from torch import nn
 
+import torchconstrain.rules
 from torchconstrain import Clamp, FixedMask, LearnableMask, NonNeg, constrain
 from torchconstrain.__main__ import main
 from torchconstrain.rulesfile import CONSTRAINTS, RulesFileError, read_rules
@@ -136,6 +137,26 @@ def test_blocks_and_roles_in_a_file(tmp_path):
     role = write(tmp_path, "role.yaml", "rules:\n  - match: {role: dw}\n    apply: NonNeg\n")
     with pytest.raises(RulesFileError, match=r"role.yaml, rule 0 \(line 2\): surgery.role: unknown role 'dw'"):
         constrain(torchvision.models.mobilenet_v3_small(weights=None), role)
+
+
+def test_rules_constrain_takes_python_rules_and_says_where_files_go(tmp_path):
+    model = build()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=r"rules.constrain: expected rules as a dict or a sequence of \(key, value\) "
+                                        r"pairs. Got the path '.*rules.yaml': torchconstrain.constrain\(model, path\)"):
+        torchconstrain.rules.constrain(model, write(tmp_path, "rules.yaml", YAML))
+    assert_unchanged(model, before)
+
+
+def test_a_file_with_learnable_blocks_warns_about_the_shared_scores_once(tmp_path):
+    model = torchvision.models.mobilenet_v3_small(weights=None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = write(tmp_path, "rules.yaml", "rules: []\nblocks: {learnable: true}\n")
+    with pytest.warns(UserWarning, match="not in the optimizer") as record:
+        constrain(model, path, optimizer=optimizer)
+    assert record[0].filename == __file__
+    named = str(record[0].message).split("will not train: ")[1].split(". ")[0].split(", ")
+    assert len(named) == len({name.split(".block")[0] for name in named}) == 10  # one set of scores per block
 
 
 def test_the_packaged_demo_rules_apply_to_mobilenet_v3_small():

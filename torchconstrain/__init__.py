@@ -7,6 +7,7 @@ constraints hold, :func:`penalty` sums their penalty terms and :func:`bake` leav
 plain model with the final weights.
 """
 
+from torchconstrain.api import constrain
 from torchconstrain.bake import bake, check, penalty
 from torchconstrain.constraints import (
     L1,
@@ -23,9 +24,9 @@ from torchconstrain.constraints import (
 )
 from torchconstrain.fastpath import fast_path_enabled, set_fast_path
 from torchconstrain.errors import CheckpointMismatch, ConstraintViolation
+from torchconstrain.keys import match
 from torchconstrain.optim import param_groups, unoptimized
 from torchconstrain.report import Report
-from torchconstrain.rules import constrain, match
 from torchconstrain.schedules import PruningSchedule, TemperatureSchedule
 
 __all__ = [

@@ -1,4 +1,7 @@
-r"""Where constrainable tensors live in a model, and torchconstrain's entries on them."""
+r"""Where constrainable tensors live in a model, and what torchconstrain has on them.
+
+A read-only view: :mod:`torchconstrain.registration` adds and removes the entries.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from torchconstrain import fastpath
-from torchconstrain.checkpoint import class_dict
 from torchconstrain.constraints.base import Constraint
 
 SOFT_ATTRIBUTE = "_torchconstrain_soft"
@@ -98,68 +99,3 @@ def constrained_slots(model: nn.Module) -> list[Slot]:
 def describe(constraint: nn.Module) -> str:
     r"""``Clamp(min=-1, max=1)``: the constraint's class and its ``extra_repr``."""
     return f"{type(constraint).__name__}({constraint.extra_repr()})"
-
-
-def drop_entries(slot: Slot, indices: list[int]) -> None:
-    r"""Remove the parametrizations at ``indices`` from the tensor's chain, keeping the
-    stored original as it is. The last removal turns the tensor back into a plain one,
-    keeping the ``Parameter`` object."""
-    _own_class(slot.module)
-    plist = slot.module.parametrizations[slot.tensor_name]
-    for index in sorted(indices, reverse=True):
-        del plist[index]
-    if len(plist) == 0:
-        order = getattr(slot.module.parametrizations, "plain_order", None)
-        parametrize.remove_parametrizations(slot.module, slot.tensor_name, leave_parametrized=False)
-        if order is not None:
-            _restore_order(slot.module._parameters, order)
-
-
-def register(slot: Slot, constraint: Constraint) -> None:
-    r"""Append ``constraint`` to the tensor's chain, or a soft one to its module's record.
-
-    The module's first parametrization records its plain parameter order, so that
-    removing parametrizations restores the ``state_dict`` key order."""
-    if getattr(constraint, "soft", False):
-        record = slot.module.__dict__.setdefault(SOFT_ATTRIBUTE, {})
-        record.setdefault(slot.tensor_name, []).append(constraint)
-        return
-    order = None if parametrize.is_parametrized(slot.module) else list(slot.module._parameters)
-    _own_class(slot.module)
-    parametrize.register_parametrization(slot.module, slot.tensor_name, constraint)
-    fastpath.install(slot.module, slot.tensor_name)
-    if order is not None:
-        slot.module.parametrizations.plain_order = order
-        _own_class(slot.module)
-
-
-def _own_class(module: nn.Module) -> None:
-    """Give a parametrized module a class of its own before its properties change.
-
-    ``parametrize`` generates one ``Parametrized<Cls>`` class per module, but its
-    ``copy.deepcopy`` shares it between a module and its copy: removing a property from the
-    copy's class would remove it from the original's too. The new class also loads plain
-    checkpoints, pickles and deep-copies into a class of its own (see ``checkpoint``).
-    """
-    cls = type(module)
-    if parametrize.is_parametrized(module):
-        module.__class__ = type(cls.__name__, cls.__bases__, class_dict(cls))
-
-
-def drop_soft(slot: Slot, keep: int = 0) -> None:
-    r"""Forget the tensor's soft constraints after the first ``keep``."""
-    record = slot.module.__dict__.get(SOFT_ATTRIBUTE, {})
-    if slot.tensor_name not in record:
-        return
-    del record[slot.tensor_name][keep:]
-    if not record[slot.tensor_name]:
-        del record[slot.tensor_name]
-    if not record:
-        del slot.module.__dict__[SOFT_ATTRIBUTE]
-
-
-def _restore_order(parameters: dict, order: list[str]) -> None:
-    rank = {name: i for i, name in enumerate(order)}
-    items = sorted(parameters.items(), key=lambda item: rank.get(item[0], len(order)))
-    parameters.clear()
-    parameters.update(items)

@@ -6,19 +6,13 @@ import torch
 from torch import Tensor, nn
 
 from torchconstrain._distributed import is_sharded, unsharded, whole
-from torchconstrain._tensors import (
-    SOFT_ATTRIBUTE,
-    Slot,
-    constrained_slots,
-    describe,
-    drop_entries,
-    drop_soft,
-)
+from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot, constrained_slots, describe
 from torchconstrain.checkpoint import unwatch
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import ConstraintViolation
+from torchconstrain.keys import match
+from torchconstrain.registration import drop_entries, drop_soft
 from torchconstrain.report import Report
-from torchconstrain.rules import match
 
 __all__ = ["bake", "check", "penalty"]
 

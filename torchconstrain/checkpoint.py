@@ -1,15 +1,10 @@
-r"""Checkpoints and pickles of constrained models.
+r"""Checking checkpoints before they load into constrained models.
 
-Every module torchconstrain parametrizes gets a class of its own (``Parametrized<Cls>``,
-built from the one :mod:`torch.nn.utils.parametrize` makes) with three additions:
-
-- ``_load_from_state_dict`` accepts a plain key (``weight``) for a parametrized tensor: the
-  value goes through the first parametrization's ``right_inverse`` into the stored
-  original, exactly what :func:`torchconstrain.constrain` does to the weight it finds, and
-  the constraints' own state (masks, bounds, scores) stays as it is in the model;
-- ``__reduce_ex__`` / ``__setstate__``, so that ``torch.save(model)`` and pickling work
-  (plain ``parametrize`` refuses them), rebuilding the class on load;
-- ``__deepcopy__``, which gives the copy a class of its own.
+A parametrized module's class (see :mod:`torchconstrain.registration`) loads a plain key
+(``weight``) for a parametrized tensor: :func:`load_plain_keys` sends the value through the
+first parametrization's ``right_inverse`` into the stored original, exactly what
+:func:`torchconstrain.constrain` does to the weight it finds, and the constraints' own state
+(masks, bounds, scores) stays as it is in the model.
 
 The model passed to :func:`torchconstrain.constrain` also gets a ``load_state_dict``
 pre-hook that checks the whole checkpoint before anything is copied: shapes, mask values,
@@ -39,36 +34,16 @@ Example:
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from torchconstrain import fastpath
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import CheckpointMismatch
 
 __all__ = []  # used through load_state_dict, constrain and bake
 
 _INNER = "parametrizations."
-
-
-def class_dict(cls: type) -> dict:
-    r"""The namespace of torchconstrain's class for a module whose parametrized class is ``cls``."""
-    return {**cls.__dict__, **_methods(cls.__bases__[0])}
-
-
-def _methods(base: type) -> dict:
-    methods = {
-        "__getstate__": _getstate,
-        "__reduce_ex__": _reduce_ex,
-        "__setstate__": _setstate,
-        "_load_from_state_dict": _load_from_state_dict,
-    }
-    if not hasattr(base, "__deepcopy__"):
-        methods["__deepcopy__"] = _deepcopy
-    return methods
 
 
 def watch(model: nn.Module) -> None:
@@ -89,45 +64,18 @@ def _watched(module: nn.Module) -> bool:
     return any(getattr(hook, "hook", None) is _check_checkpoint for hook in module._load_state_dict_pre_hooks.values())
 
 
-# --- methods of the parametrized classes -------------------------------------------------
+# --- loading ----------------------------------------------------------------------------
 
 
-def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-    problems = _adapt(self, state_dict, prefix)
+def load_plain_keys(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    r"""Turn the plain keys of ``module``'s parametrized tensors in ``state_dict`` into stored originals.
+
+    Raises:
+        CheckpointMismatch: a plain value does not fit its tensor.
+    """
+    problems = _adapt(module, state_dict, prefix)
     if problems:
         raise CheckpointMismatch(problems)
-    super(type(self), self)._load_from_state_dict(state_dict, prefix, *args)
-
-
-def _getstate(self) -> dict:
-    return type(self).__bases__[0].__getstate__(self)
-
-
-def _reduce_ex(self, protocol):
-    return _rebuild, (type(self).__bases__[0],), self.__getstate__()
-
-
-def _setstate(self, state: dict) -> None:
-    type(self).__bases__[0].__setstate__(self, state)
-    for tensor_name in self.parametrizations:
-        if tensor_name not in type(self).__dict__:
-            fastpath.install(self, tensor_name)
-
-
-def _deepcopy(self, memo: dict):
-    replica = _rebuild(type(self).__bases__[0])
-    memo[id(self)] = replica
-    _setstate(replica, copy.deepcopy(self.__dict__, memo))
-    return replica
-
-
-def _rebuild(base: type) -> nn.Module:
-    """A bare instance of a fresh ``Parametrized<base>`` class; ``_setstate`` completes it."""
-    cls = type(f"Parametrized{base.__name__}", (base,), _methods(base))
-    return cls.__new__(cls)
-
-
-# --- loading ----------------------------------------------------------------------------
 
 
 def _adapt(module: nn.Module, state_dict: dict, prefix: str) -> list[str]:

@@ -14,7 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
-from torchconstrain.rules import constrain, match
+from torchconstrain.keys import label, match
+from torchconstrain.rules import constrain
 from torchconstrain.rulesfile import read_rules
 
 __all__ = ["dry_run", "load_model"]
@@ -80,7 +81,6 @@ def dry_run(model: nn.Module, path) -> tuple[str, bool]:
 
 
 def _rule_header(rules_file, index: int, key, count: int) -> str:
-    label = key if isinstance(key, str) else getattr(key, "__name__", repr(key))
     line = rules_file.lines[index] if index < len(rules_file.lines) else None
     where = f" at line {line}" if line else ""
-    return f"rule {index} ({label}){where}: {count} tensor{'s' if count != 1 else ''}"
+    return f"rule {index} ({label(key)}){where}: {count} tensor{'s' if count != 1 else ''}"

@@ -10,6 +10,7 @@ from torch import nn
 
 from torchconstrain._tensors import Slot, parameter_slots
 from torchconstrain.constraints.base import Constraint
+from torchconstrain.keys import matcher, no_match_message
 
 __all__ = ["param_groups", "unoptimized"]
 
@@ -105,8 +106,6 @@ def warn_unoptimized(model: nn.Module, optimizer: torch.optim.Optimizer, before:
 
 
 def _parse(rules) -> list[tuple[int, object, dict, object]]:
-    from torchconstrain.rules import _matcher  # rules.py imports this module
-
     pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
     parsed = []
     for index, pair in enumerate(pairs):
@@ -118,7 +117,7 @@ def _parse(rules) -> list[tuple[int, object, dict, object]]:
                 f"param_groups: rule {index} ({key}) options must be a dict of optimizer settings "
                 f"without 'params', such as {{'weight_decay': 0.01}}. Got {options!r}."
             )
-        parsed.append((index, key, dict(options), _matcher(index, key)))
+        parsed.append((index, key, dict(options), matcher(key, index, caller="param_groups")))
     return parsed
 
 
@@ -131,10 +130,7 @@ def _rule_options(parsed, slot: Slot | None) -> tuple[tuple, dict]:
 
 
 def _refuse_unused(parsed, used: set, model: nn.Module) -> None:
-    from torchconstrain.rules import _no_match_message, _Rule
-
     slots = parameter_slots(model)
-    for index, key, options, matches in parsed:
+    for index, key, _, _ in parsed:
         if index not in used:
-            message = _no_match_message(_Rule(index, key, options, matches), slots)
-            raise ValueError(message.replace("constrain:", "param_groups:", 1))
+            raise ValueError(no_match_message(key, index, slots, caller="param_groups"))

@@ -1,29 +1,24 @@
-r"""Rules pick tensors of a model; ``constrain`` puts constraints on them."""
+r"""Rules given in Python pick tensors of a model; ``constrain`` puts constraints on them.
+
+Rules are planned and validated whole before anything is registered. The public
+:func:`torchconstrain.constrain` (:mod:`torchconstrain.api`) also reads rules files.
+"""
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from torchconstrain._tensors import (
-    Slot,
-    describe,
-    drop_entries,
-    drop_soft,
-    parameter_slots,
-    register,
-)
+from torchconstrain._tensors import Slot, describe, parameter_slots
 from torchconstrain.checkpoint import watch
 from torchconstrain.constraints.base import Constraint
+from torchconstrain.keys import label, match, matcher, no_match_message
 from torchconstrain.optim import warn_unoptimized
+from torchconstrain.registration import drop_entries, drop_soft, register
 from torchconstrain.report import Report
 
 __all__ = ["constrain", "match"]
@@ -39,8 +34,7 @@ class _Rule:
     matches: Callable[[Slot], bool] = field(repr=False)
 
     def __str__(self) -> str:
-        key = self.key if isinstance(self.key, str) else getattr(self.key, "__name__", repr(self.key))
-        return f"rule {self.index} ({key})"
+        return f"rule {self.index} ({label(self.key)})"
 
 
 @dataclass
@@ -60,108 +54,55 @@ def constrain(
 ) -> Report:
     r"""Put constraints on the tensors of ``model`` that ``rules`` pick. Modifies ``model`` in place.
 
-    ``rules`` is a dict, a sequence of ``(key, value)`` pairs, or the path of a YAML or
-    JSON rules file (see :mod:`torchconstrain.rulesfile`). A **key** picks tensors:
-
-    - an exact parameter name (``"features.0.0.weight"``), or a module name, meaning that
-      module's ``weight``;
-    - a glob with ``* ? [ ]``, matched against parameter names (``"features.*.weight"``);
-    - ``"re:<regex>"``, full-matched against parameter names;
-    - an ``nn.Module`` subclass: the ``weight`` of every module of that type;
-    - a callable ``(fqn, module) -> bool``, called for every parameter with the module
-      that owns it.
-
-    A **value** says what to do with them:
-
-    - a :class:`Constraint`: a template, each matched tensor gets its own fresh copy;
-    - a list of constraints, stacked in order;
-    - a callable ``(fqn, tensor) -> constraint, list or None`` (``None``: nothing);
-    - ``None``: exclude the matched tensors from every other rule.
-
-    Every matching rule applies, in rule order (constraints are a conjunction), and
-    ``None`` wins over all. Parameter names are the plain ones even on a parametrized
-    model, and state inside constraints (a mask's scores) is never matched.
-
-    Everything is validated before the model is touched: when this raises, the model is
-    exactly as it was.
-
-    Afterwards ``model.load_state_dict`` takes constrained checkpoints and plain ones (plain
-    values go through the constraints' ``right_inverse``; masks, bounds and scores stay),
-    and refuses a checkpoint that does not fit before copying anything; ``torch.save(model)``
-    works. See :mod:`torchconstrain.checkpoint`.
+    :func:`torchconstrain.constrain` for rules given in Python, a dict or a sequence of
+    ``(key, value)`` pairs: see it for keys, values and what the model does afterwards.
+    That one also reads rules files; this one is what the library's own modules call.
 
     Args:
         model: the model to constrain.
-        rules: the rules, as above.
+        rules: ``{key: value}`` or a sequence of ``(key, value)`` pairs.
         strict: raise when a rule matches nothing.
-        existing: what to do with a tensor that already has torchconstrain constraints:
-            ``"error"`` (default) refuses, ``"stack"`` adds the new ones on top.
-        optimizer: an optimizer built before this call. Constraints with learnable state
-            (a :class:`~torchconstrain.LearnableMask`'s ``scores``) create new parameters
-            that it does not hold; a ``UserWarning`` names them.
+        existing: ``"error"`` (default) refuses a tensor that already has torchconstrain
+            constraints, ``"stack"`` adds the new ones on top.
+        optimizer: an optimizer built before this call; a ``UserWarning`` names the new
+            parameters it does not hold.
 
     Returns:
         A :class:`~torchconstrain.report.Report` with one row per newly constrained tensor.
 
     Raises:
-        TypeError: a key or value of an unsupported type.
-        ValueError: a rule matches nothing (with ``strict``), a constraint does not fit
-            its tensor, constraints contradict each other, or a tensor is already
-            constrained (with ``existing="error"``).
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> from torchconstrain import Clamp, FixedMask, constrain
-        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
-        >>> report = constrain(model, {
-        ...     "0": Clamp(-0.5, 0.5),
-        ...     nn.Conv2d: FixedMask.magnitude(sparsity=0.25),
-        ... })
-        >>> report.names()
-        ['0.weight', '2.weight']
-        >>> report["0.weight"]["constraints"]
-        ['Clamp(min=-0.5, max=0.5)', 'FixedMask(shape=(8, 3, 3, 3), sparsity=0.250)']
+        TypeError: a key or value of an unsupported type, or the path of a rules file.
+        ValueError: as :func:`torchconstrain.constrain`; the model is then unchanged.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"constrain: expected an nn.Module. Got {type(model).__name__}.")
-    if existing not in EXISTING:
-        raise ValueError(f"constrain: existing must be one of {', '.join(EXISTING)}. Got {existing!r}.")
-    if optimizer is not None:
-        before = {id(p) for p in model.parameters()}
-        report = constrain(model, rules, strict=strict, existing=existing)
-        warn_unoptimized(model, optimizer, before)
-        return report
+    check_arguments(model, existing)
     if isinstance(rules, (str, os.PathLike)):
-        return _constrain_from_file(model, rules, strict=strict, existing=existing)
+        raise TypeError(
+            "torchconstrain.rules.constrain: expected rules as a dict or a sequence of (key, value) pairs. "
+            f"Got the path {str(rules)!r}: torchconstrain.constrain(model, path) reads rules files "
+            "(see also torchconstrain.rulesfile.read_rules)."
+        )
+    before = {id(p) for p in model.parameters()} if optimizer is not None else set()
     slots = parameter_slots(model)
     plan = _plan(slots, _parse_rules(rules), strict=strict, existing=existing)
     _register(plan)
     if plan:
         watch(model)
+    if optimizer is not None:
+        warn_unoptimized(model, optimizer, before)
     return _report(plan)
 
 
-def _constrain_from_file(model: nn.Module, path, *, strict: bool, existing: str) -> Report:
-    from torchconstrain.rulesfile import read_rules  # rules files build constraints and roles
+def check_arguments(model: nn.Module, existing: str) -> None:
+    r"""Refuse a ``model`` that is not a module and an unknown ``existing``, before any work.
 
-    rules, finish = read_rules(path).to_rules(model)
-    report = constrain(model, rules, strict=strict, existing=existing)
-    finish()
-    return report
-
-
-def match(model: nn.Module, key) -> list[str]:
-    r"""Return the names of the parameters that rule ``key`` picks in ``model``.
-
-    Example:
-        >>> from torch import nn
-        >>> from torchconstrain import match
-        >>> match(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), "*.bias")
-        ['0.bias', '1.bias']
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``existing`` is not one of :data:`EXISTING`.
     """
-    rule = _parse_rules([(key, None)])[0]
-    return [fqn for fqn, slot in parameter_slots(model).items() if rule.matches(slot)]
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"constrain: expected an nn.Module. Got {type(model).__name__}.")
+    if existing not in EXISTING:
+        raise ValueError(f"constrain: existing must be one of {', '.join(EXISTING)}. Got {existing!r}.")
 
 
 def _parse_rules(rules) -> list[_Rule]:
@@ -177,7 +118,7 @@ def _parse_rules(rules) -> list[_Rule]:
             f"constrain: expected rules as a dict or a sequence of (key, value) pairs. "
             f"Got {type(rules).__name__}."
         )
-    parsed = [_Rule(index, key, value, _matcher(index, key)) for index, (key, value) in enumerate(pairs)]
+    parsed = [_Rule(index, key, value, matcher(key, index)) for index, (key, value) in enumerate(pairs)]
     for rule in parsed:
         _check_value(rule)
     return parsed
@@ -194,35 +135,12 @@ def _check_value(rule: _Rule) -> None:
     )
 
 
-def _matcher(index: int, key) -> Callable[[Slot], bool]:
-    if isinstance(key, str):
-        if key.startswith("re:"):
-            try:
-                pattern = re.compile(key[3:])
-            except re.error as error:
-                raise ValueError(f"constrain: rule {index} ({key}) is not a valid regex: {error}.") from None
-            return lambda slot: pattern.fullmatch(slot.fqn) is not None
-        if any(char in key for char in "*?["):
-            return lambda slot: fnmatch.fnmatchcase(slot.fqn, key)
-        return lambda slot: slot.fqn == key or (slot.module_name == key and slot.tensor_name == "weight")
-    if isinstance(key, type):
-        if not issubclass(key, nn.Module):
-            raise TypeError(f"constrain: rule {index} key {key.__name__} is a class but not an nn.Module subclass.")
-        return lambda slot: slot.tensor_name == "weight" and isinstance(slot.module, key)
-    if callable(key):
-        return lambda slot: bool(key(slot.fqn, slot.module))
-    raise TypeError(
-        f"constrain: rule {index} key must be a name, glob, 're:' regex, nn.Module subclass "
-        f"or callable (fqn, module) -> bool. Got {type(key).__name__}: {key!r}."
-    )
-
-
 def _plan(slots: dict[str, Slot], rules: list[_Rule], *, strict: bool, existing: str) -> list[_Planned]:
     matched = {id(rule): [s for s in slots.values() if rule.matches(s)] for rule in rules}
     if strict:
         for rule in rules:
             if not matched[id(rule)]:
-                raise ValueError(_no_match_message(rule, slots))
+                raise ValueError(no_match_message(rule.key, rule.index, slots))
     excluded = {s.fqn for rule in rules if rule.value is None for s in matched[id(rule)]}
     plan: dict[str, _Planned] = {}
     for rule in rules:
@@ -363,16 +281,3 @@ def _report(plan: list[_Planned]) -> Report:
         for entry in plan
     ]
     return Report("constrained tensors", rows)
-
-
-def _no_match_message(rule: _Rule, slots: dict[str, Slot]) -> str:
-    message = f"constrain: {rule} matches no parameter."
-    if isinstance(rule.key, str):
-        candidates = list(slots) + sorted({s.module_name for s in slots.values() if s.module_name})
-        close = difflib.get_close_matches(rule.key.removeprefix("re:"), candidates, n=3, cutoff=0.5)
-        if close:
-            message += f" Closest names: {', '.join(close)}."
-    elif isinstance(rule.key, type):
-        kinds = sorted({parametrize.type_before_parametrizations(s.module).__name__ for s in slots.values()})
-        message += f" Module types with parameters: {', '.join(kinds)}."
-    return message + " Pass strict=False to allow rules that match nothing."

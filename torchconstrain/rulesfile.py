@@ -40,6 +40,7 @@ from torchconstrain.constraints import (
     NonNeg,
     UnitNorm,
 )
+from torchconstrain.surgery import block_rules, role
 
 __all__ = ["CONSTRAINTS", "RulesFile", "RulesFileError", "read_rules"]
 
@@ -78,13 +79,11 @@ class RulesFile:
     def to_rules(self, model: nn.Module):
         r"""Return ``(rules, finish)`` for ``model``: the file's rules with role keys resolved
         and the block masks appended; call ``finish()`` after :func:`constrain` applied them."""
-        from torchconstrain import surgery  # the surgery imports the rules machinery
-
         rules = [(self._key(model, key, index), value) for index, (key, value) in enumerate(self.rules)]
         if self.blocks is None:
             return rules, lambda: None
         try:
-            extra, finish = surgery.block_rules(model, **self.blocks)
+            extra, finish = block_rules(model, **self.blocks)
         except ValueError as error:
             raise RulesFileError(f"{self.path}, blocks: {error}") from None
         return rules + extra, finish
@@ -92,10 +91,8 @@ class RulesFile:
     def _key(self, model: nn.Module, key, index: int):
         if not (isinstance(key, tuple) and key[0] == "role"):
             return key
-        from torchconstrain import surgery
-
         try:
-            return surgery.role(model, key[1])
+            return role(model, key[1])
         except ValueError as error:
             raise RulesFileError(f"{self.where(index)}: {error}") from None
 

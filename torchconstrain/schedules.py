@@ -16,7 +16,7 @@ from torch import nn
 from torchconstrain._tensors import Slot, parameter_slots
 from torchconstrain.constraints.masks import FixedMask, LearnableMask
 from torchconstrain.constraints.selection import GlobalMagnitude, _check_sparsity, _keep_largest
-from torchconstrain.rules import match
+from torchconstrain.keys import match
 
 __all__ = ["PruningSchedule", "TemperatureSchedule"]
 

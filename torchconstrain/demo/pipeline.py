@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from torchconstrain.api import constrain
 from torchconstrain.demo import report, stages
 from torchconstrain.demo.config import DemoConfig, require_extras
 from torchconstrain.demo.data import NUM_CLASSES, load_digits, make_model
 from torchconstrain.demo.train import train
 from torchconstrain.report import Report
-from torchconstrain.rules import constrain
 
 __all__ = ["DemoResult", "run_demo"]
 

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from torchconstrain import surgery
+import torchconstrain.surgery as surgery
 from torchconstrain.bake import bake
 from torchconstrain.demo.data import Digits
 from torchconstrain.demo.train import evaluate

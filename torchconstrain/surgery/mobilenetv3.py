@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from torchvision.models.mobilenetv3 import InvertedResidual
 from torchvision.ops import SqueezeExcitation
 
@@ -23,6 +22,12 @@ from torchconstrain.bake import bake
 from torchconstrain.constraints import FixedMask, LearnableMask
 from torchconstrain.rules import constrain
 from torchconstrain.surgery.measure import count_macs, count_params, measure_latency
+from torchconstrain.surgery.slicing import conv_of, input_l1, slice_outputs, sliced_conv
+
+__all__ = [
+    "ROLES", "Block", "RoleKey", "ShrinkReport", "block_rules", "channel_plan", "find_blocks", "mask_blocks", "resize",
+    "role", "shrink",
+]
 
 ROLES = ("expand", "depthwise", "se_fc1", "se_fc2", "project")
 
@@ -41,7 +46,7 @@ class Block:
     @property
     def channels(self) -> int:
         r"""The number of expanded channels."""
-        return _conv(self.depthwise).out_channels
+        return conv_of(self.depthwise).out_channels
 
     def weights(self) -> dict[str, str]:
         r"""Role -> the fqn of that layer's weight."""
@@ -90,23 +95,16 @@ def _parse(name: str, module: InvertedResidual) -> Block:
     return block
 
 
-def _conv(layer: nn.Module) -> nn.Conv2d:
-    conv = layer[0] if isinstance(layer, nn.Sequential) and len(layer) else None
-    if not isinstance(conv, nn.Conv2d):
-        raise ValueError(f"expected a conv/BN/activation sequence starting with a Conv2d. Got {layer!r}.")
-    return conv
-
-
 def _check_widths(where: str, block: Block) -> None:
     channels = block.channels
-    dw, project = _conv(block.depthwise), _conv(block.project)
+    dw, project = conv_of(block.depthwise), conv_of(block.project)
     problems = []
     if dw.groups != channels or dw.in_channels != channels:
         problems.append(f"depthwise conv has groups={dw.groups}, in_channels={dw.in_channels}, expected {channels}")
     if project.in_channels != channels or project.groups != 1:
         problems.append(f"project conv reads {project.in_channels} channels with groups={project.groups}")
-    if block.expand is not None and _conv(block.expand).out_channels != channels:
-        problems.append(f"expand conv makes {_conv(block.expand).out_channels} channels")
+    if block.expand is not None and conv_of(block.expand).out_channels != channels:
+        problems.append(f"expand conv makes {conv_of(block.expand).out_channels} channels")
     if block.se is not None and (block.se.fc1.in_channels != channels or block.se.fc2.out_channels != channels):
         problems.append("squeeze-excitation does not read and write the expanded channels")
     for layer in filter(None, (block.expand, block.depthwise, block.project)):
@@ -255,7 +253,7 @@ def _importance(block: Block, importance) -> Tensor:
         return torch.as_tensor(importance(block.name, block))
     with torch.no_grad():
         if importance == "l1":
-            return _conv(block.project).weight.abs().sum(dim=(0, 2, 3))
+            return input_l1(conv_of(block.project))
         if importance == "bn":
             return block.depthwise[1].weight.abs()
     raise ValueError(f"surgery.mask_blocks: unknown importance {importance!r}. Expected 'l1', 'bn' or a callable.")
@@ -277,14 +275,14 @@ def _weight_shape(block: Block, role_name: str) -> torch.Size:
         return block.se.fc1.weight.shape
     if role_name == "se_fc2":
         return block.se.fc2.weight.shape
-    return _conv(getattr(block, role_name)).weight.shape
+    return conv_of(getattr(block, role_name)).weight.shape
 
 
 def _share_gate(block: Block) -> None:
     """Make SE fc1's gate the project conv's: one set of scores per block, one penalty."""
     if block.se is None:
         return
-    leader = _conv(block.project).parametrizations.weight[-1]
+    leader = conv_of(block.project).parametrizations.weight[-1]
     follower = block.se.fc1.parametrizations.weight[-1]
     follower.scores = leader.scores
     follower.strength = 0.0
@@ -369,10 +367,9 @@ def _block_tensors(blocks: list[Block]):
 
 def _read_channels(block: Block) -> Tensor:
     """Bool vector: the expanded channels that the project conv or SE fc1 reads."""
-    with torch.no_grad():
-        read = _conv(block.project).weight.abs().sum(dim=(0, 2, 3)) != 0
-        if block.se is not None:
-            read |= block.se.fc1.weight.abs().sum(dim=(0, 2, 3)) != 0
+    read = input_l1(conv_of(block.project)) != 0
+    if block.se is not None:
+        read |= input_l1(block.se.fc1) != 0
     if not read.any():
         read[0] = True  # a conv needs one channel; an all-zero channel reads as nothing anyway
     return read.cpu()
@@ -382,85 +379,12 @@ def _rewrite(block: Block, keep: Tensor) -> None:
     """Replace each layer of ``block`` by one with only the ``keep`` channels, in place."""
     index = keep.nonzero().flatten()
     with torch.no_grad():
-        _slice_conv_bn(block.expand, index, rows=True)
-        _slice_conv_bn(block.depthwise, index, rows=True, depthwise=True)
+        slice_outputs(block.expand, index)
+        slice_outputs(block.depthwise, index, depthwise=True)
         if block.se is not None:
-            block.se.fc1 = _sliced_conv(block.se.fc1, columns=index)
-            block.se.fc2 = _sliced_conv(block.se.fc2, rows=index)
-        block.project[0] = _sliced_conv(_conv(block.project), columns=index)
-
-
-def _slice_conv_bn(layer: nn.Sequential, index: Tensor, *, rows: bool, depthwise: bool = False) -> None:
-    layer[0] = _sliced_conv(_conv(layer), rows=index, depthwise=depthwise)
-    layer[1] = _sliced_bn(layer[1], index)
-
-
-def _sliced_conv(conv: nn.Conv2d, *, rows: Tensor | None = None, columns: Tensor | None = None,
-                 depthwise: bool = False) -> nn.Conv2d:
-    weight = conv.weight.detach()
-    bias = None if conv.bias is None else conv.bias.detach()
-    if rows is not None:
-        weight = weight.index_select(0, rows.to(weight.device))
-        bias = None if bias is None else bias.index_select(0, rows.to(weight.device))
-    if columns is not None:
-        weight = weight.index_select(1, columns.to(weight.device))
-    out_channels = weight.shape[0]
-    in_channels = out_channels if depthwise else weight.shape[1] * conv.groups
-    new = nn.Conv2d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    groups=out_channels if depthwise else conv.groups, bias=bias is not None,
-                    padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
-    new.weight.copy_(weight)
-    if bias is not None:
-        new.bias.copy_(bias)
-    return new.train(conv.training)
-
-
-def _sliced_bn(bn: nn.BatchNorm2d, index: Tensor) -> nn.BatchNorm2d:
-    new = nn.BatchNorm2d(len(index), bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                         device=bn.weight.device if bn.affine else None)
-    state = {name: value.index_select(0, index.to(value.device)) if value.dim() else value
-             for name, value in bn.state_dict().items()}
-    new.load_state_dict(state)
-    return new.train(bn.training)
-
-
-def fold_batchnorm(model: nn.Module) -> int:
-    r"""Fold every BatchNorm2d that directly follows a Conv2d in a Sequential into that conv.
-
-    Modifies ``model`` in place: the conv gets the folded weight and a bias, the BatchNorm
-    becomes ``nn.Identity`` (its ``state_dict`` keys go away). In eval mode the outputs are
-    unchanged to float32 rounding. For deployment: the folded model no longer trains like
-    the original.
-
-    Returns:
-        The number of folded pairs.
-
-    Raises:
-        ValueError: a conv to fold still carries parametrizations (bake it first); nothing
-            is changed then.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> from torchconstrain.surgery import fold_batchnorm
-        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
-        >>> fold_batchnorm(model), type(model[1]).__name__
-        (1, 'Identity')
-    """
-    pairs = [(seq, i) for seq in model.modules() if isinstance(seq, nn.Sequential)
-             for i in range(len(seq) - 1)
-             if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d)]
-    for seq, i in pairs:
-        if parametrize.is_parametrized(seq[i]):
-            name = next(n for n, m in model.named_modules() if m is seq[i])
-            raise ValueError(f"surgery.fold_batchnorm: conv {name} still has parametrizations; bake(model) first.")
-    for seq, i in pairs:
-        conv, bn = seq[i], seq[i + 1]
-        weight, bias = nn.utils.fusion.fuse_conv_bn_weights(
-            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-        conv.weight, conv.bias = weight, bias
-        seq[i + 1] = nn.Identity()
-    return len(pairs)
+            block.se.fc1 = sliced_conv(block.se.fc1, columns=index)
+            block.se.fc2 = sliced_conv(block.se.fc2, rows=index)
+        block.project[0] = sliced_conv(conv_of(block.project), columns=index)
 
 
 def channel_plan(model: nn.Module) -> dict[str, int]:

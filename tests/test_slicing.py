@@ -1,0 +1,85 @@
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import Conv2dNormActivation
+
+from torchconstrain.surgery.slicing import conv_of, input_l1, slice_outputs, sliced_bn, sliced_conv, sliced_linear
+
+ROWS, COLUMNS = torch.tensor([0, 3, 4]), torch.tensor([1, 2, 5])
+
+
+def zero_all_but(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    dropped = torch.ones(x.shape[1], dtype=torch.bool)
+    dropped[kept] = False
+    x = x.clone()
+    x[:, dropped] = 0
+    return x
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_sliced_conv_computes_the_kept_outputs_from_the_kept_inputs(bias, dtype):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, stride=2, padding=1, bias=bias, dtype=dtype).eval()
+    x = torch.randn(2, 6, 9, 9, dtype=dtype)
+    new = sliced_conv(conv, rows=ROWS, columns=COLUMNS)
+    torch.testing.assert_close(new(x[:, COLUMNS]), conv(zero_all_but(x, COLUMNS))[:, ROWS])
+    assert (new.in_channels, new.out_channels, new.weight.dtype, new.training) == (3, 3, dtype, False)
+    assert conv.weight.shape == (5, 6, 3, 3)  # the original is left as it is
+
+
+def test_a_sliced_depthwise_conv_stays_depthwise():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+    x = torch.randn(2, 6, 5, 5)
+    new = sliced_conv(conv, rows=COLUMNS, depthwise=True)
+    assert (new.in_channels, new.out_channels, new.groups) == (3, 3, 3)
+    torch.testing.assert_close(new(x[:, COLUMNS]), conv(x)[:, COLUMNS])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_sliced_linear_computes_the_kept_outputs_from_the_kept_inputs(bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 5, bias=bias)
+    x = torch.randn(4, 6)
+    new = sliced_linear(linear, rows=ROWS, columns=COLUMNS)
+    torch.testing.assert_close(new(x[:, COLUMNS]), linear(zero_all_but(x, COLUMNS))[:, ROWS])
+    assert (new.in_features, new.out_features) == (3, 3)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_sliced_batchnorm_keeps_its_channels_statistics_and_mode(training):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6)
+    with torch.no_grad():
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.normal_()
+        bn.num_batches_tracked += 3
+    bn.train(training)
+    new = sliced_bn(bn, COLUMNS)
+    assert new.training == training and new.num_batches_tracked.item() == 3
+    torch.testing.assert_close(new.running_var, bn.running_var[COLUMNS])
+    x = torch.randn(4, 6, 3, 3)
+    torch.testing.assert_close(new.eval()(x[:, COLUMNS]), bn.eval()(x)[:, COLUMNS])
+
+
+def test_slicing_the_outputs_of_a_conv_bn_sequence_keeps_their_activations():
+    torch.manual_seed(0)
+    layer = Conv2dNormActivation(4, 6, kernel_size=3).eval()
+    layer[1].running_mean.normal_()
+    x = torch.randn(2, 4, 7, 7)
+    expected = layer(x)[:, ROWS]
+    slice_outputs(layer, ROWS)
+    torch.testing.assert_close(layer(x), expected)
+    assert isinstance(layer[2], nn.ReLU)
+
+
+def test_conv_of_names_what_it_got_instead_of_a_conv_sequence():
+    layer = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="expected a conv/BN/activation sequence starting with a Conv2d. Got Seq"):
+        conv_of(layer)
+    assert conv_of(nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))) is not None
+
+
+def test_input_l1_sums_every_weight_reading_an_input_channel():
+    conv = nn.Conv2d(3, 2, 3)
+    torch.testing.assert_close(input_l1(conv), conv.weight.detach().abs().sum(dim=(0, 2, 3)))

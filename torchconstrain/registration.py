@@ -1,0 +1,147 @@
+r"""Registering and removing torchconstrain's parametrizations, and the class each module gets.
+
+Every module torchconstrain parametrizes gets a class of its own (``Parametrized<Cls>``,
+built from the one :mod:`torch.nn.utils.parametrize` makes) with three additions:
+
+- ``_load_from_state_dict`` accepts a plain key (``weight``) for a parametrized tensor: the
+  value goes through the first parametrization's ``right_inverse`` into the stored
+  original, and the constraints' own state (masks, bounds, scores) stays as it is in the
+  model (see :mod:`torchconstrain.checkpoint`);
+- ``__reduce_ex__`` / ``__setstate__``, so that ``torch.save(model)`` and pickling work
+  (plain ``parametrize`` refuses them), rebuilding the class on load;
+- ``__deepcopy__``, which gives the copy a class of its own.
+
+Each parametrized tensor's property comes from :func:`torchconstrain.fastpath.install`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+import torchconstrain.fastpath as fastpath
+from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot
+from torchconstrain.checkpoint import load_plain_keys
+from torchconstrain.constraints.base import Constraint
+
+__all__ = []  # used by constrain and bake
+
+
+def register(slot: Slot, constraint: Constraint) -> None:
+    r"""Append ``constraint`` to the tensor's chain, or a soft one to its module's record.
+
+    The module's first parametrization records its plain parameter order, so that
+    removing parametrizations restores the ``state_dict`` key order."""
+    if getattr(constraint, "soft", False):
+        record = slot.module.__dict__.setdefault(SOFT_ATTRIBUTE, {})
+        record.setdefault(slot.tensor_name, []).append(constraint)
+        return
+    order = None if parametrize.is_parametrized(slot.module) else list(slot.module._parameters)
+    _own_class(slot.module)
+    parametrize.register_parametrization(slot.module, slot.tensor_name, constraint)
+    fastpath.install(slot.module, slot.tensor_name)
+    if order is not None:
+        slot.module.parametrizations.plain_order = order
+        _own_class(slot.module)
+
+
+def drop_entries(slot: Slot, indices: list[int]) -> None:
+    r"""Remove the parametrizations at ``indices`` from the tensor's chain, keeping the
+    stored original as it is. The last removal turns the tensor back into a plain one,
+    keeping the ``Parameter`` object."""
+    _own_class(slot.module)
+    plist = slot.module.parametrizations[slot.tensor_name]
+    for index in sorted(indices, reverse=True):
+        del plist[index]
+    if len(plist) == 0:
+        order = getattr(slot.module.parametrizations, "plain_order", None)
+        parametrize.remove_parametrizations(slot.module, slot.tensor_name, leave_parametrized=False)
+        if order is not None:
+            _restore_order(slot.module._parameters, order)
+
+
+def drop_soft(slot: Slot, keep: int = 0) -> None:
+    r"""Forget the tensor's soft constraints after the first ``keep``."""
+    record = slot.module.__dict__.get(SOFT_ATTRIBUTE, {})
+    if slot.tensor_name not in record:
+        return
+    del record[slot.tensor_name][keep:]
+    if not record[slot.tensor_name]:
+        del record[slot.tensor_name]
+    if not record:
+        del slot.module.__dict__[SOFT_ATTRIBUTE]
+
+
+def _restore_order(parameters: dict, order: list[str]) -> None:
+    rank = {name: i for i, name in enumerate(order)}
+    items = sorted(parameters.items(), key=lambda item: rank.get(item[0], len(order)))
+    parameters.clear()
+    parameters.update(items)
+
+
+# --- the class of a parametrized module -------------------------------------------------
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before its properties change.
+
+    ``parametrize`` generates one ``Parametrized<Cls>`` class per module, but its
+    ``copy.deepcopy`` shares it between a module and its copy: removing a property from the
+    copy's class would remove it from the original's too. The new class also loads plain
+    checkpoints, pickles and deep-copies into a class of its own.
+    """
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        module.__class__ = type(cls.__name__, cls.__bases__, _class_dict(cls))
+
+
+def _class_dict(cls: type) -> dict:
+    """The namespace of torchconstrain's class for a module whose parametrized class is ``cls``."""
+    return {**cls.__dict__, **_methods(cls.__bases__[0])}
+
+
+def _methods(base: type) -> dict:
+    methods = {
+        "__getstate__": _getstate,
+        "__reduce_ex__": _reduce_ex,
+        "__setstate__": _setstate,
+        "_load_from_state_dict": _load_from_state_dict,
+    }
+    if not hasattr(base, "__deepcopy__"):
+        methods["__deepcopy__"] = _deepcopy
+    return methods
+
+
+def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+    load_plain_keys(self, state_dict, prefix)
+    super(type(self), self)._load_from_state_dict(state_dict, prefix, *args)
+
+
+def _getstate(self) -> dict:
+    return type(self).__bases__[0].__getstate__(self)
+
+
+def _reduce_ex(self, protocol):
+    return _rebuild, (type(self).__bases__[0],), self.__getstate__()
+
+
+def _setstate(self, state: dict) -> None:
+    type(self).__bases__[0].__setstate__(self, state)
+    for tensor_name in self.parametrizations:
+        if tensor_name not in type(self).__dict__:
+            fastpath.install(self, tensor_name)
+
+
+def _deepcopy(self, memo: dict):
+    replica = _rebuild(type(self).__bases__[0])
+    memo[id(self)] = replica
+    _setstate(replica, copy.deepcopy(self.__dict__, memo))
+    return replica
+
+
+def _rebuild(base: type) -> nn.Module:
+    """A bare instance of a fresh ``Parametrized<base>`` class; ``_setstate`` completes it."""
+    cls = type(f"Parametrized{base.__name__}", (base,), _methods(base))
+    return cls.__new__(cls)

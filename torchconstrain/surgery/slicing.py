@@ -1,0 +1,167 @@
+r"""Architecture-neutral layer surgery: keep some channels of a conv, BatchNorm or linear layer; fold BN.
+
+The pieces an architecture's surgery is built from (see :mod:`torchconstrain.surgery.mobilenetv3`):
+each function returns a new layer or changes a ``Sequential`` in place, and none knows
+which block or model the layer belongs to. A *conv/BN sequence* is a ``Sequential`` whose
+first two modules are a ``Conv2d`` and a ``BatchNorm2d`` (torchvision's
+``Conv2dNormActivation``, or a plain ``nn.Sequential``); channel indices are 1-D integer
+tensors, in increasing order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = ["conv_of", "fold_batchnorm", "input_l1", "slice_outputs", "sliced_bn", "sliced_conv", "sliced_linear"]
+
+
+def conv_of(layer: nn.Module) -> nn.Conv2d:
+    r"""Return the ``Conv2d`` a conv/BN/activation sequence starts with.
+
+    Raises:
+        ValueError: ``layer`` is not a ``Sequential`` starting with a ``Conv2d``.
+    """
+    conv = layer[0] if isinstance(layer, nn.Sequential) and len(layer) else None
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"expected a conv/BN/activation sequence starting with a Conv2d. Got {layer!r}.")
+    return conv
+
+
+def input_l1(layer: nn.Conv2d | nn.Linear) -> Tensor:
+    r"""Return the L1 norm of the weights reading each input channel of ``layer`` (zero: unread).
+
+    Example:
+        >>> from torch import nn
+        >>> from torchconstrain.surgery.slicing import input_l1
+        >>> layer = nn.Linear(3, 2)
+        >>> _ = nn.init.zeros_(layer.weight[:, 1])
+        >>> (input_l1(layer) == 0).tolist()
+        [False, True, False]
+    """
+    with torch.no_grad():
+        weight = layer.weight
+        return weight.abs().sum(dim=[d for d in range(weight.dim()) if d != 1])
+
+
+def sliced_conv(conv: nn.Conv2d, *, rows: Tensor | None = None, columns: Tensor | None = None,
+                depthwise: bool = False) -> nn.Conv2d:
+    r"""Return a new ``Conv2d`` with only output channels ``rows`` and input channels ``columns``.
+
+    ``None`` keeps every channel on that side. A ``depthwise`` conv (``groups`` equal to its
+    channels) keeps that property: slicing its outputs slices its inputs and ``groups``.
+    The new conv is on the same device, with the same dtype and training mode; ``conv`` is
+    unchanged.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torchconstrain.surgery.slicing import sliced_conv
+        >>> conv = sliced_conv(nn.Conv2d(4, 6, 3), rows=torch.tensor([0, 5]), columns=torch.tensor([1, 2, 3]))
+        >>> conv.in_channels, conv.out_channels
+        (3, 2)
+    """
+    weight = conv.weight.detach()
+    bias = None if conv.bias is None else conv.bias.detach()
+    if rows is not None:
+        weight = weight.index_select(0, rows.to(weight.device))
+        bias = None if bias is None else bias.index_select(0, rows.to(weight.device))
+    if columns is not None:
+        weight = weight.index_select(1, columns.to(weight.device))
+    out_channels = weight.shape[0]
+    in_channels = out_channels if depthwise else weight.shape[1] * conv.groups
+    new = nn.Conv2d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    groups=out_channels if depthwise else conv.groups, bias=bias is not None,
+                    padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new.train(conv.training)
+
+
+def sliced_bn(bn: nn.BatchNorm2d, index: Tensor) -> nn.BatchNorm2d:
+    r"""Return a new ``BatchNorm2d`` with only the channels ``index``: affine parameters and running statistics."""
+    new = nn.BatchNorm2d(len(index), bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                         device=bn.weight.device if bn.affine else None)
+    state = {name: value.index_select(0, index.to(value.device)) if value.dim() else value
+             for name, value in bn.state_dict().items()}
+    new.load_state_dict(state)
+    return new.train(bn.training)
+
+
+def sliced_linear(linear: nn.Linear, *, rows: Tensor | None = None, columns: Tensor | None = None) -> nn.Linear:
+    r"""Return a new ``Linear`` with only output features ``rows`` and input features ``columns``.
+
+    ``None`` keeps every feature on that side; ``linear`` is unchanged.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torchconstrain.surgery.slicing import sliced_linear
+        >>> sliced_linear(nn.Linear(4, 3), columns=torch.tensor([0, 2]))
+        Linear(in_features=2, out_features=3, bias=True)
+    """
+    weight = linear.weight.detach()
+    bias = None if linear.bias is None else linear.bias.detach()
+    if rows is not None:
+        weight = weight.index_select(0, rows.to(weight.device))
+        bias = None if bias is None else bias.index_select(0, rows.to(weight.device))
+    if columns is not None:
+        weight = weight.index_select(1, columns.to(weight.device))
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new.train(linear.training)
+
+
+def slice_outputs(layer: nn.Sequential, index: Tensor, *, depthwise: bool = False) -> None:
+    r"""Keep only the output channels ``index`` of a conv/BN sequence: its conv and its BatchNorm.
+
+    Modifies ``layer`` in place (the activation after them, if any, stays). ``depthwise`` as
+    in :func:`sliced_conv`.
+    """
+    layer[0] = sliced_conv(conv_of(layer), rows=index, depthwise=depthwise)
+    layer[1] = sliced_bn(layer[1], index)
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    r"""Fold every BatchNorm2d that directly follows a Conv2d in a Sequential into that conv.
+
+    Modifies ``model`` in place: the conv gets the folded weight and a bias, the BatchNorm
+    becomes ``nn.Identity`` (its ``state_dict`` keys go away). In eval mode the outputs are
+    unchanged to float32 rounding. For deployment: the folded model no longer trains like
+    the original.
+
+    Returns:
+        The number of folded pairs.
+
+    Raises:
+        ValueError: a conv to fold still carries parametrizations (bake it first); nothing
+            is changed then.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torchconstrain.surgery import fold_batchnorm
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+        >>> fold_batchnorm(model), type(model[1]).__name__
+        (1, 'Identity')
+    """
+    pairs = [(seq, i) for seq in model.modules() if isinstance(seq, nn.Sequential)
+             for i in range(len(seq) - 1)
+             if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d)]
+    for seq, i in pairs:
+        if parametrize.is_parametrized(seq[i]):
+            name = next(n for n, m in model.named_modules() if m is seq[i])
+            raise ValueError(f"surgery.fold_batchnorm: conv {name} still has parametrizations; bake(model) first.")
+    for seq, i in pairs:
+        conv, bn = seq[i], seq[i + 1]
+        weight, bias = nn.utils.fusion.fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        conv.weight, conv.bias = weight, bias
+        seq[i + 1] = nn.Identity()
+    return len(pairs)
