@@ -5,6 +5,8 @@ import torch
 from hypothesis import settings
 from torch import nn
 
+from torchconstrain import check
+
 # CI runs the same examples every time (no flaky landing); local runs keep exploring new ones.
 settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
@@ -27,6 +29,16 @@ class SmallNet(nn.Module):
 def net() -> SmallNet:
     torch.manual_seed(0)
     return SmallNet()
+
+
+def train_checked(model: nn.Module, steps: int = 5, lr: float = 1.0) -> None:
+    """SGD steps (momentum) on a layer with ``in_features``, ``check`` after each."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(4, model.in_features)).pow(2).sum().backward()
+        optimizer.step()
+        check(model)
 
 
 def snapshot(model: nn.Module) -> dict:

@@ -6,16 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import train_checked as train
 from torchconstrain import Clamp, FakeQuant, FixedMask, bake, check, constrain
-
-
-def train(model: nn.Module, steps: int = 5, lr: float = 1.0) -> None:
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(torch.randn(4, model.in_features)).pow(2).sum().backward()
-        optimizer.step()
-        check(model)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
