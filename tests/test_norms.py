@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from conftest import train_checked as train
-from torchconstrain import FakeQuant, FixedMask, MaxNorm, NonNeg, UnitNorm, check, constrain
+from torchconstrain import FakeQuant, FixedMask, MaxNorm, NonNeg, UnitNorm, constrain
 
 
 def test_non_neg_holds_and_is_a_clamp_at_zero():
