@@ -18,10 +18,12 @@ class _PullBackClamp(torch.autograd.Function):
     """Clamp forward; backward keeps an outside entry's gradient only if it points back in.
 
     On the CPU the forward tests whether every entry is inside the box (the clamp equals
-    its input): then the gradient passes as it is, which is what :func:`_pull_back` would give it, and
-    nothing is saved. Otherwise (and on other devices, where the test would wait for the
-    device, and in traced or transformed code, which cannot branch on data) the backward
-    recomputes the clamp from the saved input. The test changes no bit of the result.
+    its input): then the gradient passes as it is, which is what :func:`_pull_back` would
+    give it, and nothing is saved. Otherwise (and on other devices, where the test would
+    wait for the device, and in traced or transformed code, which cannot branch on data)
+    it saves its input and its output: the stored original, which exists anyway, and the
+    clamped tensor, which is the effective weight itself unless another constraint follows.
+    The test changes no bit of the result.
 
     This is the eager form (``forward(ctx, ...)``); :class:`_PullBackClampFunc` is the same
     function in the form ``torch.func`` transforms need (``setup_context``), which costs
@@ -32,7 +34,7 @@ class _PullBackClamp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, lower, upper) -> Tensor:
         clamped = torch.clamp(x, lower, upper)
-        _save_for_pull_back(ctx, (x, lower, upper), clamped)
+        _save_for_pull_back(ctx, x, clamped)
         return clamped
 
     @staticmethod
@@ -51,32 +53,25 @@ class _PullBackClampFunc(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _save_for_pull_back(ctx, inputs, output)
+        _save_for_pull_back(ctx, inputs[0], output)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         return _pull_back_backward(ctx, grad)
 
 
-def _save_for_pull_back(ctx, inputs, clamped: Tensor) -> None:
-    """Save what the pull-back gradient needs: nothing for a tensor found inside its box,
-    else the input and its tensor bounds."""
-    x, lower, upper = inputs
+def _save_for_pull_back(ctx, x: Tensor, clamped: Tensor) -> None:
+    """Save what the pull-back gradient needs: nothing for a tensor found inside its box."""
     ctx.inside = _inside(x, clamped)
     if not ctx.inside:
-        bounds = (lower, upper)
-        ctx.save_for_backward(x, *(b for b in bounds if isinstance(b, Tensor)))
-        ctx.bounds = [None if isinstance(b, Tensor) else b for b in bounds]
-        ctx.saved_bound = [isinstance(b, Tensor) for b in bounds]
+        ctx.save_for_backward(x, clamped)
 
 
 def _pull_back_backward(ctx, grad: Tensor):
     if ctx.inside:
         return grad, None, None
-    x, *tensors = ctx.saved_tensors
-    saved = iter(tensors)
-    lower, upper = (next(saved) if is_saved else b for b, is_saved in zip(ctx.bounds, ctx.saved_bound))
-    return _pull_back(x, torch.clamp(x, lower, upper), grad), None, None
+    x, clamped = ctx.saved_tensors
+    return _pull_back(x, clamped, grad), None, None
 
 
 def _inside(x: Tensor, clamped: Tensor) -> bool:
