@@ -134,3 +134,86 @@ def test_inductor_compiles_a_training_step_in_one_graph():
     torch.testing.assert_close(fast(x), model(x))
     fast(x).sum().backward()
     assert model[0].parametrizations.weight.original.grad[~model[0].parametrizations.weight[1].mask].abs().sum() == 0
+
+
+
+# Masks of BYTES_FROM entries or more are read through a uint8 copy in compiled CPU code
+# (torch.ops.torchconstrain.mask_bytes); smaller ones as they are. Both must give eager's
+# values and gradients, follow edits of the mask and compile once.
+
+
+def large_masks() -> nn.Module:
+    from torchconstrain.constraints.masks import BYTES_FROM
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 4),
+    )
+    constrain(model, {
+        "0": [Clamp(-0.1, 0.1), FixedMask.magnitude(sparsity=0.5)],
+        "3": FixedMask.random(sparsity=0.7, seed=0),
+        "5": FixedMask.magnitude(sparsity=0.5),
+    })
+    sizes = [model[i].parametrizations.weight[-1].mask.numel() for i in (0, 3, 5)]
+    assert sizes[0] >= BYTES_FROM and sizes[1] >= BYTES_FROM and sizes[2] < BYTES_FROM
+    return model
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_training_steps_with_large_masks_follow_eager_and_compile_once(backend):
+    model = large_masks()
+    twin = copy.deepcopy(model)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    fast = torch.compile(model, backend=counter, fullgraph=True)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, twin)]
+    for _ in range(3):
+        x = torch.randn(5, 16, 6, 6)
+        for forward, optimizer in zip((fast, twin), optimizers):
+            optimizer.zero_grad()
+            forward(x).square().mean().backward()
+            optimizer.step()
+        for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+            torch.testing.assert_close(a, b, msg=name)
+        for i in (0, 3, 5):
+            plist = model[i].parametrizations.weight
+            assert plist.original.grad[~plist[-1].mask].abs().sum() == 0  # masked entries: exactly 0
+    check(model)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_edits_and_replacements_of_large_masks_reach_compiled_code(backend):
+    model = large_masks().eval()
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    fast = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(2, 16, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+        mask = model[3].parametrizations.weight[0]
+        mask.mask[:8] = False  # in place
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+        storage = torch.rand(mask.mask.numel() + 1, generator=torch.Generator().manual_seed(1)) > 0.5
+        mask.mask = storage[1:].view(mask.mask.shape)  # a view at an odd byte offset
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+        mask.mask = mask.mask.t().contiguous().t()  # not contiguous (eager's weight takes its strides)
+        torch.testing.assert_close(fast(x), model(x))
+    assert counter.frame_count <= 2  # a replaced buffer may recompile, never go stale
+
+
+def test_exported_graphs_multiply_by_the_mask_itself():
+    model = large_masks().eval()
+    program = torch.export.export(model, (torch.randn(2, 16, 6, 6),))
+    assert "torchconstrain" not in program.graph_module.code
+    x = torch.randn(2, 16, 6, 6)
+    torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
+
+
+def test_the_mask_byte_copy_is_a_copy_of_the_bytes_under_vmap_too():
+    from torchconstrain.constraints import masks  # noqa: F401  (defines the op)
+
+    copy_bytes = torch.ops.torchconstrain.mask_bytes.default
+    batch = torch.rand(3, 5, 7) > 0.5
+    assert torch.equal(copy_bytes(batch), batch.to(torch.uint8))
+    assert torch.equal(torch.func.vmap(copy_bytes, in_dims=2, out_dims=2)(batch), batch.to(torch.uint8))

@@ -124,7 +124,7 @@ class FixedMask(Constraint):
 
     def forward(self, x: Tensor) -> Tensor:
         if tracing() or transformed():
-            return x * self.mask.to(x.dtype)
+            return x * _traced_mask(self.mask).to(x.dtype)
         return _MaskProduct.apply(x, self.mask)
 
     def right_inverse(self, value: Tensor) -> Tensor:
@@ -178,6 +178,60 @@ class _MaskProduct(torch.autograd.Function):
 
 def _times_mask(x: Tensor, mask: Tensor) -> Tensor:
     return mask.view(torch.uint8).to(x.dtype).mul_(x)
+
+
+#: The smallest mask that compiled CPU code reads through a byte copy (see :func:`_traced_mask`).
+BYTES_FROM = 4096
+
+
+def _traced_mask(mask: Tensor) -> Tensor:
+    """The mask as traced code multiplies by it: under ``torch.compile`` on the CPU, for a
+    mask of :data:`BYTES_FROM` entries or more, a ``uint8`` copy of it
+    (``torch.ops.torchconstrain.mask_bytes``); else the mask itself.
+
+    Inductor's C++ kernels read a bool tensor one entry at a time (about 3 ns an entry on
+    AVX-512, several times a float's vector load) and a ``uint8`` tensor a vector at a
+    time. A same-width view (``mask.view(torch.uint8)``) is still read as bool, so the
+    bytes are copied by an op the compiled code calls out to ATen for (a few microseconds
+    a call, hence the threshold): the product then reads them in vectors, and backward
+    reads the saved copy (one byte an entry) instead of the bool mask again. Same values
+    (0 or 1 in the product's dtype); the copy is made on every call, so in-place edits
+    of the mask reach compiled code. Exported graphs (which then need no torchconstrain
+    to run), eager ``torch.func`` transforms and other devices (Triton reads bool tensors
+    in vectors) multiply by the mask itself. (Under Dynamo, :func:`transformed` is always
+    true, so a transform inside compiled code takes the copy too: it has a vmap rule.)
+    """
+    if (
+        not tracing()
+        or mask.device.type != "cpu"
+        or mask.dtype != torch.bool
+        or mask.numel() < BYTES_FROM
+        or torch.compiler.is_exporting()
+    ):
+        return mask
+    return torch.ops.torchconstrain.mask_bytes.default(mask)
+
+
+def _mask_bytes(mask: Tensor) -> Tensor:
+    return mask.view(torch.uint8).clone(memory_format=torch.contiguous_format)
+
+
+def _mask_bytes_meta(mask: Tensor) -> Tensor:
+    return mask.new_empty(mask.shape, dtype=torch.uint8)
+
+
+# ``mask_bytes(mask)``: a contiguous uint8 copy of a bool mask, an op of its own so that
+# inductor calls it instead of generating the copy (which would read bool entries one at a
+# time). Not differentiable: masks are buffers.
+_LIBRARY = torch.library.Library("torchconstrain", "FRAGMENT")
+_LIBRARY.define("mask_bytes(Tensor mask) -> Tensor")
+_LIBRARY.impl("mask_bytes", _mask_bytes, "CPU")
+_LIBRARY.impl("mask_bytes", _mask_bytes_meta, "Meta")
+
+
+@torch.library.register_vmap("torchconstrain::mask_bytes")
+def _mask_bytes_vmap(info, in_dims, mask):
+    return torch.ops.torchconstrain.mask_bytes.default(mask), in_dims[0]
 
 
 class LearnableMask(Constraint):
