@@ -7,8 +7,10 @@ Usage::
 
 Measures the cases of :mod:`benchmarks.layers` (one MobileNetV3 layer at a time: forward,
 forward+backward, training step), :mod:`benchmarks.models` (MobileNetV3 training step
-and inference, a stack of 40 small Linears), each under every variant, and
-:mod:`benchmarks.surgery` (shrunk MobileNetV3s against the dense ones), with
+and inference, a stack of 40 small Linears), each under every variant,
+:mod:`benchmarks.surgery` (shrunk MobileNetV3s against the dense ones) and
+:mod:`benchmarks.compiled` (the MobileNetV3-Small training step and the Linear stack
+under ``torch.compile``, constrained and compiled against plain and compiled), with
 :func:`benchmarks.timing.measure_group` (warm-up, then interleaved rounds of
 ``Timer.blocked_autorange``); then the case ``peak memory`` of :mod:`benchmarks.memory`
 (peak resident memory of no-grad inference and Adam training of 8 ``Linear(2048, 2048)``
@@ -21,11 +23,13 @@ also writes every measurement (per-block times included; the memory result under
 to ``table.md`` next to it, and a bar chart of the timings to ``plot.png``.
 
 ``--threads`` defaults to 1, like ``Timer``'s ``num_threads``. ``--quick`` runs every case
-but the batch-32 training steps, one call each, and measures memory on 2 ``Linear(256,
+but the batch-32 training steps and the compiled cases (compiling takes minutes), one
+call each, and measures memory on 2 ``Linear(256,
 256)`` with one forward or step (a smoke test: under a minute on two CPU cores; its
 numbers are not meant to be read). ``--case TEXT`` runs only the cases whose
-name contains ``TEXT`` (``--case "40 x Linear"``: the two cases of the Linear stack;
-``--case "peak memory"``: the memory table alone, a minute or two), to
+name contains ``TEXT`` (``--case "40 x Linear"``: the cases of the Linear stack, eager
+and, outside ``--quick``, compiled; ``--case compiled``: the compiled cases alone, five
+to fifteen minutes, most of it compiling; ``--case "peak memory"``: the memory table alone, a minute or two), to
 measure one row again without the whole run. Import and call :func:`main` to run it from
 a test: ``main(["--quick", "--json", path])`` returns 0.
 """
@@ -45,7 +49,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 import torch
 
-from benchmarks import layers, machine, memory, models, plot, report, surgery
+from benchmarks import compiled, layers, machine, memory, models, plot, report, surgery
 from benchmarks.timing import Budget, Result, steady_allocator
 
 BUDGETS = {
@@ -55,6 +59,10 @@ BUDGETS = {
     "full": (Budget(warmup=0.3, warmup_calls=3, min_run_time=1.2, rounds=6),
              Budget(warmup=1.0, warmup_calls=2, min_run_time=3.0, rounds=3, copies=3, min_blocks=27)),
 }
+
+# The compiled cases (full runs only): each copy of a variant is compiled on its own, so two
+# copies instead of the models' three.
+COMPILED_BUDGET = Budget(warmup=1.0, warmup_calls=2, min_run_time=3.0, rounds=3, copies=2, min_blocks=27)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.case is not None and not any(args.case in name for name in case_names()):
         parser.error(f"--case {args.case!r} matches no case. Cases: {', '.join(case_names())}")
+    if args.quick and args.case is not None and not any(args.case in name for name in case_names(quick=True)):
+        parser.error(f"--case {args.case!r} matches only compiled cases, which --quick leaves out")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     if args.threads < 1:
@@ -80,12 +90,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings_line(mode: str, threads: int) -> str:
     layer_budget, model_budget = BUDGETS[mode]
+    compiled_text = "" if mode == "quick" else f", compiled {_budget_text(COMPILED_BUDGET)}"
     return (
         f"Run: `{mode}`, {threads} thread(s). Each number is the median per-call time of "
         f"`torch.utils.benchmark.Timer.blocked_autorange` after a warm-up, the variants of a case "
         f"timed in interleaved rounds: layers {_budget_text(layer_budget)}, models "
-        f"{_budget_text(model_budget)}. Ratios divide by `plain` of the same case and task, "
-        f"measured in the same run."
+        f"{_budget_text(model_budget)}{compiled_text}. Ratios divide by `plain` of the same case "
+        f"and task, measured in the same run."
     )
 
 
@@ -108,16 +119,19 @@ def _load_average() -> float | None:
 
 def progress(result: Result) -> None:
     print(
-        f"  {result.section:6} | {result.case:28} | {result.task:10} | {result.variant:17} | "
+        f"  {result.section:8} | {result.case:30} | {result.task:10} | {result.variant:17} | "
         f"{report.format_time(result.median):>9} ± {report.format_time(result.iqr)}",
         file=sys.stderr,
         flush=True,
     )
 
 
-def case_names() -> list[str]:
-    r"""The names of every case, in the order they run (``--case`` picks among them)."""
+def case_names(quick: bool = False) -> list[str]:
+    r"""The names of every case, in the order they run (``--case`` picks among them); with
+    ``quick``, of those ``--quick`` runs (not the compiled ones)."""
     names = [case.name for case in (*layers.CASES, *models.CASES)] + [f"{arch} b1" for arch in surgery.ARCHS]
+    if not quick:
+        names += [case.name for case in compiled.CASES]
     return list(dict.fromkeys(names + [memory.NAME]))
 
 
@@ -130,7 +144,15 @@ def run_all(device: torch.device, threads: int, mode: str, case: str | None = No
     model_cases = models.QUICK_CASES if mode == "quick" else models.CASES
     results += models.run(device, threads, model_budget, progress, tuple(c for c in model_cases if picked(c.name)))
     archs = tuple(arch for arch in surgery.ARCHS if picked(f"{arch} b1"))
-    return results + surgery.run(device, threads, model_budget, progress, archs)
+    results += surgery.run(device, threads, model_budget, progress, archs)
+    if mode == "quick":  # compiling takes minutes: not part of the smoke test
+        return results
+    compiled_cases = tuple(c for c in compiled.CASES if picked(c.name))
+    return results + compiled.run(device, threads, COMPILED_BUDGET, progress, compiled_cases, log)
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def run_memory(mode: str, case: str | None = None) -> dict | None:
@@ -149,7 +171,8 @@ def run_settings(argv: list[str] | None, mode: str, elapsed: float, load_start: 
         "mode": mode,
         "wall_time_s": round(elapsed, 1),
         "load_average_1min": {"start": load_start, "end": _load_average()},
-        "budgets": {"layers": asdict(BUDGETS[mode][0]), "models": asdict(BUDGETS[mode][1])},
+        "budgets": {"layers": asdict(BUDGETS[mode][0]), "models": asdict(BUDGETS[mode][1]),
+                    **({} if mode == "quick" else {"compiled": asdict(COMPILED_BUDGET)})},
     }
 
 
@@ -182,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(previous_threads)
     memory_result = run_memory(mode, args.case)
     elapsed = time.perf_counter() - start
-    notes = {"layers": layers.LEGEND, "models": models.LEGEND}
+    notes = {"layers": layers.LEGEND, "models": models.LEGEND, "compiled": compiled.LEGEND}
     if any(r.section == surgery.SECTION for r in results):  # its legend builds every shrunk model
         notes["surgery"] = surgery.legend()
     appendix = memory.markdown(memory_result) if memory_result is not None else []

@@ -119,3 +119,35 @@ def test_case_peak_memory_runs_the_memory_table_alone(tmp_path):
     assert "## Peak memory: 2 x Linear(256,256) b8" in table
     assert "## Every measurement" not in table
     assert not (tmp_path / "plot.png").exists()
+
+
+def test_quick_leaves_the_compiled_cases_out(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--case", "compiled"])
+    assert exit_info.value.code == 2
+    assert "matches only compiled cases" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_section_times_every_variant_compiled_once():
+    import torch
+    from torch import nn
+
+    from benchmarks import compiled, models
+    from benchmarks.timing import Budget
+
+    def tiny() -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+
+    cases = tuple(models.ModelCase("compiled tiny", task, tiny, (4, 8), models._regression, compiled.STACK)
+                  for task in ("train step", "inference"))
+    budget = Budget(warmup=0.0, warmup_calls=1, min_run_time=0.0)
+    lines = []
+    results = compiled.run(torch.device("cpu"), 1, budget, lambda result: None, cases, lines.append)
+    names = [v.name for v in compiled.STACK]
+    assert names == ["plain", "Clamp", "FixedMask", "mix", "baked", "plain, not compiled"]
+    assert [(r.section, r.task, r.variant) for r in results] == [
+        ("compiled", task, name) for task in ("train step", "inference") for name in names
+    ]
+    assert all(r.median > 0 for r in results)
+    assert len(lines) == 2 * len(names)  # one compile line per variant and task
