@@ -72,15 +72,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="torch threads while timing (default 1, as Timer's)")
     parser.add_argument("--quick", action="store_true",
                         help="minimal budget: a smoke test, not numbers to read")
-    parser.add_argument("--case", default=None, metavar="TEXT",
-                        help="run only the cases whose name contains TEXT ('peak memory': the memory table)")
+    parser.add_argument("--case", action="append", default=None, metavar="TEXT",
+                        help="run only the cases whose name contains TEXT ('peak memory': the memory "
+                             "table); may be given more than once")
+    parser.add_argument("--skip", action="append", default=[], metavar="TEXT",
+                        help="leave out the cases whose name contains TEXT; may be given more than once")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="write every measurement here, and table.md beside it")
     args = parser.parse_args(argv)
-    if args.case is not None and not any(args.case in name for name in case_names()):
-        parser.error(f"--case {args.case!r} matches no case. Cases: {', '.join(case_names())}")
-    if args.quick and args.case is not None and not any(args.case in name for name in case_names(quick=True)):
-        parser.error(f"--case {args.case!r} matches only compiled cases, which --quick leaves out")
+    for text in args.case or []:
+        if not any(text in name for name in case_names()):
+            parser.error(f"--case {text!r} matches no case. Cases: {', '.join(case_names())}")
+        if args.quick and not any(text in name for name in case_names(quick=True)):
+            parser.error(f"--case {text!r} matches only compiled cases, which --quick leaves out")
+    args.picked = _picker(args.case, args.skip)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     if args.threads < 1:
@@ -135,10 +140,16 @@ def case_names(quick: bool = False) -> list[str]:
     return list(dict.fromkeys(names + [memory.NAME]))
 
 
-def run_all(device: torch.device, threads: int, mode: str, case: str | None = None) -> list[Result]:
-    r"""Time the cases ``mode`` runs, those whose name contains ``case`` where given."""
+def _picker(cases: list[str] | None, skips: list[str]):
+    r"""Whether a case name is run: it contains one of ``cases`` (all do when ``None``) and
+    none of ``skips``."""
+    return lambda name: (cases is None or any(text in name for text in cases)) and not any(
+        text in name for text in skips)
+
+
+def run_all(device: torch.device, threads: int, mode: str, picked=_picker(None, [])) -> list[Result]:
+    r"""Time the cases ``mode`` runs, those ``picked(name)`` accepts."""
     layer_budget, model_budget = BUDGETS[mode]
-    picked = (lambda name: True) if case is None else (lambda name: case in name)
     steady_allocator()
     results = layers.run(device, threads, layer_budget, progress, tuple(c for c in layers.CASES if picked(c.name)))
     model_cases = models.QUICK_CASES if mode == "quick" else models.CASES
@@ -155,10 +166,10 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run_memory(mode: str, case: str | None = None) -> dict | None:
-    r"""The peak-memory table (:func:`benchmarks.memory.run`), unless ``case`` leaves it out;
-    ``--quick`` measures a small model."""
-    if case is not None and case not in memory.NAME:
+def run_memory(mode: str, picked=_picker(None, [])) -> dict | None:
+    r"""The peak-memory table (:func:`benchmarks.memory.run`), unless ``picked`` leaves it
+    out; ``--quick`` measures a small model."""
+    if not picked(memory.NAME):
         return None
     setup = memory.QUICK if mode == "quick" else memory.FULL
     return memory.run(setup, lambda row: print(memory.progress_line(row), file=sys.stderr, flush=True))
@@ -200,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     start, load_start = time.perf_counter(), _load_average()
     torch.set_num_threads(args.threads)
     try:
-        results = run_all(device, args.threads, mode, args.case)
+        results = run_all(device, args.threads, mode, args.picked)
     finally:
         torch.set_num_threads(previous_threads)
-    memory_result = run_memory(mode, args.case)
+    memory_result = run_memory(mode, args.picked)
     elapsed = time.perf_counter() - start
     notes = {"layers": layers.LEGEND, "models": models.LEGEND, "compiled": compiled.LEGEND}
     if any(r.section == surgery.SECTION for r in results):  # its legend builds every shrunk model
