@@ -49,10 +49,11 @@ How one number is taken (:func:`measure`):
 5. The task runs; the peak is ``VmHWM`` after it.
 
 Everything resident counts: tensors, and also torch's code pages and one-time state. The
-fork server runs every variant and task once on a tiny model before forking
-(:func:`_warm_up`), so those are resident in every measuring process alike, plain's
-included (without it, torchconstrain's first ``constrain()`` call added about 8 MiB,
-whatever the model's size: 0.06 W here).
+fork server runs every variant and task once on a tiny model before forking, and each
+measuring process again before it builds its model (:func:`_warm_up`), so those are
+resident in every measuring process alike, plain's included (without it, the code of
+``constrain()``'s path added about 8 MiB to every constrained variant, whatever the
+model's size: 0.06 W here).
 
 Reported: ``(peak(variant, task) - peak(plain, task)) / W``, "+x.xx W over plain": what
 the variant adds to the same process's peak, everything else (Python, torch, the model's
@@ -154,6 +155,7 @@ def measure(setup: Setup, variant: str, task: str) -> dict:
     settings and thread count."""
     torch.set_num_threads(1)
     allocator = _fix_mmap_threshold()
+    _warm_up()  # the code pages every variant runs, mapped into this process too (see _warm_up)
     before_build = _status_kib("VmRSS")
     model, x, target = _build(setup)
     _VARIANTS_BY_NAME[variant].prepare(model)
@@ -287,9 +289,13 @@ def serve(requests: TextIO, replies: TextIO) -> None:
 
 def _warm_up() -> None:
     r"""Run every variant and task once on a tiny model, so that the code pages and
-    one-time state their operations touch first are resident in the server already, and
-    so in every measuring process alike (plain's included), instead of counting against
-    the first variant that touches them."""
+    one-time state their operations touch first count in every measuring process alike
+    (plain's included), instead of against the variant that touches them.
+
+    The server runs it once (one-time state, imports), and each forked process again: a
+    forked process does not inherit the page-table entries of shared libraries' code, so
+    the first call into a kernel maps its pages into that process's resident memory
+    (about 8 MiB for ``constrain``'s path, whatever the model's size)."""
     tiny = Setup(layers=2, width=64, batch=2, calls=1)
     for variant in VARIANTS:
         for run_task in TASK_RUNS.values():
