@@ -42,14 +42,19 @@ class _PullBackClamp(torch.autograd.Function):
         return _pull_back_backward(ctx, grad)
 
 
-class _PullBackClampFunc(torch.autograd.Function):
-    """:class:`_PullBackClamp` for ``torch.func`` transforms."""
+class _ClampFunc(torch.autograd.Function):
+    """The ``torch.func`` form of the clamps: ``forward`` without ``ctx``, ``setup_context``
+    (each subclass's) and a generated vmap rule."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, lower, upper) -> Tensor:
         return torch.clamp(x, lower, upper)
+
+
+class _PullBackClampFunc(_ClampFunc):
+    """:class:`_PullBackClamp` for ``torch.func`` transforms."""
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -93,6 +98,10 @@ def _pull_back(x: Tensor, clamped: Tensor, grad: Tensor) -> Tensor:
     return torch.sub(x, clamped).mul_(torch.sign(grad)).ge_(0).mul_(grad)
 
 
+def _pass_through(ctx, grad: Tensor):
+    return grad, None, None
+
+
 class _StraightThroughClamp(torch.autograd.Function):
     """Clamp forward; identity backward (eager form, see :class:`_PullBackClamp`)."""
 
@@ -100,27 +109,17 @@ class _StraightThroughClamp(torch.autograd.Function):
     def forward(ctx, x: Tensor, lower, upper) -> Tensor:
         return torch.clamp(x, lower, upper)
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, None, None
+    backward = staticmethod(_pass_through)
 
 
-class _StraightThroughClampFunc(torch.autograd.Function):
+class _StraightThroughClampFunc(_ClampFunc):
     """:class:`_StraightThroughClamp` for ``torch.func`` transforms."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor, lower, upper) -> Tensor:
-        return torch.clamp(x, lower, upper)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         pass
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, None, None
+    backward = staticmethod(_pass_through)
 
 
 def _as_bound(value, default: float, name: str) -> Tensor:

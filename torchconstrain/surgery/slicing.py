@@ -62,13 +62,7 @@ def sliced_conv(conv: nn.Conv2d, *, rows: Tensor | None = None, columns: Tensor 
         >>> conv.in_channels, conv.out_channels
         (3, 2)
     """
-    weight = conv.weight.detach()
-    bias = None if conv.bias is None else conv.bias.detach()
-    if rows is not None:
-        weight = weight.index_select(0, rows.to(weight.device))
-        bias = None if bias is None else bias.index_select(0, rows.to(weight.device))
-    if columns is not None:
-        weight = weight.index_select(1, columns.to(weight.device))
+    weight, bias = _sliced_weight_and_bias(conv, rows, columns)
     out_channels = weight.shape[0]
     in_channels = out_channels if depthwise else weight.shape[1] * conv.groups
     new = nn.Conv2d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
@@ -79,6 +73,19 @@ def sliced_conv(conv: nn.Conv2d, *, rows: Tensor | None = None, columns: Tensor 
         if bias is not None:
             new.bias.copy_(bias)
     return new.train(conv.training)
+
+
+def _sliced_weight_and_bias(module: nn.Module, rows: Tensor | None, columns: Tensor | None):
+    """``module``'s weight with only output channels ``rows`` and input channels ``columns``
+    (``None``: all), and its bias with only ``rows`` (``None`` when it has none); detached."""
+    weight = module.weight.detach()
+    bias = None if module.bias is None else module.bias.detach()
+    if rows is not None:
+        weight = weight.index_select(0, rows.to(weight.device))
+        bias = None if bias is None else bias.index_select(0, rows.to(weight.device))
+    if columns is not None:
+        weight = weight.index_select(1, columns.to(weight.device))
+    return weight, bias
 
 
 def sliced_bn(bn: nn.BatchNorm2d, index: Tensor) -> nn.BatchNorm2d:
@@ -103,13 +110,7 @@ def sliced_linear(linear: nn.Linear, *, rows: Tensor | None = None, columns: Ten
         >>> sliced_linear(nn.Linear(4, 3), columns=torch.tensor([0, 2]))
         Linear(in_features=2, out_features=3, bias=True)
     """
-    weight = linear.weight.detach()
-    bias = None if linear.bias is None else linear.bias.detach()
-    if rows is not None:
-        weight = weight.index_select(0, rows.to(weight.device))
-        bias = None if bias is None else bias.index_select(0, rows.to(weight.device))
-    if columns is not None:
-        weight = weight.index_select(1, columns.to(weight.device))
+    weight, bias = _sliced_weight_and_bias(linear, rows, columns)
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         new.weight.copy_(weight)
