@@ -3,7 +3,7 @@ optionally save JSON.
 
 Usage::
 
-    python benchmarks/run.py [--device cpu|cuda] [--threads N] [--quick] [--case TEXT] [--json PATH]
+    python benchmarks/run.py [--device cpu|cuda] [--threads N] [--quick] [--case TEXT]... [--skip TEXT]... [--json PATH]
 
 Measures the cases of :mod:`benchmarks.layers` (one MobileNetV3 layer at a time: forward,
 forward+backward, training step), :mod:`benchmarks.models` (MobileNetV3 training step
