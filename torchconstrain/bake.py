@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from torchconstrain._distributed import is_sharded, unsharded, whole
-from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot, constrained_slots, describe
+from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot, constrained_groups, describe
 from torchconstrain.checkpoint import unwatch
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import ConstraintViolation
@@ -27,7 +27,9 @@ def bake(model: nn.Module, key=None) -> Report:
     ``state_dict`` keys are those of the unconstrained model. Parametrizations that are
     not torchconstrain's (a user's ``spectral_norm``) stay where they are.
     Once nothing is constrained, the checkpoint checks :func:`~torchconstrain.constrain`
-    added are removed too: the model pickles and loads like a plain one.
+    added are removed too: the model pickles and loads like a plain one. A tied tensor
+    (one ``Parameter`` under several names) is baked under all its names at once, even
+    when ``key`` picks one of them, and every owner gets the same ``Parameter`` back.
 
     Args:
         model: the constrained model.
@@ -53,23 +55,23 @@ def bake(model: nn.Module, key=None) -> Report:
         >>> type(layer).__name__, list(layer.state_dict())
         ('Linear', ['weight', 'bias'])
     """
-    slots = constrained_slots(model)
+    groups = constrained_groups(model)
     if key is not None:
         picked = set(match(model, key))
-        slots = [slot for slot in slots if slot.fqn in picked]
-    for slot in slots:
+        groups = [group for group in groups if any(slot.fqn in picked for slot in group)]
+    for slot, *_ in groups:
         _refuse_buried_constraints(slot)
         _refuse_shards(slot)
-    baked = [(slot, _baked_value(slot)) for slot in slots]
+    baked = [(group, _baked_value(group[0])) for group in groups]
     rows = []
-    for slot, value in baked:
-        rows.append(_bake_row(slot, value))
+    for (slot, *aliases), value in baked:
+        rows += [_bake_row(name, slot, value) for name in (slot, *aliases)]
         with torch.no_grad():
             slot.stored().copy_(value)
         if slot.constraints():
-            drop_entries(slot, list(range(len(slot.constraints()))))
+            drop_entries(slot, list(range(len(slot.constraints()))), tuple(aliases))
         drop_soft(slot)
-    if not constrained_slots(model):
+    if not constrained_groups(model):
         unwatch(model)
     return Report("baked tensors", rows)
 
@@ -82,7 +84,8 @@ def check(model: nn.Module) -> Report:
 
     Returns:
         A :class:`~torchconstrain.report.Report` per constrained tensor: its constraints,
-        min, max and sparsity of the effective value.
+        min, max and sparsity of the effective value. A tied tensor is checked once and
+        has a row under each of its names.
 
     Raises:
         ConstraintViolation: naming every tensor and constraint that does not hold.
@@ -97,10 +100,11 @@ def check(model: nn.Module) -> Report:
     """
     violations, rows = [], []
     with unsharded(model):
-        for slot in constrained_slots(model):
+        for slot, *aliases in constrained_groups(model):
             value = slot.value()
-            violations += [(slot.fqn, reason) for reason in _violations(slot, value)]
-            rows.append(_check_row(slot, value))
+            fqn = " = ".join(s.fqn for s in (slot, *aliases))
+            violations += [(fqn, reason) for reason in _violations(slot, value)]
+            rows += [_check_row(name, slot, value) for name in (slot, *aliases)]
     if violations:
         raise ConstraintViolation(violations)
     return Report("checked tensors", rows)
@@ -184,9 +188,9 @@ def _sparsity(value: Tensor) -> float:
     return (value == 0).float().mean().item() if value.numel() else 0.0
 
 
-def _check_row(slot: Slot, value: Tensor) -> dict:
+def _check_row(name: Slot, slot: Slot, value: Tensor) -> dict:
     return {
-        "tensor": slot.fqn,
+        "tensor": name.fqn,
         "constraints": [describe(c) for c in slot.everything()],
         "min": value.min().item(),
         "max": value.max().item(),
@@ -194,9 +198,9 @@ def _check_row(slot: Slot, value: Tensor) -> dict:
     }
 
 
-def _bake_row(slot: Slot, value: Tensor) -> dict:
+def _bake_row(name: Slot, slot: Slot, value: Tensor) -> dict:
     return {
-        "tensor": slot.fqn,
+        "tensor": name.fqn,
         "constraints": [describe(c) for c in slot.everything()],
         "sparsity": _sparsity(value),
     }
