@@ -180,3 +180,14 @@ def test_penalty_counts_a_tied_parameter_once(tied):
     assert torch.allclose(penalty(tied), expected, rtol=0, atol=1e-6)
     # two masks of mean gate 0.5 at strength 0.1, and one L1 term: the tied weight is counted once
     assert penalty(tied).item() == pytest.approx(2 * 0.05 + 0.01 * tied.head.weight.abs().sum().item())
+
+
+def test_bake_refuses_a_submodule_holding_only_some_names_of_a_tied_parameter(tied):
+    constrain(tied, {"head": Clamp(-0.1, 0.1)})
+    x = tokens()
+    expected = tied(x)
+    with pytest.raises(ValueError, match=r"^weight: this tied Parameter has 1 more name\(s\) outside"):
+        bake(tied.head)
+    assert tied.head.parametrizations.weight is tied.emb.parametrizations.weight
+    assert len(tied.emb.parametrizations.weight) == 1 and torch.equal(tied(x), expected)
+    check(tied)

@@ -11,7 +11,7 @@ from torchconstrain.checkpoint import unwatch
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import ConstraintViolation
 from torchconstrain.keys import match
-from torchconstrain.registration import drop_entries, drop_soft
+from torchconstrain.registration import drop_entries, drop_soft, owners
 from torchconstrain.report import Report
 
 __all__ = ["bake", "check", "penalty"]
@@ -42,8 +42,9 @@ def bake(model: nn.Module, key=None) -> Report:
 
     Raises:
         ValueError: a torchconstrain constraint comes after another library's
-            parametrization on the same tensor, so it cannot be removed on its own, or the
-            model is sharded with FSDP2. Nothing is changed in that case.
+            parametrization on the same tensor, so it cannot be removed on its own, the
+            model is sharded with FSDP2, or ``model`` is a submodule holding only some names
+            of a tied tensor. Nothing is changed in that case.
 
     Example:
         >>> import torch
@@ -59,9 +60,10 @@ def bake(model: nn.Module, key=None) -> Report:
     if key is not None:
         picked = set(match(model, key))
         groups = [group for group in groups if any(slot.fqn in picked for slot in group)]
-    for slot, *_ in groups:
-        _refuse_buried_constraints(slot)
-        _refuse_shards(slot)
+    for group in groups:
+        _refuse_buried_constraints(group[0])
+        _refuse_shards(group[0])
+        _refuse_partial_ties(group)
     baked = [(group, _baked_value(group[0])) for group in groups]
     rows = []
     for (slot, *aliases), value in baked:
@@ -150,6 +152,16 @@ def _refuse_buried_constraints(slot: Slot) -> None:
             f"{slot.fqn}: {describe(buried[0])} comes after {type(chain[first_foreign]).__name__}, "
             "which is not a torchconstrain parametrization, so it cannot be baked on its own. "
             "Register the other parametrization after constrain(), or remove it first."
+        )
+
+
+def _refuse_partial_ties(group: tuple[Slot, ...]) -> None:
+    chain = group[0].module.parametrizations[group[0].tensor_name] if group[0].chain() else None
+    outside = owners(chain) - len(group) if chain is not None else 0
+    if outside > 0:
+        raise ValueError(
+            f"{group[0].fqn}: this tied Parameter has {outside} more name(s) outside the module being "
+            "baked, which read the same constraints. Bake the model that holds all its names."
         )
 
 

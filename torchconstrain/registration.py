@@ -69,10 +69,16 @@ def share(slot: Slot, alias: Slot) -> None:
         parametrize._inject_new_class(module)
         module.parametrizations = nn.ModuleDict()
     module.parametrizations[name] = plist
+    plist.owners = owners(plist) + 1
     fastpath.install(module, name)
     if order is not None:
         module.parametrizations.plain_order = order
         _own_class(module)
+
+
+def owners(plist: nn.Module) -> int:
+    r"""How many names read through ``plist``: 1, or more for a tied tensor (see :func:`share`)."""
+    return plist.__dict__.get("owners", 1)
 
 
 def shares(slot: Slot, alias: Slot) -> bool:
