@@ -67,7 +67,7 @@ def bake(model: nn.Module, key=None) -> Report:
     baked = [(group, _baked_value(group[0])) for group in groups]
     rows = []
     for (slot, *aliases), value in baked:
-        rows += [_bake_row(name, slot, value) for name in (slot, *aliases)]
+        rows += [_bake_row(name.fqn, slot, value) for name in (slot, *aliases)]
         with torch.no_grad():
             slot.stored().copy_(value)
         if slot.constraints():
@@ -106,7 +106,7 @@ def check(model: nn.Module) -> Report:
             value = slot.value()
             fqn = " = ".join(s.fqn for s in (slot, *aliases))
             violations += [(fqn, reason) for reason in _violations(slot, value)]
-            rows += [_check_row(name, slot, value) for name in (slot, *aliases)]
+            rows += [_check_row(name.fqn, slot, value) for name in (slot, *aliases)]
     if violations:
         raise ConstraintViolation(violations)
     return Report("checked tensors", rows)
@@ -200,9 +200,9 @@ def _sparsity(value: Tensor) -> float:
     return (value == 0).float().mean().item() if value.numel() else 0.0
 
 
-def _check_row(name: Slot, slot: Slot, value: Tensor) -> dict:
+def _check_row(fqn: str, slot: Slot, value: Tensor) -> dict:
     return {
-        "tensor": name.fqn,
+        "tensor": fqn,
         "constraints": [describe(c) for c in slot.everything()],
         "min": value.min().item(),
         "max": value.max().item(),
@@ -210,9 +210,9 @@ def _check_row(name: Slot, slot: Slot, value: Tensor) -> dict:
     }
 
 
-def _bake_row(name: Slot, slot: Slot, value: Tensor) -> dict:
+def _bake_row(fqn: str, slot: Slot, value: Tensor) -> dict:
     return {
-        "tensor": name.fqn,
+        "tensor": fqn,
         "constraints": [describe(c) for c in slot.everything()],
         "sparsity": _sparsity(value),
     }

@@ -36,6 +36,8 @@ from torchconstrain.constraints.base import Constraint
 
 __all__ = []  # used by constrain and bake
 
+_OWNERS = "_torchconstrain_owners"  # on a ParametrizationList that several names share
+
 
 def register(slot: Slot, constraint: Constraint) -> None:
     r"""Append ``constraint`` to the tensor's chain, or a soft one to its module's record.
@@ -69,7 +71,7 @@ def share(slot: Slot, alias: Slot) -> None:
         parametrize._inject_new_class(module)
         module.parametrizations = nn.ModuleDict()
     module.parametrizations[name] = plist
-    plist.owners = owners(plist) + 1
+    plist.__dict__[_OWNERS] = owners(plist) + 1
     fastpath.install(module, name)
     if order is not None:
         module.parametrizations.plain_order = order
@@ -78,7 +80,7 @@ def share(slot: Slot, alias: Slot) -> None:
 
 def owners(plist: nn.Module) -> int:
     r"""How many names read through ``plist``: 1, or more for a tied tensor (see :func:`share`)."""
-    return plist.__dict__.get("owners", 1)
+    return plist.__dict__.get(_OWNERS, 1)
 
 
 def shares(slot: Slot, alias: Slot) -> bool:
