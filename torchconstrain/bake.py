@@ -188,8 +188,8 @@ def _check_row(slot: Slot, value: Tensor) -> dict:
     return {
         "tensor": slot.fqn,
         "constraints": [describe(c) for c in slot.everything()],
-        "min": value.min().item(),
-        "max": value.max().item(),
+        "min": value.min().item() if value.numel() else None,
+        "max": value.max().item() if value.numel() else None,
         "sparsity": _sparsity(value),
     }
 

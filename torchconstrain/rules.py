@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchconstrain._tensors import Slot, describe, parameter_slots
 from torchconstrain.checkpoint import watch
 from torchconstrain.constraints.base import Constraint
-from torchconstrain.keys import label, match, matcher, no_match_message
+from torchconstrain.keys import check_arity, label, match, matcher, no_match_message, origin_named
 from torchconstrain.optim import warn_unoptimized
 from torchconstrain.registration import drop_entries, drop_soft, register
 from torchconstrain.report import Report
@@ -83,7 +83,7 @@ def constrain(
         )
     before = {id(p) for p in model.parameters()} if optimizer is not None else set()
     slots = parameter_slots(model)
-    plan = _plan(slots, _parse_rules(rules), strict=strict, existing=existing)
+    plan = _plan(slots, _parse_rules(rules), strict=strict, existing=existing, model=model)
     _register(plan)
     if plan:
         watch(model)
@@ -128,6 +128,7 @@ def _check_value(rule: _Rule) -> None:
     if rule.value is None or _is_constraint_list(rule.value):
         return
     if callable(rule.value) and not isinstance(rule.value, (nn.Module, type)):
+        check_arity(rule.value, ("fqn", "tensor"), f"constrain: {rule} value")
         return
     raise TypeError(
         f"constrain: {rule} value must be a Constraint, a list of them, a callable "
@@ -135,12 +136,14 @@ def _check_value(rule: _Rule) -> None:
     )
 
 
-def _plan(slots: dict[str, Slot], rules: list[_Rule], *, strict: bool, existing: str) -> list[_Planned]:
+def _plan(
+    slots: dict[str, Slot], rules: list[_Rule], *, strict: bool, existing: str, model: nn.Module | None = None
+) -> list[_Planned]:
     matched = {id(rule): [s for s in slots.values() if rule.matches(s)] for rule in rules}
     if strict:
         for rule in rules:
             if not matched[id(rule)]:
-                raise ValueError(no_match_message(rule.key, rule.index, slots))
+                raise ValueError(no_match_message(rule.key, rule.index, slots, model=model))
     excluded = {s.fqn for rule in rules if rule.value is None for s in matched[id(rule)]}
     plan: dict[str, _Planned] = {}
     for rule in rules:
@@ -168,9 +171,21 @@ def _bind(rule: _Rule, group: dict[str, Slot]) -> dict[str, list[Constraint]]:
         return {fqn: _call_factory(rule, fqn, value) for fqn, value in values.items()}
     bound = {fqn: [] for fqn in group}
     for template in _as_list(rule.value):
+        _refuse_meta_values(rule, template, values)
         for fqn, constraint in template.for_tensors(values).items():
             bound[fqn].append(constraint)
     return bound
+
+
+def _refuse_meta_values(rule: _Rule, template: Constraint, values: dict[str, Tensor]) -> None:
+    meta = [fqn for fqn, value in values.items() if value.is_meta]
+    if meta and template.reads_values():
+        raise ValueError(
+            f"{meta[0]}: {rule}: {describe(template)} chooses from the tensor's values, but it is on "
+            "the meta device (no values). Load real weights first (model.to_empty(device=...) and "
+            "load_state_dict), then constrain; or use a constraint that needs no values "
+            "(Clamp, NonNeg, MaxNorm, UnitNorm, FakeQuant, LearnableMask, FixedMask(mask), FixedMask.random)."
+        )
 
 
 def _is_constraint_list(value) -> bool:
@@ -186,7 +201,8 @@ def _as_list(value) -> list[Constraint]:
 
 
 def _call_factory(rule: _Rule, fqn: str, value: Tensor) -> list[Constraint]:
-    made = rule.value(fqn, value)
+    with origin_named(f"{fqn}: {rule} value (a callable)"):
+        made = rule.value(fqn, value)
     if made is None:
         return []
     if not _is_constraint_list(made):
@@ -194,7 +210,10 @@ def _call_factory(rule: _Rule, fqn: str, value: Tensor) -> list[Constraint]:
             f"{fqn}: {rule} callable must return a Constraint, a list of them or None. "
             f"Got {type(made).__name__}: {made!r}."
         )
-    return [template.for_tensor(fqn, value) for template in _as_list(made)]
+    templates = _as_list(made)
+    for template in templates:
+        _refuse_meta_values(rule, template, {fqn: value})
+    return [template.for_tensor(fqn, value) for template in templates]
 
 
 def _validate(entry: _Planned, existing: str) -> None:
@@ -211,12 +230,13 @@ def _validate(entry: _Planned, existing: str) -> None:
 
 
 def _refuse_contradictions(fqn: str, stack: list[Constraint], labels: list[str], shape) -> None:
+    readable = [constraint.with_values() for constraint in stack]  # CPU copies on a meta model
     for i, zeroing in enumerate(stack):
-        zeros = zeroing.forced_zeros()
+        zeros = readable[i].forced_zeros()
         if zeros is None:
             continue
         for j, other in enumerate(stack):
-            admits = other.admits_zero()
+            admits = readable[j].admits_zero()
             if admits is None:
                 continue
             clash = int((zeros.cpu() & ~admits.cpu()).expand(shape).sum())
@@ -229,8 +249,11 @@ def _refuse_contradictions(fqn: str, stack: list[Constraint], labels: list[str],
 
 
 def _dry_run(entry: _Planned, earlier: list[Constraint], labels: list[str]) -> None:
-    """Run the new constraints on the current value and check every constraint holds after."""
+    """Run the new constraints on the current value and check every constraint holds after.
+
+    On the meta device there are no values: only shapes and dtypes are checked."""
     value = entry.slot.value()
+    values = [value]  # after the earlier constraints, then after each new one
     with torch.no_grad():
         for constraint in entry.constraints:
             result = constraint(value)
@@ -240,13 +263,30 @@ def _dry_run(entry: _Planned, earlier: list[Constraint], labels: list[str]) -> N
                     f"{tuple(value.shape)} into a {result.dtype} tensor of shape {tuple(result.shape)}."
                 )
             value = result
-        for constraint, label in zip(earlier + entry.constraints, labels):
+            values.append(value)
+        if value.is_meta:
+            return
+        stack = earlier + entry.constraints
+        for position, (constraint, label) in enumerate(zip(stack, labels)):
             reason = constraint.violation(value)
             if reason is not None:
+                culprit = _first_breaking(constraint, position - len(earlier), values)
+                by = "" if culprit is None else (
+                    f" by {describe(entry.constraints[culprit])} from {entry.rules[culprit]}, applied after it"
+                )
                 raise ValueError(
                     f"{entry.slot.fqn}: the constraints contradict each other: after applying them "
-                    f"all, {describe(constraint)} from {label} is broken: {reason}."
+                    f"all, {describe(constraint)} from {label} is broken{by}: {reason}."
                 )
+
+
+def _first_breaking(constraint: Constraint, position: int, values: list[Tensor]) -> int | None:
+    """The first new constraint after ``position`` (an index into the new ones, negative for
+    an earlier one) whose result breaks ``constraint``; None when its own result does."""
+    for index in range(max(position + 1, 0), len(values) - 1):
+        if constraint.violation(values[index + 1]) is not None:
+            return index
+    return None
 
 
 def _register(plan: list[_Planned]) -> None:
