@@ -118,7 +118,7 @@ def test_a_bad_file_leaves_the_model_unchanged(tmp_path):
     model = build()
     before = snapshot(model)
     path = write(tmp_path, "rules.yaml", "rules:\n  - match: head\n    apply: NonNeg\n  - match: nope\n    apply: NonNeg\n")
-    with pytest.raises(ValueError, match=r"rule 1 \(nope\) matches no parameter"):
+    with pytest.raises(ValueError, match=r"rules.yaml, rule 1 \(line 4\) \(nope\) matches no parameter"):
         constrain(model, path)
     assert_unchanged(model, before)
 

@@ -6,11 +6,11 @@ import torch
 from torch import Tensor, nn
 
 from torchconstrain._distributed import is_sharded, unsharded, whole
-from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot, constrained_slots, describe
+from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot, constrained_slots, describe, parameter_slots
 from torchconstrain.checkpoint import unwatch
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import ConstraintViolation
-from torchconstrain.keys import match
+from torchconstrain.keys import match, no_match_message
 from torchconstrain.registration import drop_entries, drop_soft
 from torchconstrain.report import Report
 
@@ -39,9 +39,10 @@ def bake(model: nn.Module, key=None) -> Report:
         the sparsity of its baked value.
 
     Raises:
-        ValueError: a torchconstrain constraint comes after another library's
-            parametrization on the same tensor, so it cannot be removed on its own, or the
-            model is sharded with FSDP2. Nothing is changed in that case.
+        ValueError: ``key`` matches no parameter (the message names the closest), a
+            torchconstrain constraint comes after another library's parametrization on the
+            same tensor, so it cannot be removed on its own, the model is sharded with FSDP2,
+            or its weights are on the meta device. Nothing is changed in that case.
 
     Example:
         >>> import torch
@@ -55,11 +56,14 @@ def bake(model: nn.Module, key=None) -> Report:
     """
     slots = constrained_slots(model)
     if key is not None:
-        picked = set(match(model, key))
+        picked = set(match(model, key, caller="bake"))
+        if not picked:
+            raise ValueError(no_match_message(key, None, parameter_slots(model), caller="bake", model=model, strict_hint=False))
         slots = [slot for slot in slots if slot.fqn in picked]
     for slot in slots:
         _refuse_buried_constraints(slot)
         _refuse_shards(slot)
+        _refuse_meta(slot, "bake")
     baked = [(slot, _baked_value(slot)) for slot in slots]
     rows = []
     for slot, value in baked:
@@ -86,6 +90,7 @@ def check(model: nn.Module) -> Report:
 
     Raises:
         ConstraintViolation: naming every tensor and constraint that does not hold.
+        ValueError: the model's weights are on the meta device (no values to check).
 
     Example:
         >>> from torch import nn
@@ -98,6 +103,7 @@ def check(model: nn.Module) -> Report:
     violations, rows = [], []
     with unsharded(model):
         for slot in constrained_slots(model):
+            _refuse_meta(slot, "check")
             value = slot.value()
             violations += [(slot.fqn, reason) for reason in _violations(slot, value)]
             rows.append(_check_row(slot, value))
@@ -156,6 +162,14 @@ def _refuse_shards(slot: Slot) -> None:
             "full state_dict (torch.distributed.checkpoint.state_dict.get_model_state_dict with "
             "StateDictOptions(full_state_dict=True)), load it into an unsharded model constrained "
             "with the same rules, and bake that one."
+        )
+
+
+def _refuse_meta(slot: Slot, caller: str) -> None:
+    if slot.stored().is_meta:
+        raise ValueError(
+            f"{caller}: {slot.fqn} is on the meta device: it has no values yet. Give the model memory "
+            "and weights first: model.to_empty(device=...), then load_state_dict(...)."
         )
 
 

@@ -24,8 +24,10 @@ from torchconstrain._tensors import Slot, parameter_slots
 __all__ = ["match"]
 
 
-def match(model: nn.Module, key) -> list[str]:
+def match(model: nn.Module, key, *, caller: str = "match") -> list[str]:
     r"""Return the names of the parameters that rule ``key`` picks in ``model``.
+
+    ``caller`` names the function in error messages (a bad key, a callable key that raises).
 
     Example:
         >>> from torch import nn
@@ -33,12 +35,13 @@ def match(model: nn.Module, key) -> list[str]:
         >>> match(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), "*.bias")
         ['0.bias', '1.bias']
     """
-    matches = matcher(key, 0)
+    matches = matcher(key, None, caller=caller)
     return [fqn for fqn, slot in parameter_slots(model).items() if matches(slot)]
 
 
-def matcher(key, index: int, *, caller: str = "constrain") -> Callable[[Slot], bool]:
-    r"""Return the predicate on slots that ``key``, rule ``index`` of ``caller``, stands for.
+def matcher(key, index: int | str | None, *, caller: str = "constrain") -> Callable[[Slot], bool]:
+    r"""Return the predicate on slots that ``key``, rule ``index`` of ``caller``, stands for
+    (``index`` may be the rule's name in messages, or ``None`` for a lone key).
 
     Raises:
         TypeError: a key of an unsupported type, or a class that is not an ``nn.Module``.
@@ -48,30 +51,42 @@ def matcher(key, index: int, *, caller: str = "constrain") -> Callable[[Slot], b
         return _name_matcher(key, index, caller)
     if isinstance(key, type):
         if not issubclass(key, nn.Module):
-            raise TypeError(f"{caller}: rule {index} key {key.__name__} is a class but not an nn.Module subclass.")
+            raise TypeError(f"{caller}: {_key_of(index)} {key.__name__} is a class but not an nn.Module subclass.")
         return lambda slot: slot.tensor_name == "weight" and isinstance(slot.module, key)
     if isinstance(key, nn.Module):
         kind = type(key).__name__
         raise TypeError(
-            f"{caller}: rule {index} key is a module instance ({kind}), not a key. Use its name in "
+            f"{caller}: {_key_of(index)} is a module instance ({kind}), not a key. Use its name in "
             f"the model (such as 'features.0'), or the class {kind} for every module of that type."
         )
     if callable(key):
-        where = f"{caller}: rule {index} ({label(key)}) key"
+        where = f"{caller}: {_rule(index)} ({label(key)})" + (" key" if index is not None else "")
         check_arity(key, ("fqn", "module"), where)
         return lambda slot: _picks(key, slot, where)
     raise TypeError(
-        f"{caller}: rule {index} key must be a name, glob, 're:' regex, nn.Module subclass "
+        f"{caller}: {_key_of(index)} must be a name, glob, 're:' regex, nn.Module subclass "
         f"or callable (fqn, module) -> bool. Got {type(key).__name__}: {key!r}."
     )
 
 
-def _name_matcher(key: str, index: int, caller: str) -> Callable[[Slot], bool]:
+def _rule(index: int | str | None) -> str:
+    """How messages name rule ``index``: ``"rule 2"``; a string names it itself (a rules
+    file's ``"rules.yaml, rule 2 (line 7)"``); ``None`` is a lone key."""
+    if index is None:
+        return "key"
+    return index if isinstance(index, str) else f"rule {index}"
+
+
+def _key_of(index: int | str | None) -> str:
+    return "key" if index is None else f"{_rule(index)} key"
+
+
+def _name_matcher(key: str, index: int | str | None, caller: str) -> Callable[[Slot], bool]:
     if key.startswith("re:"):
         try:
             pattern = re.compile(key[3:])
         except re.error as error:
-            raise ValueError(f"{caller}: rule {index} ({key}) is not a valid regex: {error}.") from None
+            raise ValueError(f"{caller}: {_rule(index)} ({key}) is not a valid regex: {error}.") from None
         return lambda slot: pattern.fullmatch(slot.fqn) is not None
     if any(char in key for char in "*?["):
         return lambda slot: fnmatch.fnmatchcase(slot.fqn, key)
@@ -136,12 +151,18 @@ def label(key) -> str:
 
 
 def no_match_message(
-    key, index: int, slots: dict[str, Slot], *, caller: str = "constrain", model: nn.Module | None = None
+    key,
+    index: int | str | None,
+    slots: dict[str, Slot],
+    *,
+    caller: str = "constrain",
+    model: nn.Module | None = None,
+    strict_hint: bool = True,
 ) -> str:
-    r"""The error for rule ``index`` whose ``key`` matches none of ``slots``, with the closest
+    r"""The error for rule ``index`` (``None``: a lone key) whose ``key`` matches none of ``slots``, with the closest
     names, or, for modules of ``model`` the key names that have no plain ``weight``, what
     their tensors are (an LSTM's ``weight_ih_l0``, another library's parametrization)."""
-    message = f"{caller}: rule {index} ({label(key)}) matches no parameter."
+    message = f"{caller}: {_rule(index)} ({label(key)}) matches no parameter."
     named = _named_modules(model, key)
     if named:
         message += " " + _weight_hint(*named[0])
@@ -153,7 +174,7 @@ def no_match_message(
     elif isinstance(key, type):
         kinds = sorted({parametrize.type_before_parametrizations(s.module).__name__ for s in slots.values()})
         message += f" Module types with parameters: {', '.join(kinds)}."
-    return message + " Pass strict=False to allow rules that match nothing."
+    return message + (" Pass strict=False to allow rules that match nothing." if strict_hint else "")
 
 
 def _named_modules(model: nn.Module | None, key) -> list[tuple[str, nn.Module]]:
@@ -185,16 +206,17 @@ def _weight_hint(name: str, module: nn.Module) -> str:
     hooks = [type(h).__name__ for h in module._forward_pre_hooks.values() if getattr(h, "name", None) == "weight"]
     tensors = [n for n, p in module.named_parameters(recurse=False)]
     if hooks:
+        sources = [n for n in tensors if n.startswith("weight")]
         return (
             f"{where}: weight is computed before each forward by the {hooks[0]} hook "
-            f"(torch.nn.utils.{_hook_function(hooks[0])}) from {', '.join(tensors)}. Constrain those by name, "
+            f"(torch.nn.utils.{_hook_function(hooks[0])}) from {', '.join(sources)}. Constrain those by name, "
             "or use the parametrization form (torch.nn.utils.parametrizations) registered after constrain()."
         )
     if not tensors:
         return f"{where} has no parameters of its own."
     return (
         f"{where} has no tensor named 'weight' (a type or module key picks a module's weight); its tensors "
-        f"are {', '.join(tensors)}. Pick them by name: '{name}.{tensors[0]}', or a glob such as '{name}.weight*'."
+        f"are {', '.join(tensors)}. Pick them by name: '{name}.{tensors[0]}', or a glob such as '{name}.*weight*'."
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -32,16 +33,17 @@ class _Rule:
     key: object
     value: object
     matches: Callable[[Slot], bool] = field(repr=False)
+    name: str = ""  # "rule 2", or where a rules file writes it
 
     def __str__(self) -> str:
-        return f"rule {self.index} ({label(self.key)})"
+        return f"{self.name} ({label(self.key)})"
 
 
 @dataclass
 class _Planned:
     slot: Slot
     constraints: list[Constraint] = field(default_factory=list)
-    rules: list[str] = field(default_factory=list)
+    rules: list[_Rule] = field(default_factory=list)
 
 
 def constrain(
@@ -51,6 +53,7 @@ def constrain(
     strict: bool = True,
     existing: str = "error",
     optimizer: torch.optim.Optimizer | None = None,
+    rule_names: Callable[[int], str] | None = None,
 ) -> Report:
     r"""Put constraints on the tensors of ``model`` that ``rules`` pick. Modifies ``model`` in place.
 
@@ -66,6 +69,8 @@ def constrain(
             constraints, ``"stack"`` adds the new ones on top.
         optimizer: an optimizer built before this call; a ``UserWarning`` names the new
             parameters it does not hold.
+        rule_names: how messages name rule ``i`` (default ``"rule i"``; a rules file gives
+            its file and line).
 
     Returns:
         A :class:`~torchconstrain.report.Report` with one row per newly constrained tensor.
@@ -83,7 +88,7 @@ def constrain(
         )
     before = {id(p) for p in model.parameters()} if optimizer is not None else set()
     slots = parameter_slots(model)
-    plan = _plan(slots, _parse_rules(rules), strict=strict, existing=existing, model=model)
+    plan = _plan(slots, _parse_rules(rules, rule_names), strict=strict, existing=existing, model=model)
     _register(plan)
     if plan:
         watch(model)
@@ -105,7 +110,7 @@ def check_arguments(model: nn.Module, existing: str) -> None:
         raise ValueError(f"constrain: existing must be one of {', '.join(EXISTING)}. Got {existing!r}.")
 
 
-def _parse_rules(rules) -> list[_Rule]:
+def _parse_rules(rules, rule_names: Callable[[int], str] | None = None) -> list[_Rule]:
     if isinstance(rules, Mapping):
         pairs = list(rules.items())
     elif isinstance(rules, Sequence) and not isinstance(rules, (str, bytes)):
@@ -118,7 +123,10 @@ def _parse_rules(rules) -> list[_Rule]:
             f"constrain: expected rules as a dict or a sequence of (key, value) pairs. "
             f"Got {type(rules).__name__}."
         )
-    parsed = [_Rule(index, key, value, matcher(key, index)) for index, (key, value) in enumerate(pairs)]
+    names = [rule_names(index) if rule_names else f"rule {index}" for index in range(len(pairs))]
+    parsed = [
+        _Rule(index, key, value, matcher(key, name), name) for index, (name, (key, value)) in enumerate(zip(names, pairs))
+    ]
     for rule in parsed:
         _check_value(rule)
     return parsed
@@ -143,7 +151,7 @@ def _plan(
     if strict:
         for rule in rules:
             if not matched[id(rule)]:
-                raise ValueError(no_match_message(rule.key, rule.index, slots, model=model))
+                raise ValueError(no_match_message(rule.key, rule.name, slots, model=model))
     excluded = {s.fqn for rule in rules if rule.value is None for s in matched[id(rule)]}
     plan: dict[str, _Planned] = {}
     for rule in rules:
@@ -155,7 +163,7 @@ def _plan(
                 continue
             entry = plan.setdefault(fqn, _Planned(group[fqn]))
             entry.constraints += constraints
-            entry.rules += [str(rule)] * len(constraints)
+            entry.rules += [rule] * len(constraints)
     ordered = [plan[fqn] for fqn in slots if fqn in plan]
     for entry in ordered:
         _validate(entry, existing)
@@ -172,9 +180,19 @@ def _bind(rule: _Rule, group: dict[str, Slot]) -> dict[str, list[Constraint]]:
     bound = {fqn: [] for fqn in group}
     for template in _as_list(rule.value):
         _refuse_meta_values(rule, template, values)
-        for fqn, constraint in template.for_tensors(values).items():
-            bound[fqn].append(constraint)
+        with _rule_named(rule):
+            for fqn, constraint in template.for_tensors(values).items():
+                bound[fqn].append(constraint)
     return bound
+
+
+@contextmanager
+def _rule_named(rule: _Rule):
+    """Name ``rule`` in a ValueError raised by binding its constraints (a mask that does not fit)."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(f"{rule}: {error}") from None
 
 
 def _refuse_meta_values(rule: _Rule, template: Constraint, values: dict[str, Tensor]) -> None:
@@ -213,7 +231,8 @@ def _call_factory(rule: _Rule, fqn: str, value: Tensor) -> list[Constraint]:
     templates = _as_list(made)
     for template in templates:
         _refuse_meta_values(rule, template, {fqn: value})
-    return [template.for_tensor(fqn, value) for template in templates]
+    with _rule_named(rule):
+        return [template.for_tensor(fqn, value) for template in templates]
 
 
 def _validate(entry: _Planned, existing: str) -> None:
@@ -224,7 +243,7 @@ def _validate(entry: _Planned, existing: str) -> None:
             f"{slot.fqn} is already constrained by {', '.join(map(describe, earlier))}. "
             "Pass existing='stack' to add the new constraints on top, or bake(model) first."
         )
-    labels = ["already there"] * len(earlier) + entry.rules
+    labels = ["already there"] * len(earlier) + [str(rule) for rule in entry.rules]
     _refuse_contradictions(slot.fqn, earlier + entry.constraints, labels, slot.value().shape)
     _dry_run(entry, earlier, labels)
 
@@ -316,7 +335,7 @@ def _report(plan: list[_Planned]) -> Report:
             "tensor": entry.slot.fqn,
             "shape": tuple(entry.slot.value().shape),
             "constraints": [describe(c) for c in entry.slot.everything()],
-            "rules": ", ".join(dict.fromkeys(entry.rules)),
+            "rules": ", ".join(dict.fromkeys(f"rule {rule.index} ({label(rule.key)})" for rule in entry.rules)),
         }
         for entry in plan
     ]
