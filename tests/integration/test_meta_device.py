@@ -122,3 +122,26 @@ def test_check_and_bake_ask_for_real_weights_and_messages_show_the_bound_values(
         with pytest.raises(ValueError, match=rf"{call.__name__}: fc.weight is on the meta device: it has no values yet"):
             call(model)
     assert model.fc(torch.empty(2, 512, device="meta")).shape == (2, 1000)  # shape inference still runs
+
+
+def test_load_state_dict_with_assign_gives_a_meta_model_its_weights_and_constraint_state(pretrained):
+    rules = {"conv1": [Clamp(-0.1, 0.1), LearnableMask(init=0.6)], "fc": FixedMask.random(sparsity=0.5, seed=0)}
+    model = on_meta()
+    constrain(model, rules)
+    model.load_state_dict(pretrained, assign=True)  # a plain checkpoint: the constraints keep their bound state
+    assert not any(t.is_meta for t in model.state_dict().values())
+    loaded = torchvision.models.resnet18(weights=None)
+    loaded.load_state_dict(pretrained)
+    constrain(loaded, rules)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    with torch.no_grad():
+        loaded.conv1.parametrizations.weight[1].scores.uniform_(-3, 3)
+    again = on_meta()
+    constrain(again, rules)
+    again.load_state_dict(loaded.state_dict(), assign=True)  # a constrained one: its state wins
+    assert torch.equal(again.conv1.weight, loaded.conv1.weight)
+    again.to(torch.float64)  # moving it later keeps what was loaded
+    scores = again.conv1.parametrizations.weight[1].scores
+    assert torch.equal(scores, loaded.conv1.parametrizations.weight[1].scores.double())
+    check(again)

@@ -85,8 +85,9 @@ class Constraint(nn.Module):
 
     def _apply(self, *args, **kwargs):
         self._changed()
+        was_meta = {name for name, t in {**self._parameters, **self._buffers}.items() if t is not None and t.is_meta}
         result = super()._apply(*args, **kwargs)
-        self._restore_bound_values()
+        self._restore_bound_values(was_meta)
         return result
 
     def for_tensor(self, fqn: str, tensor: Tensor) -> "Constraint":
@@ -119,6 +120,7 @@ class Constraint(nn.Module):
     def with_values(self) -> "Constraint":
         r"""This constraint, or, while it is bound to a meta tensor, a CPU copy holding the
         values it was bound with (for messages and validation)."""
+        self._restore_bound_values(was_meta=set())  # forget tensors that hold values now (assign=True)
         if not self.__dict__.get("_bound_values"):
             return self
         return copy.deepcopy(self).to_empty(device="cpu")
@@ -135,7 +137,10 @@ class Constraint(nn.Module):
             )
         self.__dict__["_bound_values"] = values
 
-    def _restore_bound_values(self) -> None:
+    def _restore_bound_values(self, was_meta: set[str]) -> None:
+        """Write the remembered values into the tensors in ``was_meta`` that have memory now
+        (``to_empty``); forget every tensor that has memory, whatever it holds (a tensor
+        that ``load_state_dict(assign=True)`` put there holds the checkpoint's values)."""
         remembered = self.__dict__.get("_bound_values")
         if not remembered:
             return
@@ -143,7 +148,9 @@ class Constraint(nn.Module):
             for name in list(remembered):
                 tensor = getattr(self, name, None)
                 if isinstance(tensor, Tensor) and not tensor.is_meta:
-                    tensor.copy_(remembered.pop(name))
+                    value = remembered.pop(name)
+                    if name in was_meta:
+                        tensor.copy_(value)
         if not remembered:
             del self.__dict__["_bound_values"]
 
