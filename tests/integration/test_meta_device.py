@@ -145,3 +145,13 @@ def test_load_state_dict_with_assign_gives_a_meta_model_its_weights_and_constrai
     scores = again.conv1.parametrizations.weight[1].scores
     assert torch.equal(scores, loaded.conv1.parametrizations.weight[1].scores.double())
     check(again)
+
+
+def test_contradictions_are_refused_on_the_meta_device_too():
+    model = on_meta()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"fc.weight: FixedMask.*can set 256000 entries to zero, but Clamp\(min=0.1, max=1\)"):
+        constrain(model, {"fc": [FixedMask.random(sparsity=0.5, seed=0), Clamp(0.1, 1.0)]})
+    with pytest.raises(ValueError, match=r"fc.weight: LearnableMask.*can set .* entries to zero, but Clamp\(min=0.1, max=1\)"):
+        constrain(model, {"fc": [LearnableMask(), Clamp(0.1, 1.0)]})
+    assert_unchanged(model, before)
