@@ -123,10 +123,10 @@ def _parse_rules(rules, rule_names: Callable[[int], str] | None = None) -> list[
             f"constrain: expected rules as a dict or a sequence of (key, value) pairs. "
             f"Got {type(rules).__name__}."
         )
-    names = [rule_names(index) if rule_names else f"rule {index}" for index in range(len(pairs))]
-    parsed = [
-        _Rule(index, key, value, matcher(key, name), name) for index, (name, (key, value)) in enumerate(zip(names, pairs))
-    ]
+    parsed = []
+    for index, (key, value) in enumerate(pairs):
+        name = rule_names(index) if rule_names else f"rule {index}"
+        parsed.append(_Rule(index, key, value, matcher(key, name), name))
     for rule in parsed:
         _check_value(rule)
     return parsed
