@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import SmallNet, TiedNet, tokens
+from conftest import SmallNet, TiedNet, assert_unchanged, snapshot, tokens
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
@@ -8,8 +8,12 @@ from torchconstrain import (
     L1,
     Clamp,
     ConstraintViolation,
+    FakeQuant,
     FixedMask,
     LearnableMask,
+    MaxNorm,
+    NonNeg,
+    UnitNorm,
     bake,
     check,
     constrain,
@@ -191,3 +195,78 @@ def test_bake_refuses_a_submodule_holding_only_some_names_of_a_tied_parameter(ti
     assert tied.head.parametrizations.weight is tied.emb.parametrizations.weight
     assert len(tied.emb.parametrizations.weight) == 1 and torch.equal(tied(x), expected)
     check(tied)
+
+def test_bake_refuses_a_key_that_matches_nothing(net):
+    constrain(net, RULES)
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"bake: key \(features.0.wieght\) matches no parameter. Closest names: features.0.weight"):
+        bake(net, "features.0.wieght")
+    with pytest.raises(ValueError, match=r"bake: key \(Conv1d\) matches no parameter. Module types with parameters"):
+        bake(net, nn.Conv1d)
+    assert_unchanged(net, before)
+
+
+ZERO_SIZE = {
+    "Clamp": lambda: Clamp(-0.5, 0.5),
+    "NonNeg": lambda: NonNeg(),
+    "MaxNorm": lambda: MaxNorm(1.0),
+    "UnitNorm": lambda: UnitNorm(),
+    "FakeQuant": lambda: FakeQuant(4),
+    "FakeQuant per tensor, affine": lambda: FakeQuant(4, per_channel=False, symmetric=False),
+    "LearnableMask": lambda: LearnableMask(strength=0.1),
+    "LearnableMask per channel": lambda: LearnableMask(per="channel", hard=True),
+    "magnitude": lambda: FixedMask.magnitude(sparsity=0.5),
+    "threshold": lambda: FixedMask.magnitude(threshold=0.1),
+    "global_magnitude": lambda: FixedMask.global_magnitude(sparsity=0.5),
+    "random": lambda: FixedMask.random(sparsity=0.5, seed=0),
+    "structured": lambda: FixedMask.structured(sparsity=0.5),
+    "n_m": lambda: FixedMask.n_m(),
+    "L1": lambda: L1(0.1),
+    "stack": lambda: [FixedMask.magnitude(sparsity=0.5), Clamp(-0.5, 0.5), FakeQuant(6)],
+}
+
+
+@pytest.mark.parametrize("name", [*ZERO_SIZE, "FixedMask"])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_tensors_without_entries_constrain_train_check_and_bake(name):
+    """Weights of shape (0, 8) and (8, 0) (layers without outputs or inputs) constrain, train,
+    check, bake and load like any other; the bias of the second one has entries."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 0), nn.Linear(0, 8))
+    if name == "FixedMask":
+        rules = {"0.weight": FixedMask(torch.ones(0, 8)), "1.weight": FixedMask(torch.ones(8, 0))}
+    elif name == "UnitNorm":  # the (8, 0) weight: see test_unit_norm_on_slices_without_entries_is_refused
+        rules = {"0.weight": UnitNorm()}
+    else:
+        rules = {"*.weight": ZERO_SIZE[name](), "1.bias": Clamp(-0.1, 0.1)}
+    report = constrain(model, rules)
+    assert report["0.weight"]["shape"] == (0, 8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (model(torch.randn(2, 8)).square().sum() + penalty(model)).backward()
+        optimizer.step()
+        rows = check(model)
+    assert penalty(model).isfinite()
+    assert rows["0.weight"]["min"] is None and rows["0.weight"]["sparsity"] == 0.0
+    assert "nan" not in str(report) + str(rows)
+    twin = nn.Sequential(nn.Linear(8, 0), nn.Linear(0, 8))
+    constrain(twin, rules)
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(2, 8)
+    expected = model(x)
+    assert torch.equal(twin(x), expected)
+    bake(model)
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+    assert model[0].weight.shape == (0, 8) and torch.equal(model(x), expected)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_unit_norm_on_slices_without_entries_is_refused():
+    model = nn.Linear(0, 4)  # weight (4, 0): four rows of nothing cannot have norm 1
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"weight: UnitNorm\(dim=0\) cannot hold on a tensor of shape \(4, 0\): its 4 slices along dim 0 have no entries"):
+        constrain(model, {"weight": UnitNorm()})
+    assert_unchanged(model, before)
+    constrain(model, {"weight": UnitNorm(dim=1)})  # no slices along dim 1: nothing to normalize
+    check(model)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from conftest import assert_unchanged, snapshot, tokens
-from torch.nn.utils import parametrize, prune
+from torch.nn.utils import parametrizations, parametrize, prune
 
 from torchconstrain import Clamp, FixedMask, LearnableMask, NonNeg, check, constrain, match
 
@@ -123,9 +123,59 @@ def test_contradiction_between_mask_and_box_is_refused(net):
         constrain(net, {"head": [LearnableMask(), Clamp(0.1, 1.0)]})
 
 
-def test_disjoint_boxes_are_refused(net):
-    with pytest.raises(ValueError, match=r"contradict each other.*Clamp\(min=0, max=1\) from rule 0"):
-        constrain(net, [("head", Clamp(0, 1)), ("head", Clamp(2, 3))])
+def test_disjoint_boxes_are_refused_naming_both_rules(net):
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"contradict each other.*Clamp\(min=0, max=1\) from rule 0 \(head\) is broken "
+                       r"by Clamp\(min=2, max=3\) from rule 1 \(Linear\), applied after it"):
+        constrain(net, [("head", Clamp(0, 1)), (nn.Linear, Clamp(2, 3))])
+    with pytest.raises(ValueError, match=r"Clamp\(min=0, max=1\) from rule 0 \(head\) is broken by Clamp\(min=-3, max=-2\) from rule 2"):
+        constrain(net, [("head", Clamp(0, 1)), ("head", Clamp(-5, 5)), ("head", Clamp(-3, -2))])
+    assert_unchanged(net, before)
+    constrain(net, {"head": Clamp(0, 1)})
+    with pytest.raises(ValueError, match=r"Clamp\(min=0, max=1\) from already there is broken by Clamp\(min=2, max=3\) from rule 0"):
+        constrain(net, {"head": Clamp(2, 3)}, existing="stack")
+
+
+def test_errors_of_a_callable_value_name_the_rule(net):
+    before = snapshot(net)
+
+    def bounds(fqn, tensor):
+        return Clamp(-1, 1) if tensor.dim() in (1, 4) else {}["no rule for " + fqn]
+
+    with pytest.raises(RuntimeError, match=r"head.weight: rule 0 \(\*.weight\) value \(a callable\) raised KeyError") as caught:
+        constrain(net, {"*.weight": bounds})
+    assert isinstance(caught.value.__cause__, KeyError)
+    with pytest.raises(ValueError, match=r"features.0.weight: rule 0 \(features.0\) value \(a callable\) raised ValueError: bad") as caught:
+        constrain(net, {"features.0": lambda fqn, tensor: (_ for _ in ()).throw(ValueError("bad"))})
+    assert str(caught.value.__cause__) == "bad"
+    with pytest.raises(TypeError, match=r"rule 0 \(head\) value must be callable as \(fqn, tensor\). Got <lambda>\(tensor\)"):
+        constrain(net, {"head": lambda tensor: Clamp(-1, 1)})
+    assert_unchanged(net, before)
+
+
+def test_a_constraint_that_does_not_fit_names_its_rule(net):
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"rule 1 \(features.0\): features.0.weight: 2:4 sparsity needs dim 1 to be divisible by 4"):
+        constrain(net, [("head", FixedMask.n_m()), ("features.0", FixedMask.n_m())])
+    with pytest.raises(ValueError, match=r"rule 0 \(Conv2d\): features.0.weight: 2:4 sparsity"):
+        constrain(net, {nn.Conv2d: lambda fqn, tensor: FixedMask.n_m()})
+    assert_unchanged(net, before)
+
+
+def test_a_failed_call_leaves_another_librarys_parametrization_state_alone(net):
+    """spectral_norm's forward updates its power-iteration vectors in training mode: reading
+    the weight to validate rules must not, so a refused call changes nothing."""
+    constrain(net, {"head": Clamp(-1, 1)})
+    parametrizations.spectral_norm(net.head)
+    before = snapshot(net)
+    assert any(key.endswith("_u") for key in before["state"])
+    with pytest.raises(ValueError, match="already constrained"):
+        constrain(net, {"head": Clamp(-1, 1)})
+    with pytest.raises(ValueError, match="contradict each other"):
+        constrain(net, {"head": Clamp(5, 6)}, existing="stack")
+    assert_unchanged(net, before)
+    check(net)
+    assert_unchanged(net, before)
 
 
 def test_constraining_again_is_refused_unless_stacked(net):

@@ -11,6 +11,7 @@ and makes the other names read through the same chain (see
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,11 +35,27 @@ class Slot:
     def value(self) -> Tensor:
         r"""The effective value (through every parametrization), detached: computed the
         plain way, so that it leaves no value kept for reuse behind (see
-        :mod:`torchconstrain.fastpath`)."""
+        :mod:`torchconstrain.fastpath`). Reading it changes nothing: the buffers of other
+        libraries' parametrizations (``spectral_norm``'s power iteration vectors, which
+        its forward updates in training mode) are restored after."""
         with torch.no_grad():
             if parametrize.is_parametrized(self.module, self.tensor_name):
-                return self.module.parametrizations[self.tensor_name]().detach()
+                with self.foreign_buffers_kept():
+                    return self.module.parametrizations[self.tensor_name]().detach()
             return getattr(self.module, self.tensor_name).detach()
+
+    @contextmanager
+    def foreign_buffers_kept(self):
+        r"""Restore the buffers of the parametrizations on the tensor that are not
+        torchconstrain's when the block ends, whatever it did to them."""
+        foreign = [p for p in self.chain() if not isinstance(p, Constraint)]
+        saved = [(buffer, buffer.detach().clone()) for p in foreign for buffer in p.buffers()]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, value in saved:
+                    buffer.copy_(value)
 
     def stored(self) -> Tensor:
         r"""The ``Parameter`` (or buffer) object that holds the tensor's stored original."""
@@ -123,5 +140,7 @@ def constrained_slots(model: nn.Module) -> list[Slot]:
 
 
 def describe(constraint: nn.Module) -> str:
-    r"""``Clamp(min=-1, max=1)``: the constraint's class and its ``extra_repr``."""
-    return f"{type(constraint).__name__}({constraint.extra_repr()})"
+    r"""``Clamp(min=-1, max=1)``: the constraint's class and its ``extra_repr`` (on a meta
+    model, the values it was bound with)."""
+    shown = constraint.with_values() if isinstance(constraint, Constraint) else constraint
+    return f"{type(constraint).__name__}({shown.extra_repr()})"

@@ -115,7 +115,8 @@ def constrain(
 def _constrain_from_file(model: nn.Module, path: str | os.PathLike, *, strict: bool, existing: str) -> Report:
     from torchconstrain.rulesfile import read_rules  # yaml and the surgery (torchvision): loaded on first use
 
-    rules, finish = read_rules(path).to_rules(model)
-    report = _rules.constrain(model, rules, strict=strict, existing=existing)
+    parsed = read_rules(path)
+    rules, finish = parsed.to_rules(model)
+    report = _rules.constrain(model, rules, strict=strict, existing=existing, rule_names=parsed.rule_name)
     finish()
     return report

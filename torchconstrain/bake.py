@@ -6,11 +6,11 @@ import torch
 from torch import Tensor, nn
 
 from torchconstrain._distributed import is_sharded, unsharded, whole
-from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot, constrained_groups, describe
+from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot, constrained_groups, describe, parameter_slots
 from torchconstrain.checkpoint import unwatch
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import ConstraintViolation
-from torchconstrain.keys import match
+from torchconstrain.keys import match, no_match_message
 from torchconstrain.registration import drop_entries, drop_soft, owners
 from torchconstrain.report import Report
 
@@ -41,10 +41,11 @@ def bake(model: nn.Module, key=None) -> Report:
         the sparsity of its baked value.
 
     Raises:
-        ValueError: a torchconstrain constraint comes after another library's
-            parametrization on the same tensor, so it cannot be removed on its own, the
-            model is sharded with FSDP2, or ``model`` is a submodule holding only some names
-            of a tied tensor. Nothing is changed in that case.
+        ValueError: ``key`` matches no parameter (the message names the closest), a
+            torchconstrain constraint comes after another library's parametrization on the
+            same tensor, so it cannot be removed on its own, the model is sharded with FSDP2,
+            its weights are on the meta device, or ``model`` is a submodule holding only some
+            names of a tied tensor. Nothing is changed in that case.
 
     Example:
         >>> import torch
@@ -58,11 +59,14 @@ def bake(model: nn.Module, key=None) -> Report:
     """
     groups = constrained_groups(model)
     if key is not None:
-        picked = set(match(model, key))
+        picked = set(match(model, key, caller="bake"))
+        if not picked:
+            raise ValueError(no_match_message(key, None, parameter_slots(model), caller="bake", model=model, strict_hint=False))
         groups = [group for group in groups if any(slot.fqn in picked for slot in group)]
     for group in groups:
         _refuse_buried_constraints(group[0])
         _refuse_shards(group[0])
+        _refuse_meta(group[0], "bake")
         _refuse_partial_ties(group)
     baked = [(group, _baked_value(group[0])) for group in groups]
     rows = []
@@ -91,6 +95,7 @@ def check(model: nn.Module) -> Report:
 
     Raises:
         ConstraintViolation: naming every tensor and constraint that does not hold.
+        ValueError: the model's weights are on the meta device (no values to check).
 
     Example:
         >>> from torch import nn
@@ -103,6 +108,7 @@ def check(model: nn.Module) -> Report:
     violations, rows = [], []
     with unsharded(model):
         for slot, *aliases in constrained_groups(model):
+            _refuse_meta(slot, "check")
             value = slot.value()
             fqn = " = ".join(s.fqn for s in (slot, *aliases))
             violations += [(fqn, reason) for reason in _violations(slot, value)]
@@ -175,6 +181,14 @@ def _refuse_shards(slot: Slot) -> None:
         )
 
 
+def _refuse_meta(slot: Slot, caller: str) -> None:
+    if slot.stored().is_meta:
+        raise ValueError(
+            f"{caller}: {slot.fqn} is on the meta device: it has no values yet. Give the model memory "
+            "and weights first: model.to_empty(device=...), then load_state_dict(...)."
+        )
+
+
 def _baked_value(slot: Slot) -> Tensor:
     with torch.no_grad():
         value = slot.stored().detach()
@@ -204,8 +218,8 @@ def _check_row(fqn: str, slot: Slot, value: Tensor) -> dict:
     return {
         "tensor": fqn,
         "constraints": [describe(c) for c in slot.everything()],
-        "min": value.min().item(),
-        "max": value.max().item(),
+        "min": value.min().item() if value.numel() else None,
+        "max": value.max().item() if value.numel() else None,
         "sparsity": _sparsity(value),
     }
 

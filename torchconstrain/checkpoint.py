@@ -91,18 +91,32 @@ def _adapt(module: nn.Module, state_dict: dict, prefix: str) -> list[str]:
             problems.append(f"{plain}: {problem}")
             continue
         state_dict[inner + "original"] = _stored_value(plist, state_dict.pop(plain))
-        for key, tensor in plist.state_dict(keep_vars=True).items():
+        for key, tensor in _constraint_state(plist).items():
             state_dict.setdefault(inner + key, tensor)
     return problems
 
 
+def _constraint_state(plist: nn.Module) -> dict[str, Tensor]:
+    """The chain's own state, which a plain checkpoint keeps as it is in the model. On the
+    meta device (a model built there, loaded with ``assign=True``): the values each constraint
+    was bound with (see :meth:`~torchconstrain.Constraint.with_values`)."""
+    state = {}
+    for index, parametrization in enumerate(plist):
+        shown = parametrization.with_values() if isinstance(parametrization, Constraint) else parametrization
+        state.update((f"{index}.{key}", tensor) for key, tensor in shown.state_dict(keep_vars=True).items())
+    return state
+
+
 def _stored_value(plist: nn.Module, value: Tensor) -> Tensor:
-    """What ``constrain`` stores for a plain ``value``: the first right_inverse of it."""
+    """What ``constrain`` stores for a plain ``value``: the first right_inverse of it (on the
+    checkpoint's device when the model's is the meta device, which has no values)."""
     original = plist.original
+    device = value.device if original.is_meta else original.device
+    first = plist[0].with_values() if isinstance(plist[0], Constraint) else plist[0]
     with torch.no_grad():
-        value = value.detach().to(device=original.device, dtype=original.dtype)
-        if hasattr(plist[0], "right_inverse"):
-            value = plist[0].right_inverse(value)
+        value = value.detach().to(device=device, dtype=original.dtype)
+        if hasattr(first, "right_inverse"):
+            value = first.right_inverse(value)
     return value
 
 

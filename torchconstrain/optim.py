@@ -135,4 +135,4 @@ def _refuse_unused(parsed, used: set, model: nn.Module) -> None:
     slots = parameter_slots(model)
     for index, key, _, _ in parsed:
         if index not in used:
-            raise ValueError(no_match_message(key, index, slots, caller="param_groups"))
+            raise ValueError(no_match_message(key, index, slots, caller="param_groups", model=model))

@@ -50,7 +50,8 @@ def register(slot: Slot, constraint: Constraint) -> None:
         return
     order = None if parametrize.is_parametrized(slot.module) else list(slot.module._parameters)
     _own_class(slot.module)
-    parametrize.register_parametrization(slot.module, slot.tensor_name, constraint)
+    with slot.foreign_buffers_kept():  # registering evaluates the chain there is
+        parametrize.register_parametrization(slot.module, slot.tensor_name, constraint)
     fastpath.install(slot.module, slot.tensor_name)
     if order is not None:
         slot.module.parametrizations.plain_order = order
