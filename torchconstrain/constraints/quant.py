@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torchconstrain.constraints.arguments import flag, integer
 from torchconstrain.constraints.base import Constraint
 
 __all__ = ["FakeQuant"]
@@ -51,9 +52,10 @@ class FakeQuant(Constraint):
 
     def __init__(self, bits: int = 8, *, per_channel: bool = True, symmetric: bool = True, dim: int = 0) -> None:
         super().__init__()
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
-            raise ValueError(f"FakeQuant: expected bits to be an integer from 2 to 16. Got {bits!r}.")
-        self.bits, self.per_channel, self.symmetric, self.dim = bits, per_channel, symmetric, dim
+        self.bits = integer("FakeQuant", "bits", bits, low=2, high=16)
+        self.per_channel = flag("FakeQuant", "per_channel", per_channel)
+        self.symmetric = flag("FakeQuant", "symmetric", symmetric)
+        self.dim = integer("FakeQuant", "dim", dim)
 
     def _bind(self, fqn: str, tensor: Tensor) -> None:
         if not tensor.is_floating_point():
@@ -81,9 +83,7 @@ class FakeQuant(Constraint):
     def quantize(self, x: Tensor) -> Tensor:
         r"""Return ``x`` rounded onto its grid (no gradient)."""
         scale, zero_point, qmin, qmax = self.grid(x)
-        q = torch.div(x.detach(), scale).add_(zero_point)  # in place from here: one temporary
-        q = (q.round_() if self.symmetric else q.add_(0.5).floor_()).clamp_min_(qmin).clamp_max_(qmax)
-        return q.sub_(zero_point).mul_(scale)
+        return _levels(x.detach(), scale, zero_point, qmin, qmax, symmetric=self.symmetric).mul_(scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.quantize(x).sub_(x.detach())
@@ -104,9 +104,8 @@ class FakeQuant(Constraint):
         if levels is not None:
             scale = _positive(scale * qmax / levels)
             zero_point = torch.ceil(-value.detach().amin(dim=self._dims(value), keepdim=True).clamp_max(0) / scale - 0.5)
-        steps = value / scale + zero_point
-        q = (torch.round(steps) if self.symmetric else torch.floor(steps + 0.5)).clamp(qmin, qmax)
-        moved = ((q - zero_point) * scale - value).abs() / scale > 1e-3
+        steps = _levels(value.detach(), scale, zero_point, qmin, qmax, symmetric=self.symmetric)
+        moved = (steps * scale - value).abs() / scale > 1e-3
         return moved.amax(dim=self._dims(value), keepdim=True).expand_as(value)
 
     def _dims(self, x: Tensor) -> list[int]:
@@ -115,6 +114,18 @@ class FakeQuant(Constraint):
     def extra_repr(self) -> str:
         text = f"bits={self.bits}, per_channel={self.per_channel}, symmetric={self.symmetric}"
         return text + (f", dim={self.dim}" if self.per_channel else "")
+
+
+def _levels(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, *, symmetric: bool) -> Tensor:
+    """``q - zero_point`` for every entry of ``x``, in ``x``'s dtype: ``x / scale`` rounded
+    (half to even on the symmetric grid, half up on the affine one) and clamped to the
+    grid's range. The integer zero point is never added to the fraction before rounding:
+    at 12 or 16 bits that sum would lose the fraction's low bits and land some entries a
+    level off the nearest."""
+    q = torch.div(x, scale)  # in place from here: one temporary
+    if symmetric:
+        return q.round_().clamp_min_(qmin).clamp_max_(qmax)
+    return q.add_(0.5).floor_().clamp_(qmin - zero_point, qmax - zero_point)
 
 
 def _positive(scale: Tensor) -> Tensor:
