@@ -28,8 +28,15 @@ class FakeQuant(Constraint):
     straight through the rounding (quantization-aware training), and :func:`torchconstrain.bake`
     leaves every weight exactly on its grid. :func:`torchconstrain.check` quantizes each
     slice of the effective tensor again on the grid of its own range and accepts it when no
-    entry moves by more than 1e-3 of a step; for the affine grid it also accepts a range of
-    ``2**bits - 2`` steps (a rounding tie can leave one end a level short).
+    entry moves by more than 1e-3 of a step plus 8 float steps of the entry (at 16 bits,
+    float32 holds the grid's top levels only to about 1/128 of a step); for the affine grid
+    it also accepts a range of ``2**bits - 2`` steps (a rounding tie can leave one end a
+    level short).
+
+    Rounding is to the nearest level: half to even on the symmetric grid, half up on the
+    affine one. :func:`torch.fake_quantize_per_tensor_affine` and ``_per_channel_affine``
+    give the same levels on float32 weights, with the same scale and zero point, except
+    at ties (they round half to even, and multiply by ``1 / scale`` where this divides).
 
     Args:
         bits: integer width, 2 to 16.
@@ -105,7 +112,10 @@ class FakeQuant(Constraint):
             scale = _positive(scale * qmax / levels)
             zero_point = torch.ceil(-value.detach().amin(dim=self._dims(value), keepdim=True).clamp_max(0) / scale - 0.5)
         steps = _levels(value.detach(), scale, zero_point, qmin, qmax, symmetric=self.symmetric)
-        moved = (steps * scale - value).abs() / scale > 1e-3
+        # float32 holds the top levels of a 16-bit grid only to about 1/128 of a step, and a
+        # grid recomputed from quantized values has a scale a few float steps off its own
+        tolerance = 1e-3 * scale + 8 * torch.finfo(value.dtype).eps * value.detach().abs()
+        moved = (steps * scale - value).abs() > tolerance
         return moved.amax(dim=self._dims(value), keepdim=True).expand_as(value)
 
     def _dims(self, x: Tensor) -> list[int]:

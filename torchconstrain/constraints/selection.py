@@ -7,6 +7,7 @@ constructors; users rarely touch them directly.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Mapping
 
@@ -19,7 +20,7 @@ __all__ = ["Magnitude", "GlobalMagnitude", "RandomSelection", "Structured", "NM"
 
 
 def _check_sparsity(sparsity: float, where: str) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise TypeError(f"{where}: expected sparsity to be a number. Got {type(sparsity).__name__}.")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"{where}: expected sparsity in [0, 1). Got {sparsity}.")
