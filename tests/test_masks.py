@@ -161,6 +161,11 @@ def test_a_mask_tensor_of_other_values_than_0_and_1_is_refused(odd):
         FixedMask(mask)
 
 
+def test_a_mask_that_masks_everything_warns():
+    with pytest.warns(UserWarning, match="0.weight: the FixedMask masks all 6 entries; the tensor is all zeros"):
+        constrain(nn.Sequential(nn.Linear(3, 2)), {"0.weight": FixedMask(torch.zeros(2, 3))})
+
+
 @pytest.mark.parametrize("mask", [torch.tensor([[1, 0], [0, 1]]), torch.tensor([[1.0, 0.0], [-0.0, 1.0]]), torch.eye(2, dtype=torch.bool)])
 def test_masks_of_0s_and_1s_of_any_dtype_are_bool_masks(mask):
     layer = nn.Linear(2, 2)

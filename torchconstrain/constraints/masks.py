@@ -3,6 +3,7 @@ r"""Masks: fixed binary masks and sigmoid-gated learnable masks."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -126,6 +127,11 @@ class FixedMask(Constraint):
             raise ValueError(
                 f"{fqn}: FixedMask of shape {tuple(self.mask.shape)} does not fit a tensor of "
                 f"shape {tuple(tensor.shape)}."
+            )
+        elif self.mask.numel() and not self.mask.is_meta and not self.mask.any():
+            warnings.warn(
+                f"{fqn}: the FixedMask masks all {self.mask.numel()} entries; the tensor is all zeros.",
+                stacklevel=2,
             )
 
     def forward(self, x: Tensor) -> Tensor:
