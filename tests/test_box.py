@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+from conftest import assert_unchanged, snapshot
 from torch import nn
 
-from torchconstrain import Clamp, constrain
+from torchconstrain import Clamp, check, constrain, set_fast_path
 
 
 def test_clamp_holds_and_bounds_are_buffers():
@@ -46,13 +47,71 @@ def test_clamp_refuses_min_above_max(low, high):
         Clamp(low, high)
 
 
-def test_clamp_refuses_bad_arguments():
-    with pytest.raises(ValueError, match="contains NaN"):
-        Clamp(float("nan"), 1.0)
-    with pytest.raises(TypeError, match="expected min to be a number"):
-        Clamp("0", 1.0)
-    with pytest.raises(ValueError, match="unknown gradient 'sign'.*pull_back"):
-        Clamp(0, 1, gradient="sign")
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: Clamp(math.nan, 1.0), ValueError, "Clamp: min contains NaN"),
+        (lambda: Clamp(None, torch.tensor([0.0, math.nan])), ValueError, "Clamp: max contains NaN"),
+        (lambda: Clamp(min=math.inf), ValueError, "Clamp: min is inf, which would make every entry inf. Expected a finite min, or None"),
+        (lambda: Clamp(max=-math.inf), ValueError, "Clamp: max is -inf, which would make every entry -inf"),
+        (lambda: Clamp(torch.tensor([0.0, math.inf, math.inf])), ValueError, "min is inf at 2 entries"),
+        (lambda: Clamp("0", 1.0), TypeError, "expected min to be a number"),
+        (lambda: Clamp(0, [1.0]), TypeError, "expected max to be a number, a tensor or None. Got list"),
+        (lambda: Clamp(True, 1.0), TypeError, "expected min to be a number, a tensor or None. Got bool"),
+        (lambda: Clamp(torch.tensor([True]), None), TypeError, "expected min to be a real tensor. Got a torch.bool tensor"),
+        (lambda: Clamp(0, 1, gradient="sign"), ValueError, "unknown gradient 'sign'.*pull_back"),
+        (lambda: Clamp(0, 1, gradient=None), TypeError, "Clamp: expected gradient to be one of 'pull_back'.*Got NoneType"),
+    ],
+)
+def test_clamp_refuses_bad_arguments(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_infinite_bounds_on_the_open_side_mean_no_bound():
+    layer = nn.Linear(4, 4)
+    constrain(layer, {"weight": Clamp(-math.inf, math.inf)})
+    assert repr(layer.parametrizations.weight[0]) == "Clamp(min=None, max=None)"
+    assert torch.equal(layer.weight, layer.parametrizations.weight.original)
+    assert repr(Clamp(torch.tensor([-math.inf, 0.0]), math.inf)) == "Clamp(min=tensor(2,)[-inf..0], max=None)"
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("low, high", [(-0.1, 0.1), (1e-50, None), (None, -1e-300), (0.3, 0.30000000000000004)])
+def test_float64_bounds_are_exact_in_float64_as_torch_clamp_has_them(low, high, fast, grad):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 16, dtype=torch.float64)
+    stored = layer.weight.detach().clone()
+    constrain(layer, {"weight": Clamp(low, high)})
+    expected = torch.clamp(stored, low, high)  # torch.clamp on float64 with Python floats: exact
+    with set_fast_path(fast), torch.set_grad_enabled(grad):
+        assert torch.equal(layer.weight, expected)
+    constraint = layer.parametrizations.weight[0]
+    assert constraint.min.item() == (-math.inf if low is None else low)
+    assert constraint.max.item() == (math.inf if high is None else high)
+    check(layer)
+
+
+def test_float64_tensor_bounds_stay_float64_and_float32_weights_take_the_nearest_float32_bound():
+    bound = torch.tensor([0.1, 0.2, 1e-50], dtype=torch.float64)
+    wide = nn.Linear(8, 3, dtype=torch.float64)
+    constrain(wide, {"weight": Clamp(-bound, bound)})
+    assert torch.equal(wide.weight.abs().amax(dim=1), torch.minimum(wide.parametrizations.weight.original.abs().amax(dim=1), bound))
+    narrow = nn.Linear(8, 3)
+    constrain(narrow, {"weight": Clamp(-0.1, 0.1)})
+    assert narrow.parametrizations.weight[0].max.item() == torch.tensor(0.1).item()  # rounded once, to nearest
+    assert bool((narrow.weight <= 0.1).all())
+
+
+def test_a_finite_bound_beyond_the_dtype_is_refused_where_it_would_become_infinite():
+    half = nn.Linear(4, 4).half()
+    before = snapshot(half)
+    with pytest.raises(ValueError, match=r"weight: Clamp min=100000 is beyond the range of torch.float16: it rounds to inf"):
+        constrain(half, {"weight": Clamp(min=1e5)})
+    assert_unchanged(half, before)
+    constrain(half, {"weight": Clamp(max=1e5)})  # an upper bound above every float16 is no bound
+    assert torch.equal(half.weight, half.parametrizations.weight.original)
 
 
 def test_clamp_bound_of_wrong_length_names_the_tensor():

@@ -1,5 +1,6 @@
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -166,27 +167,103 @@ def test_wrong_shapes_name_every_tensor_and_load_nothing():
     assert_same_state(state(model), before)  # features were not loaded either
 
 
-@pytest.mark.parametrize("edit, culprit, message", [
-    (lambda s: s.__setitem__("features.0.parametrizations.weight.1.mask", torch.ones(8, 3, 3, 2)),
-     "features.0.parametrizations.weight.1.mask", r"shape \(8, 3, 3, 2\) in the checkpoint"),
-    (lambda s: s.__setitem__("features.0.parametrizations.weight.1.mask", torch.full((8, 3, 3, 3), 0.5)),
-     "features.0.weight", r"FixedMask .*expected a mask of 0s and 1s"),
-    (lambda s: s.__setitem__("features.0.parametrizations.weight.0.min", torch.tensor(0.2)),
-     "features.0.weight", r"Clamp .*min > max"),
-    (lambda s: s.__setitem__("features.3.parametrizations.weight.2.mask", torch.ones(8, 8, 3, 3, dtype=torch.bool)),
+def _set(key: str, value):
+    return lambda checkpoint: checkpoint.__setitem__(key, value)
+
+
+MIN, MASK, TEMPERATURE = (
+    "features.0.parametrizations.weight.0.min",
+    "features.0.parametrizations.weight.1.mask",
+    "head.parametrizations.weight.0.temperature",
+)
+BAD_STATE = [
+    (_set(MASK, torch.ones(8, 3, 3, 2)), "features.0.parametrizations.weight.1.mask", r"shape \(8, 3, 3, 2\) in the checkpoint"),
+    (_set(MASK, torch.full((8, 3, 3, 3), 0.5)), "features.0.weight", r"FixedMask .*expected a mask of 0s and 1s"),
+    (_set(MASK, torch.full((8, 3, 3, 3), math.nan)), "features.0.weight", r"FixedMask .*Got 216 other values \(nan"),
+    (_set(MASK, torch.full((8, 3, 3, 3), -1.0)), "features.0.weight", r"FixedMask .*Got 216 other values \(-1"),
+    (_set(MIN, torch.tensor(0.2)), "features.0.weight", r"Clamp .*min > max"),
+    (_set(MIN, torch.tensor(math.inf)), "features.0.weight", r"Clamp .*min is inf, which would make every entry inf"),
+    (_set(MIN, torch.tensor(math.nan)), "features.0.weight", r"Clamp .*min contains NaN"),
+    (_set("features.0.parametrizations.weight.0.max", torch.tensor(-math.inf)), "features.0.weight", r"Clamp .*max is -inf"),
+    (_set(TEMPERATURE, torch.tensor(-1.0)), "head.weight", r"LearnableMask .*expected temperature to be a finite number > 0. Got -1"),
+    (_set(TEMPERATURE, torch.tensor(0.0)), "head.weight", r"LearnableMask .*temperature .*Got 0"),
+    (_set(TEMPERATURE, torch.tensor(math.inf)), "head.weight", r"LearnableMask .*temperature .*Got inf"),
+    (_set("features.3.parametrizations.weight.2.mask", torch.ones(8, 8, 3, 3, dtype=torch.bool)),
      "features.3.weight", r"constraint state \['2.mask', 'original'\], the model's constraints have \['original'\]"),
-])
-def test_constraint_state_that_does_not_fit_is_refused_before_loading(edit, culprit, message):
-    source = trained(VALUE_FREE)
-    checkpoint = source.state_dict()
+]
+
+
+def _owner(culprit: str) -> str:
+    """The module that owns the tensor ``culprit`` names (or whose constraint state it is)."""
+    head, found, _ = culprit.partition(".parametrizations")
+    return head if found else culprit.rsplit(".", 1)[0]
+
+
+def _load(model: nn.Module, checkpoint: dict, culprit: str, path: str) -> None:
+    """Load ``checkpoint`` the way ``path`` names: into the whole model (copying or with
+    ``assign=True``) or into the module that owns the culprit tensor."""
+    if path in ("model", "assign"):
+        model.load_state_dict(checkpoint, strict=False, assign=path == "assign")
+        return
+    owner = _owner(culprit) + "."
+    part = {key[len(owner):]: value for key, value in checkpoint.items() if key.startswith(owner)}
+    model.get_submodule(owner[:-1]).load_state_dict(part, strict=False)
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint() -> dict:
+    return trained(VALUE_FREE).state_dict()
+
+
+@pytest.mark.parametrize("path", ["model", "assign", "submodule"])
+@pytest.mark.parametrize("edit, culprit, message", BAD_STATE)
+def test_constraint_state_that_does_not_fit_is_refused_before_loading(edit, culprit, message, path, trained_checkpoint):
+    checkpoint = dict(trained_checkpoint)
     edit(checkpoint)
     model = net(1)
     constrain(model, VALUE_FREE)
     before = state(model)
     with pytest.raises(CheckpointMismatch, match=message) as error:
-        model.load_state_dict(checkpoint, strict=False)
-    assert error.value.problems[0].startswith(culprit)
+        _load(model, checkpoint, culprit, path)
+    expected = culprit if path != "submodule" else culprit[len(_owner(culprit)) + 1:]
+    assert error.value.problems[0].startswith(expected)
     assert_same_state(state(model), before)
+
+
+def test_constraint_state_loaded_into_a_constraint_or_its_parametrization_list_is_checked():
+    model = net(1)
+    constrain(model, VALUE_FREE)
+    before = state(model)
+    chain = model.features[0].parametrizations.weight
+    with pytest.raises(CheckpointMismatch, match=r"^load_state_dict: .* Nothing was loaded.\n  Clamp: min > max"):
+        chain[0].load_state_dict({"min": torch.tensor(1.0), "max": torch.tensor(0.0)})
+    with pytest.raises(CheckpointMismatch, match=r"  1: FixedMask: expected a mask of 0s and 1s"):
+        chain.load_state_dict({**chain.state_dict(), "1.mask": torch.full((8, 3, 3, 3), 2.0)})
+    wrapper = nn.ModuleList([model.head])  # not constrained itself: the head checks what it gets
+    with pytest.raises(CheckpointMismatch, match=r"  0.weight: LearnableMask \(0.parametrizations.weight.0\)"):
+        wrapper.load_state_dict({"0.parametrizations.weight.0.temperature": torch.tensor(-1.0)}, strict=False)
+    assert_same_state(state(model), before)
+
+
+def test_assign_stores_constraint_state_in_the_constraints_dtypes():
+    source = trained(VALUE_FREE)
+    checkpoint = source.state_dict()
+    checkpoint[MASK] = checkpoint[MASK].float()  # a 0/1 mask saved as floats
+    checkpoint[MIN] = checkpoint[MIN].double()
+    copied, assigned = net(1), net(1)
+    for model in (copied, assigned):
+        constrain(model, VALUE_FREE)
+    copied.load_state_dict(checkpoint)
+    assigned.load_state_dict(checkpoint, assign=True)
+    assert assigned.features[0].parametrizations.weight[1].mask.dtype == torch.bool
+    assert assigned.features[0].parametrizations.weight[0].min.dtype == torch.float32
+    assert_same_state(state(assigned), state(copied))
+    assert [str(row) for row in check(assigned)] == [str(row) for row in check(copied)]
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        assert torch.equal(assigned(x), copied(x))
+    bake(assigned), bake(copied)
+    assert_same_state(state(assigned), state(copied))
 
 
 def test_constrained_checkpoint_into_a_model_without_those_constraints_is_refused():

@@ -127,18 +127,50 @@ def test_learnable_mask_penalty_is_mean_gate_times_strength():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, error, message",
     [
-        ({"per": "row"}, "per='element' or 'channel'. Got 'row'"),
-        ({"init": 1.0}, r"init in \(0, 1\)"),
-        ({"threshold": 0.0}, r"threshold in \(0, 1\)"),
-        ({"temperature": 0}, "temperature > 0"),
-        ({"strength": -1}, "strength >= 0"),
+        ({"per": "row"}, ValueError, "LearnableMask: unknown per 'row'. Expected one of 'element', 'channel'"),
+        ({"per": 0}, TypeError, "LearnableMask: expected per to be one of 'element', 'channel'. Got int"),
+        ({"init": 1.0}, ValueError, r"expected init to be a finite number in \(0, 1\). Got 1.0"),
+        ({"init": math.nan}, ValueError, r"init to be a finite number in \(0, 1\). Got nan"),
+        ({"init": "0.5"}, TypeError, "LearnableMask: expected init to be a number. Got str: '0.5'"),
+        ({"threshold": 0.0}, ValueError, r"threshold to be a finite number in \(0, 1\)"),
+        ({"threshold": None}, TypeError, "expected threshold to be a number. Got NoneType"),
+        ({"temperature": 0}, ValueError, "temperature to be a finite number > 0. Got 0.0"),
+        ({"temperature": math.inf}, ValueError, "temperature to be a finite number > 0. Got inf"),
+        ({"temperature": math.nan}, ValueError, "temperature to be a finite number > 0. Got nan"),
+        ({"temperature": 1e39}, ValueError, "finite number > 0 in torch.float32 .*Got 1e[+]39, which is inf there"),
+        ({"temperature": 1e-50}, ValueError, "finite number > 0 in torch.float32 .*Got 1e-50, which is 0 there"),
+        ({"temperature": "1"}, TypeError, "expected temperature to be a number. Got str"),
+        ({"strength": -1}, ValueError, "strength to be a finite number >= 0. Got -1.0"),
+        ({"strength": math.inf}, ValueError, "strength to be a finite number >= 0. Got inf"),
+        ({"dim": "0"}, TypeError, "LearnableMask: expected dim to be an integer. Got str: '0'"),
+        ({"hard": "yes"}, TypeError, "LearnableMask: expected hard to be True or False. Got str"),
     ],
 )
-def test_learnable_mask_refuses_bad_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_learnable_mask_refuses_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
         LearnableMask(**kwargs)
+
+
+@pytest.mark.parametrize("odd", [0.5, 2.0, -1.0, math.nan, math.inf])
+def test_a_mask_tensor_of_other_values_than_0_and_1_is_refused(odd):
+    mask = torch.ones(3, 4)
+    mask[1, 2] = odd
+    with pytest.raises(ValueError, match=rf"FixedMask: expected a mask of 0s and 1s \(or bools\). Got 1 other values \({odd:g}\)"):
+        FixedMask(mask)
+
+
+def test_a_mask_that_masks_everything_warns():
+    with pytest.warns(UserWarning, match="0.weight: the FixedMask masks all 6 entries; the tensor is all zeros"):
+        constrain(nn.Sequential(nn.Linear(3, 2)), {"0.weight": FixedMask(torch.zeros(2, 3))})
+
+
+@pytest.mark.parametrize("mask", [torch.tensor([[1, 0], [0, 1]]), torch.tensor([[1.0, 0.0], [-0.0, 1.0]]), torch.eye(2, dtype=torch.bool)])
+def test_masks_of_0s_and_1s_of_any_dtype_are_bool_masks(mask):
+    layer = nn.Linear(2, 2)
+    constrain(layer, {"weight": FixedMask(mask)})
+    assert torch.equal(layer.parametrizations.weight[0].mask, torch.eye(2, dtype=torch.bool))
 
 
 def test_check_passes_for_every_constraint_kind():

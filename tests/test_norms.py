@@ -65,7 +65,8 @@ def test_unit_norm_refuses_masks_that_empty_a_channel_or_come_after_it():
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: MaxNorm(0), "max_value > 0. Got 0"),
+        (lambda: MaxNorm(0), "max_value to be a number > 0. Got 0.0"),
+        (lambda: MaxNorm("1"), "MaxNorm: expected max_value to be a number. Got str"),
         (lambda: MaxNorm(1.0, dim="0"), "expected dim to be an int"),
         (lambda: FakeQuant(bits=1), "bits to be an integer from 2 to 16. Got 1"),
         (lambda: FakeQuant(bits=8.0), "bits to be an integer"),

@@ -95,3 +95,65 @@ def test_affine_grid_with_a_rounding_tie_passes_check():
     values = set(layer.weight.flatten().tolist())
     scale = 20 / 15
     assert all(abs(v / scale - round(v / scale)) < 1e-4 for v in values)
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: FakeQuant(bits=1), ValueError, "FakeQuant: expected bits to be an integer from 2 to 16. Got 1"),
+        (lambda: FakeQuant(bits=17), ValueError, "bits to be an integer from 2 to 16. Got 17"),
+        (lambda: FakeQuant(bits="8"), TypeError, "FakeQuant: expected bits to be an integer. Got str: '8'"),
+        (lambda: FakeQuant(bits=8.0), TypeError, "expected bits to be an integer. Got float"),
+        (lambda: FakeQuant(per_channel="yes"), TypeError, "FakeQuant: expected per_channel to be True or False. Got str"),
+        (lambda: FakeQuant(symmetric=None), TypeError, "FakeQuant: expected symmetric to be True or False. Got NoneType"),
+        (lambda: FakeQuant(dim="0"), TypeError, "FakeQuant: expected dim to be an integer. Got str: '0'"),
+    ],
+)
+def test_fake_quant_refuses_bad_arguments(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def _peer(x, scale, zero_point, qmin, qmax, per_channel):
+    if per_channel:
+        return torch.fake_quantize_per_channel_affine(x, scale.flatten(), zero_point.flatten().int(), 0, qmin, qmax)
+    return torch.fake_quantize_per_tensor_affine(x, scale.item(), int(zero_point.item()), qmin, qmax)
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_wide_grids_round_to_the_nearest_level_as_torch_fake_quantize_does(bits, per_channel, symmetric):
+    """Every entry lands on the level torch.fake_quantize_per_* gives it, except at ties.
+
+    With the weights near 0 and the range reaching -1, the affine zero point sits near the
+    top of the grid: adding it to ``w / scale`` before rounding would lose the fraction's
+    low bits (float32 keeps 24), and some entries would land a level off. At ties (``w /
+    scale`` within a few float32 steps of a half) the two may differ by design: the affine
+    grid here rounds half up, torch half to even; and torch multiplies by ``1 / scale``
+    where this divides by ``scale``.
+    """
+    generator = torch.Generator().manual_seed(bits)
+    weight = torch.randn(256, 256, generator=generator) * 0.01
+    weight[:, 0] = -1.0
+    layer = nn.Linear(256, 256, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    constrain(layer, {"weight": FakeQuant(bits, per_channel=per_channel, symmetric=symmetric)})
+    quant = layer.parametrizations.weight[0]
+    scale, zero_point, qmin, qmax = quant.grid(weight)
+    if not symmetric:
+        assert zero_point.min() > 0.95 * qmax
+    expected = _peer(weight, scale, zero_point, qmin, qmax, per_channel)
+    steps = weight.double() / scale.double()
+    tie = (steps - steps.floor() - 0.5).abs() <= 4 * torch.finfo(torch.float32).eps * steps.abs().clamp_min(1)
+    with torch.no_grad():
+        effective = layer.weight
+    assert torch.equal(effective[~tie], expected[~tie])
+    assert int(tie.sum()) < 0.002 * tie.numel()
+    level = scale.expand_as(weight)[tie]  # at ties: one of the two nearest levels
+    assert bool(((effective[tie] - weight[tie]).abs() <= 0.5 * level * (1 + 1e-3)).all())
+    assert bool(((effective[tie] - expected[tie]).abs() <= level * (1 + 1e-3)).all())
+    check(layer)
+    bake(layer)
+    assert torch.equal(layer.weight, effective)

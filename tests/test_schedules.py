@@ -102,6 +102,26 @@ def test_temperature_schedule_anneals_and_resumes():
     assert fresh.parametrizations.weight[0].temperature.item() == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize(
+    "settings, error, message",
+    [
+        ({"final_temperature": float("inf")}, ValueError, "final_temperature to be a finite number > 0. Got inf"),
+        ({"final_temperature": float("nan")}, ValueError, "final_temperature to be a finite number > 0. Got nan"),
+        ({"final_temperature": 1e-50}, ValueError, "final_temperature to be a finite number > 0 in float32 .*which is 0 there"),
+        ({"initial_temperature": 1e39}, ValueError, "initial_temperature .* in float32 .*which is inf there"),
+        ({"final_temperature": "0.1"}, TypeError, "TemperatureSchedule: expected final_temperature to be a number. Got str"),
+        ({"steps": 2.0}, TypeError, "TemperatureSchedule: expected steps to be an integer. Got float"),
+        ({"steps": 0}, ValueError, "expected steps to be an integer >= 1. Got 0"),
+    ],
+)
+def test_temperature_schedule_refuses_temperatures_the_masks_cannot_hold(settings, error, message):
+    model = nn.Linear(4, 4)
+    constrain(model, {"weight": LearnableMask()})
+    with pytest.raises(error, match=message):
+        TemperatureSchedule(model, **{"final_temperature": 0.1, "steps": 3, **settings})
+    assert model.parametrizations.weight[0].temperature.item() == 1.0
+
+
 def test_schedules_refuse_bad_settings_and_unconstrained_models():
     model = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="PruningSchedule: no tensor with a FixedMask in the model"):
@@ -113,6 +133,12 @@ def test_schedules_refuse_bad_settings_and_unconstrained_models():
         PruningSchedule(model, final_sparsity=1.5, end=5)
     with pytest.raises(ValueError, match="no tensor with a LearnableMask"):
         TemperatureSchedule(model, final_temperature=0.1, steps=3)
+    with pytest.raises(TypeError, match="PruningSchedule: expected end to be an integer. Got str: '5'"):
+        PruningSchedule(model, final_sparsity=0.5, end="5")
+    with pytest.raises(ValueError, match="PruningSchedule: expected every to be an integer >= 1. Got 0"):
+        PruningSchedule(model, final_sparsity=0.5, end=5, every=0)
+    with pytest.raises(ValueError, match="PruningSchedule: unknown scope 'layer'"):
+        PruningSchedule(model, final_sparsity=0.5, end=5, scope="layer")
     schedule = PruningSchedule(model, final_sparsity=0.5, end=5)
     with pytest.raises(ValueError, match=r"missing keys \['end', 'every'"):
         schedule.load_state_dict({"last_step": 3})

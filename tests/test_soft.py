@@ -1,6 +1,7 @@
 """L1 and L2: penalties on effective weights that leave the forward and state_dict alone."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -83,6 +84,16 @@ def test_soft_registration_is_rolled_back_on_failure(net, monkeypatch):
     assert not hasattr(net.head, "parametrizations")
 
 
-def test_soft_weight_must_be_non_negative():
-    with pytest.raises(ValueError, match="L1: expected weight >= 0. Got -1"):
-        L1(-1)
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: L1(-1), ValueError, "L1: expected weight to be a finite number >= 0. Got -1.0"),
+        (lambda: L2(math.nan), ValueError, "L2: expected weight to be a finite number >= 0. Got nan"),
+        (lambda: L1(math.inf), ValueError, "L1: expected weight to be a finite number >= 0. Got inf"),
+        (lambda: L2("0.1"), TypeError, "L2: expected weight to be a number. Got str: '0.1'"),
+        (lambda: L1(torch.tensor(0.1)), TypeError, "L1: expected weight to be a number. Got Tensor"),
+    ],
+)
+def test_soft_weight_must_be_a_finite_non_negative_number(make, error, message):
+    with pytest.raises(error, match=message):
+        make()

@@ -6,12 +6,16 @@ first parametrization's ``right_inverse`` into the stored original, exactly what
 :func:`torchconstrain.constrain` does to the weight it finds, and the constraints' own state
 (masks, bounds, scores) stays as it is in the model.
 
-The model passed to :func:`torchconstrain.constrain` also gets a ``load_state_dict``
-pre-hook that checks the whole checkpoint before anything is copied: shapes, mask values,
-bounds, constraint state that the model's constraints do not have, and different values
-for names that are one tensor in the model (tied weights). A checkpoint that does not fit
-raises :class:`~torchconstrain.CheckpointMismatch` naming every tensor, and the
-model is left unchanged.
+The model passed to :func:`torchconstrain.constrain`, and every module in it that holds a
+constraint (down to the constraints themselves), also gets a ``load_state_dict`` pre-hook
+that checks the whole checkpoint of the module it is loaded into before anything is
+copied: shapes, mask values, bounds, temperatures, constraint state that the model's
+constraints do not have, and different values for names that are one tensor in the model
+(tied weights). So ``model.load_state_dict``, ``model[0].load_state_dict`` and
+``load_state_dict(..., assign=True)`` check the same things. A checkpoint that does not fit
+raises :class:`~torchconstrain.CheckpointMismatch` naming every tensor, and the model is
+left unchanged. With ``assign=True`` the constraints' state is assigned in the dtypes the
+constraints hold it in (a mask of 0s and 1s becomes a bool mask), as a copying load stores it.
 
 Example:
     >>> import torch
@@ -35,6 +39,9 @@ Example:
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -48,9 +55,22 @@ _INNER = "parametrizations."
 
 
 def watch(model: nn.Module) -> None:
-    r"""Check checkpoints loaded into ``model`` before anything is copied (once per model)."""
-    if not _watched(model):
-        model.register_load_state_dict_pre_hook(_check_checkpoint)
+    r"""Check checkpoints loaded into ``model``, or into any module of it that holds a
+    constraint, before anything is copied (once per module)."""
+    for module in _holders(model):
+        if not _watched(module):
+            module.register_load_state_dict_pre_hook(_check_checkpoint)
+
+
+def _holders(model: nn.Module) -> list[nn.Module]:
+    """``model`` and every module of it with a :class:`Constraint` in its subtree."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    names = {""}
+    for name, module in modules.items():
+        if isinstance(module, Constraint):
+            parts = name.split(".")
+            names.update(".".join(parts[:end]) for end in range(1, len(parts) + 1))
+    return [modules[name] for name in sorted(names, key=len)]
 
 
 def unwatch(model: nn.Module) -> None:
@@ -121,10 +141,13 @@ def _stored_value(plist: nn.Module, value: Tensor) -> Tensor:
 
 
 def _check_checkpoint(root, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-    """``load_state_dict`` pre-hook of a constrained model: check everything, copy nothing.
+    """``load_state_dict`` pre-hook of a module holding constraints: check everything, copy nothing.
 
     Modules are taken under every name, as ``load_state_dict`` visits them: a tied tensor's
     constraint modules are checked under each name the checkpoint uses."""
+    lists = (missing, unexpected, errors)
+    if _checked_already(root, prefix, lists):
+        return
     modules = {_prefix(prefix, name): m for name, m in root.named_modules(remove_duplicate=False)}
     problems = []
     for module_prefix, module in modules.items():
@@ -136,6 +159,35 @@ def _check_checkpoint(root, state_dict, prefix, local_metadata, strict, missing,
         problems += _local_problems(module, state_dict, module_prefix)
     if problems:
         raise CheckpointMismatch(problems, loaded=False)
+    if local_metadata.get("assign_to_params_buffers", False):
+        _assign_in_constraint_dtypes(modules, state_dict)
+    _checked.last = (lists, weakref.WeakValueDictionary(modules))
+
+
+# The modules the last check covered, by prefix, and the lists of the load call that ran
+# it. A load into an outer module visits the inner watched modules after it: their hooks
+# find themselves covered by the same call (``load_state_dict`` makes the lists afresh
+# for every call and passes the same ones to every module) and skip checking again.
+_checked = threading.local()
+
+
+def _checked_already(module: nn.Module, prefix: str, lists: tuple) -> bool:
+    last = getattr(_checked, "last", None)
+    if last is None or any(mine is not theirs for mine, theirs in zip(lists, last[0])):
+        return False
+    return last[1].get(prefix) is module
+
+
+def _assign_in_constraint_dtypes(modules: dict[str, nn.Module], state_dict: dict) -> None:
+    """Convert the constraint state that ``assign=True`` will assign to the dtypes the
+    constraints hold it in (what a copying load stores), keeping the checkpoint's device."""
+    for module_prefix, module in modules.items():
+        if not isinstance(module, Constraint):
+            continue
+        for name, tensor in _local_tensors(module).items():
+            value = state_dict.get(module_prefix + name)
+            if torch.overrides.is_tensor_like(value) and value.dtype != tensor.dtype:
+                state_dict[module_prefix + name] = value.to(tensor.dtype)
 
 
 def _prefix(prefix: str, name: str) -> str:
@@ -205,10 +257,16 @@ def _constraint_keys(module: nn.Module, tensor_name: str) -> set[str]:
     return set(module.parametrizations[tensor_name].state_dict(keep_vars=True))
 
 
-def _local_problems(module: nn.Module, state_dict: dict, prefix: str) -> list[str]:
-    """Shapes of the module's own tensors, and constraint state that breaks its constraint."""
+def _local_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """The module's own parameters and persistent buffers, by name."""
     local = {name: t for name, t in module._parameters.items() if t is not None}
     local.update((n, b) for n, b in module._buffers.items() if b is not None and n not in module._non_persistent_buffers_set)
+    return local
+
+
+def _local_problems(module: nn.Module, state_dict: dict, prefix: str) -> list[str]:
+    """Shapes of the module's own tensors, and constraint state that breaks its constraint."""
+    local = _local_tensors(module)
     problems = []
     for name, tensor in local.items():
         if prefix + name in state_dict:
@@ -218,9 +276,18 @@ def _local_problems(module: nn.Module, state_dict: dict, prefix: str) -> list[st
         loaded = {name: state_dict[prefix + name] for name in local if prefix + name in state_dict}
         problem = module.state_problem(loaded) if loaded else None
         if problem:
-            owner, _, rest = prefix.rpartition(_INNER)
-            problems.append(f"{owner}{rest.split('.')[0]}: {type(module).__name__} ({prefix[:-1]}): {problem}")
+            problems.append(f"{_label(module, prefix)}: {problem}")
     return problems
+
+
+def _label(constraint: Constraint, prefix: str) -> str:
+    """``"0.weight: Clamp (0.parametrizations.weight.0)"``: the tensor a constraint at
+    ``prefix`` constrains and the constraint, as far as the module loaded into shows them."""
+    kind = type(constraint).__name__
+    owner, found, rest = prefix.rpartition(_INNER)
+    if found:
+        return f"{owner}{rest.split('.')[0]}: {kind} ({prefix[:-1]})"
+    return f"{prefix[:-1]}: {kind}" if prefix else kind
 
 
 def _tensor_problem(value, tensor: Tensor) -> str | None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from torchconstrain._tensors import Slot, parameter_slots
+from torchconstrain.constraints.arguments import choice, integer, number
 from torchconstrain.constraints.masks import FixedMask, LearnableMask
 from torchconstrain.constraints.selection import GlobalMagnitude, _check_sparsity, _keep_largest
 from torchconstrain.keys import match
@@ -109,13 +110,12 @@ class PruningSchedule(_Schedule):
         super().__init__()
         self.final_sparsity = _check_sparsity(final_sparsity, "PruningSchedule final_sparsity")
         self.initial_sparsity = _check_sparsity(initial_sparsity, "PruningSchedule initial_sparsity")
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
+        start, end = integer("PruningSchedule", "start", start), integer("PruningSchedule", "end", end)
+        if not 0 <= start < end:
             raise ValueError(f"PruningSchedule: expected integers 0 <= start < end. Got start={start!r}, end={end!r}.")
-        if not (isinstance(every, int) and every >= 1):
-            raise ValueError(f"PruningSchedule: expected every >= 1. Got {every!r}.")
-        if scope not in ("tensor", "global"):
-            raise ValueError(f"PruningSchedule: expected scope 'tensor' or 'global'. Got {scope!r}.")
-        self.start, self.end, self.every, self.scope = start, end, every, scope
+        self.start, self.end = start, end
+        self.every = integer("PruningSchedule", "every", every, low=1)
+        self.scope = choice("PruningSchedule", "scope", scope, ("tensor", "global"))
         self.targets = _targets(model, key, FixedMask, "PruningSchedule")
         self._apply()
 
@@ -138,6 +138,19 @@ class PruningSchedule(_Schedule):
         with torch.no_grad():
             for slot, mask in self.targets:
                 mask.mask.logical_and_(keeps[slot.fqn])
+
+
+def _temperature(name: str, value) -> float:
+    """A temperature the masks' float32 buffers hold as a finite number > 0 (so every one
+    on the way between two of them is too)."""
+    value = number("TemperatureSchedule", name, value, low=0, low_open=True)
+    stored = torch.tensor(value).item()
+    if not (0 < stored < math.inf):
+        raise ValueError(
+            f"TemperatureSchedule: expected {name} to be a finite number > 0 in float32 (the "
+            f"masks' temperature buffers). Got {value!r}, which is {stored:g} there."
+        )
+    return value
 
 
 class TemperatureSchedule(_Schedule):
@@ -169,13 +182,9 @@ class TemperatureSchedule(_Schedule):
     def __init__(self, model: nn.Module, *, final_temperature: float, steps: int,
                  initial_temperature: float = 1.0, key=None) -> None:
         super().__init__()
-        for name, value in (("initial_temperature", initial_temperature), ("final_temperature", final_temperature)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"TemperatureSchedule: expected {name} > 0. Got {value!r}.")
-        if not (isinstance(steps, int) and steps >= 1):
-            raise ValueError(f"TemperatureSchedule: expected steps >= 1. Got {steps!r}.")
-        self.initial_temperature, self.final_temperature = float(initial_temperature), float(final_temperature)
-        self.steps = steps
+        self.initial_temperature = _temperature("initial_temperature", initial_temperature)
+        self.final_temperature = _temperature("final_temperature", final_temperature)
+        self.steps = integer("TemperatureSchedule", "steps", steps, low=1)
         self.targets = _targets(model, key, LearnableMask, "TemperatureSchedule")
         self._apply()
 

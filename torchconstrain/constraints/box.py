@@ -3,10 +3,12 @@ r"""Box constraints: every entry of the effective tensor lies in ``[min, max]``.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
 
+from torchconstrain.constraints.arguments import choice
 from torchconstrain.constraints.base import Constraint, tracing, transformed
 
 __all__ = ["Clamp"]
@@ -123,17 +125,45 @@ class _StraightThroughClampFunc(_ClampFunc):
 
 
 def _as_bound(value, default: float, name: str) -> Tensor:
+    """The bound as a tensor: a float tensor as given, anything else in float64 (exact for
+    every Python float); :meth:`Clamp._bind` rounds it once, to the weight's dtype."""
     if value is None:
         return torch.tensor(default)
-    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
         raise TypeError(
             f"Clamp: expected {name} to be a number, a tensor or None. "
             f"Got {type(value).__name__}."
         )
-    bound = torch.as_tensor(value, dtype=torch.get_default_dtype()).detach().clone()
-    if torch.isnan(bound).any():
-        raise ValueError(f"Clamp: {name} contains NaN.")
+    if isinstance(value, Tensor) and (value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"Clamp: expected {name} to be a real tensor. Got a {value.dtype} tensor.")
+    dtype = value.dtype if isinstance(value, Tensor) and value.is_floating_point() else torch.float64
+    bound = torch.as_tensor(value, dtype=dtype).detach().clone()
+    problem = _bound_problem(bound, name)
+    if problem:
+        raise ValueError(f"Clamp: {problem}")
     return bound
+
+
+def _bound_problem(bound: Tensor, name: str) -> str | None:
+    """Why ``bound`` (``"min"`` or ``"max"``) cannot bound a tensor, or ``None``: NaN, or an
+    infinite bound on the wrong side, which would make every entry infinite."""
+    if bound.is_meta:
+        return None
+    wrong = math.inf if name == "min" else -math.inf
+    if bound.numel() == 1:  # the usual case, in one call
+        value = bound.item()
+        nan, count = math.isnan(value), int(value == wrong)
+    else:
+        nan, count = bool(bound.isnan().any()), int((bound == wrong).sum())
+    if nan:
+        return f"{name} contains NaN."
+    if count:
+        where = f" at {count} entries" if bound.numel() > 1 else ""
+        return (
+            f"{name} is {wrong}{where}, which would make every entry {wrong}. "
+            f"Expected a finite {name}, or None for no bound."
+        )
+    return None
 
 
 class Clamp(Constraint):
@@ -141,9 +171,12 @@ class Clamp(Constraint):
 
     Bounds are numbers (one box for the whole tensor) or tensors. A 1-D bound tensor must
     have the length of the tensor's first dimension and gives one box per output channel;
-    any other bound tensor must have the tensor's number of dimensions and broadcast to it. Bounds live in buffers named ``min``
-    and ``max`` (``None`` is stored as an infinite bound), so ``.to()`` and
-    ``state_dict`` carry them.
+    any other bound tensor must have the tensor's number of dimensions and broadcast to it.
+    Bounds live in buffers named ``min`` and ``max`` (``None`` is stored as an infinite
+    bound), so ``.to()`` and ``state_dict`` carry them. A bound is rounded once, when the
+    constraint is bound to its tensor, to the nearest value of the tensor's dtype (as torch
+    compares a tensor with a Python number): ``Clamp(-0.1, 0.1)`` on a float64 weight is
+    exactly ``[-0.1, 0.1]`` in float64.
 
     A plain clamp has zero gradient outside the box, so a stored weight that ends up
     outside (after loading a checkpoint, or momentum overshooting) would stay stuck.
@@ -164,7 +197,9 @@ class Clamp(Constraint):
         gradient: one of ``"pull_back"``, ``"straight_through"``, ``"clamp"``.
 
     Raises:
-        ValueError: ``min > max`` somewhere, a bound is NaN, or ``gradient`` is unknown.
+        TypeError: a bound is not a number, a real tensor or ``None``; ``gradient`` is not a string.
+        ValueError: ``min > max`` somewhere, a bound is NaN, ``min`` is ``+inf`` or ``max``
+            is ``-inf`` somewhere (every entry would be infinite), or ``gradient`` is unknown.
 
     Example:
         >>> import torch
@@ -180,10 +215,7 @@ class Clamp(Constraint):
 
     def __init__(self, min=None, max=None, *, gradient: str = "pull_back") -> None:
         super().__init__()
-        if gradient not in GRADIENTS:
-            raise ValueError(
-                f"Clamp: unknown gradient {gradient!r}. Expected one of {', '.join(GRADIENTS)}."
-            )
+        choice("Clamp", "gradient", gradient, GRADIENTS)
         lower = _as_bound(min, -math.inf, "min")
         upper = _as_bound(max, math.inf, "max")
         _check_order(lower, upper, where="Clamp")
@@ -194,8 +226,17 @@ class Clamp(Constraint):
     def _bind(self, fqn: str, tensor: Tensor) -> None:
         if not tensor.is_floating_point():
             raise ValueError(f"{fqn}: Clamp needs a floating-point tensor. Got {tensor.dtype}.")
-        self.min = _broadcast_bound(self.min, tensor, fqn, "min").to(tensor.dtype)
-        self.max = _broadcast_bound(self.max, tensor, fqn, "max").to(tensor.dtype)
+        bounds = {}
+        for name in ("min", "max"):
+            given = _broadcast_bound(getattr(self, name), tensor, fqn, name)
+            bounds[name] = given.to(tensor.dtype)  # rounded once, to the nearest value
+            if _bound_problem(bounds[name], name):  # a finite bound beyond the dtype's range
+                raise ValueError(
+                    f"{fqn}: Clamp {name}={_describe(given)} is beyond the range of {tensor.dtype}: it "
+                    f"rounds to {math.inf if name == 'min' else -math.inf} there, which would make every "
+                    f"entry infinite. Expected a {name} within the range of {tensor.dtype}."
+                )
+        self.min, self.max = bounds["min"], bounds["max"]
         _check_order(self.min, self.max, where=f"{fqn}: Clamp")
 
     def forward(self, x: Tensor) -> Tensor:
@@ -237,8 +278,11 @@ class Clamp(Constraint):
 
     def state_problem(self, state: dict) -> str | None:
         lower, upper = state.get("min", self.min), state.get("max", self.max)
-        if lower.isnan().any() or upper.isnan().any():
-            return "a bound is NaN."
+        if lower.is_meta or upper.is_meta:
+            return None
+        problem = _bound_problem(lower, "min") or _bound_problem(upper, "max")
+        if problem:
+            return problem
         crossed = int((lower.to(upper.device) > upper).sum())
         return f"min > max at {crossed} entries." if crossed else None
 
@@ -288,6 +332,7 @@ def _broadcast_bound(bound: Tensor, tensor: Tensor, fqn: str, name: str) -> Tens
 
 
 def _describe(bound: Tensor) -> str:
+    """A bound for messages and ``repr``: an infinite scalar bound reads ``None`` (no bound)."""
     if bound.is_meta:
         return f"tensor{tuple(bound.shape)}"
     if bound.numel() == 1:

@@ -3,11 +3,13 @@ r"""Masks: fixed binary masks and sigmoid-gated learnable masks."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
+from torchconstrain.constraints.arguments import choice, flag, integer, number
 from torchconstrain.constraints.base import Constraint, tracing, transformed
 from torchconstrain.constraints.selection import (
     NM,
@@ -37,11 +39,13 @@ class FixedMask(Constraint):
     :meth:`n_m`.
 
     Args:
-        mask: a tensor of the constrained tensor's shape; nonzero entries are kept.
+        mask: a bool tensor of the constrained tensor's shape (``True`` keeps an entry), or
+            a tensor of 0s and 1s.
 
     Raises:
         TypeError: ``mask`` is not a tensor.
-        ValueError: the mask's shape differs from the tensor's (when applied).
+        ValueError: ``mask`` holds a value other than 0 and 1 (NaN, 0.5, -1, ...), or its
+            shape differs from the tensor's (when applied).
 
     Example:
         >>> import torch
@@ -65,6 +69,9 @@ class FixedMask(Constraint):
             )
         if mask is not None and not isinstance(mask, Tensor):
             raise TypeError(f"FixedMask: expected mask to be a tensor. Got {type(mask).__name__}.")
+        problem = None if mask is None else _mask_problem(mask)
+        if problem:
+            raise ValueError(f"FixedMask: {problem}")
         self.selector = _selector
         self.register_buffer("mask", None if mask is None else mask.detach().ne(0))
 
@@ -124,6 +131,11 @@ class FixedMask(Constraint):
                 f"{fqn}: FixedMask of shape {tuple(self.mask.shape)} does not fit a tensor of "
                 f"shape {tuple(tensor.shape)}."
             )
+        elif self.mask.numel() and not self.mask.is_meta and not self.mask.any():
+            warnings.warn(
+                f"{fqn}: the FixedMask masks all {self.mask.numel()} entries; the tensor is all zeros.",
+                stacklevel=2,
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         if tracing() or transformed():
@@ -139,10 +151,7 @@ class FixedMask(Constraint):
 
     def state_problem(self, state: Mapping[str, Tensor]) -> str | None:
         mask = state.get("mask")
-        if mask is None or mask.dtype == torch.bool:
-            return None
-        odd = int(((mask != 0) & (mask != 1)).sum())
-        return f"expected a mask of 0s and 1s. Got {odd} other values." if odd else None
+        return None if mask is None else _mask_problem(mask)
 
     def forced_zeros(self) -> Tensor:
         return ~self.mask
@@ -158,6 +167,19 @@ class FixedMask(Constraint):
         if self.mask.is_meta:
             return f"shape={tuple(self.mask.shape)}"
         return f"shape={tuple(self.mask.shape)}, sparsity={self.sparsity:.3f}"
+
+
+def _mask_problem(mask: Tensor) -> str | None:
+    """Why ``mask`` is no mask (a value other than 0 and 1), or ``None``."""
+    if mask.dtype == torch.bool or mask.is_meta:
+        return None
+    odd = (mask != 0) & (mask != 1)
+    count = int(odd.sum())
+    if not count:
+        return None
+    shown = list(dict.fromkeys(f"{v:g}" for v in mask[odd].flatten()[:100].tolist()))
+    examples = ", ".join(shown[:3]) + (", ..." if count > 3 else "")
+    return f"expected a mask of 0s and 1s (or bools). Got {count} other values ({examples})."
 
 
 class _MaskProduct(torch.autograd.Function):
@@ -239,6 +261,17 @@ def _mask_bytes_vmap(info, in_dims, mask):
     return torch.ops.torchconstrain.mask_bytes.default(mask), in_dims[0]
 
 
+def _temperature_problem(temperature: Tensor) -> str | None:
+    """Why ``temperature`` (as its buffer holds it) would make NaN or infinite gates, or ``None``."""
+    if temperature.is_meta:
+        return None
+    value = temperature.item() if temperature.numel() == 1 else None
+    if value is not None and math.isfinite(value) and value > 0:
+        return None
+    shown = f"{value:g}" if value is not None else f"a tensor of shape {tuple(temperature.shape)}"
+    return f"expected temperature to be a finite number > 0. Got {shown}."
+
+
 class LearnableMask(Constraint):
     r"""Multiply the tensor by a learnable gate ``sigmoid(scores / temperature)``.
 
@@ -292,18 +325,21 @@ class LearnableMask(Constraint):
         strength: float = 1e-3,
     ) -> None:
         super().__init__()
-        if per not in ("element", "channel"):
-            raise ValueError(f"LearnableMask: expected per='element' or 'channel'. Got {per!r}.")
-        for name, value in (("init", init), ("threshold", threshold)):
-            if not 0.0 < value < 1.0:
-                raise ValueError(f"LearnableMask: expected {name} in (0, 1). Got {value}.")
-        if not temperature > 0:
-            raise ValueError(f"LearnableMask: expected temperature > 0. Got {temperature}.")
-        if not strength >= 0:
-            raise ValueError(f"LearnableMask: expected strength >= 0. Got {strength}.")
-        self.per, self.dim, self.hard = per, dim, hard
-        self.init, self.threshold, self.strength = init, threshold, strength
-        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        where = "LearnableMask"
+        self.per = choice(where, "per", per, ("element", "channel"))
+        self.dim = integer(where, "dim", dim)
+        self.hard = flag(where, "hard", hard)
+        self.init = number(where, "init", init, low=0, high=1, low_open=True, high_open=True)
+        self.threshold = number(where, "threshold", threshold, low=0, high=1, low_open=True, high_open=True)
+        self.strength = number(where, "strength", strength, low=0)
+        temperature = number(where, "temperature", temperature, low=0, low_open=True)
+        stored = torch.tensor(temperature)
+        if _temperature_problem(stored):
+            raise ValueError(
+                f"{where}: expected temperature to be a finite number > 0 in {stored.dtype} (its "
+                f"buffer's dtype). Got {temperature!r}, which is {stored.item():g} there."
+            )
+        self.register_buffer("temperature", stored)
         self.register_parameter("scores", None)
 
     def _bind(self, fqn: str, tensor: Tensor) -> None:
@@ -342,6 +378,10 @@ class LearnableMask(Constraint):
     def penalty(self) -> Tensor:
         gate = self.gate()
         return self.strength * (gate.mean() if gate.numel() else gate.sum())  # no gates: 0, not NaN
+
+    def state_problem(self, state: Mapping[str, Tensor]) -> str | None:
+        temperature = state.get("temperature")
+        return None if temperature is None else _temperature_problem(temperature)
 
     def forced_zeros(self) -> Tensor:
         return torch.ones((), dtype=torch.bool, device=self.scores.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torchconstrain.constraints.arguments import integer, number
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.constraints.box import Clamp
 
@@ -44,9 +45,7 @@ class _ChannelNorm(Constraint):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int):
-            raise TypeError(f"{type(self).__name__}: expected dim to be an int. Got {dim!r}.")
-        self.dim = dim
+        self.dim = integer(type(self).__name__, "dim", dim)
 
     def _bind(self, fqn: str, tensor: Tensor) -> None:
         if not tensor.is_floating_point():
@@ -89,9 +88,7 @@ class MaxNorm(_ChannelNorm):
 
     def __init__(self, max_value: float, *, dim: int = 0) -> None:
         super().__init__(dim)
-        if isinstance(max_value, bool) or not isinstance(max_value, (int, float)) or not max_value > 0:
-            raise ValueError(f"MaxNorm: expected max_value > 0. Got {max_value!r}.")
-        self.max_value = float(max_value)
+        self.max_value = number("MaxNorm", "max_value", max_value, low=0, low_open=True, finite=False)
 
     def forward(self, x: Tensor) -> Tensor:
         norms = self.norms(x)

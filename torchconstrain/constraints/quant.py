@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torchconstrain.constraints.arguments import flag, integer
 from torchconstrain.constraints.base import Constraint
 
 __all__ = ["FakeQuant"]
@@ -27,8 +28,15 @@ class FakeQuant(Constraint):
     straight through the rounding (quantization-aware training), and :func:`torchconstrain.bake`
     leaves every weight exactly on its grid. :func:`torchconstrain.check` quantizes each
     slice of the effective tensor again on the grid of its own range and accepts it when no
-    entry moves by more than 1e-3 of a step; for the affine grid it also accepts a range of
-    ``2**bits - 2`` steps (a rounding tie can leave one end a level short).
+    entry moves by more than 1e-3 of a step plus 8 float steps of the entry (at 16 bits,
+    float32 holds the grid's top levels only to about 1/128 of a step); for the affine grid
+    it also accepts a range of ``2**bits - 2`` steps (a rounding tie can leave one end a
+    level short).
+
+    Rounding is to the nearest level: half to even on the symmetric grid, half up on the
+    affine one. :func:`torch.fake_quantize_per_tensor_affine` and ``_per_channel_affine``
+    give the same levels on float32 weights, with the same scale and zero point, except
+    at ties (they round half to even, and multiply by ``1 / scale`` where this divides).
 
     Args:
         bits: integer width, 2 to 16.
@@ -51,9 +59,10 @@ class FakeQuant(Constraint):
 
     def __init__(self, bits: int = 8, *, per_channel: bool = True, symmetric: bool = True, dim: int = 0) -> None:
         super().__init__()
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
-            raise ValueError(f"FakeQuant: expected bits to be an integer from 2 to 16. Got {bits!r}.")
-        self.bits, self.per_channel, self.symmetric, self.dim = bits, per_channel, symmetric, dim
+        self.bits = integer("FakeQuant", "bits", bits, low=2, high=16)
+        self.per_channel = flag("FakeQuant", "per_channel", per_channel)
+        self.symmetric = flag("FakeQuant", "symmetric", symmetric)
+        self.dim = integer("FakeQuant", "dim", dim)
 
     def _bind(self, fqn: str, tensor: Tensor) -> None:
         if not tensor.is_floating_point():
@@ -81,9 +90,7 @@ class FakeQuant(Constraint):
     def quantize(self, x: Tensor) -> Tensor:
         r"""Return ``x`` rounded onto its grid (no gradient)."""
         scale, zero_point, qmin, qmax = self.grid(x)
-        q = torch.div(x.detach(), scale).add_(zero_point)  # in place from here: one temporary
-        q = (q.round_() if self.symmetric else q.add_(0.5).floor_()).clamp_min_(qmin).clamp_max_(qmax)
-        return q.sub_(zero_point).mul_(scale)
+        return _levels(x.detach(), scale, zero_point, qmin, qmax, symmetric=self.symmetric).mul_(scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.quantize(x).sub_(x.detach())
@@ -105,9 +112,11 @@ class FakeQuant(Constraint):
             scale = _positive(scale * qmax / levels)
             low = _extreme(value.detach(), self._dims(value), torch.amin).clamp_max(0)
             zero_point = torch.ceil(-low / scale - 0.5)
-        steps = value / scale + zero_point
-        q = (torch.round(steps) if self.symmetric else torch.floor(steps + 0.5)).clamp(qmin, qmax)
-        moved = ((q - zero_point) * scale - value).abs() / scale > 1e-3
+        steps = _levels(value.detach(), scale, zero_point, qmin, qmax, symmetric=self.symmetric)
+        # float32 holds the top levels of a 16-bit grid only to about 1/128 of a step, and a
+        # grid recomputed from quantized values has a scale a few float steps off its own
+        tolerance = 1e-3 * scale + 8 * torch.finfo(value.dtype).eps * value.detach().abs()
+        moved = (steps * scale - value).abs() > tolerance
         return _extreme(moved, self._dims(value), torch.amax).expand_as(value)
 
     def _dims(self, x: Tensor) -> list[int]:
@@ -124,6 +133,18 @@ def _extreme(x: Tensor, dims: list[int], reduce) -> Tensor:
     if x.numel() == 0:
         return x.new_zeros([1 if d in dims else size for d, size in enumerate(x.shape)])
     return reduce(x, dim=dims, keepdim=True)
+
+
+def _levels(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, *, symmetric: bool) -> Tensor:
+    """``q - zero_point`` for every entry of ``x``, in ``x``'s dtype: ``x / scale`` rounded
+    (half to even on the symmetric grid, half up on the affine one) and clamped to the
+    grid's range. The integer zero point is never added to the fraction before rounding:
+    at 12 or 16 bits that sum would lose the fraction's low bits and land some entries a
+    level off the nearest."""
+    q = torch.div(x, scale)  # in place from here: one temporary
+    if symmetric:
+        return q.round_().clamp_min_(qmin).clamp_max_(qmax)
+    return q.add_(0.5).floor_().clamp_(qmin - zero_point, qmax - zero_point)
 
 
 def _positive(scale: Tensor) -> Tensor:

@@ -7,17 +7,20 @@ constructors; users rarely touch them directly.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
+from torchconstrain.constraints.arguments import integer, number
+
 __all__ = ["Magnitude", "GlobalMagnitude", "RandomSelection", "Structured", "NM"]
 
 
 def _check_sparsity(sparsity: float, where: str) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise TypeError(f"{where}: expected sparsity to be a number. Got {type(sparsity).__name__}.")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"{where}: expected sparsity in [0, 1). Got {sparsity}.")
@@ -51,7 +54,12 @@ def _warn_if_degenerate(fqn: str, sparsity: float, keep: Tensor, unit: str) -> N
 
 
 class Magnitude:
-    """Keep the entries of largest absolute value, by share (``sparsity``) or ``threshold``."""
+    """Keep the entries of largest absolute value, by share (``sparsity``) or ``threshold``.
+
+    A threshold that masks every entry of a tensor is refused when the mask is chosen
+    (the tensor would be all zeros, its output constant); one that masks none warns, as
+    a share that prunes nothing does.
+    """
 
     reads_values = True  # whether select() reads the tensor's values (not only its shape)
 
@@ -63,17 +71,29 @@ class Magnitude:
             )
         if sparsity is not None:
             sparsity = _check_sparsity(sparsity, "FixedMask.magnitude")
-        elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
-            raise ValueError(
-                f"FixedMask.magnitude: expected threshold to be a number >= 0. Got {threshold!r}."
-            )
+        else:
+            threshold = number("FixedMask.magnitude", "threshold", threshold, low=0)
         self.sparsity, self.threshold = sparsity, threshold
 
     def select(self, fqn: str, tensor: Tensor) -> Tensor:
-        if self.threshold is not None:
-            return tensor.abs() > self.threshold
-        keep = _keep_largest(tensor.abs(), self.sparsity)
-        _warn_if_degenerate(fqn, self.sparsity, keep, "entry")
+        if self.threshold is None:
+            keep = _keep_largest(tensor.abs(), self.sparsity)
+            _warn_if_degenerate(fqn, self.sparsity, keep, "entry")
+            return keep
+        magnitudes = tensor.abs()
+        keep = magnitudes > self.threshold
+        if tensor.numel() and not keep.any():
+            raise ValueError(
+                f"{fqn}: FixedMask.magnitude(threshold={self.threshold:g}) masks all {tensor.numel()} "
+                f"entries (the largest |w| is {magnitudes.max().item():.6g}): the tensor would be all "
+                "zeros. Expected a threshold below the largest |w|, or use sparsity=."
+            )
+        if self.threshold > 0 and tensor.numel() and keep.all():
+            warnings.warn(
+                f"{fqn}: threshold {self.threshold:g} masks no entry of {tensor.numel()} (the smallest "
+                f"|w| is {magnitudes.min().item():.6g}); the mask keeps everything.",
+                stacklevel=4,
+            )
         return keep
 
     def __repr__(self) -> str:
@@ -94,7 +114,9 @@ class GlobalMagnitude:
         return self.select_all({fqn: tensor})[fqn]
 
     def select_all(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        scores = torch.cat([t.detach().abs().flatten().float().cpu() for t in tensors.values()])
+        # Ranked in the tensors' own (promoted) dtype: a float32 copy would tie float64
+        # magnitudes that differ past float32's precision.
+        scores = torch.cat([t.detach().abs().flatten().cpu() for t in tensors.values()])
         keep = _keep_largest(scores, self.sparsity)
         masks, start = {}, 0
         for fqn, tensor in tensors.items():
@@ -118,6 +140,8 @@ class RandomSelection:
 
     def __init__(self, *, sparsity: float, seed: int | None = None) -> None:
         self.sparsity = _check_sparsity(sparsity, "FixedMask.random")
+        if seed is not None:
+            seed = integer("FixedMask.random", "seed", seed, low=-(2**63), high=2**64 - 1)
         self.seed = seed
 
     def select(self, fqn: str, tensor: Tensor) -> Tensor:
@@ -138,9 +162,8 @@ class Structured:
 
     def __init__(self, *, sparsity: float, dim: int = 0, p: float = 2) -> None:
         self.sparsity = _check_sparsity(sparsity, "FixedMask.structured")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or p <= 0:
-            raise ValueError(f"FixedMask.structured: expected p > 0. Got {p!r}.")
-        self.dim, self.p = dim, p
+        self.dim = integer("FixedMask.structured", "dim", dim)
+        self.p = number("FixedMask.structured", "p", p, low=0, low_open=True, finite=False)
 
     def select(self, fqn: str, tensor: Tensor) -> Tensor:
         if not -tensor.dim() <= self.dim < tensor.dim():
@@ -150,7 +173,11 @@ class Structured:
             )
         dim = self.dim % tensor.dim()
         others = [d for d in range(tensor.dim()) if d != dim]
-        norms = torch.linalg.vector_norm(tensor.float(), ord=self.p, dim=others) if others else tensor.abs()
+        if others:  # in float32 at least (half sums overflow), float64 stays float64
+            dtype = torch.promote_types(tensor.dtype, torch.float32)
+            norms = torch.linalg.vector_norm(tensor, ord=self.p, dim=others, dtype=dtype)
+        else:
+            norms = tensor.abs()
         keep_slices = _keep_largest(norms, self.sparsity)
         _warn_if_degenerate(fqn, self.sparsity, keep_slices, f"slice along dim {dim}")
         shape = [1] * tensor.dim()
@@ -167,9 +194,10 @@ class NM:
     reads_values = True  # whether select() reads the tensor's values (not only its shape)
 
     def __init__(self, n: int, m: int, *, dim: int = 1) -> None:
-        if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n <= m:
+        n, m = integer("FixedMask.n_m", "n", n), integer("FixedMask.n_m", "m", m)
+        if not 0 < n <= m:
             raise ValueError(f"FixedMask.n_m: expected integers 0 < n <= m. Got n={n!r}, m={m!r}.")
-        self.n, self.m, self.dim = n, m, dim
+        self.n, self.m, self.dim = n, m, integer("FixedMask.n_m", "dim", dim)
 
     def select(self, fqn: str, tensor: Tensor) -> Tensor:
         if not -tensor.dim() <= self.dim < tensor.dim():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from torchconstrain.constraints.arguments import number
 from torchconstrain.constraints.base import Constraint
 
 __all__ = ["SoftConstraint", "L1", "L2"]
@@ -22,9 +23,7 @@ class SoftConstraint(Constraint):
 
     def __init__(self, weight: float) -> None:
         super().__init__()
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-            raise ValueError(f"{type(self).__name__}: expected weight >= 0. Got {weight!r}.")
-        self.weight = float(weight)
+        self.weight = number(type(self).__name__, "weight", weight, low=0)
 
     def forward(self, x: Tensor) -> Tensor:
         return x
