@@ -9,6 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from torchconstrain.constraints.base import Constraint, tracing, transformed
+from torchconstrain.constraints.stacking import (
+    KEEPS_SIGNS,
+    MOVES_TO_ZERO,
+    Stacking,
+    declare,
+    keeps_nonzero_slices,
+    scales_slices,
+)
 from torchconstrain.constraints.selection import (
     NM,
     GlobalMagnitude,
@@ -141,8 +149,10 @@ class FixedMask(Constraint):
         odd = int(((mask != 0) & (mask != 1)).sum())
         return f"expected a mask of 0s and 1s. Got {odd} other values." if odd else None
 
-    def forced_zeros(self) -> Tensor:
-        return ~self.mask
+    def stacking(self) -> Stacking:
+        does = [MOVES_TO_ZERO, KEEPS_SIGNS]
+        does += [keeps_nonzero_slices(d) for d in range(self.mask.dim()) if _keeps_every_slice(self.mask, d)]
+        return declare(does, "zeros at every masked entry", kept_by=[KEEPS_SIGNS])
 
     @property
     def sparsity(self) -> float:
@@ -153,6 +163,13 @@ class FixedMask(Constraint):
         if self.mask is None:
             return repr(self.selector)
         return f"shape={tuple(self.mask.shape)}, sparsity={self.sparsity:.3f}"
+
+
+def _keeps_every_slice(mask: Tensor, dim: int) -> bool:
+    """Whether every slice of ``mask`` along ``dim`` keeps at least one entry."""
+    if mask.numel() == 0:
+        return True
+    return bool(mask.movedim(dim, 0).reshape(mask.shape[dim], -1).any(dim=1).all())
 
 
 class _MaskProduct(torch.autograd.Function):
@@ -337,8 +354,10 @@ class LearnableMask(Constraint):
     def penalty(self) -> Tensor:
         return self.strength * self.gate().mean()
 
-    def forced_zeros(self) -> Tensor:
-        return torch.ones((), dtype=torch.bool, device=self.scores.device)
+    def stacking(self) -> Stacking:
+        # Gates can close (hard) or underflow to 0 (soft): a whole slice can become zero.
+        does = [MOVES_TO_ZERO, KEEPS_SIGNS] + ([scales_slices(self.dim)] if self.per == "channel" else [])
+        return declare(does, "zeros where its gates are closed", kept_by=[KEEPS_SIGNS])
 
     @property
     def sparsity(self) -> float:

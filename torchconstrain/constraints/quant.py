@@ -6,6 +6,14 @@ import torch
 from torch import Tensor
 
 from torchconstrain.constraints.base import Constraint
+from torchconstrain.constraints.stacking import (
+    KEEPS_SIGNS,
+    WITHIN_LARGEST,
+    Stacking,
+    declare,
+    keeps_nonzero_slices,
+    scales_slices,
+)
 
 __all__ = ["FakeQuant"]
 
@@ -25,7 +33,9 @@ class FakeQuant(Constraint):
     With ``per_channel=True`` each slice along ``dim`` (each output channel) has its own
     scale. Zeros map to exactly zero, so masked entries stay zero. The gradient passes
     straight through the rounding (quantization-aware training), and :func:`torchconstrain.bake`
-    leaves every weight exactly on its grid. :func:`torchconstrain.check` quantizes each
+    leaves every weight exactly on its grid. On the symmetric grid no entry's magnitude
+    exceeds ``max|w|`` (``qmax * scale`` can round an ulp above it: that end is clamped),
+    so a box ``[-a, a]`` before ``FakeQuant`` still holds after it. :func:`torchconstrain.check` quantizes each
     slice of the effective tensor again on the grid of its own range and accepts it when no
     entry moves by more than 1e-3 of a step; for the affine grid it also accepts a range of
     ``2**bits - 2`` steps (a rounding tie can leave one end a level short).
@@ -83,7 +93,13 @@ class FakeQuant(Constraint):
         scale, zero_point, qmin, qmax = self.grid(x)
         q = torch.div(x.detach(), scale).add_(zero_point)  # in place from here: one temporary
         q = (q.round_() if self.symmetric else q.add_(0.5).floor_()).clamp_min_(qmin).clamp_max_(qmax)
-        return q.sub_(zero_point).mul_(scale)
+        q = q.sub_(zero_point).mul_(scale)
+        if not self.symmetric:
+            return q
+        # qmax * scale can round one ulp above the largest magnitude: the ends stay on it, so
+        # a box [-a, a] before FakeQuant still holds after it.
+        largest = x.detach().abs().amax(dim=self._dims(x), keepdim=True)
+        return torch.clamp(q, -largest, largest)  # (clamp_ with tensor bounds has no vmap rule)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.quantize(x).sub_(x.detach())
@@ -108,6 +124,16 @@ class FakeQuant(Constraint):
         q = (torch.round(steps) if self.symmetric else torch.floor(steps + 0.5)).clamp(qmin, qmax)
         moved = ((q - zero_point) * scale - value).abs() / scale > 1e-3
         return moved.amax(dim=self._dims(value), keepdim=True).expand_as(value)
+
+    def stacking(self) -> Stacking:
+        # The grid is each slice's own: scaling a slice by one factor scales its grid; moving
+        # single entries (a clamp, a mask, rounding again) moves the grid's ends.
+        does = [KEEPS_SIGNS] + ([WITHIN_LARGEST] if self.symmetric else [])
+        promise = f"every entry on its {self.bits}-bit grid"
+        if not self.per_channel:
+            return declare(does, promise)
+        does.append(keeps_nonzero_slices(self.dim))  # a slice's largest entry stays nonzero
+        return declare(does, promise, kept_by=[scales_slices(self.dim)])
 
     def _dims(self, x: Tensor) -> list[int]:
         return [d for d in range(x.dim()) if not (self.per_channel and d == self.dim % x.dim())]
