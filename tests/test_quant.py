@@ -95,3 +95,20 @@ def test_affine_grid_with_a_rounding_tie_passes_check():
     values = set(layer.weight.flatten().tolist())
     scale = 20 / 15
     assert all(abs(v / scale - round(v / scale)) < 1e-4 for v in values)
+
+
+def test_symmetric_grid_ends_stay_within_the_largest_magnitude():
+    # 0.1 / 3 * 3 rounds above 0.1 in float32: torch's fake quantization lands there.
+    torch.manual_seed(0)
+    w = torch.rand(64, 8) * 0.2 - 0.1
+    w[:, 0] = torch.where(torch.rand(64) < 0.5, 0.1, -0.1)
+    quant = FakeQuant(3)
+    ours = quant.bake(w)
+    largest = w.abs().amax(dim=1, keepdim=True)
+    scale = largest.flatten() / 3
+    theirs = torch.fake_quantize_per_channel_affine(w, scale, torch.zeros(64, dtype=torch.int32), 0, -3, 3)
+    beyond = theirs.abs() > largest
+    assert beyond.any()  # the peer's ends overshoot, by an ulp
+    assert torch.equal(ours[~beyond], theirs[~beyond])
+    assert torch.equal(ours[beyond], torch.sign(w[beyond]) * largest.expand_as(w)[beyond])
+    assert bool((ours.abs() <= 0.1).all()) and quant.violation(ours) is None

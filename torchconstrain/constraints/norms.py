@@ -94,11 +94,12 @@ class _ChannelNorm(Constraint):
         return norms, exact
 
     def _scaled(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(largest, scaled, norms)``: each slice's largest magnitude (0 for a zero slice),
-        the slices divided by it, and their norms (from 1 to the square root of the slice's
-        size, or 0)."""
+        """``(largest, scaled, norms)``: each slice's largest magnitude (1 for a zero slice; it
+        may be subnormal), the slices divided by it, and their norms (from 1 to the square
+        root of the slice's size, or 0 for a zero slice)."""
         largest = x.abs().amax(dim=self._others(x), keepdim=True)
-        scaled = x / largest.clamp_min(torch.finfo(x.dtype).tiny)
+        largest = torch.where(largest > 0, largest, torch.ones_like(largest))
+        scaled = x / largest
         return largest, scaled, torch.linalg.vector_norm(scaled, dim=self._others(x), keepdim=True)
 
     def norms(self, x: Tensor) -> Tensor:
@@ -146,7 +147,7 @@ class MaxNorm(_ChannelNorm):
         scale = self.max_value / norms.clamp_min(torch.finfo(x.dtype).tiny)
         if exact is not None:
             largest, _, scaled_norms = self._scaled(x)
-            safe = self.max_value / largest.clamp_min(torch.finfo(x.dtype).tiny) / scaled_norms.clamp_min(1.0)
+            safe = self.max_value / largest / scaled_norms.clamp_min(1.0)
             scale = torch.where(exact, scale, safe)
         return x * scale.clamp_max(1.0)
 
