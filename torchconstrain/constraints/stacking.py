@@ -4,9 +4,9 @@ A stack ``[c1, c2, ...]`` computes ``c2(c1(w))``: the last constraint's output i
 effective tensor, and every constraint must still hold on it. Each constraint declares
 (:meth:`Constraint.stacking`) a :class:`Stacking`:
 
-- ``does``: facts about its map, from a small vocabulary (:data:`MOVES_TO_ZERO`, :func:`scales_slices`, ...):
-  what it does to any input, such as "moves every entry towards zero" or "scales each
-  slice along dim 0 by one factor";
+- ``does``: facts about its map, from a small vocabulary (:data:`MOVES_TO_ZERO`,
+  :func:`scales_slices`, ...): what it does to any input, such as "moves every entry
+  towards zero" or "scales each slice along dim 0 by one factor";
 - ``promise``: what its own output always satisfies, in words, and ``kept_by``: the facts
   of which any one, in a constraint after it, keeps that promise;
 - ``needs``: facts every constraint before it must have for it to keep its promise (a
@@ -30,7 +30,7 @@ __all__ = ["Fact", "Stacking", "conflict", "declare"]
 @dataclass(frozen=True)
 class Fact:
     r"""A fact about what a constraint's map does: ``name``, and the slices it concerns
-    (``dim``; ``None``: every dim, or the whole tensor)."""
+    (``dim``; ``None``: along every dim)."""
 
     name: str
     dim: int | None = None
