@@ -112,3 +112,16 @@ def test_symmetric_grid_ends_stay_within_the_largest_magnitude():
     assert torch.equal(ours[~beyond], theirs[~beyond])
     assert torch.equal(ours[beyond], torch.sign(w[beyond]) * largest.expand_as(w)[beyond])
     assert bool((ours.abs() <= 0.1).all()) and quant.violation(ours) is None
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_slice_too_small_for_a_representable_grid_rounds_to_zero(symmetric):
+    # Gates that have nearly closed leave weights around 1e-42: a float32 grid of such a
+    # slice would have a subnormal step, which cannot hold its levels.
+    x = torch.randn(3, 8)
+    x[1] *= 1e-42
+    quant = FakeQuant(4, symmetric=symmetric)
+    y = quant(x)
+    assert torch.equal(y[1], torch.zeros(8))
+    assert torch.equal(y[[0, 2]], FakeQuant(4, symmetric=symmetric)(x[[0, 2]]))
+    assert quant.violation(y) is None

@@ -2,6 +2,8 @@ r"""Sign and norm constraints: ``NonNeg``, ``MaxNorm``, ``UnitNorm``."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -48,6 +50,7 @@ def _tolerance(dtype: torch.dtype) -> float:
     return max(1e-5, 8 * torch.finfo(dtype).eps)
 
 
+@functools.lru_cache(maxsize=None)
 def _smallest_plain_norm(dtype: torch.dtype) -> float:
     """The smallest norm that the plain ``vector_norm`` of a ``dtype`` tensor computes to
     full precision: its largest squares are normal numbers far above the smallest one (in

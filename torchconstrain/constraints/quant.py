@@ -35,7 +35,9 @@ class FakeQuant(Constraint):
     straight through the rounding (quantization-aware training), and :func:`torchconstrain.bake`
     leaves every weight exactly on its grid. On the symmetric grid no entry's magnitude
     exceeds ``max|w|`` (``qmax * scale`` can round an ulp above it: that end is clamped),
-    so a box ``[-a, a]`` before ``FakeQuant`` still holds after it. :func:`torchconstrain.check` quantizes each
+    so a box ``[-a, a]`` before ``FakeQuant`` still holds after it. A slice whose step would be
+    a subnormal number (every entry below ``qmax`` times the dtype's smallest normal number)
+    rounds to zero. :func:`torchconstrain.check` quantizes each
     slice of the effective tensor again on the grid of its own range and accepts it when no
     entry moves by more than 1e-3 of a step; for the affine grid it also accepts a range of
     ``2**bits - 2`` steps (a rounding tie can leave one end a level short).
@@ -93,10 +95,12 @@ class FakeQuant(Constraint):
         scale, zero_point, qmin, qmax = self.grid(x)
         q = torch.div(x.detach(), scale).add_(zero_point)  # in place from here: one temporary
         q = (q.round_() if self.symmetric else q.add_(0.5).floor_()).clamp_min_(qmin).clamp_max_(qmax)
-        q = q.sub_(zero_point).mul_(scale)
+        # A grid whose step is a subnormal number cannot be represented: such a slice
+        # (all its entries below qmax times the smallest normal number) rounds to zero.
+        q = q.sub_(zero_point).mul_(scale).masked_fill_(scale < torch.finfo(x.dtype).tiny, 0.0)
         if not self.symmetric:
             return q
-        # qmax * scale can round one ulp above the largest magnitude: the ends stay on it, so
+        # qmax * scale can round an ulp above the largest magnitude: clamped back, so that
         # a box [-a, a] before FakeQuant still holds after it.
         largest = x.detach().abs().amax(dim=self._dims(x), keepdim=True)
         return torch.clamp(q, -largest, largest)  # (clamp_ with tensor bounds has no vmap rule)
