@@ -2,8 +2,6 @@ r"""Sign and norm constraints: ``NonNeg``, ``MaxNorm``, ``UnitNorm``."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -50,7 +48,6 @@ def _tolerance(dtype: torch.dtype) -> float:
     return max(1e-5, 8 * torch.finfo(dtype).eps)
 
 
-@functools.lru_cache(maxsize=None)
 def _smallest_plain_norm(dtype: torch.dtype) -> float:
     """The smallest norm that the plain ``vector_norm`` of a ``dtype`` tensor computes to
     full precision: its largest squares are normal numbers far above the smallest one (in
@@ -58,6 +55,12 @@ def _smallest_plain_norm(dtype: torch.dtype) -> float:
     reduced = torch.float32 if torch.finfo(dtype).bits < 32 else dtype
     finfo = torch.finfo(reduced)
     return max(finfo.tiny**0.5 / finfo.eps, torch.finfo(dtype).tiny)
+
+
+#: :func:`_smallest_plain_norm` of each floating-point dtype, looked up on every forward.
+_SMALLEST_PLAIN_NORM = {
+    dtype: _smallest_plain_norm(dtype) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
 
 
 class _ChannelNorm(Constraint):
@@ -91,7 +94,8 @@ class _ChannelNorm(Constraint):
         """The plain norms of the slices, and which of them are exact (``None``: all are,
         as tested on the CPU outside traced or transformed code; elsewhere never assumed)."""
         norms = torch.linalg.vector_norm(x, dim=self._others(x), keepdim=True)
-        exact = norms.isfinite() & (norms >= _smallest_plain_norm(x.dtype))
+        smallest = _SMALLEST_PLAIN_NORM.get(x.dtype) or _smallest_plain_norm(x.dtype)
+        exact = norms.isfinite() & (norms >= smallest)
         if x.device.type == "cpu" and not (tracing() or transformed()) and bool(exact.all()):
             return norms, None
         return norms, exact
