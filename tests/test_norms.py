@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_unchanged, snapshot
 from conftest import train_checked as train
-from torchconstrain import FakeQuant, FixedMask, MaxNorm, NonNeg, UnitNorm, constrain
+from torchconstrain import FakeQuant, FixedMask, MaxNorm, NonNeg, UnitNorm, check, constrain
 
 
 def test_non_neg_holds_and_is_a_clamp_at_zero():
@@ -56,10 +57,13 @@ def test_norms_compose_with_masks_and_zeros_stay_zero():
 
 
 def test_unit_norm_refuses_masks_that_empty_a_channel_or_come_after_it():
-    with pytest.raises(ValueError, match=r"contradict each other.*UnitNorm\(dim=0\).*do not have unit L2 norm"):
-        constrain(nn.Linear(8, 4), {"weight": [FixedMask.structured(sparsity=0.5), UnitNorm()]})
-    with pytest.raises(ValueError, match="contradict each other.*UnitNorm"):
-        constrain(nn.Linear(8, 4), {"weight": [UnitNorm(), FixedMask.magnitude(sparsity=0.5)]})
+    layer = nn.Linear(8, 4)
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match=r"weight: UnitNorm\(dim=0\) from rule 0.*cannot follow FixedMask.*nonzero"):
+        constrain(layer, {"weight": [FixedMask.structured(sparsity=0.5), UnitNorm()]})
+    with pytest.raises(ValueError, match=r"FixedMask.*cannot follow UnitNorm.*unit L2 norm"):
+        constrain(layer, {"weight": [UnitNorm(), FixedMask.magnitude(sparsity=0.5)]})
+    assert_unchanged(layer, before)
 
 
 @pytest.mark.parametrize(
@@ -80,3 +84,50 @@ def test_bad_arguments(make, message):
 def test_norm_dim_out_of_range_names_the_tensor():
     with pytest.raises(ValueError, match=r"weight: MaxNorm dim=2 is out of range for a tensor of shape \(4, 8\)"):
         constrain(nn.Linear(8, 4), {"weight": MaxNorm(1.0, dim=2)})
+
+
+def test_unit_norm_is_scale_safe_in_float32():
+    weight = torch.randn(4, 16, dtype=torch.float64)
+    weight[0] *= 1e-21  # the plain norm's squares underflow
+    weight[1] *= 1e20  # ... and overflow
+    weight[2] *= 1e-41  # subnormal entries
+    layer = nn.Linear(16, 4)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    constrain(layer, {"weight": UnitNorm()})
+    check(layer)
+    stored = layer.parametrizations.weight.original.detach().double()
+    expected = stored / stored.norm(dim=1, keepdim=True)  # float64: no under- or overflow here
+    torch.testing.assert_close(layer.weight.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_norms_of_ordinary_slices_are_bitwise_the_plain_computation():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(6, 10, dtype=dtype) * torch.logspace(-8, 8, 6, dtype=dtype)[:, None]
+        norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        assert torch.equal(UnitNorm()(x), x / norms.clamp_min(torch.finfo(dtype).tiny))
+        assert torch.equal(MaxNorm(0.5)(x), x * (0.5 / norms.clamp_min(torch.finfo(dtype).tiny)).clamp_max(1.0))
+
+
+def test_max_norm_scales_an_overflowing_slice_back_instead_of_zeroing_it():
+    x = torch.tensor([[3e19, 4e19, 0.0], [0.3, 0.4, 0.0], [3e-22, 4e-22, 0.0]])
+    y = MaxNorm(1.0)(x)
+    torch.testing.assert_close(y[0], torch.tensor([0.6, 0.8, 0.0]))
+    assert torch.equal(y[1:], x[1:])  # inside the ball: untouched
+    assert MaxNorm(1.0).violation(y) is None
+
+
+def test_unit_norm_in_half_precision_with_small_norms():
+    x = torch.full((2, 16), 1e-5, dtype=torch.float16)  # norm 4e-5: below float16's smallest normal
+    y = UnitNorm()(x)
+    torch.testing.assert_close(y.float().norm(dim=1), torch.ones(2), rtol=2e-3, atol=0)
+    assert UnitNorm().violation(y) is None
+
+
+def test_zero_slices_stay_zero_and_check_reports_them():
+    x = torch.zeros(2, 4)
+    x[1] = torch.tensor([1e-30, 0, 0, 0])
+    y = UnitNorm()(x)
+    assert torch.equal(y[0], torch.zeros(4)) and torch.equal(y[1], torch.tensor([1.0, 0, 0, 0]))
+    assert "1 slices along dim 0 do not have unit L2 norm" in UnitNorm().violation(y)

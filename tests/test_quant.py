@@ -157,3 +157,33 @@ def test_wide_grids_round_to_the_nearest_level_as_torch_fake_quantize_does(bits,
     check(layer)
     bake(layer)
     assert torch.equal(layer.weight, effective)
+
+
+def test_symmetric_grid_ends_stay_within_the_largest_magnitude():
+    # 0.1 / 3 * 3 rounds above 0.1 in float32: torch's fake quantization lands there.
+    torch.manual_seed(0)
+    w = torch.rand(64, 8) * 0.2 - 0.1
+    w[:, 0] = torch.where(torch.rand(64) < 0.5, 0.1, -0.1)
+    quant = FakeQuant(3)
+    ours = quant.bake(w)
+    largest = w.abs().amax(dim=1, keepdim=True)
+    scale = largest.flatten() / 3
+    theirs = torch.fake_quantize_per_channel_affine(w, scale, torch.zeros(64, dtype=torch.int32), 0, -3, 3)
+    beyond = theirs.abs() > largest
+    assert beyond.any()  # the peer's ends overshoot, by an ulp
+    assert torch.equal(ours[~beyond], theirs[~beyond])
+    assert torch.equal(ours[beyond], torch.sign(w[beyond]) * largest.expand_as(w)[beyond])
+    assert bool((ours.abs() <= 0.1).all()) and quant.violation(ours) is None
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_slice_too_small_for_a_representable_grid_rounds_to_zero(symmetric):
+    # Gates that have nearly closed leave weights around 1e-42: a float32 grid of such a
+    # slice would have a subnormal step, which cannot hold its levels.
+    x = torch.randn(3, 8)
+    x[1] *= 1e-42
+    quant = FakeQuant(4, symmetric=symmetric)
+    y = quant(x)
+    assert torch.equal(y[1], torch.zeros(8))
+    assert torch.equal(y[[0, 2]], FakeQuant(4, symmetric=symmetric)(x[[0, 2]]))
+    assert quant.violation(y) is None

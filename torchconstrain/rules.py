@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchconstrain._tensors import Slot, describe, parameter_slots, tied_slots
 from torchconstrain.checkpoint import watch
 from torchconstrain.constraints.base import Constraint
+from torchconstrain.constraints.stacking import conflict
 from torchconstrain.keys import check_arity, label, match, matcher, no_match_message, origin_named
 from torchconstrain.optim import warn_unoptimized
 from torchconstrain.registration import drop_entries, drop_soft, register, share, shares
@@ -289,21 +290,19 @@ def _refuse_split_ties(entry: _Planned) -> None:
 
 
 def _refuse_contradictions(fqn: str, stack: list[Constraint], labels: list[str], shape) -> None:
-    readable = [constraint.with_values() for constraint in stack]  # CPU copies on a meta model
-    for i, zeroing in enumerate(stack):
-        zeros = readable[i].forced_zeros()
-        if zeros is None:
-            continue
-        for j, other in enumerate(stack):
-            admits = readable[j].admits_zero()
-            if admits is None:
-                continue
-            clash = int((zeros.cpu() & ~admits.cpu()).expand(shape).sum())
-            if clash:
+    """Refuse a stack that cannot always hold: each pair in order, by what each constraint
+    declares (:mod:`torchconstrain.constraints.stacking`)."""
+    declared = [constraint.with_values().stacking() for constraint in stack]  # CPU copies on a meta model
+    names = [f"{describe(constraint)} from {label}" for constraint, label in zip(stack, labels)]
+    for j in range(len(stack)):
+        for i in range(j):
+            short = (type(stack[i]).__name__, type(stack[j]).__name__)
+            reason = conflict(declared[i], declared[j], len(shape), short)
+            if reason is not None:
                 raise ValueError(
-                    f"{fqn}: {describe(zeroing)} from {labels[i]} can set {clash} entries to zero, "
-                    f"but {describe(other)} from {labels[j]} excludes zero there. "
-                    "The two constraints cannot hold together."
+                    f"{fqn}: {names[j]} cannot follow {names[i]}: {reason}. "
+                    "The stack cannot always hold, whatever the weights; "
+                    "see 'Stacking constraints' in the README for the stacks that do."
                 )
 
 

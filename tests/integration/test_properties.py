@@ -10,6 +10,9 @@ pull-back gradient of ``Clamp`` behaves as documented.
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -801,8 +804,9 @@ def test_constraint_holds_under_training_composes_with_masks_and_bakes(
     layer = nn.Linear(4 * in_groups, out_features)
     try:
         constrain(layer, {"weight": MASKS[mask]() + [CONSTRAINTS[name]()]})
-    except ValueError as error:  # a mask that empties a whole row is refused with UnitNorm
-        assert name == "UnitNorm" and mask != "none" and "do not have unit L2 norm" in str(error)
+    except ValueError as error:  # a mask that can empty a whole row is refused with UnitNorm
+        assert name == "UnitNorm" and mask in ("magnitude", "learnable hard"), str(error)
+        assert "UnitNorm(dim=0) from rule 0 (weight) cannot follow" in str(error)
         return
     first = layer.parametrizations.weight[0]
     zeros = ~first.mask if isinstance(first, FixedMask) else None
@@ -823,3 +827,150 @@ def test_constraint_holds_under_training_composes_with_masks_and_bakes(
     if mask != "learnable hard":  # hard gates that sit exactly at the threshold may flip
         assert torch.equal(layer(x), before)
     assert constraint.violation(layer.weight.detach()) is None
+
+
+# ---------------------------------------------------------------------------------------
+# Stacks of two and three constraints in any order: refused, or they hold after every step
+# ---------------------------------------------------------------------------------------
+
+
+def _stack_member(name: str, weight: torch.Tensor, gen: torch.Generator):
+    """A template of kind ``name`` for ``weight`` (bounds, masks and dims drawn from ``gen``)."""
+    rand = lambda: float(torch.rand((), generator=gen))  # noqa: E731
+    dim = int(torch.randint(0, 2, (), generator=gen))
+    if name == "Clamp around zero":
+        return Clamp(-0.05 - rand(), 0.05 + rand())
+    if name == "Clamp symmetric":
+        bound = 0.02 + rand() / 2
+        return Clamp(-bound, bound)
+    if name == "Clamp per channel":
+        return Clamp(-torch.rand(weight.shape[0], generator=gen) - 0.01, torch.rand(weight.shape[0], generator=gen) + 0.01)
+    if name == "Clamp away from zero":
+        low = 0.01 + rand() / 10
+        return Clamp(low, low + rand())
+    if name == "NonNeg":
+        return NonNeg()
+    if name == "MaxNorm":
+        return MaxNorm(0.1 + 2 * rand(), dim=dim)
+    if name == "UnitNorm":
+        return UnitNorm(dim=dim)
+    if name == "FakeQuant":
+        bits = int(torch.randint(2, 9, (), generator=gen))
+        return FakeQuant(bits, per_channel=rand() < 0.7, symmetric=rand() < 0.6, dim=dim)
+    if name == "FixedMask":
+        return FixedMask(random_mask(weight.shape, gen, 0.3 + rand() * 0.7))
+    if name == "FixedMask structured":
+        return FixedMask.structured(sparsity=0.5, dim=dim)
+    return LearnableMask(per="channel" if rand() < 0.5 else "element", dim=dim, hard=rand() < 0.5, init=0.6, strength=1.0)
+
+
+STACK_MEMBERS = [
+    "Clamp around zero", "Clamp symmetric", "Clamp per channel", "Clamp away from zero", "NonNeg",
+    "MaxNorm", "UnitNorm", "FakeQuant", "FixedMask", "FixedMask structured", "LearnableMask",
+]
+
+
+# Every ordered pair and triple, shuffled once: ``sampled_from`` favours the first entries,
+# which would otherwise all start with a Clamp.
+PAIRS = list(itertools.permutations(STACK_MEMBERS, 2))
+TRIPLES = list(itertools.permutations(STACK_MEMBERS, 3))
+random.Random(0).shuffle(PAIRS)
+random.Random(0).shuffle(TRIPLES)
+stacks = st.sampled_from(PAIRS) | st.sampled_from(TRIPLES)
+
+
+def _norms_along(value: torch.Tensor, dim: int) -> torch.Tensor:
+    return value.transpose(0, dim).flatten(1).double().norm(dim=1)
+
+
+def _assert_on_grid(value: torch.Tensor, quant: FakeQuant) -> None:
+    """Every slice on a grid through 0 with ``2**bits - 1`` steps (or one fewer: a tie at an
+    end) across its range, or ``2 * (2**(bits-1) - 1)`` symmetric steps."""
+    slices = value.transpose(0, quant.dim).flatten(1) if quant.per_channel else value.reshape(1, -1)
+    slices = slices.double()
+    if quant.symmetric:
+        steps = [2 ** (quant.bits - 1) - 1]
+        spans = slices.abs().amax(dim=1, keepdim=True)
+    else:
+        steps = [2**quant.bits - 1, 2**quant.bits - 2]
+        spans = slices.amax(dim=1, keepdim=True).clamp_min(0) - slices.amin(dim=1, keepdim=True).clamp_max(0)
+    for row, span in zip(slices, spans):
+        if span.item() == 0:
+            continue
+        fits = [((row / (span / n)) - (row / (span / n)).round()).abs().max().item() <= 1e-3 for n in steps]
+        assert any(fits), f"{quant}: a slice is off its grid"
+
+
+def _assert_holds(constraint, value: torch.Tensor) -> None:
+    """Whether ``value`` satisfies ``constraint``, tested directly (not through ``violation``)."""
+    if isinstance(constraint, Clamp):
+        assert bool((value >= constraint.min).all() and (value <= constraint.max).all()), f"{constraint}: outside the box"
+    elif isinstance(constraint, FixedMask):
+        assert bool((value[~constraint.mask] == 0).all()), "a masked entry is not zero"
+    elif isinstance(constraint, MaxNorm):
+        assert bool((_norms_along(value, constraint.dim) <= constraint.max_value * (1 + 1e-5)).all()), f"{constraint}"
+    elif isinstance(constraint, UnitNorm):
+        assert bool(((_norms_along(value, constraint.dim) - 1).abs() <= 1e-5).all()), f"{constraint}"
+    elif isinstance(constraint, FakeQuant):
+        _assert_on_grid(value, constraint)
+    elif isinstance(constraint, LearnableMask) and constraint.hard:
+        closed = (constraint.gate() <= constraint.threshold).expand_as(value)
+        assert bool((value[closed] == 0).all()), "an entry whose hard gate is closed is not zero"
+
+
+def _plain_checkpoint(weight: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Weights a plain checkpoint could hold: some slices all negative, some far larger or
+    far smaller than usual."""
+    value = torch.randn(weight.shape, generator=gen)
+    flat = value.view(value.shape[0], -1)
+    flat[0] = -flat[0].abs()
+    if flat.shape[0] > 1:
+        flat[1] *= 1e3
+    if flat.shape[0] > 2:
+        flat[2] *= 1e-3
+    return value
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    kind=kinds,
+    sizes=st.tuples(st.integers(2, 5), st.integers(2, 5), small),
+    seed=seeds,
+    opt_name=optimizer_names,
+    lr=learning_rates,
+    loss_kind=loss_kinds,
+    steps=st.integers(1, 4),
+    load=st.booleans(),
+)
+def test_every_accepted_stack_holds_after_every_step(data, kind, sizes, seed, opt_name, lr, loss_kind, steps, load):
+    model = make_model(kind, sizes, seed)
+    gen = torch.Generator().manual_seed(seed)
+    layer = model[0]
+    names = data.draw(stacks, label="stack")
+    stack = [_stack_member(name, layer.weight, gen) for name in names]
+    before = snapshot(model)
+    try:
+        constrain(model, {"0.weight": stack})
+    except ValueError as error:
+        assert_same_snapshot(before, snapshot(model))
+        assert str(error).startswith("0.weight: ") and ("cannot follow" in str(error) or "contradict" in str(error))
+        return
+    chain = list(layer.parametrizations.weight)
+    if load:  # a plain checkpoint goes through right_inverse into the stored original
+        model.load_state_dict({"0.weight": _plain_checkpoint(layer.weight, gen)}, strict=False)
+
+    def assert_holds():
+        check(model)
+        value = effective(model, "0.weight")
+        for constraint in chain:
+            _assert_holds(constraint, value)
+
+    assert_holds()
+    optimizer = make_optimizer(opt_name, model.parameters(), lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = random_loss(model(make_input(kind, sizes, gen)), loss_kind, gen) + penalty(model)
+        loss.backward()
+        optimizer.step()
+        assert_holds()

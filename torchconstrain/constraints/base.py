@@ -8,6 +8,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from torchconstrain.constraints.stacking import Stacking
+
 __all__ = ["Constraint"]
 
 
@@ -43,7 +45,8 @@ class Constraint(nn.Module):
     - :meth:`penalty`: a differentiable term added by :func:`torchconstrain.penalty`;
     - :meth:`bake`: the value written into the plain weight by :func:`torchconstrain.bake`;
     - :meth:`state_problem`: refuse checkpoint state that would break the constraint;
-    - :meth:`forced_zeros` / :meth:`admits_zero`: used to refuse contradictory stacks.
+    - :meth:`stacking`: what it does to its input and promises about its output, with
+      which :func:`torchconstrain.constrain` refuses stacks that cannot always hold.
 
     ``cacheable = True`` on a class lets :mod:`torchconstrain.fastpath` evaluate it without
     ``parametrize``'s per-access call chain and, with gradients off, reuse its value until
@@ -208,10 +211,9 @@ class Constraint(nn.Module):
         Shapes are checked before this is called."""
         return None
 
-    def forced_zeros(self) -> Tensor | None:
-        r"""Return a bool tensor of the entries this constraint may set to zero, or ``None``."""
-        return None
-
-    def admits_zero(self) -> Tensor | None:
-        r"""Return a bool tensor of the entries where zero is feasible, or ``None`` for all."""
-        return None
+    def stacking(self) -> Stacking:
+        r"""Return what this (bound) constraint does to its input, what it promises about its
+        output and what it needs from the constraints before it in a stack (see
+        :mod:`torchconstrain.constraints.stacking`). The default declares nothing: stacks
+        are then checked only on the current weights."""
+        return Stacking()

@@ -10,6 +10,15 @@ from torch import Tensor
 
 from torchconstrain.constraints.arguments import choice
 from torchconstrain.constraints.base import Constraint, tracing, transformed
+from torchconstrain.constraints.stacking import (
+    CLAMPS,
+    KEEPS_SIGNS,
+    MOVES_TO_ZERO,
+    WITHIN_LARGEST,
+    Stacking,
+    declare,
+    keeps_nonzero_slices,
+)
 
 __all__ = ["Clamp"]
 
@@ -286,8 +295,24 @@ class Clamp(Constraint):
         crossed = int((lower.to(upper.device) > upper).sum())
         return f"min > max at {crossed} entries." if crossed else None
 
-    def admits_zero(self) -> Tensor:
-        return (self.min <= 0) & (self.max >= 0)
+    def stacking(self) -> Stacking:
+        # A box that contains zero is kept by any map that moves entries towards zero, a box
+        # whose only finite bounds are 0 (NonNeg) by any that keeps signs, any box by a clamp
+        # (one that does not intersect it fails the check on the current weights).
+        contains_zero = bool(((self.min <= 0) & (self.max >= 0)).all())
+        finite = torch.cat([self.min[self.min.isfinite()], self.max[self.max.isfinite()]])
+        zero_bound = bool((finite == 0).any())
+        does = [CLAMPS] + ([MOVES_TO_ZERO, KEEPS_SIGNS] if contains_zero else [])
+        if not zero_bound:  # clamp(x) == 0 only where x == 0 or a bound is 0
+            does.append(keeps_nonzero_slices(None))
+        if finite.numel() == 0:
+            return declare(does)
+        kept_by = [CLAMPS] + ([MOVES_TO_ZERO] if contains_zero else [])
+        if bool((finite == 0).all()):
+            kept_by.append(KEEPS_SIGNS)
+        if self.min.dim() == self.max.dim() == 0 and contains_zero and _symmetric_or_one_sided(self.min, self.max):
+            kept_by.append(WITHIN_LARGEST)
+        return declare(does, f"every entry in [{_end(self.min, '-inf')}, {_end(self.max, 'inf')}]", kept_by)
 
     def extra_repr(self) -> str:
         text = f"min={_describe(self.min)}, max={_describe(self.max)}"
@@ -329,6 +354,16 @@ def _broadcast_bound(bound: Tensor, tensor: Tensor, fqn: str, name: str) -> Tens
             f"or a {tensor.dim()}-D tensor that broadcasts to {tuple(tensor.shape)}."
         )
     return bound
+
+
+def _symmetric_or_one_sided(lower: Tensor, upper: Tensor) -> bool:
+    """Whether the scalar box ``[lower, upper]`` is ``[-a, a]``, ``[0, a]`` or ``[-a, 0]``."""
+    return bool(lower == -upper or lower == 0 or upper == 0)
+
+
+def _end(bound: Tensor, infinite: str) -> str:
+    """One end of the box in words (``infinite`` where there is none)."""
+    return infinite if bound.numel() == 1 and math.isinf(bound.item()) else _describe(bound)
 
 
 def _describe(bound: Tensor) -> str:

@@ -11,6 +11,14 @@ from torch import Tensor, nn
 
 from torchconstrain.constraints.arguments import choice, flag, integer, number
 from torchconstrain.constraints.base import Constraint, tracing, transformed
+from torchconstrain.constraints.stacking import (
+    KEEPS_SIGNS,
+    MOVES_TO_ZERO,
+    Stacking,
+    declare,
+    keeps_nonzero_slices,
+    scales_slices,
+)
 from torchconstrain.constraints.selection import (
     NM,
     GlobalMagnitude,
@@ -153,8 +161,10 @@ class FixedMask(Constraint):
         mask = state.get("mask")
         return None if mask is None else _mask_problem(mask)
 
-    def forced_zeros(self) -> Tensor:
-        return ~self.mask
+    def stacking(self) -> Stacking:
+        does = [MOVES_TO_ZERO, KEEPS_SIGNS]
+        does += [keeps_nonzero_slices(d) for d in range(self.mask.dim()) if _keeps_every_slice(self.mask, d)]
+        return declare(does, "zeros at every masked entry", kept_by=[KEEPS_SIGNS])
 
     @property
     def sparsity(self) -> float:
@@ -180,6 +190,13 @@ def _mask_problem(mask: Tensor) -> str | None:
     shown = list(dict.fromkeys(f"{v:g}" for v in mask[odd].flatten()[:100].tolist()))
     examples = ", ".join(shown[:3]) + (", ..." if count > 3 else "")
     return f"expected a mask of 0s and 1s (or bools). Got {count} other values ({examples})."
+
+
+def _keeps_every_slice(mask: Tensor, dim: int) -> bool:
+    """Whether every slice of ``mask`` along ``dim`` keeps at least one entry."""
+    if mask.numel() == 0:
+        return True
+    return bool(mask.movedim(dim, 0).reshape(mask.shape[dim], -1).any(dim=1).all())
 
 
 class _MaskProduct(torch.autograd.Function):
@@ -383,8 +400,10 @@ class LearnableMask(Constraint):
         temperature = state.get("temperature")
         return None if temperature is None else _temperature_problem(temperature)
 
-    def forced_zeros(self) -> Tensor:
-        return torch.ones((), dtype=torch.bool, device=self.scores.device)
+    def stacking(self) -> Stacking:
+        # Gates can close (hard) or underflow to 0 (soft): a whole slice can become zero.
+        does = [MOVES_TO_ZERO, KEEPS_SIGNS] + ([scales_slices(self.dim)] if self.per == "channel" else [])
+        return declare(does, "zeros where its gates are closed", kept_by=[KEEPS_SIGNS])
 
     @property
     def sparsity(self) -> float:

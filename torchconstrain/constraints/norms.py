@@ -6,8 +6,17 @@ import torch
 from torch import Tensor
 
 from torchconstrain.constraints.arguments import integer, number
-from torchconstrain.constraints.base import Constraint
+from torchconstrain.constraints.base import Constraint, tracing, transformed
 from torchconstrain.constraints.box import Clamp
+from torchconstrain.constraints.stacking import (
+    KEEPS_SIGNS,
+    MOVES_TO_ZERO,
+    Stacking,
+    declare,
+    keeps_nonzero_slices,
+    keeps_unit_slices,
+    scales_slices,
+)
 
 __all__ = ["NonNeg", "MaxNorm", "UnitNorm"]
 
@@ -40,8 +49,29 @@ def _tolerance(dtype: torch.dtype) -> float:
     return max(1e-5, 8 * torch.finfo(dtype).eps)
 
 
+def _smallest_plain_norm(dtype: torch.dtype) -> float:
+    """The smallest norm that the plain ``vector_norm`` of a ``dtype`` tensor computes to
+    full precision: its largest squares are normal numbers far above the smallest one (in
+    float32 for the half types, which torch reduces in float32), and so is the norm."""
+    reduced = torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+    finfo = torch.finfo(reduced)
+    return max(finfo.tiny**0.5 / finfo.eps, torch.finfo(dtype).tiny)
+
+
+#: :func:`_smallest_plain_norm` of each floating-point dtype, looked up on every forward.
+_SMALLEST_PLAIN_NORM = {
+    dtype: _smallest_plain_norm(dtype) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
+
+
 class _ChannelNorm(Constraint):
-    """Shared by the norm constraints: the L2 norm of each slice along ``dim``."""
+    """Shared by the norm constraints: the L2 norm of each slice along ``dim``.
+
+    The plain norm squares the entries, so in float32 a slice of entries around 1e-21
+    underflows and one around 1e20 overflows. Such slices are divided by their largest
+    magnitude first (:meth:`_scaled`); every other slice takes the plain computation,
+    bitwise as before.
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -56,10 +86,38 @@ class _ChannelNorm(Constraint):
                 f"shape {tuple(tensor.shape)}."
             )
 
+    def _others(self, x: Tensor) -> list[int]:
+        return [d for d in range(x.dim()) if d != self.dim % x.dim()]
+
+    def _plain(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The plain norms of the slices, and which of them are exact (``None``: all are,
+        as tested on the CPU outside traced or transformed code; elsewhere never assumed)."""
+        norms = torch.linalg.vector_norm(x, dim=self._others(x), keepdim=True)
+        if x.numel() == 0:  # no entries, nothing to scale
+            return norms, None
+        smallest = _SMALLEST_PLAIN_NORM.get(x.dtype) or _smallest_plain_norm(x.dtype)
+        exact = norms.isfinite() & (norms >= smallest)
+        if x.device.type == "cpu" and not (tracing() or transformed()) and bool(exact.all()):
+            return norms, None
+        return norms, exact
+
+    def _scaled(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(largest, scaled, norms)``: each slice's largest magnitude (1 for a zero slice; it
+        may be subnormal), the slices divided by it, and their norms (from 1 to the square
+        root of the slice's size, or 0 for a zero slice)."""
+        largest = x.abs().amax(dim=self._others(x), keepdim=True)
+        largest = torch.where(largest > 0, largest, torch.ones_like(largest))
+        scaled = x / largest
+        return largest, scaled, torch.linalg.vector_norm(scaled, dim=self._others(x), keepdim=True)
+
     def norms(self, x: Tensor) -> Tensor:
-        r"""The L2 norm of every slice along ``dim``, kept broadcastable against ``x``."""
-        others = [d for d in range(x.dim()) if d != self.dim % x.dim()]
-        return torch.linalg.vector_norm(x, dim=others, keepdim=True)
+        r"""The L2 norm of every slice along ``dim``, kept broadcastable against ``x``
+        (``inf`` only for a norm above the dtype's largest number)."""
+        norms, exact = self._plain(x)
+        if exact is None:
+            return norms
+        largest, _, scaled_norms = self._scaled(x)
+        return torch.where(exact, norms, largest * scaled_norms)
 
 
 class MaxNorm(_ChannelNorm):
@@ -91,12 +149,23 @@ class MaxNorm(_ChannelNorm):
         self.max_value = number("MaxNorm", "max_value", max_value, low=0, low_open=True, finite=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        norms = self.norms(x)
-        scale = (self.max_value / norms.clamp_min(torch.finfo(x.dtype).tiny)).clamp_max(1.0)
-        return x * scale
+        norms, exact = self._plain(x)
+        scale = self.max_value / norms.clamp_min(torch.finfo(x.dtype).tiny)
+        if exact is not None:
+            largest, _, scaled_norms = self._scaled(x)
+            safe = self.max_value / largest / scaled_norms.clamp_min(1.0)
+            scale = torch.where(exact, scale, safe)
+        return x * scale.clamp_max(1.0)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return self(value)
+
+    def stacking(self) -> Stacking:
+        does = [MOVES_TO_ZERO, KEEPS_SIGNS, scales_slices(self.dim), keeps_nonzero_slices(None)]
+        if self.max_value >= 1:
+            does.append(keeps_unit_slices(self.dim))
+        promise = f"every slice along dim {self.dim} of L2 norm at most {self.max_value:g}"
+        return declare(does, promise, kept_by=[MOVES_TO_ZERO])
 
     def violation(self, value: Tensor) -> str | None:
         norms = self.norms(value).flatten()
@@ -146,10 +215,21 @@ class UnitNorm(_ChannelNorm):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        return x / self.norms(x).clamp_min(torch.finfo(x.dtype).tiny)
+        norms, exact = self._plain(x)
+        unit = x / norms.clamp_min(torch.finfo(x.dtype).tiny)
+        if exact is None:
+            return unit
+        _, scaled, scaled_norms = self._scaled(x)
+        return torch.where(exact, unit, scaled / scaled_norms.clamp_min(1.0))
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return self(value)
+
+    def stacking(self) -> Stacking:
+        # A zero slice cannot be normalized: every constraint before must keep slices nonzero.
+        does = [KEEPS_SIGNS, scales_slices(self.dim), keeps_nonzero_slices(None), keeps_unit_slices(self.dim)]
+        promise = f"every slice along dim {self.dim} of unit L2 norm"
+        return declare(does, promise, kept_by=[keeps_unit_slices(self.dim)], needs=[keeps_nonzero_slices(self.dim)])
 
     def violation(self, value: Tensor) -> str | None:
         norms = self.norms(value).flatten()

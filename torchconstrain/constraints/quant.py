@@ -7,6 +7,14 @@ from torch import Tensor
 
 from torchconstrain.constraints.arguments import flag, integer
 from torchconstrain.constraints.base import Constraint
+from torchconstrain.constraints.stacking import (
+    KEEPS_SIGNS,
+    WITHIN_LARGEST,
+    Stacking,
+    declare,
+    keeps_nonzero_slices,
+    scales_slices,
+)
 
 __all__ = ["FakeQuant"]
 
@@ -26,7 +34,11 @@ class FakeQuant(Constraint):
     With ``per_channel=True`` each slice along ``dim`` (each output channel) has its own
     scale. Zeros map to exactly zero, so masked entries stay zero. The gradient passes
     straight through the rounding (quantization-aware training), and :func:`torchconstrain.bake`
-    leaves every weight exactly on its grid. :func:`torchconstrain.check` quantizes each
+    leaves every weight exactly on its grid. On the symmetric grid no entry's magnitude
+    exceeds ``max|w|`` (``qmax * scale`` can round an ulp above it: that end is clamped),
+    so a box ``[-a, a]`` before ``FakeQuant`` still holds after it. A slice whose step would be
+    a subnormal number (every entry below ``qmax`` times the dtype's smallest normal number)
+    rounds to zero. :func:`torchconstrain.check` quantizes each
     slice of the effective tensor again on the grid of its own range and accepts it when no
     entry moves by more than 1e-3 of a step plus 8 float steps of the entry (at 16 bits,
     float32 holds the grid's top levels only to about 1/128 of a step); for the affine grid
@@ -90,7 +102,16 @@ class FakeQuant(Constraint):
     def quantize(self, x: Tensor) -> Tensor:
         r"""Return ``x`` rounded onto its grid (no gradient)."""
         scale, zero_point, qmin, qmax = self.grid(x)
-        return _levels(x.detach(), scale, zero_point, qmin, qmax, symmetric=self.symmetric).mul_(scale)
+        q = _levels(x.detach(), scale, zero_point, qmin, qmax, symmetric=self.symmetric).mul_(scale)
+        # A grid whose step is a subnormal number cannot be represented: such a slice
+        # (all its entries below qmax times the smallest normal number) rounds to zero.
+        q = q.masked_fill_(scale < torch.finfo(x.dtype).tiny, 0.0)
+        if not self.symmetric:
+            return q
+        # qmax * scale can round an ulp above the largest magnitude: clamped back, so that
+        # a box [-a, a] before FakeQuant still holds after it.
+        largest = _extreme(x.detach().abs(), self._dims(x), torch.amax)
+        return torch.clamp(q, -largest, largest)  # (clamp_ with tensor bounds has no vmap rule)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.quantize(x).sub_(x.detach())
@@ -118,6 +139,16 @@ class FakeQuant(Constraint):
         tolerance = 1e-3 * scale + 8 * torch.finfo(value.dtype).eps * value.detach().abs()
         moved = (steps * scale - value).abs() > tolerance
         return _extreme(moved, self._dims(value), torch.amax).expand_as(value)
+
+    def stacking(self) -> Stacking:
+        # The grid is each slice's own: scaling a slice by one factor scales its grid; moving
+        # single entries (a clamp, a mask, rounding again) moves the grid's ends.
+        does = [KEEPS_SIGNS] + ([WITHIN_LARGEST] if self.symmetric else [])
+        promise = f"every entry on its {self.bits}-bit grid"
+        if not self.per_channel:
+            return declare(does, promise)
+        does.append(keeps_nonzero_slices(self.dim))  # a slice's largest entry stays nonzero
+        return declare(does, promise, kept_by=[scales_slices(self.dim)])
 
     def _dims(self, x: Tensor) -> list[int]:
         return [d for d in range(x.dim()) if not (self.per_channel and d == self.dim % x.dim())]
