@@ -62,13 +62,13 @@ def test_masked_channel_contributes_nothing_even_with_bn_shift():
     model = build("mobilenet_v3_small")
     surgery.mask_blocks(model, sparsity=0.5)
     block = surgery.find_blocks(model)[2]  # features.3: expand, depthwise, SE-free
-    keep = block.project[0].parametrizations.weight[0].mask[0, :, 0, 0]
+    keep = block.project.conv.parametrizations.weight[0].mask[0, :, 0, 0]
     x = torch.randn(1, 3, 64, 64)
     captured = {}
-    block.depthwise.register_forward_hook(lambda m, i, out: captured.setdefault("dw", out))
+    model.features[3].block[1].register_forward_hook(lambda m, i, out: captured.setdefault("dw", out))
     outputs(model, x)
     assert (captured["dw"][:, ~keep].abs().amax() > 0)  # BN shift + activation: nonzero constants
-    assert torch.all(block.project[0].weight[:, ~keep] == 0)  # ... that the project conv never reads
+    assert torch.all(block.project.conv.weight[:, ~keep] == 0)  # ... that the project conv never reads
 
 
 def test_fifty_percent_on_large_meets_the_mac_goal():
@@ -93,7 +93,7 @@ def test_shrink_after_training_learnable_masks():
         loss.backward()
         optimizer.step()
         check(model)
-    pruned = sum(int((b.project[0].parametrizations.weight[0].gate() <= 0.5).sum())
+    pruned = sum(int((b.project.conv.parametrizations.weight[0].gate() <= 0.5).sum())
                  for b in surgery.find_blocks(model) if b.expand is not None)
     assert pruned > 0
     model.eval()
