@@ -21,8 +21,7 @@ def features_network(model: nn.Module, blocks: list[Block]) -> Network:
     """
     features = model.features
     known = {id(block.module) for block in blocks}
-    inner = [module for module in list(features)[1:-1]
-             for module in (module if isinstance(module, nn.Sequential) else [module])]
+    inner = _flat(list(features)[1:-1])
     strangers = [type(module).__name__ for module in inner if id(module) not in known]
     if strangers or len(inner) != len(blocks):
         raise ValueError(f"{type(model).__name__}.features: expected the stem, blocks and the last conv. "
@@ -30,6 +29,12 @@ def features_network(model: nn.Module, blocks: list[Block]) -> Network:
     last = len(features) - 1
     return Network(sequence_unit(features[0], "features.0"), blocks, sequence_unit(features[last], f"features.{last}"),
                    head_slots(model))
+
+
+def _flat(modules: list[nn.Module]) -> list[nn.Module]:
+    """``modules`` with every ``Sequential`` replaced by its modules, recursively."""
+    return [inner for module in modules
+            for inner in (_flat(list(module)) if isinstance(module, nn.Sequential) else [module])]
 
 
 def head_slots(model: nn.Module) -> list[Slot]:
