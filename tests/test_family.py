@@ -175,3 +175,21 @@ def test_a_subclass_with_its_own_forward_has_only_block_groups():
     with pytest.raises(ValueError, match="the stem groups need a whole torchvision model"):
         surgery.mask_blocks(model, groups="stem", sparsity=0.5)
     assert_shrinks_to_the_masked_model(model, torch.randn(2, 3, 32, 32), 0.5)
+
+
+def torch_pruning_group(graph, module: nn.Module, names: dict) -> set:
+    group = graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels, idxs=[0])
+    return {(names[dep.target.module], "in" if "in_channels" in dep.handler.__name__ else "out")
+            for dep, _ in group if isinstance(dep.target.module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))}
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "efficientnet_b0", "mnasnet0_5"])
+def test_every_group_is_the_group_torch_pruning_finds(arch):
+    tp = pytest.importorskip("torch_pruning")
+    model = getattr(torchvision.models, arch)(weights=None).eval()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 32, 32))
+    names = {module: name for name, module in model.named_modules()}
+    for group in surgery.find_groups(model):
+        ours = {(slot.fqn, "out") for slot in (*group.rows, *group.depthwise, *group.bns)}
+        ours |= {(slot.fqn, "in") for slot in group.readers}
+        assert ours == torch_pruning_group(graph, group.rows[0].module, names), group.name

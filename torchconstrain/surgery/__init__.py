@@ -11,6 +11,7 @@ folding BN).
 from torchconstrain.surgery.family import (
     KINDS,
     Block,
+    Group,
     GroupCost,
     RoleKey,
     ShrinkReport,
@@ -18,6 +19,7 @@ from torchconstrain.surgery.family import (
     channel_groups,
     channel_plan,
     find_blocks,
+    find_groups,
     mask_blocks,
     resize,
     role,
@@ -27,7 +29,7 @@ from torchconstrain.surgery.measure import count_macs, count_params, layer_macs,
 from torchconstrain.surgery.slicing import fold_batchnorm
 
 __all__ = [
-    "KINDS", "Block", "GroupCost", "RoleKey", "ShrinkReport", "block_rules", "channel_groups", "channel_plan",
-    "count_macs", "count_params", "find_blocks", "fold_batchnorm", "layer_macs", "mask_blocks", "measure_latency",
-    "resize", "role", "shrink",
+    "KINDS", "Block", "Group", "GroupCost", "RoleKey", "ShrinkReport", "block_rules", "channel_groups", "channel_plan",
+    "count_macs", "count_params", "find_blocks", "find_groups", "fold_batchnorm", "layer_macs", "mask_blocks",
+    "measure_latency", "resize", "role", "shrink",
 ]

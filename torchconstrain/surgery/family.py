@@ -24,8 +24,8 @@ from torchconstrain.surgery.pattern import (
 )
 
 __all__ = [
-    "ADAPTERS", "KINDS", "Block", "GroupCost", "RoleKey", "ShrinkReport", "block_rules", "channel_groups", "channel_plan",
-    "find_blocks", "mask_blocks", "resize", "role", "shrink",
+    "ADAPTERS", "KINDS", "Block", "Group", "GroupCost", "RoleKey", "ShrinkReport", "block_rules", "channel_groups", "channel_plan",
+    "find_blocks", "find_groups", "mask_blocks", "resize", "role", "shrink",
 ]
 
 ADAPTERS = (mobilenetv3, mobilenetv2, efficientnet, mnasnet)
@@ -78,6 +78,20 @@ def _network(model: nn.Module, blocks: list[Block]) -> Network | None:
 
 def _same_forward(cls: type, stock: type) -> bool:
     return all(getattr(cls, name, None) is getattr(stock, name, None) for name in ("forward", "_forward_impl"))
+
+
+def find_groups(model: nn.Module, groups="all") -> list[Group]:
+    r"""Return ``model``'s channel groups of the kinds ``groups`` (see :func:`channel_groups`), with their layers.
+
+    Example:
+        >>> import torchvision
+        >>> from torchconstrain import surgery
+        >>> model = torchvision.models.mobilenet_v2(weights=None)
+        >>> stream = surgery.find_groups(model, "stream")[1]      # written by features.2, added to by features.3
+        >>> stream.name, [slot.fqn for slot in stream.rows], [slot.fqn for slot in stream.readers]
+        ('features.2:out', ['features.2.conv.2', 'features.3.conv.2'], ['features.3.conv.0.0', 'features.4.conv.0.0'])
+    """
+    return _groups(model, groups, "surgery.find_groups")
 
 
 def _groups(model: nn.Module, groups, where: str) -> list[Group]:
