@@ -8,6 +8,7 @@ masks and rewrites. This module is what users call.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -286,6 +287,10 @@ def block_rules(model: nn.Module, *, groups="expanded", sparsity: float | None =
     if sparsity is None or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"surgery.mask_blocks: expected sparsity in [0, 1) for fixed masks. Got {sparsity!r}.")
     keeps = [(group, keep_share(group, sparsity, importance_of(group, importance))) for group in found]
+    untouched = [group.label for group, keep in keeps if keep.all()]
+    if sparsity > 0 and untouched:
+        warnings.warn(f"surgery.mask_blocks: sparsity {sparsity} masks no channel of {', '.join(untouched)} "
+                      "(too few channels).", stacklevel=3)
     return fixed_rules(keeps), lambda: None
 
 

@@ -33,7 +33,6 @@ depthwise convs that act on each channel alone). The group kinds:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -44,8 +43,9 @@ from torchconstrain.constraints import FixedMask, LearnableMask
 from torchconstrain.surgery.slicing import conv_of, input_l1, sliced_bn, sliced_conv, sliced_linear
 
 __all__ = [
-    "KINDS", "ROLES", "Block", "ConvUnit", "Group", "Network", "Slot", "build_groups", "fixed_rules", "learnable_rules",
-    "pair_unit", "read_channels", "select_kinds", "sequence_unit", "slice_group", "shrink_groups",
+    "BLOCK_KINDS", "KINDS", "ROLES", "Block", "ConvUnit", "Group", "Network", "Slot", "build_groups", "fixed_rules",
+    "importance_of", "keep_share", "keep_top", "learnable_rules", "pair_unit", "read_channels", "select_kinds",
+    "sequence_unit", "shrink_groups", "slice_group",
 ]
 
 ROLES = ("expand", "depthwise", "se_fc1", "se_fc2", "project")
@@ -340,8 +340,6 @@ def keep_top(group: Group, scores: Tensor, kept: int) -> Tensor:
 def keep_share(group: Group, sparsity: float, scores: Tensor) -> Tensor:
     r"""Bool keep-vector masking the ``sparsity`` share of ``group``'s channels with the lowest scores."""
     kept = max(group.channels - round(sparsity * group.channels), group.minimum)
-    if sparsity > 0 and kept == group.channels:
-        warnings.warn(f"surgery.mask_blocks: sparsity {sparsity} masks no channel of {group.label}.", stacklevel=5)
     return keep_top(group, scores, kept)
 
 
