@@ -21,7 +21,7 @@ NOISY = 0.10
 TITLES = {
     "layers": "Per layer (MobileNetV3-Small shapes, batch 8): time relative to plain",
     "models": "Whole models: time relative to plain",
-    "surgery": "MobileNetV3 surgery: batch-1 inference of shrunk models, time relative to the dense one",
+    "surgery": "Surgery: batch-1 inference of shrunk models, time relative to the dense one",
     "compiled": "torch.compile (inductor): constrained and compiled, time relative to plain compiled",
 }
 

@@ -8,7 +8,7 @@ Usage::
 Measures the cases of :mod:`benchmarks.layers` (one MobileNetV3 layer at a time: forward,
 forward+backward, training step), :mod:`benchmarks.models` (MobileNetV3 training step
 and inference, a stack of 40 small Linears), each under every variant,
-:mod:`benchmarks.surgery` (shrunk MobileNetV3s against the dense ones) and
+:mod:`benchmarks.surgery` (shrunk MobileNetV2/V3s, EfficientNet-B0 and MNASNet against the dense ones) and
 :mod:`benchmarks.compiled` (the MobileNetV3-Small training step and the Linear stack
 under ``torch.compile``, constrained and compiled against plain and compiled), with
 :func:`benchmarks.timing.measure_group` (warm-up, then interleaved rounds of
@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     notes = {"layers": layers.LEGEND, "models": models.LEGEND, "compiled": compiled.LEGEND}
     if any(r.section == surgery.SECTION for r in results):  # its legend builds every shrunk model
-        notes["surgery"] = surgery.legend()
+        timed = {r.case for r in results if r.section == surgery.SECTION}
+        notes["surgery"] = surgery.legend(tuple(arch for arch in surgery.ARCHS if f"{arch} b1" in timed))
     appendix = memory.markdown(memory_result) if memory_result is not None else []
     settings = settings_line(mode, args.threads) if results else f"Run: `{mode}`, no timings."
     markdown = report.markdown(results, machine.summary(info), settings, notes, appendix)

@@ -1,9 +1,11 @@
-r"""MobileNetV3 surgery: batch-1 inference of shrunk models against the dense model.
+r"""Surgery of the inverted residual family: batch-1 inference of shrunk models against the dense model.
 
 Each model is ``torchvision.models.<arch>(weights=None)`` seeded with 0, in eval mode; a
 shrunk variant gets :func:`torchconstrain.surgery.mask_blocks` with fixed masks at the
-given share of expanded channels (importance ``"l1"``), then
-:func:`torchconstrain.surgery.shrink`. ``plain`` is the dense model. All variants of an
+given share of the channels of the given groups (importance ``"l1"``), then
+:func:`torchconstrain.surgery.shrink`. ``N% shrunk`` masks the blocks' expanded channels
+only; ``N% all groups`` masks every channel group (streams, stem, SE squeeze, last conv,
+classifier hidden units too). ``plain`` is the dense model. All variants of an
 architecture are timed side by side, interleaved, on one 224x224 image; :func:`legend`
 gives their parameter and MAC counts.
 """
@@ -22,22 +24,32 @@ from benchmarks.timing import Budget, Result, measure_group
 from torchconstrain import surgery
 
 SECTION = "surgery"
-ARCHS = ("mobilenet_v3_small", "mobilenet_v3_large")
-SPARSITIES = (0.0, 0.25, 0.5, 0.75)
+ARCHS = ("mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2", "efficientnet_b0", "mnasnet1_0")
+VARIANTS = {  # name -> (groups, sparsity)
+    "plain": ("expanded", 0.0),
+    "25% shrunk": ("expanded", 0.25),
+    "50% shrunk": ("expanded", 0.5),
+    "75% shrunk": ("expanded", 0.75),
+    "25% all groups": ("all", 0.25),
+    "50% all groups": ("all", 0.5),
+}
+FAMILY_VARIANTS = ("plain", "50% shrunk", "25% all groups", "50% all groups")
 
 
-def variant_name(sparsity: float) -> str:
-    return "plain" if sparsity == 0 else f"{sparsity:.0%} shrunk"
+def variants(arch: str) -> tuple[str, ...]:
+    r"""The variants timed for ``arch``: every one for MobileNetV3, fewer for the rest of the family."""
+    return tuple(VARIANTS) if arch.startswith("mobilenet_v3") else FAMILY_VARIANTS
 
 
 @functools.lru_cache(maxsize=None)
-def build(arch: str, sparsity: float, device: torch.device, copy: int = 0) -> nn.Module:
-    r"""The dense model, or the model shrunk at ``sparsity`` of its expanded channels (built
-    once per ``copy`` number: copies are separately built, identical models)."""
+def build(arch: str, variant: str, device: torch.device, copy: int = 0) -> nn.Module:
+    r"""The dense model, or the model shrunk as ``variant`` says (built once per ``copy``
+    number: copies are separately built, identical models)."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(weights=None).eval()
+    groups, sparsity = VARIANTS[variant]
     if sparsity:
-        surgery.mask_blocks(model, sparsity=sparsity)
+        surgery.mask_blocks(model, groups=groups, sparsity=sparsity)
         surgery.shrink(model, measure=False)
     return model.to(device)
 
@@ -48,8 +60,8 @@ def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[
     results = []
     for arch in archs:
         x = torch.randn(1, 3, 224, 224, device=device)
-        calls = {variant_name(s): [steps.forward(build(arch, s, device, k), x) for k in range(budget.copies)]
-                 for s in SPARSITIES}
+        calls = {name: [steps.forward(build(arch, name, device, k), x) for k in range(budget.copies)]
+                 for name in variants(arch)}
         stats = measure_group(calls, budget, threads, device)
         for name in calls:
             results.append(Result(SECTION, f"{arch} b1", "inference", name, **stats[name]))
@@ -57,18 +69,20 @@ def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[
     return results
 
 
-def legend() -> str:
+def legend(archs: tuple[str, ...] = ARCHS) -> str:
     r"""Markdown: parameters and MACs of every variant, with the shrunk/dense ratios."""
     lines = ["| model | variant | params | MACs |", "| --- | --- | ---: | ---: |"]
     example = torch.zeros(1, 3, 224, 224)
-    for arch in ARCHS:
-        dense = build(arch, 0.0, torch.device("cpu"))
+    for arch in archs:
+        dense = build(arch, "plain", torch.device("cpu"))
         params, macs = surgery.count_params(dense), surgery.count_macs(dense, example)
-        for sparsity in SPARSITIES:
-            model = build(arch, sparsity, torch.device("cpu"))
+        for name in variants(arch):
+            model = build(arch, name, torch.device("cpu"))
             p, m = surgery.count_params(model), surgery.count_macs(model, example)
-            lines.append(f"| {arch} | {variant_name(sparsity)} | {p / 1e6:.2f} M ({p / params:.2f}x) "
+            lines.append(f"| {arch} | {name} | {p / 1e6:.2f} M ({p / params:.2f}x) "
                          f"| {m / 1e6:.0f} M ({m / macs:.2f}x) |")
     note = ("Variants: `plain` is the dense model; `N% shrunk` masked N% of every block's expanded "
-            "channels with `surgery.mask_blocks` and removed them with `surgery.shrink`.")
+            "channels with `surgery.mask_blocks` and removed them with `surgery.shrink`; `N% all groups` "
+            "did the same with `groups=\"all\"`: also the streams between blocks, the stem, the SE squeeze "
+            "channels, the last conv and the classifier's hidden units.")
     return note + "\n\n" + "\n".join(lines)

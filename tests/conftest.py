@@ -90,3 +90,16 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
         else:
             assert torch.equal(after["state"][key], value), key
     assert after["parametrized"] == before["parametrized"]
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 1) -> nn.Module:
+    r"""Give every BatchNorm2d of ``model`` non-trivial statistics and affine parameters; return ``model``."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.5, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(0, 0.5, generator=generator)
+    return model

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 import torchvision
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, randomize_batchnorm, snapshot
 from torch import nn
 from torchvision.models.mobilenetv3 import InvertedResidual, InvertedResidualConfig
 
@@ -16,15 +16,7 @@ ARCHS = ["mobilenet_v3_small", "mobilenet_v3_large"]
 def build(arch: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = getattr(torchvision.models, arch)(weights=None)
-    generator = torch.Generator().manual_seed(seed + 1)
-    for module in model.modules():  # non-trivial BatchNorm statistics and affine parameters
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.5, generator=generator)
-            module.running_var.uniform_(0.5, 2.0, generator=generator)
-            with torch.no_grad():
-                module.weight.uniform_(0.5, 1.5, generator=generator)
-                module.bias.normal_(0, 0.5, generator=generator)
-    return model.eval()
+    return randomize_batchnorm(model, seed + 1).eval()
 
 
 def random_importance(seed: int):
@@ -62,13 +54,13 @@ def test_masked_channel_contributes_nothing_even_with_bn_shift():
     model = build("mobilenet_v3_small")
     surgery.mask_blocks(model, sparsity=0.5)
     block = surgery.find_blocks(model)[2]  # features.3: expand, depthwise, SE-free
-    keep = block.project[0].parametrizations.weight[0].mask[0, :, 0, 0]
+    keep = block.project.conv.parametrizations.weight[0].mask[0, :, 0, 0]
     x = torch.randn(1, 3, 64, 64)
     captured = {}
-    block.depthwise.register_forward_hook(lambda m, i, out: captured.setdefault("dw", out))
+    model.features[3].block[1].register_forward_hook(lambda m, i, out: captured.setdefault("dw", out))
     outputs(model, x)
     assert (captured["dw"][:, ~keep].abs().amax() > 0)  # BN shift + activation: nonzero constants
-    assert torch.all(block.project[0].weight[:, ~keep] == 0)  # ... that the project conv never reads
+    assert torch.all(block.project.conv.weight[:, ~keep] == 0)  # ... that the project conv never reads
 
 
 def test_fifty_percent_on_large_meets_the_mac_goal():
@@ -93,7 +85,7 @@ def test_shrink_after_training_learnable_masks():
         loss.backward()
         optimizer.step()
         check(model)
-    pruned = sum(int((b.project[0].parametrizations.weight[0].gate() <= 0.5).sum())
+    pruned = sum(int((b.project.conv.parametrizations.weight[0].gate() <= 0.5).sum())
                  for b in surgery.find_blocks(model) if b.expand is not None)
     assert pruned > 0
     model.eval()
@@ -238,3 +230,144 @@ def test_shrink_measures_latency_when_asked():
     report = surgery.shrink(model, example=torch.randn(1, 3, 64, 64))
     assert report.latency[0] > 0 and report.latency[1] > 0
     assert "latency" in str(report) and "features.2" in str(report)
+
+
+SMALL_EXAMPLE = torch.zeros(1, 3, 64, 64)
+
+
+def kept(channels: int, sparsity: float) -> int:
+    return max(channels - round(sparsity * channels), 1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.9])
+def test_every_channel_group_shrinks_to_the_masked_model(arch, sparsity):
+    model = build(arch)
+    full = surgery.channel_plan(model)
+    assert {group.kind for group in surgery.channel_groups(model, example=SMALL_EXAMPLE)} == set(surgery.KINDS)
+    surgery.mask_blocks(model, groups="all", sparsity=sparsity, importance=random_importance(5))
+    check(model)
+    x = torch.randn(2, 3, 64, 64)
+    masked = outputs(model, x)
+    report = surgery.shrink(model, example=SMALL_EXAMPLE, measure=False)
+    torch.testing.assert_close(outputs(model, x), masked, rtol=1e-5, atol=1e-6)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    assert surgery.channel_plan(model) == {name: kept(channels, sparsity) for name, channels in full.items()}
+    assert report.channels == {name: (c, kept(c, sparsity)) for name, c in full.items() if kept(c, sparsity) != c}
+
+
+@pytest.mark.parametrize("kind", ["expanded", "squeeze", "stem", "stream", "last", "hidden"])
+def test_each_group_kind_alone_shrinks_only_its_groups(kind):
+    model = build("mobilenet_v3_large")  # its stem stream runs through a residual block without expand conv
+    names = [group.name for group in surgery.channel_groups(model, kind, example=SMALL_EXAMPLE)]
+    assert names
+    surgery.mask_blocks(model, groups=kind, sparsity=0.5, importance=random_importance(7))
+    x = torch.randn(2, 3, 64, 64)
+    masked = outputs(model, x)
+    report = surgery.shrink(model, example=SMALL_EXAMPLE, measure=False)
+    assert sorted(report.channels) == sorted(names)
+    torch.testing.assert_close(outputs(model, x), masked, rtol=1e-5, atol=1e-6)
+
+
+def test_a_stream_is_every_block_output_summed_into_it_and_every_layer_reading_it():
+    model = build("mobilenet_v3_large")
+    surgery.mask_blocks(model, groups="stream", sparsity=0.5)
+    # features.4 starts a 40-channel stream; features.5 and .6 add to it; features.7 reads it last
+    starts = model.features[4].block[-1][0].parametrizations.weight[0].mask[:, 0, 0, 0]
+    for index in (5, 6):
+        block = model.features[index].block
+        assert torch.equal(block[-1][0].parametrizations.weight[0].mask[:, 0, 0, 0], starts)  # project rows
+        assert torch.equal(block[0][0].parametrizations.weight[0].mask[0, :, 0, 0], starts)  # expand columns
+    assert torch.equal(model.features[7].block[0][0].parametrizations.weight[0].mask[0, :, 0, 0], starts)
+    assert int(starts.sum()) == 20
+
+
+def test_learnable_masks_on_every_group_share_one_gate_per_group_and_shrink_exactly():
+    model = build("mobilenet_v3_small").train()
+    surgery.mask_blocks(model, groups="all", learnable=True, strength=1.0)
+    gate = lambda module: module.parametrizations.weight[0]  # noqa: E731
+    stream = [model.features[i].block[0][0] for i in (5, 6, 7)]  # the readers of features.4:out
+    assert gate(stream[1]).scores is gate(stream[0]).scores is gate(stream[2]).scores
+    assert gate(stream[1]).strength == 0.0 and gate(stream[0]).strength == 1.0
+    scores = [p for name, p in model.named_parameters() if name.endswith("scores")]
+    others = [p for name, p in model.named_parameters() if not name.endswith("scores")]
+    optimizer = torch.optim.Adam([{"params": others, "lr": 1e-3}, {"params": scores, "lr": 1.5}])
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss = model(torch.randn(4, 3, 64, 64)).square().mean() + penalty(model)
+        loss.backward()
+        optimizer.step()
+        check(model)
+    model.eval()
+    baked = copy.deepcopy(model)
+    bake(baked)
+    x = torch.randn(2, 3, 64, 64)
+    report = surgery.shrink(model, example=SMALL_EXAMPLE, measure=False)
+    torch.testing.assert_close(outputs(model, x), outputs(baked, x), rtol=1e-5, atol=1e-6)
+    shrunk_kinds = {group.kind for group in surgery.channel_groups(model, example=SMALL_EXAMPLE)
+                    if group.name in report.channels}
+    assert {"stem", "stream", "last", "hidden", "squeeze", "expanded"} <= shrunk_kinds
+
+
+def test_a_model_shrunk_in_every_group_saves_and_loads_back():
+    model = build("mobilenet_v3_small")
+    surgery.mask_blocks(model, groups="all", sparsity=0.5)
+    surgery.shrink(model, example=SMALL_EXAMPLE, measure=False)
+    buffer = io.BytesIO()
+    torch.save({"plan": surgery.channel_plan(model), "state_dict": model.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    fresh = torchvision.models.mobilenet_v3_small(weights=None).eval()
+    surgery.resize(fresh, checkpoint["plan"])
+    fresh.load_state_dict(checkpoint["state_dict"], strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(outputs(fresh, x), outputs(model, x))
+    assert fresh.classifier[0].out_features == 512 and fresh.features[0][0].out_channels == 8
+
+
+@pytest.mark.parametrize("kind", ["expanded", "squeeze", "stem", "stream", "last", "hidden"])
+def test_macs_per_channel_are_what_removing_one_channel_saves(kind):
+    model = build("mobilenet_v3_small")
+    group = surgery.channel_groups(model, kind, example=SMALL_EXAMPLE)[-1]
+    before = surgery.count_macs(model, SMALL_EXAMPLE)
+    surgery.resize(model, {group.name: group.channels - 1})
+    assert before - surgery.count_macs(model, SMALL_EXAMPLE) == pytest.approx(group.macs)
+    assert group.importance.shape == (group.channels,) and group.minimum == 1
+
+
+def test_group_importance_l1_sums_every_reader_and_bn_reads_gamma():
+    model = build("mobilenet_v3_small")
+    stream = next(g for g in surgery.channel_groups(model, "stream", importance="l1", example=SMALL_EXAMPLE)
+                  if g.name == "features.4:out")
+    readers = [model.features[i].block[0][0].weight for i in (5, 6, 7)]
+    expected = sum(w.detach().abs().sum(dim=(0, 2, 3)) for w in readers)
+    torch.testing.assert_close(stream.importance, expected)
+    by_bn = next(g for g in surgery.channel_groups(model, "stream", importance="bn", example=SMALL_EXAMPLE)
+                 if g.name == "features.4:out")
+    gammas = [model.features[i].block[-1][1].weight for i in (4, 5, 6)]
+    torch.testing.assert_close(by_bn.importance, sum(g.detach().abs() for g in gammas))
+
+
+def test_stem_and_last_roles():
+    model = build("mobilenet_v3_small")
+    assert surgery.role(model, "stem").names == {"features.0.0.weight"}
+    assert surgery.role(model, "last").names == {"features.12.0.weight"}
+
+
+def test_group_arguments_are_checked_and_change_nothing():
+    model = build("mobilenet_v3_small")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="expected groups to be 'all' or some of expanded, squeeze, stem"):
+        surgery.mask_blocks(model, groups="residual", sparsity=0.5)
+    with pytest.raises(ValueError, match="expected groups to be 'all' or some of"):
+        surgery.mask_blocks(model, groups=[], sparsity=0.5)
+    assert_unchanged(model, before)
+    config = InvertedResidualConfig(16, 3, 64, 24, True, "HS", 1, 1, 1.0)
+    blocks = nn.Sequential(nn.Conv2d(3, 16, 3), InvertedResidual(config, nn.BatchNorm2d))
+    before = snapshot(blocks)
+    with pytest.raises(ValueError, match="the stream groups need a whole torchvision model of the family"):
+        surgery.mask_blocks(blocks, groups=["expanded", "stream"], sparsity=0.5)
+    with pytest.raises(ValueError, match="role 'stem' needs a whole torchvision model"):
+        surgery.role(blocks, "stem")
+    assert_unchanged(blocks, before)
+    assert [g.kind for g in surgery.channel_groups(blocks, example=torch.zeros(1, 3, 16, 16))] == ["expanded", "squeeze"]

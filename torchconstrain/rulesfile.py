@@ -7,7 +7,7 @@ A rules file is a mapping with a ``rules`` list and an optional ``blocks`` mappi
         apply: {Clamp: {min: -1.0, max: 1.0}}
       - match: {type: Linear}                    # every torch.nn.Linear's weight
         apply: [NonNeg, {MaxNorm: {max_value: 2.0}}]
-      - match: {role: depthwise}                 # a MobileNetV3 role (torchconstrain.surgery.role)
+      - match: {role: depthwise}                 # a surgery role (torchconstrain.surgery.role)
         apply: {FixedMask.magnitude: {sparsity: 0.5}}
       - match: classifier.3
         apply: null                              # exclude from every other rule
@@ -60,7 +60,7 @@ CONSTRAINTS = {
     "L1": L1,
     "L2": L2,
 }
-BLOCK_OPTIONS = ("sparsity", "learnable", "importance", "strength", "hard")
+BLOCK_OPTIONS = ("groups", "sparsity", "learnable", "importance", "strength", "hard")
 
 
 class RulesFileError(ValueError):
@@ -211,7 +211,7 @@ def _match(where: str, match):
             return ("role", name)
     raise RulesFileError(
         f"{where}: 'match' must be a name, glob or 're:' regex, {{type: <torch.nn class>}} or "
-        f"{{role: <MobileNetV3 role>}}. Got {match!r}."
+        f"{{role: <surgery role>}}. Got {match!r}."
     )
 
 

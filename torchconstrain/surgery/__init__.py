@@ -1,26 +1,35 @@
 r"""Model rewrites that turn channel masks into really smaller models.
 
-Today: torchvision's MobileNetV3 (``mobilenet_v3_small``/``large`` and models built from
-their ``InvertedResidual`` blocks), built from the architecture-neutral pieces of
-:mod:`torchconstrain.surgery.slicing` (slicing convs, BatchNorms and linears, folding BN).
+The inverted residual family: torchvision's MobileNetV2, MobileNetV3, EfficientNet (B0-B7,
+V2 S/M/L) and MNASNet, and models built from their blocks. One description of the pattern
+(:mod:`~torchconstrain.surgery.pattern`: channel groups, masks, rewrites), one small
+adapter per architecture that says where its layers are, and the architecture-neutral
+pieces of :mod:`~torchconstrain.surgery.slicing` (slicing convs, BatchNorms and linears,
+folding BN).
 """
 
-from torchconstrain.surgery.measure import count_macs, count_params, measure_latency
-from torchconstrain.surgery.mobilenetv3 import (
+from torchconstrain.surgery.family import (
+    KINDS,
     Block,
+    Group,
+    GroupCost,
     RoleKey,
     ShrinkReport,
     block_rules,
+    channel_groups,
     channel_plan,
     find_blocks,
+    find_groups,
     mask_blocks,
     resize,
     role,
     shrink,
 )
+from torchconstrain.surgery.measure import count_macs, count_params, layer_macs, measure_latency
 from torchconstrain.surgery.slicing import fold_batchnorm
 
 __all__ = [
-    "Block", "RoleKey", "ShrinkReport", "block_rules", "channel_plan", "count_macs", "count_params", "find_blocks",
-    "fold_batchnorm", "mask_blocks", "measure_latency", "resize", "role", "shrink",
+    "KINDS", "Block", "Group", "GroupCost", "RoleKey", "ShrinkReport", "block_rules", "channel_groups", "channel_plan",
+    "count_macs", "count_params", "find_blocks", "find_groups", "fold_batchnorm", "layer_macs", "mask_blocks",
+    "measure_latency", "resize", "role", "shrink",
 ]

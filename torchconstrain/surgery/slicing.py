@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, skip_init
 
 __all__ = ["conv_of", "fold_batchnorm", "input_l1", "slice_outputs", "sliced_bn", "sliced_conv", "sliced_linear"]
 
@@ -65,7 +65,7 @@ def sliced_conv(conv: nn.Conv2d, *, rows: Tensor | None = None, columns: Tensor 
     weight, bias = _sliced_weight_and_bias(conv, rows, columns)
     out_channels = weight.shape[0]
     in_channels = out_channels if depthwise else weight.shape[1] * conv.groups
-    new = nn.Conv2d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+    new = skip_init(nn.Conv2d, in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                     groups=out_channels if depthwise else conv.groups, bias=bias is not None,
                     padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
@@ -111,7 +111,8 @@ def sliced_linear(linear: nn.Linear, *, rows: Tensor | None = None, columns: Ten
         Linear(in_features=2, out_features=3, bias=True)
     """
     weight, bias = _sliced_weight_and_bias(linear, rows, columns)
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    new = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                    dtype=weight.dtype)
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:

@@ -1,0 +1,195 @@
+import copy
+
+import pytest
+import torch
+import torchvision
+from conftest import assert_unchanged, randomize_batchnorm, snapshot
+from torch import nn
+
+from torchconstrain import bake, check, penalty, surgery
+
+EXAMPLE = torch.zeros(1, 3, 64, 64)
+
+
+def build(arch: str, seed: int = 0, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize_batchnorm(getattr(torchvision.models, arch)(weights=None, **kwargs), seed + 1).eval()
+
+
+def random_importance(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return lambda name, group: torch.rand(group.channels, generator=generator)
+
+
+def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def kept(channels: int, sparsity: float) -> int:
+    return max(channels - round(sparsity * channels), 1)
+
+
+def assert_shrinks_to_the_masked_model(model, x, sparsity, groups="all", seed=3):
+    full = {g.name: g.channels for g in surgery.channel_groups(model, groups, example=EXAMPLE)}
+    surgery.mask_blocks(model, groups=groups, sparsity=sparsity, importance=random_importance(seed))
+    check(model)
+    masked = outputs(model, x)
+    report = surgery.shrink(model, example=EXAMPLE, measure=False)
+    torch.testing.assert_close(outputs(model, x), masked, rtol=1e-5, atol=1e-5)
+    assert report.channels == {name: (c, kept(c, sparsity)) for name, c in full.items() if kept(c, sparsity) != c}
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    return report
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "efficientnet_b0", "mnasnet1_0"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.9])
+def test_every_channel_group_shrinks_to_the_masked_model(arch, sparsity):
+    report = assert_shrinks_to_the_masked_model(build(arch), torch.randn(2, 3, 64, 64), sparsity)
+    if sparsity:
+        assert report.params[1] < report.params[0] and report.macs[1] < report.macs[0]
+
+
+def test_efficientnet_v2_fused_blocks_shrink_to_the_masked_model():
+    model = build("efficientnet_v2_s")
+    fused = [b for b in surgery.find_blocks(model) if isinstance(b.module, torchvision.models.efficientnet.FusedMBConv)]
+    assert fused[0].expand is None and fused[0].depthwise is None and fused[0].residual  # one kxk conv
+    assert fused[-1].expand.conv.kernel_size == (3, 3) and fused[-1].depthwise is None
+    assert_shrinks_to_the_masked_model(model, torch.randn(2, 3, 64, 64), 0.5)
+
+
+@pytest.mark.parametrize("kind", ["expanded", "squeeze", "stem", "stream", "last"])
+def test_each_group_kind_alone_shrinks_only_its_groups(kind):
+    model = build("efficientnet_b0")
+    assert_shrinks_to_the_masked_model(model, torch.randn(2, 3, 64, 64), 0.5, groups=kind)
+
+
+def test_hidden_units_need_a_hidden_layer():
+    model = build("mobilenet_v2")
+    assert surgery.channel_groups(model, "hidden", example=EXAMPLE) == []
+    assert {g.kind for g in surgery.channel_groups(model, example=EXAMPLE)} == {"expanded", "stem", "stream", "last"}
+
+
+def test_shrunk_efficientnet_matches_in_train_mode_with_stochastic_depth():
+    model = build("efficientnet_b0", stochastic_depth_prob=0.5, dropout=0.0).train()
+    surgery.mask_blocks(model, groups="all", sparsity=0.5, importance=random_importance(4))
+    x = torch.randn(4, 3, 64, 64)
+    draws = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        draws.append(outputs(model, x))
+    assert not torch.allclose(draws[0], draws[1])  # stochastic depth did drop branches
+    surgery.shrink(model, example=EXAMPLE, measure=False)
+    assert model.training
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        torch.testing.assert_close(outputs(model, x), draws[seed], rtol=1e-5, atol=1e-5)
+
+
+def test_learnable_masks_on_every_group_train_bake_and_shrink_exactly():
+    model = build("efficientnet_b0", num_classes=10).train()
+    surgery.mask_blocks(model, groups="all", learnable=True, strength=1.0)
+    scores = [p for name, p in model.named_parameters() if name.endswith("scores")]
+    assert len(scores) == len(surgery.channel_groups(model, example=EXAMPLE))  # one gate per group
+    others = [p for name, p in model.named_parameters() if not name.endswith("scores")]
+    optimizer = torch.optim.Adam([{"params": others, "lr": 1e-3}, {"params": scores, "lr": 1.5}])
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = model(torch.randn(4, 3, 64, 64)).square().mean() + penalty(model)
+        loss.backward()
+        optimizer.step()
+        check(model)
+    model.eval()
+    baked = copy.deepcopy(model)
+    bake(baked)
+    x = torch.randn(2, 3, 64, 64)
+    report = surgery.shrink(model, example=EXAMPLE, measure=False)
+    torch.testing.assert_close(outputs(model, x), outputs(baked, x), rtol=1e-5, atol=1e-5)
+    assert report.macs[1] < report.macs[0]
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_b1", "mnasnet0_5", "mnasnet0_75", "mnasnet1_3"])
+def test_other_sizes_shrink_to_the_masked_model(arch):
+    assert_shrinks_to_the_masked_model(build(arch), torch.randn(1, 3, 32, 32), 0.5)
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_b2", "efficientnet_b3", "efficientnet_b4", "efficientnet_b5",
+                                  "efficientnet_b6", "efficientnet_b7", "efficientnet_v2_m", "efficientnet_v2_l"])
+def test_the_biggest_sizes_have_consistent_groups_that_resize(arch):
+    with torch.device("meta"):  # shapes only: these sizes differ from b0, b1 and v2_s in widths and depths
+        model = getattr(torchvision.models, arch)(weights=None).eval()
+    plan = {name: kept(channels, 0.5) for name, channels in surgery.channel_plan(model).items()}
+    surgery.resize(model, plan)
+    assert surgery.channel_plan(model) == plan
+    assert outputs(model, torch.randn(1, 3, 32, 32, device="meta")).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("arch, blocks", [("mobilenet_v2", 17), ("efficientnet_b0", 16), ("efficientnet_v2_s", 40),
+                                          ("mnasnet0_5", 17)])
+def test_roles_pick_layers_by_function(arch, blocks):
+    model = getattr(torchvision.models, arch)(weights=None)
+    found = surgery.find_blocks(model)
+    assert len(found) == blocks
+    convs = dict(model.named_modules())
+    depthwise = {f"{name}.weight" for name, m in convs.items()
+                 if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1}
+    assert surgery.role(model, "depthwise").names == depthwise
+    for name in ("expand", "project", "se_fc1", "se_fc2"):
+        names = surgery.role(model, name).names
+        assert len(names) == sum(1 for b in found if name in b.weights())
+        assert all(isinstance(convs[n.rsplit(".", 1)[0]], nn.Conv2d) for n in names)
+    assert len(surgery.role(model, "se").names) == 2 * len(surgery.role(model, "se_fc1").names)
+
+
+def test_mnasnet_separable_block_belongs_to_the_stem_group():
+    model = build("mnasnet0_5")
+    stem = surgery.channel_groups(model, "stem", example=EXAMPLE)[0]
+    assert stem.name == "layers.0:out" and surgery.find_blocks(model)[0].name == "layers.3"
+    assert_shrinks_to_the_masked_model(model, torch.randn(2, 3, 64, 64), 0.5, groups="stem")
+    assert model.layers[3].groups == model.layers[0].out_channels == model.layers[6].in_channels == 8
+
+
+def test_a_changed_model_is_refused_with_a_clear_error_and_left_unchanged():
+    model = build("efficientnet_b0")
+    model.features[3] = nn.Sequential(model.features[3], nn.Identity())  # not a stage of blocks any more
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"EfficientNet.features: expected the stem, blocks and the last conv. Got Identity"):
+        surgery.mask_blocks(model, sparsity=0.5)
+    with pytest.raises(ValueError, match="expected the stem, blocks and the last conv"):
+        surgery.shrink(model, measure=False)
+    assert_unchanged(model, before)
+    model = build("mobilenet_v2")
+    model.classifier = nn.Sequential(nn.Linear(1280, 10), nn.LayerNorm(10))
+    with pytest.raises(ValueError, match="MobileNetV2.classifier: expected one or two Linear layers .* Got Linear, LayerNorm"):
+        surgery.channel_plan(model)
+
+
+def test_a_subclass_with_its_own_forward_has_only_block_groups():
+    class Features(torchvision.models.MobileNetV2):
+        def forward(self, x):
+            return self.features(x)
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(Features()).eval()
+    assert {g.kind for g in surgery.channel_groups(model, example=EXAMPLE)} == {"expanded"}
+    with pytest.raises(ValueError, match="the stem groups need a whole torchvision model"):
+        surgery.mask_blocks(model, groups="stem", sparsity=0.5)
+    assert_shrinks_to_the_masked_model(model, torch.randn(2, 3, 32, 32), 0.5)
+
+
+def torch_pruning_group(graph, module: nn.Module, names: dict) -> set:
+    group = graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels, idxs=[0])
+    return {(names[dep.target.module], "in" if "in_channels" in dep.handler.__name__ else "out")
+            for dep, _ in group if isinstance(dep.target.module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))}
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "efficientnet_b0", "mnasnet0_5"])
+def test_every_group_is_the_group_torch_pruning_finds(arch):
+    tp = pytest.importorskip("torch_pruning")
+    model = getattr(torchvision.models, arch)(weights=None).eval()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 32, 32))
+    names = {module: name for name, module in model.named_modules()}
+    for group in surgery.find_groups(model):
+        ours = {(slot.fqn, "out") for slot in (*group.rows, *group.depthwise, *group.bns)}
+        ours |= {(slot.fqn, "in") for slot in group.readers}
+        assert ours == torch_pruning_group(graph, group.rows[0].module, names), group.name
