@@ -2,6 +2,8 @@ r"""Fake quantization: weights on an integer grid, for quantization-aware traini
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -23,7 +25,11 @@ class FakeQuant(Constraint):
       integers in ``[0, 2**bits - 1]``, effective ``w_q = scale * (q - zero_point)``.
 
     With ``per_channel=True`` each slice along ``dim`` (each output channel) has its own
-    scale. Zeros map to exactly zero, so masked entries stay zero. The gradient passes
+    scale. ``min_scale`` floors every scale: a slice whose range would give a smaller one
+    gets ``min_scale`` instead. Int8 backends floor their scales too (XNNPACK's quantizer at
+    ``2**-12``); train with the backend's floor and its quantization leaves the baked
+    weights as they are: :meth:`FakeQuant.xnnpack` is that grid for ExecuTorch's XNNPACK.
+    Zeros map to exactly zero, so masked entries stay zero. The gradient passes
     straight through the rounding (quantization-aware training), and :func:`torchconstrain.bake`
     leaves every weight exactly on its grid. :func:`torchconstrain.check` quantizes each
     slice of the effective tensor again on the grid of its own range and accepts it when no
@@ -35,6 +41,8 @@ class FakeQuant(Constraint):
         per_channel: one scale per slice along ``dim`` instead of one for the tensor.
         symmetric: symmetric grid around 0, or affine with a zero point.
         dim: the channel dimension when ``per_channel``.
+        min_scale: the smallest scale a slice gets (default 0: no floor, and an all-zero
+            slice gets scale 1).
 
     Example:
         >>> import torch
@@ -49,11 +57,31 @@ class FakeQuant(Constraint):
 
     cacheable = True  # see Constraint
 
-    def __init__(self, bits: int = 8, *, per_channel: bool = True, symmetric: bool = True, dim: int = 0) -> None:
+    def __init__(self, bits: int = 8, *, per_channel: bool = True, symmetric: bool = True, dim: int = 0,
+                 min_scale: float = 0.0) -> None:
         super().__init__()
         if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
             raise ValueError(f"FakeQuant: expected bits to be an integer from 2 to 16. Got {bits!r}.")
+        if isinstance(min_scale, bool) or not isinstance(min_scale, (int, float)) or not 0 <= min_scale < math.inf:
+            raise ValueError(f"FakeQuant: expected min_scale to be a finite number >= 0. Got {min_scale!r}.")
         self.bits, self.per_channel, self.symmetric, self.dim = bits, per_channel, symmetric, dim
+        self.min_scale = float(min_scale)
+
+    @classmethod
+    def xnnpack(cls) -> "FakeQuant":
+        r"""The grid of ExecuTorch's XNNPACK int8 weights: 8 bits, per output channel, symmetric
+        ``[-127, 127]``, scales floored at ``2**-12`` (as ``XNNPACKQuantizer`` with
+        ``get_symmetric_quantization_config(is_per_channel=True)`` quantizes them).
+
+        A weight baked from it goes through :func:`torchconstrain.deploy.to_executorch` with
+        ``int8=True`` bitwise unchanged, unless a BatchNorm is folded into it on the way.
+
+        Example:
+            >>> from torchconstrain import FakeQuant
+            >>> FakeQuant.xnnpack()
+            FakeQuant(bits=8, per_channel=True, symmetric=True, dim=0, min_scale=0.000244140625)
+        """
+        return cls(8, per_channel=True, symmetric=True, dim=0, min_scale=2**-12)
 
     def _bind(self, fqn: str, tensor: Tensor) -> None:
         if not tensor.is_floating_point():
@@ -68,12 +96,12 @@ class FakeQuant(Constraint):
         dims = self._dims(x)
         if self.symmetric:
             qmax = 2 ** (self.bits - 1) - 1
-            scale = x.detach().abs().amax(dim=dims, keepdim=True) / qmax
+            scale = self._floor(x.detach().abs().amax(dim=dims, keepdim=True) / qmax)
             return _positive(scale), torch.zeros_like(scale), -qmax, qmax
         qmax = 2**self.bits - 1
         low = x.detach().amin(dim=dims, keepdim=True).clamp_max(0)
         high = x.detach().amax(dim=dims, keepdim=True).clamp_min(0)
-        scale = _positive((high - low) / qmax)
+        scale = _positive(self._floor((high - low) / qmax))
         # Half-down here and half-up in quantize() put the extremes exactly on 0 and qmax,
         # so the grid of a quantized tensor is its own (no half-to-even ties moving them).
         return scale, torch.ceil(-low / scale - 0.5).clamp(0, qmax), 0, qmax
@@ -109,12 +137,16 @@ class FakeQuant(Constraint):
         moved = ((q - zero_point) * scale - value).abs() / scale > 1e-3
         return moved.amax(dim=self._dims(value), keepdim=True).expand_as(value)
 
+    def _floor(self, scale: Tensor) -> Tensor:
+        return scale.clamp_min(self.min_scale) if self.min_scale else scale
+
     def _dims(self, x: Tensor) -> list[int]:
         return [d for d in range(x.dim()) if not (self.per_channel and d == self.dim % x.dim())]
 
     def extra_repr(self) -> str:
         text = f"bits={self.bits}, per_channel={self.per_channel}, symmetric={self.symmetric}"
-        return text + (f", dim={self.dim}" if self.per_channel else "")
+        text += f", dim={self.dim}" if self.per_channel else ""
+        return text + (f", min_scale={self.min_scale!r}" if self.min_scale else "")
 
 
 def _positive(scale: Tensor) -> Tensor:
