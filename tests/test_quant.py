@@ -95,3 +95,27 @@ def test_affine_grid_with_a_rounding_tie_passes_check():
     values = set(layer.weight.flatten().tolist())
     scale = 20 / 15
     assert all(abs(v / scale - round(v / scale)) < 1e-4 for v in values)
+
+
+def test_min_scale_floors_the_grid_like_torch_fake_quantize_with_a_floored_scale():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 6)
+    with torch.no_grad():
+        layer.weight[:3].mul_(0.01)  # these rows' max|w| / 127 is under the floor
+    weight = layer.weight.detach().clone()
+    constrain(layer, {"weight": FakeQuant.xnnpack()})
+    check(layer)
+    scale = (weight.abs().amax(dim=1) / 127).clamp_min(2**-12)
+    assert (scale[:3] == 2**-12).all() and (scale[3:] > 2**-12).all()
+    peer = torch.fake_quantize_per_channel_affine(weight, scale, torch.zeros(6, dtype=torch.int32), 0, -127, 127)
+    assert torch.equal(layer.weight, peer)
+    bake(layer)
+    assert torch.equal(layer.weight, peer)
+    unfloored = FakeQuant(8).quantize(weight)
+    assert not torch.equal(unfloored[:3], peer[:3]) and torch.equal(unfloored[3:], peer[3:])
+
+
+@pytest.mark.parametrize("value", [-1e-3, float("inf"), float("nan"), "0.1", True])
+def test_a_bad_min_scale_is_refused(value):
+    with pytest.raises(ValueError, match="FakeQuant: expected min_scale to be a finite number >= 0"):
+        FakeQuant(8, min_scale=value)

@@ -114,10 +114,12 @@ def _calibration_batches(args, example) -> list:
 
 def _add_demo(commands) -> None:
     demo = commands.add_parser(
-        "demo", help="train MobileNetV3-Small on digits, plain and constrained; bake, shrink, report",
+        "demo", help="train MobileNetV3-Small on digits, plain and constrained; bake, shrink, export, report",
         description="Train torchvision's MobileNetV3-Small on scikit-learn's 8x8 digits, plain and under a "
-        "rules file (check after every epoch), bake, shrink and fold it, and write report.md, metrics.json "
-        "and plots. Exits with 1 if a check fails or the shrunk model's outputs differ from the baked model's.")
+        "rules file (check after every epoch), bake, shrink and fold it, export it to ExecuTorch programs "
+        "(fp32 and int8), and write report.md, metrics.json, plots and the programs. Exits with 1 if a check "
+        "fails, the shrunk model's outputs differ from the baked model's or the fp32 program's from the shrunk "
+        "model's.")
     demo.add_argument("--epochs", type=_at_least_one, default=15, help="epochs of each training (default 15)")
     demo.add_argument("--batch-size", type=_at_least_one, default=64, help="training batch size (default 64)")
     demo.add_argument("--seed", type=int, default=0, help="seeds the split, the weights and the batches (default 0)")
@@ -127,6 +129,10 @@ def _add_demo(commands) -> None:
                       help="the report folder (default ./torchconstrain-demo)")
     demo.add_argument("--threads", type=_at_least_one, default=1,
                       help="torch CPU threads (default 1: the same numbers on every machine, steady on a busy one)")
+    demo.add_argument("--calibrate", type=_at_least_one, default=256, metavar="N",
+                      help="training images that calibrate the int8 program (default 256)")
+    demo.add_argument("--no-deploy", action="store_true",
+                      help="skip the last stage, the ExecuTorch programs (fp32 and int8)")
     demo.add_argument("--show-rules", action="store_true", help="print the rules file and exit")
 
 
@@ -155,7 +161,8 @@ def _run_demo(args) -> int:
     from torchconstrain.errors import ConstraintViolation
 
     config = DemoConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                        threads=args.threads, rules=args.rules, out=args.out)
+                        threads=args.threads, rules=args.rules, out=args.out, deploy=not args.no_deploy,
+                        calibration_images=args.calibrate)
     try:
         config.validate()
         if args.show_rules:
@@ -170,8 +177,8 @@ def _run_demo(args) -> int:
         return 2
     print(result.summary)
     if not result.ok:
-        print("torchconstrain demo: the shrunk model's outputs differ from the baked model's (see above).",
-              file=sys.stderr)
+        print("torchconstrain demo: the shrunk model's outputs differ from the baked model's, or the fp32 "
+              "program's from the shrunk model's (see above).", file=sys.stderr)
     return 0 if result.ok else 1
 
 
