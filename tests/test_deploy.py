@@ -174,7 +174,7 @@ def test_bad_arguments_are_refused_before_any_work(net, arguments, error, messag
 
 
 def test_bad_examples_and_models_are_refused(net):
-    with pytest.raises(TypeError, match="example: expected a tensor or a tuple of tensors. Got list"):
+    with pytest.raises(TypeError, match="example: expected a tensor or a tuple of tensors. Got a list of list"):
         to_executorch(net, [[1.0]])
     with pytest.raises(TypeError, match="expected an nn.Module. Got dict"):
         to_executorch({}, torch.randn(1, 3))

@@ -215,7 +215,7 @@ def prepare(model: nn.Module, example: Tensor | None = None, *, inplace: bool = 
         >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
         >>> _ = constrain(model, {"0.weight": NonNeg()})
         >>> [type(m).__name__ for m in prepare(model, fold_batchnorm=True)], type(model[0]).__name__
-        (['Sequential', 'Conv2d', 'Identity'], 'ParametrizedConv2d')
+        (['Conv2d', 'Identity'], 'ParametrizedConv2d')
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_executorch: expected an nn.Module. Got {type(model).__name__}.")
