@@ -89,7 +89,7 @@ def test_the_last_stage_is_an_int8_executorch_program_of_the_shrunk_model(tiny):
     metrics, stages = result.metrics, result.metrics["stages"]
     verification = metrics["verification"]
     assert verification["executorch_fp32_matches_shrunk"]
-    assert verification["executorch_fp32_vs_shrunk_max_abs_difference"] <= 1e-5
+    assert verification["executorch_fp32_vs_shrunk_max_abs_difference"] <= 1e-5  # near-random logits: small
     assert stages["executorch_int8"]["int8"] and not stages["executorch_fp32"]["int8"]
     assert stages["executorch_int8"]["quantized_weights"] > 50  # every conv and linear of MobileNetV3-Small
     assert stages["executorch_int8"]["size_bytes"] < stages["executorch_fp32"]["size_bytes"] / 3

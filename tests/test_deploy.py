@@ -68,7 +68,7 @@ def test_the_fp32_program_computes_what_the_baked_model_computes(digits, program
     assert not fp32.int8 and fp32.moved == {} and fp32.input_shapes == ((1, 1, 8, 8),)
     with torch.no_grad():
         for image in test_x[:40].split(1):
-            torch.testing.assert_close(fp32(image), baked(image), rtol=0, atol=1e-5)
+            torch.testing.assert_close(fp32(image), baked(image), rtol=1e-6, atol=1e-5)  # float32 rounding
 
 
 def test_weights_trained_under_fake_quant_xnnpack_go_through_int8_unchanged(digits, programs):

@@ -118,7 +118,8 @@ def _program_verdicts(metrics: dict) -> list[str]:
     within = "within" if abs(points) <= 1 else "MORE than"
     return [
         f"ExecuTorch fp32 vs shrunk + folded outputs: max |difference| "
-        f"{check['executorch_fp32_vs_shrunk_max_abs_difference']:.2g} ({verdict}, atol={check['executorch_tolerance']:g})",
+        f"{check['executorch_fp32_vs_shrunk_max_abs_difference']:.2g} ({verdict}, "
+        + ", ".join(f"{key}={value:g}" for key, value in check["executorch_tolerance"].items()) + ")",
         f"ExecuTorch int8 vs fp32 test accuracy: {points:+.1f} pt ({within} 1 point); "
         f"{stages['executorch_int8']['quantized_weights']} weights int8 per channel, activations calibrated on "
         f"{metrics['settings']['calibration_images']} training images",
