@@ -1,14 +1,19 @@
 import pytest
 import torch
-from conftest import SmallNet
+from conftest import SmallNet, TiedNet, assert_unchanged, snapshot, tokens
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 from torchconstrain import (
+    L1,
     Clamp,
     ConstraintViolation,
+    FakeQuant,
     FixedMask,
     LearnableMask,
+    MaxNorm,
+    NonNeg,
+    UnitNorm,
     bake,
     check,
     constrain,
@@ -133,3 +138,135 @@ def test_penalty_is_zero_without_terms_and_sums_learnable_masks(net):
     assert total.shape == () and total.item() == pytest.approx(0.1)
     total.backward()
     assert net.features[0].parametrizations.weight[0].scores.grad is not None
+
+
+# --- tied parameters ---------------------------------------------------------------------
+
+
+def test_bake_restores_a_tie_with_the_constrained_models_outputs(tied):
+    stored = tied.emb.weight
+    optimizer = torch.optim.SGD(tied.parameters(), lr=0.5)
+    constrain(tied, {"head": [FixedMask.magnitude(sparsity=0.5), Clamp(-0.2, 0.2)]})
+    x = tokens()
+    expected = tied(x)
+    report = bake(tied)
+    assert tied.head.weight is tied.emb.weight is stored  # one Parameter again, the optimizer's
+    assert type(tied.emb) is nn.Embedding and type(tied.head) is nn.Linear
+    assert torch.equal(tied(x), expected)
+    assert report.names() == ["emb.weight", "head.weight"] and report["head.weight"]["sparsity"] == 0.5
+    assert list(tied.state_dict()) == list(TiedNet().state_dict())
+    TiedNet().load_state_dict(tied.state_dict(), strict=True)
+    tied(x).sum().backward()
+    optimizer.step()
+    assert tied.head.weight is tied.emb.weight
+
+
+def test_bake_with_a_key_on_one_name_bakes_the_tied_parameter_for_all(tied):
+    constrain(tied, {"emb": Clamp(-0.1, 0.1), "body": Clamp(-0.1, 0.1)})
+    assert bake(tied, "head").names() == ["emb.weight", "head.weight"]
+    assert tied.head.weight is tied.emb.weight and isinstance(tied.emb.weight, nn.Parameter)
+    assert parametrize.is_parametrized(tied.body)
+
+
+def test_check_names_a_broken_tied_parameter_once_by_all_its_names(tied):
+    constrain(tied, {"head": FixedMask.magnitude(sparsity=0.5)})
+    parametrize.register_parametrization(tied.head, "weight", _AddOne())  # joins the shared chain
+    assert tied.emb.parametrizations.weight[1].__class__ is _AddOne
+    with pytest.raises(ConstraintViolation) as caught:
+        check(tied)
+    assert [fqn for fqn, _ in caught.value.violations] == ["emb.weight = head.weight"]
+
+
+def test_penalty_counts_a_tied_parameter_once(tied):
+    constrain(tied, {"*.weight": LearnableMask(strength=0.1, init=0.5), "head": L1(0.01)})
+    mask = tied.emb.parametrizations.weight[0]
+    expected = mask.penalty() + tied.body.parametrizations.weight[0].penalty() + 0.01 * tied.emb.weight.abs().sum()
+    assert torch.allclose(penalty(tied), expected, rtol=0, atol=1e-6)
+    # two masks of mean gate 0.5 at strength 0.1, and one L1 term: the tied weight is counted once
+    assert penalty(tied).item() == pytest.approx(2 * 0.05 + 0.01 * tied.head.weight.abs().sum().item())
+
+
+def test_bake_refuses_a_submodule_holding_only_some_names_of_a_tied_parameter(tied):
+    constrain(tied, {"head": Clamp(-0.1, 0.1)})
+    x = tokens()
+    expected = tied(x)
+    with pytest.raises(ValueError, match=r"^weight: this tied Parameter has 1 more name\(s\) outside"):
+        bake(tied.head)
+    assert tied.head.parametrizations.weight is tied.emb.parametrizations.weight
+    assert len(tied.emb.parametrizations.weight) == 1 and torch.equal(tied(x), expected)
+    check(tied)
+
+def test_bake_refuses_a_key_that_matches_nothing(net):
+    constrain(net, RULES)
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"bake: key \(features.0.wieght\) matches no parameter. Closest names: features.0.weight"):
+        bake(net, "features.0.wieght")
+    with pytest.raises(ValueError, match=r"bake: key \(Conv1d\) matches no parameter. Module types with parameters"):
+        bake(net, nn.Conv1d)
+    assert_unchanged(net, before)
+
+
+ZERO_SIZE = {
+    "Clamp": lambda: Clamp(-0.5, 0.5),
+    "NonNeg": lambda: NonNeg(),
+    "MaxNorm": lambda: MaxNorm(1.0),
+    "UnitNorm": lambda: UnitNorm(),
+    "FakeQuant": lambda: FakeQuant(4),
+    "FakeQuant per tensor, affine": lambda: FakeQuant(4, per_channel=False, symmetric=False),
+    "LearnableMask": lambda: LearnableMask(strength=0.1),
+    "LearnableMask per channel": lambda: LearnableMask(per="channel", hard=True),
+    "magnitude": lambda: FixedMask.magnitude(sparsity=0.5),
+    "threshold": lambda: FixedMask.magnitude(threshold=0.1),
+    "global_magnitude": lambda: FixedMask.global_magnitude(sparsity=0.5),
+    "random": lambda: FixedMask.random(sparsity=0.5, seed=0),
+    "structured": lambda: FixedMask.structured(sparsity=0.5),
+    "n_m": lambda: FixedMask.n_m(),
+    "L1": lambda: L1(0.1),
+    "stack": lambda: [FixedMask.magnitude(sparsity=0.5), Clamp(-0.5, 0.5), FakeQuant(6)],
+}
+
+
+@pytest.mark.parametrize("name", [*ZERO_SIZE, "FixedMask"])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_tensors_without_entries_constrain_train_check_and_bake(name):
+    """Weights of shape (0, 8) and (8, 0) (layers without outputs or inputs) constrain, train,
+    check, bake and load like any other; the bias of the second one has entries."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 0), nn.Linear(0, 8))
+    if name == "FixedMask":
+        rules = {"0.weight": FixedMask(torch.ones(0, 8)), "1.weight": FixedMask(torch.ones(8, 0))}
+    elif name == "UnitNorm":  # the (8, 0) weight: see test_unit_norm_on_slices_without_entries_is_refused
+        rules = {"0.weight": UnitNorm()}
+    else:
+        rules = {"*.weight": ZERO_SIZE[name](), "1.bias": Clamp(-0.1, 0.1)}
+    report = constrain(model, rules)
+    assert report["0.weight"]["shape"] == (0, 8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (model(torch.randn(2, 8)).square().sum() + penalty(model)).backward()
+        optimizer.step()
+        rows = check(model)
+    assert penalty(model).isfinite()
+    assert rows["0.weight"]["min"] is None and rows["0.weight"]["sparsity"] == 0.0
+    assert "nan" not in str(report) + str(rows)
+    twin = nn.Sequential(nn.Linear(8, 0), nn.Linear(0, 8))
+    constrain(twin, rules)
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(2, 8)
+    expected = model(x)
+    assert torch.equal(twin(x), expected)
+    bake(model)
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+    assert model[0].weight.shape == (0, 8) and torch.equal(model(x), expected)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_unit_norm_on_slices_without_entries_is_refused():
+    model = nn.Linear(0, 4)  # weight (4, 0): four rows of nothing cannot have norm 1
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"weight: UnitNorm\(dim=0\) cannot hold on a tensor of shape \(4, 0\): its 4 slices along dim 0 have no entries"):
+        constrain(model, {"weight": UnitNorm()})
+    assert_unchanged(model, before)
+    constrain(model, {"weight": UnitNorm(dim=1)})  # no slices along dim 1: nothing to normalize
+    check(model)

@@ -1,9 +1,15 @@
 """Rule keys pick tensors by name, module name, glob, regex, module type or predicate; a key that matches nothing names the closest names."""
 
+import re
+
 import pytest
+import torch
+from conftest import assert_unchanged, snapshot
 from torch import nn
+from torch.nn.utils import parametrizations
 
 from torchconstrain import Clamp, LearnableMask, constrain, match
+from torchconstrain.keys import label
 
 
 @pytest.mark.parametrize(
@@ -50,3 +56,84 @@ def test_strict_error_names_rule_and_closest_names(net):
 def test_non_strict_allows_unmatched_rules(net):
     report = constrain(net, {"nothing.here": Clamp(-1, 1), "head": Clamp(-1, 1)}, strict=False)
     assert report.names() == ["head.weight"]
+
+
+class Recurrent(nn.Module):
+    """Modules whose tensors are not called ``weight``, next to one whose are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 4)
+        self.gru = nn.GRU(4, 4, num_layers=2)
+        self.attention = nn.MultiheadAttention(4, 2)
+        self.head = nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize(
+    "key, tensors",
+    [
+        (nn.LSTM, "lstm \\(LSTM\\) has no tensor named 'weight'.*its tensors are weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0"),
+        (nn.GRU, "gru \\(GRU\\) has no tensor named 'weight'.*weight_ih_l1, weight_hh_l1"),
+        (nn.MultiheadAttention, "attention \\(MultiheadAttention\\) has no tensor named 'weight'.*in_proj_weight, in_proj_bias"),
+        ("lstm", "lstm \\(LSTM\\) has no tensor named 'weight'"),
+        ("lstm.weight", "lstm \\(LSTM\\) has no tensor named 'weight'"),
+    ],
+)
+def test_keys_for_modules_without_a_weight_say_what_their_tensors_are_called(key, tensors):
+    model = Recurrent()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=f"rule 0 \\({label(key)}\\) matches no parameter. {tensors}") as caught:
+        constrain(model, {key: Clamp(-1, 1)})
+    assert_unchanged(model, before)
+    offered = re.search(r"Pick them by name: '([^']+)'", str(caught.value)).group(1)
+    assert constrain(model, {offered: Clamp(-1, 1)}).names() == [offered]  # the name offered is one that works
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+def test_a_weight_under_another_librarys_parametrization_says_so():
+    model = nn.Sequential(
+        parametrizations.weight_norm(nn.Linear(4, 4, bias=False)),
+        torch.nn.utils.weight_norm(nn.Linear(4, 4)),
+        torch.nn.utils.spectral_norm(nn.Linear(4, 4)),
+    )
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"0 \(Linear\): weight is under _WeightNorm, another library's parametrization "
+                       r"with 2 stored originals \(original0, original1\)"):
+        constrain(model, {"0": Clamp(-1, 1)})
+    with pytest.raises(ValueError, match=r"1 \(Linear\): weight is computed before each forward by the WeightNorm hook "
+                       r"\(torch.nn.utils.weight_norm\) from weight_g, weight_v"):
+        constrain(model, {"1.weight": Clamp(-1, 1)})
+    with pytest.raises(ValueError, match=r"2 \(Linear\): weight is computed .* SpectralNorm hook .* from weight_orig"):
+        constrain(model, {"2": Clamp(-1, 1)})
+    assert_unchanged(model, before)
+
+
+def test_a_module_instance_is_not_a_key(net):
+    before = snapshot(net)
+    with pytest.raises(TypeError, match=r"constrain: rule 0 key is a module instance \(Linear\).*name in the model.*class Linear"):
+        constrain(net, {net.head: Clamp(-1, 1)})
+    with pytest.raises(TypeError, match=r"match: key is a module instance \(Linear\)"):
+        match(net, net.head)
+    assert_unchanged(net, before)
+
+
+def test_errors_of_a_callable_key_name_the_rule(net):
+    before = snapshot(net)
+
+    def by_depth(fqn, module):
+        return int(fqn.split(".")[1]) > 0  # "head.weight" has no depth
+
+    with pytest.raises(ValueError, match=r"rule 1 \(by_depth\) key, called on 'head.weight' raised ValueError: invalid literal") as caught:
+        constrain(net, [("head", Clamp(-1, 1)), (by_depth, Clamp(-1, 1))])
+    assert isinstance(caught.value.__cause__, ValueError)
+    with pytest.raises(ZeroDivisionError, match=r"match: key \(<lambda>\), called on 'features.0.weight' raised") as caught:
+        match(net, lambda fqn, module: 1 / 0)
+    assert isinstance(caught.value.__cause__, ZeroDivisionError)
+    with pytest.raises(RuntimeError, match=r"rule 0 \(<lambda>\) key, called on 'features.0.weight' raised KeyError: 'x'") as caught:
+        constrain(net, {lambda fqn, module: {}["x"]: Clamp(-1, 1)})
+    assert isinstance(caught.value.__cause__, KeyError)  # KeyError quotes its message: a RuntimeError says it plainly
+    with pytest.raises(TypeError, match=r"rule 0 \(<lambda>\) key must be callable as \(fqn, module\). Got <lambda>\(fqn\)"):
+        constrain(net, {lambda fqn: True: Clamp(-1, 1)})
+    with pytest.raises(TypeError, match=r"rule 0 \(<lambda>\) key must return True or False.*Got a tensor of shape \(\) for 'features.0.weight'"):
+        constrain(net, {lambda fqn, module: torch.tensor(True): Clamp(-1, 1)})
+    assert_unchanged(net, before)

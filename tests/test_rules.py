@@ -4,8 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_unchanged, snapshot
-from torchconstrain import Clamp, FixedMask, LearnableMask, constrain, match
+from conftest import assert_unchanged, snapshot, tokens
+from torch.nn.utils import parametrizations, parametrize, prune
+
+from torchconstrain import Clamp, FixedMask, LearnableMask, NonNeg, check, constrain, match
 
 
 def constrained_names(model: nn.Module) -> list[str]:
@@ -121,9 +123,59 @@ def test_contradiction_between_mask_and_box_is_refused(net):
         constrain(net, {"head": [LearnableMask(), Clamp(0.1, 1.0)]})
 
 
-def test_disjoint_boxes_are_refused(net):
-    with pytest.raises(ValueError, match=r"contradict each other.*Clamp\(min=0, max=1\) from rule 0"):
-        constrain(net, [("head", Clamp(0, 1)), ("head", Clamp(2, 3))])
+def test_disjoint_boxes_are_refused_naming_both_rules(net):
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"contradict each other.*Clamp\(min=0, max=1\) from rule 0 \(head\) is broken "
+                       r"by Clamp\(min=2, max=3\) from rule 1 \(Linear\), applied after it"):
+        constrain(net, [("head", Clamp(0, 1)), (nn.Linear, Clamp(2, 3))])
+    with pytest.raises(ValueError, match=r"Clamp\(min=0, max=1\) from rule 0 \(head\) is broken by Clamp\(min=-3, max=-2\) from rule 2"):
+        constrain(net, [("head", Clamp(0, 1)), ("head", Clamp(-5, 5)), ("head", Clamp(-3, -2))])
+    assert_unchanged(net, before)
+    constrain(net, {"head": Clamp(0, 1)})
+    with pytest.raises(ValueError, match=r"Clamp\(min=0, max=1\) from already there is broken by Clamp\(min=2, max=3\) from rule 0"):
+        constrain(net, {"head": Clamp(2, 3)}, existing="stack")
+
+
+def test_errors_of_a_callable_value_name_the_rule(net):
+    before = snapshot(net)
+
+    def bounds(fqn, tensor):
+        return Clamp(-1, 1) if tensor.dim() in (1, 4) else {}["no rule for " + fqn]
+
+    with pytest.raises(RuntimeError, match=r"head.weight: rule 0 \(\*.weight\) value \(a callable\) raised KeyError") as caught:
+        constrain(net, {"*.weight": bounds})
+    assert isinstance(caught.value.__cause__, KeyError)
+    with pytest.raises(ValueError, match=r"features.0.weight: rule 0 \(features.0\) value \(a callable\) raised ValueError: bad") as caught:
+        constrain(net, {"features.0": lambda fqn, tensor: (_ for _ in ()).throw(ValueError("bad"))})
+    assert str(caught.value.__cause__) == "bad"
+    with pytest.raises(TypeError, match=r"rule 0 \(head\) value must be callable as \(fqn, tensor\). Got <lambda>\(tensor\)"):
+        constrain(net, {"head": lambda tensor: Clamp(-1, 1)})
+    assert_unchanged(net, before)
+
+
+def test_a_constraint_that_does_not_fit_names_its_rule(net):
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"rule 1 \(features.0\): features.0.weight: 2:4 sparsity needs dim 1 to be divisible by 4"):
+        constrain(net, [("head", FixedMask.n_m()), ("features.0", FixedMask.n_m())])
+    with pytest.raises(ValueError, match=r"rule 0 \(Conv2d\): features.0.weight: 2:4 sparsity"):
+        constrain(net, {nn.Conv2d: lambda fqn, tensor: FixedMask.n_m()})
+    assert_unchanged(net, before)
+
+
+def test_a_failed_call_leaves_another_librarys_parametrization_state_alone(net):
+    """spectral_norm's forward updates its power-iteration vectors in training mode: reading
+    the weight to validate rules must not, so a refused call changes nothing."""
+    constrain(net, {"head": Clamp(-1, 1)})
+    parametrizations.spectral_norm(net.head)
+    before = snapshot(net)
+    assert any(key.endswith("_u") for key in before["state"])
+    with pytest.raises(ValueError, match="already constrained"):
+        constrain(net, {"head": Clamp(-1, 1)})
+    with pytest.raises(ValueError, match="contradict each other"):
+        constrain(net, {"head": Clamp(5, 6)}, existing="stack")
+    assert_unchanged(net, before)
+    check(net)
+    assert_unchanged(net, before)
 
 
 def test_constraining_again_is_refused_unless_stacked(net):
@@ -148,3 +200,112 @@ def test_report_prints_a_table(net):
     text = str(constrain(net, {"head": Clamp(-1, 1)}))
     assert text.splitlines()[1].split() == ["tensor", "shape", "constraints", "rules"]
     assert "head.weight  (4, 8)  Clamp(min=-1, max=1)  rule 0 (head)" in text
+
+
+# --- tied parameters: one Parameter under several names ---------------------------------
+
+
+def test_a_rule_on_one_name_of_a_tied_parameter_constrains_every_name(tied):
+    stored = tied.emb.weight
+    report = constrain(tied, {"head": Clamp(-0.05, 0.05)})
+    assert report.names() == ["emb.weight", "head.weight"]
+    chain = tied.emb.parametrizations.weight
+    assert tied.head.parametrizations.weight is chain and chain.original is stored  # one original, one chain
+    assert [name for name, _ in tied.named_parameters()].count("emb.parametrizations.weight.original") == 1
+    optimizer = torch.optim.SGD(tied.parameters(), lr=5.0)
+    for _ in range(5):
+        optimizer.zero_grad()
+        tied(tokens()).pow(2).sum().backward()
+        optimizer.step()
+    assert chain.original.abs().max() > 0.05  # the stored original left the box...
+    for effective in (tied.emb.weight, tied.head.weight, tied.emb(torch.arange(12))):
+        assert effective.abs().max() <= 0.05  # ...the embedding's use did not, nor the head's
+    assert torch.equal(tied.emb.weight, tied.head.weight)
+    assert check(tied).names() == ["emb.weight", "head.weight"]
+
+
+def test_a_rule_matching_several_names_of_a_tied_parameter_applies_once(tied):
+    constrain(tied, {"*.weight": LearnableMask()})
+    assert len(tied.emb.parametrizations.weight) == 1
+    scores = [name for name, _ in tied.named_parameters() if name.endswith("scores")]
+    assert scores == ["emb.parametrizations.weight.0.scores", "body.parametrizations.weight.0.scores"]
+
+
+def test_a_global_magnitude_mask_counts_a_tied_parameter_once(tied):
+    peer = copy_untied(tied)
+    constrain(tied, {"*.weight": FixedMask.global_magnitude(sparsity=0.6)})
+    prune.global_unstructured([(peer.emb, "weight"), (peer.body, "weight")], prune.L1Unstructured, amount=0.6)
+    assert torch.equal(tied.emb.parametrizations.weight[0].mask, peer.emb.weight_mask.bool())
+    assert torch.equal(tied.body.parametrizations.weight[0].mask, peer.body.weight_mask.bool())
+
+
+def copy_untied(model: nn.Module) -> nn.Module:
+    import copy
+
+    peer = copy.deepcopy(model)
+    peer.head.weight = nn.Parameter(peer.emb.weight.detach().clone())
+    return peer
+
+
+def test_rules_on_different_names_of_a_tied_parameter_stack_as_on_one_name(tied):
+    import copy
+
+    one_name = copy.deepcopy(tied)
+    constrain(tied, [("emb", Clamp(-0.1, 0.1)), ("head", FixedMask.magnitude(sparsity=0.5))])
+    constrain(one_name, [("emb", Clamp(-0.1, 0.1)), ("emb", FixedMask.magnitude(sparsity=0.5))])
+    assert [type(c) for c in tied.head.parametrizations.weight] == [Clamp, FixedMask]
+    assert torch.equal(tied.head.weight, one_name.emb.weight)
+    assert torch.equal(tied.emb.weight, one_name.head.weight)
+
+
+def test_a_callable_value_sees_the_name_its_rule_matched(tied):
+    seen = []
+    constrain(tied, {"head": lambda fqn, tensor: seen.append(fqn) or NonNeg()})
+    assert seen == ["head.weight"]
+    assert (tied.emb.weight >= 0).all()
+
+
+def test_none_on_any_name_of_a_tied_parameter_excludes_it(tied):
+    report = constrain(tied, {"*.weight": Clamp(-1, 1), "head": None})
+    assert report.names() == ["body.weight"]
+    assert tied.head.weight is tied.emb.weight
+
+
+def test_constraining_a_tied_parameter_again_stacks_for_every_name(tied):
+    constrain(tied, {"emb": Clamp(-0.2, 0.2)})
+    with pytest.raises(ValueError, match=r"emb.weight \(one Parameter with head.weight\) is already constrained"):
+        constrain(tied, {"head": NonNeg()})
+    constrain(tied, {"head": NonNeg()}, existing="stack")
+    assert [type(c) for c in tied.emb.parametrizations.weight] == [Clamp, NonNeg]
+    assert (tied.emb.weight >= 0).all() and (tied.head.weight >= 0).all()
+
+
+def test_a_tie_split_by_another_parametrization_is_refused(tied):
+    parametrize.register_parametrization(tied.head, "weight", _Double())
+    stored = tied.emb.weight
+    before = {key: value.clone() for key, value in tied.state_dict().items()}
+    with pytest.raises(ValueError, match=r"head.weight has parametrizations of its own \(_Double\)"):
+        constrain(tied, {"emb": Clamp(-1, 1)})
+    assert not parametrize.is_parametrized(tied.emb) and tied.emb.weight is stored
+    assert len(tied.head.parametrizations.weight) == 1
+    assert all(torch.equal(value, tied.state_dict()[key]) for key, value in before.items())
+
+
+class _Double(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+def test_a_failure_while_sharing_rolls_a_tie_back(tied, monkeypatch):
+    import torchconstrain.rules as rules
+
+    def fail(slot, alias):
+        raise RuntimeError("sharing failed")
+
+    monkeypatch.setattr(rules, "share", fail)
+    stored = tied.emb.weight
+    before = snapshot(tied)
+    with pytest.raises(RuntimeError, match="sharing failed"):
+        constrain(tied, {"body": Clamp(-0.01, 0.01), "head": Clamp(-0.01, 0.01)})
+    assert_unchanged(tied, before)
+    assert tied.head.weight is tied.emb.weight is stored

@@ -119,7 +119,7 @@ def test_a_bad_file_leaves_the_model_unchanged(tmp_path):
     model = build()
     before = snapshot(model)
     path = write(tmp_path, "rules.yaml", "rules:\n  - match: head\n    apply: NonNeg\n  - match: nope\n    apply: NonNeg\n")
-    with pytest.raises(ValueError, match=r"rule 1 \(nope\) matches no parameter"):
+    with pytest.raises(ValueError, match=r"rules.yaml, rule 1 \(line 4\) \(nope\) matches no parameter"):
         constrain(model, path)
     assert_unchanged(model, before)
 
@@ -197,3 +197,39 @@ def test_inspect_loads_a_saved_model(tmp_path, capsys):
     path = write(tmp_path, "rules.yaml", "rules:\n  - match: '0'\n    apply: NonNeg\n")
     assert main(["inspect", str(model_path), "--rules", str(path)]) == 0
     assert "0.weight" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        ("  - match: 're:('\n    apply: NonNeg\n", r"rules.yaml, rule 1 \(line 4\) \(re:\(\) is not a valid regex"),
+        ("  - match: featurs.3\n    apply: NonNeg\n", r"rules.yaml, rule 1 \(line 4\) \(featurs.3\) matches no parameter. Closest names: features.3"),
+        ("  - match: features.0\n    apply: FixedMask.n_m\n",
+         r"rules.yaml, rule 1 \(line 4\) \(features.0\): features.0.weight: 2:4 sparsity needs dim 1 to be divisible by 4"),
+        ("  - match: {type: Linear}\n    apply: {Clamp: {min: 2, max: 3}}\n",
+         r"Clamp\(min=0, max=1\) from .*rules.yaml, rule 0 \(line 2\) \(head\) is broken by Clamp\(min=2, max=3\) from "
+         r".*rules.yaml, rule 1 \(line 4\) \(Linear\)"),
+    ],
+)
+def test_errors_found_when_the_rules_apply_name_the_file_and_line(tmp_path, rule, message):
+    model = build()
+    before = snapshot(model)
+    path = write(tmp_path, "rules.yaml", "rules:\n  - match: head\n    apply: {Clamp: {min: 0, max: 1}}\n" + rule)
+    with pytest.raises(ValueError, match=message):
+        constrain(model, path)
+    assert_unchanged(model, before)
+
+
+def test_a_rules_file_that_is_not_utf8_is_refused_by_name(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_bytes("rules:\n  - match: t\u00eate\n    apply: NonNeg\n".encode("latin-1"))
+    with pytest.raises(RulesFileError, match=r"rules.yaml: not UTF-8 text .*Save the rules file as UTF-8"):
+        read_rules(path)
+    path.write_text("# t\u00eate: UTF-8 is fine\nrules:\n  - match: head\n    apply: NonNeg\n", encoding="utf-8")
+    assert read_rules(path).rules[0][0] == "head"
+
+
+def test_inspect_names_the_file_and_line_of_a_bad_regex(tmp_path, capsys):
+    path = write(tmp_path, "rules.yaml", "rules:\n  - match: head\n    apply: NonNeg\n  - match: 're:['\n    apply: NonNeg\n")
+    assert main(["inspect", "resnet18", "--rules", str(path)]) != 0
+    assert "rules.yaml, rule 1 (line 4): key (re:[) is not a valid regex" in capsys.readouterr().err

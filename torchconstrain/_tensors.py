@@ -1,10 +1,17 @@
 r"""Where constrainable tensors live in a model, and what torchconstrain has on them.
 
 A read-only view: :mod:`torchconstrain.registration` adds and removes the entries.
+
+One ``Parameter`` can have several names (tied weights: GPT-2's ``lm_head.weight`` is
+``transformer.wte.weight``). :func:`tied_slots` groups the names of each stored tensor;
+torchconstrain registers a tied tensor's constraints under its first name in model order
+and makes the other names read through the same chain (see
+:mod:`torchconstrain.registration`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +35,27 @@ class Slot:
     def value(self) -> Tensor:
         r"""The effective value (through every parametrization), detached: computed the
         plain way, so that it leaves no value kept for reuse behind (see
-        :mod:`torchconstrain.fastpath`)."""
+        :mod:`torchconstrain.fastpath`). Reading it changes nothing: the buffers of other
+        libraries' parametrizations (``spectral_norm``'s power iteration vectors, which
+        its forward updates in training mode) are restored after."""
         with torch.no_grad():
             if parametrize.is_parametrized(self.module, self.tensor_name):
-                return self.module.parametrizations[self.tensor_name]().detach()
+                with self.foreign_buffers_kept():
+                    return self.module.parametrizations[self.tensor_name]().detach()
             return getattr(self.module, self.tensor_name).detach()
+
+    @contextmanager
+    def foreign_buffers_kept(self):
+        r"""Restore the buffers of the parametrizations on the tensor that are not
+        torchconstrain's when the block ends, whatever it did to them."""
+        foreign = [p for p in self.chain() if not isinstance(p, Constraint)]
+        saved = [(buffer, buffer.detach().clone()) for p in foreign for buffer in p.buffers()]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, value in saved:
+                    buffer.copy_(value)
 
     def stored(self) -> Tensor:
         r"""The ``Parameter`` (or buffer) object that holds the tensor's stored original."""
@@ -91,11 +114,33 @@ def _tensor_names(module: nn.Module) -> list[str]:
     return sorted(names, key=lambda name: rank.get(name, len(order)))
 
 
+def tied_slots(slots) -> dict[str, tuple[Slot, ...]]:
+    r"""Map each slot's name to every slot holding the same stored tensor, in model order.
+
+    The first slot of a group is where a tied tensor's constraints are registered; a
+    tensor with one name maps to a group of one.
+    """
+    groups: dict[int, list[Slot]] = {}
+    for slot in slots:
+        groups.setdefault(id(slot.stored()), []).append(slot)
+    return {slot.fqn: tuple(group) for group in groups.values() for slot in group}
+
+
+def constrained_groups(model: nn.Module) -> list[tuple[Slot, ...]]:
+    r"""Return the stored tensors of ``model`` that carry torchconstrain constraints, one
+    group of names per tensor (see :func:`tied_slots`), in model order."""
+    groups = dict.fromkeys(tied_slots(parameter_slots(model).values()).values())
+    return [group for group in groups if group[0].everything()]
+
+
 def constrained_slots(model: nn.Module) -> list[Slot]:
-    r"""Return the tensors of ``model`` that carry at least one torchconstrain constraint."""
-    return [slot for slot in parameter_slots(model).values() if slot.everything()]
+    r"""Return the tensors of ``model`` that carry at least one torchconstrain constraint,
+    each tied tensor once, under its first name."""
+    return [group[0] for group in constrained_groups(model)]
 
 
 def describe(constraint: nn.Module) -> str:
-    r"""``Clamp(min=-1, max=1)``: the constraint's class and its ``extra_repr``."""
-    return f"{type(constraint).__name__}({constraint.extra_repr()})"
+    r"""``Clamp(min=-1, max=1)``: the constraint's class and its ``extra_repr`` (on a meta
+    model, the values it was bound with)."""
+    shown = constraint.with_values() if isinstance(constraint, Constraint) else constraint
+    return f"{type(constraint).__name__}({shown.extra_repr()})"

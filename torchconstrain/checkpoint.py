@@ -8,8 +8,9 @@ first parametrization's ``right_inverse`` into the stored original, exactly what
 
 The model passed to :func:`torchconstrain.constrain` also gets a ``load_state_dict``
 pre-hook that checks the whole checkpoint before anything is copied: shapes, mask values,
-bounds, and constraint state that the model's constraints do not have. A checkpoint that
-does not fit raises :class:`~torchconstrain.CheckpointMismatch` naming every tensor, and the
+bounds, constraint state that the model's constraints do not have, and different values
+for names that are one tensor in the model (tied weights). A checkpoint that does not fit
+raises :class:`~torchconstrain.CheckpointMismatch` naming every tensor, and the
 model is left unchanged.
 
 Example:
@@ -90,29 +91,47 @@ def _adapt(module: nn.Module, state_dict: dict, prefix: str) -> list[str]:
             problems.append(f"{plain}: {problem}")
             continue
         state_dict[inner + "original"] = _stored_value(plist, state_dict.pop(plain))
-        for key, tensor in plist.state_dict(keep_vars=True).items():
+        for key, tensor in _constraint_state(plist).items():
             state_dict.setdefault(inner + key, tensor)
     return problems
 
 
+def _constraint_state(plist: nn.Module) -> dict[str, Tensor]:
+    """The chain's own state, which a plain checkpoint keeps as it is in the model. On the
+    meta device (a model built there, loaded with ``assign=True``): the values each constraint
+    was bound with (see :meth:`~torchconstrain.Constraint.with_values`)."""
+    state = {}
+    for index, parametrization in enumerate(plist):
+        shown = parametrization.with_values() if isinstance(parametrization, Constraint) else parametrization
+        state.update((f"{index}.{key}", tensor) for key, tensor in shown.state_dict(keep_vars=True).items())
+    return state
+
+
 def _stored_value(plist: nn.Module, value: Tensor) -> Tensor:
-    """What ``constrain`` stores for a plain ``value``: the first right_inverse of it."""
+    """What ``constrain`` stores for a plain ``value``: the first right_inverse of it (on the
+    checkpoint's device when the model's is the meta device, which has no values)."""
     original = plist.original
+    device = value.device if original.is_meta else original.device
+    first = plist[0].with_values() if isinstance(plist[0], Constraint) else plist[0]
     with torch.no_grad():
-        value = value.detach().to(device=original.device, dtype=original.dtype)
-        if hasattr(plist[0], "right_inverse"):
-            value = plist[0].right_inverse(value)
+        value = value.detach().to(device=device, dtype=original.dtype)
+        if hasattr(first, "right_inverse"):
+            value = first.right_inverse(value)
     return value
 
 
 def _check_checkpoint(root, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-    """``load_state_dict`` pre-hook of a constrained model: check everything, copy nothing."""
-    modules = {_prefix(prefix, name): m for name, m in root.named_modules()}
+    """``load_state_dict`` pre-hook of a constrained model: check everything, copy nothing.
+
+    Modules are taken under every name, as ``load_state_dict`` visits them: a tied tensor's
+    constraint modules are checked under each name the checkpoint uses."""
+    modules = {_prefix(prefix, name): m for name, m in root.named_modules(remove_duplicate=False)}
     problems = []
     for module_prefix, module in modules.items():
         if parametrize.is_parametrized(module):
             problems += _adapt(module, state_dict, module_prefix)
     problems += _foreign_state(modules, state_dict)
+    problems += _tie_problems(modules, state_dict)
     for module_prefix, module in modules.items():
         problems += _local_problems(module, state_dict, module_prefix)
     if problems:
@@ -145,6 +164,39 @@ def _foreign_state(modules: dict[str, nn.Module], state_dict: dict) -> list[str]
             "or load a baked (plain) state_dict."
         )
     return problems
+
+
+def _tie_problems(modules: dict[str, nn.Module], state_dict: dict) -> list[str]:
+    """Keys that name one tensor of the model but hold different values in the checkpoint:
+    loading them one after the other would keep the last, silently."""
+    names: dict[int, list[str]] = {}
+    for module_prefix, module in modules.items():
+        for name, tensor in (*module._parameters.items(), *module._buffers.items()):
+            if tensor is not None and module_prefix + name in state_dict:
+                names.setdefault(id(tensor), []).append(module_prefix + name)
+    problems = []
+    for first, *others in (keys for keys in names.values() if len(keys) > 1):
+        value = state_dict[first]
+        differ = [key for key in others if not _same_value(state_dict[key], value)]
+        if differ:
+            problems.append(
+                f"{first}: one tensor in the model with {', '.join(differ)} (tied weights), but the "
+                "checkpoint holds different values for them."
+            )
+    return problems
+
+
+def _same_value(a, b) -> bool:
+    if a is b:
+        return True
+    plain = (Tensor, nn.Parameter)
+    if type(a) not in plain or type(b) not in plain or a.shape != b.shape or torch.strided not in (a.layout, b.layout):
+        return True  # reported as a shape or type problem, or not comparable here (shards)
+    if a.is_meta or b.is_meta:
+        return True  # no values to compare
+    if (a.device, a.dtype, a.stride(), a.data_ptr()) == (b.device, b.dtype, b.stride(), b.data_ptr()):
+        return True  # one storage: the model's own state_dict
+    return torch.equal(a.detach(), b.detach().to(a.device, a.dtype))
 
 
 def _constraint_keys(module: nn.Module, tensor_name: str) -> set[str]:

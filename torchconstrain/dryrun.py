@@ -66,7 +66,7 @@ def dry_run(model: nn.Module, path) -> tuple[str, bool]:
     rules, finish = rules_file.to_rules(work)
     lines, ok = [], True
     for index in range(len(rules_file.rules)):
-        names = match(work, rules[index][0])
+        names = match(work, rules[index][0], caller=rules_file.rule_name(index))
         ok = ok and bool(names)
         lines.append(_rule_header(rules_file, index, rules[index][0], len(names)))
         lines += [f"  {name}" for name in names] or ["  (nothing: fix the key, or this rule is an error)"]
@@ -74,7 +74,7 @@ def dry_run(model: nn.Module, path) -> tuple[str, bool]:
     if rules_file.blocks is not None:
         lines.append(f"blocks (surgery.mask_blocks {rules_file.blocks}): {len(block_names)} tensors")
         lines += [f"  {name}" for name in block_names]
-    report = constrain(work, rules, strict=False)
+    report = constrain(work, rules, strict=False, rule_names=rules_file.rule_name)
     finish()
     lines += ["", str(report)]
     return "\n".join(lines), ok

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 import re
 from collections.abc import Callable
+from contextlib import contextmanager
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from torchconstrain._tensors import Slot, parameter_slots
@@ -22,8 +24,10 @@ from torchconstrain._tensors import Slot, parameter_slots
 __all__ = ["match"]
 
 
-def match(model: nn.Module, key) -> list[str]:
+def match(model: nn.Module, key, *, caller: str = "match") -> list[str]:
     r"""Return the names of the parameters that rule ``key`` picks in ``model``.
+
+    ``caller`` names the function in error messages (a bad key, a callable key that raises).
 
     Example:
         >>> from torch import nn
@@ -31,12 +35,13 @@ def match(model: nn.Module, key) -> list[str]:
         >>> match(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), "*.bias")
         ['0.bias', '1.bias']
     """
-    matches = matcher(key, 0)
+    matches = matcher(key, None, caller=caller)
     return [fqn for fqn, slot in parameter_slots(model).items() if matches(slot)]
 
 
-def matcher(key, index: int, *, caller: str = "constrain") -> Callable[[Slot], bool]:
-    r"""Return the predicate on slots that ``key``, rule ``index`` of ``caller``, stands for.
+def matcher(key, index: int | str | None, *, caller: str = "constrain") -> Callable[[Slot], bool]:
+    r"""Return the predicate on slots that ``key``, rule ``index`` of ``caller``, stands for
+    (``index`` may be the rule's name in messages, or ``None`` for a lone key).
 
     Raises:
         TypeError: a key of an unsupported type, or a class that is not an ``nn.Module``.
@@ -46,26 +51,98 @@ def matcher(key, index: int, *, caller: str = "constrain") -> Callable[[Slot], b
         return _name_matcher(key, index, caller)
     if isinstance(key, type):
         if not issubclass(key, nn.Module):
-            raise TypeError(f"{caller}: rule {index} key {key.__name__} is a class but not an nn.Module subclass.")
+            raise TypeError(f"{caller}: {_key_of(index)} {key.__name__} is a class but not an nn.Module subclass.")
         return lambda slot: slot.tensor_name == "weight" and isinstance(slot.module, key)
+    if isinstance(key, nn.Module):
+        kind = type(key).__name__
+        raise TypeError(
+            f"{caller}: {_key_of(index)} is a module instance ({kind}), not a key. Use its name in "
+            f"the model (such as 'features.0'), or the class {kind} for every module of that type."
+        )
     if callable(key):
-        return lambda slot: bool(key(slot.fqn, slot.module))
+        where = f"{caller}: {_rule(index)} ({label(key)})" + (" key" if index is not None else "")
+        check_arity(key, ("fqn", "module"), where)
+        return lambda slot: _picks(key, slot, where)
     raise TypeError(
-        f"{caller}: rule {index} key must be a name, glob, 're:' regex, nn.Module subclass "
+        f"{caller}: {_key_of(index)} must be a name, glob, 're:' regex, nn.Module subclass "
         f"or callable (fqn, module) -> bool. Got {type(key).__name__}: {key!r}."
     )
 
 
-def _name_matcher(key: str, index: int, caller: str) -> Callable[[Slot], bool]:
+def _rule(index: int | str | None) -> str:
+    """How messages name rule ``index``: ``"rule 2"``; a string names it itself (a rules
+    file's ``"rules.yaml, rule 2 (line 7)"``); ``None`` is a lone key."""
+    if index is None:
+        return "key"
+    return index if isinstance(index, str) else f"rule {index}"
+
+
+def _key_of(index: int | str | None) -> str:
+    return "key" if index is None else f"{_rule(index)} key"
+
+
+def _name_matcher(key: str, index: int | str | None, caller: str) -> Callable[[Slot], bool]:
     if key.startswith("re:"):
         try:
             pattern = re.compile(key[3:])
         except re.error as error:
-            raise ValueError(f"{caller}: rule {index} ({key}) is not a valid regex: {error}.") from None
+            raise ValueError(f"{caller}: {_rule(index)} ({key}) is not a valid regex: {error}.") from None
         return lambda slot: pattern.fullmatch(slot.fqn) is not None
     if any(char in key for char in "*?["):
         return lambda slot: fnmatch.fnmatchcase(slot.fqn, key)
     return lambda slot: slot.fqn == key or (slot.module_name == key and slot.tensor_name == "weight")
+
+
+def _picks(key: Callable, slot: Slot, where: str) -> bool:
+    with origin_named(f"{where}, called on {slot.fqn!r}"):
+        picked = key(slot.fqn, slot.module)
+    if isinstance(picked, Tensor):
+        raise TypeError(
+            f"{where} must return True or False for each tensor. Got a tensor of shape "
+            f"{tuple(picked.shape)} for {slot.fqn!r}."
+        )
+    with origin_named(f"{where}, the truth of its result for {slot.fqn!r}"):
+        return bool(picked)
+
+
+def check_arity(function: Callable, arguments: tuple[str, ...], where: str) -> None:
+    r"""Refuse a callable that cannot be called with ``arguments`` (their names, for the message).
+
+    Raises:
+        TypeError: naming ``where`` and the expected call.
+    """
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: calling it will tell
+    try:
+        signature.bind(*arguments)
+    except TypeError as error:
+        raise TypeError(
+            f"{where} must be callable as ({', '.join(arguments)}). Got "
+            f"{getattr(function, '__name__', type(function).__name__)}{signature}: {error}."
+        ) from None
+
+
+@contextmanager
+def origin_named(where: str):
+    r"""Re-raise an exception raised in the block (a user's callable) as one of the same type
+    whose message starts with ``where``, the original as its ``__cause__``."""
+    try:
+        yield
+    except Exception as error:
+        message = f"{where} raised {type(error).__name__}: {error}"
+        raise _same_kind(error, message) from error
+
+
+def _same_kind(error: Exception, message: str) -> Exception:
+    """An exception of ``error``'s type with ``message``, or a RuntimeError where that type
+    does not take a message (or shows it otherwise, as KeyError quotes it)."""
+    try:
+        made = type(error)(message)
+    except Exception:
+        return RuntimeError(message)
+    return made if str(made) == message else RuntimeError(message)
 
 
 def label(key) -> str:
@@ -73,10 +150,23 @@ def label(key) -> str:
     return key if isinstance(key, str) else getattr(key, "__name__", repr(key))
 
 
-def no_match_message(key, index: int, slots: dict[str, Slot], *, caller: str = "constrain") -> str:
-    r"""The error for rule ``index`` whose ``key`` matches none of ``slots``, with the closest names."""
-    message = f"{caller}: rule {index} ({label(key)}) matches no parameter."
-    if isinstance(key, str):
+def no_match_message(
+    key,
+    index: int | str | None,
+    slots: dict[str, Slot],
+    *,
+    caller: str = "constrain",
+    model: nn.Module | None = None,
+    strict_hint: bool = True,
+) -> str:
+    r"""The error for rule ``index`` (``None``: a lone key) whose ``key`` matches none of ``slots``, with the closest
+    names, or, for modules of ``model`` the key names that have no plain ``weight``, what
+    their tensors are (an LSTM's ``weight_ih_l0``, another library's parametrization)."""
+    message = f"{caller}: {_rule(index)} ({label(key)}) matches no parameter."
+    named = _named_modules(model, key)
+    if named:
+        message += " " + _weight_hint(*named[0])
+    elif isinstance(key, str):
         candidates = list(slots) + sorted({s.module_name for s in slots.values() if s.module_name})
         close = difflib.get_close_matches(key.removeprefix("re:"), candidates, n=3, cutoff=0.5)
         if close:
@@ -84,4 +174,51 @@ def no_match_message(key, index: int, slots: dict[str, Slot], *, caller: str = "
     elif isinstance(key, type):
         kinds = sorted({parametrize.type_before_parametrizations(s.module).__name__ for s in slots.values()})
         message += f" Module types with parameters: {', '.join(kinds)}."
-    return message + " Pass strict=False to allow rules that match nothing."
+    return message + (" Pass strict=False to allow rules that match nothing." if strict_hint else "")
+
+
+def _named_modules(model: nn.Module | None, key) -> list[tuple[str, nn.Module]]:
+    """The modules of ``model`` that ``key`` names for their ``weight``: those of a type key,
+    or the module a name key (``"lstm"`` or ``"lstm.weight"``) stands for."""
+    if model is None:
+        return []
+    if isinstance(key, type):
+        return [(name, m) for name, m in model.named_modules() if isinstance(m, key) and name]
+    if isinstance(key, str):
+        modules = dict(model.named_modules())
+        return [(name, modules[name]) for name in dict.fromkeys((key, key.removesuffix(".weight"))) if name in modules]
+    return []
+
+
+def _weight_hint(name: str, module: nn.Module) -> str:
+    """Why ``module`` (named ``name``) has no ``weight`` that a key can pick."""
+    kind = parametrize.type_before_parametrizations(module).__name__
+    where = f"{name} ({kind})"
+    if parametrize.is_parametrized(module, "weight"):
+        plist = module.parametrizations["weight"]
+        originals = sorted(n for n, _ in plist.named_parameters(recurse=False))
+        return (
+            f"{where}: weight is under {', '.join(type(p).__name__ for p in plist)}, another library's "
+            f"parametrization with {len(originals)} stored originals ({', '.join(originals)}); "
+            "torchconstrain constrains tensors stored as one. Remove it first "
+            "(torch.nn.utils.parametrize.remove_parametrizations) or register it after constrain()."
+        )
+    hooks = [type(h).__name__ for h in module._forward_pre_hooks.values() if getattr(h, "name", None) == "weight"]
+    tensors = [n for n, p in module.named_parameters(recurse=False)]
+    if hooks:
+        sources = [n for n in tensors if n.startswith("weight")]
+        return (
+            f"{where}: weight is computed before each forward by the {hooks[0]} hook "
+            f"(torch.nn.utils.{_hook_function(hooks[0])}) from {', '.join(sources)}. Constrain those by name, "
+            "or use the parametrization form (torch.nn.utils.parametrizations) registered after constrain()."
+        )
+    if not tensors:
+        return f"{where} has no parameters of its own."
+    return (
+        f"{where} has no tensor named 'weight' (a type or module key picks a module's weight); its tensors "
+        f"are {', '.join(tensors)}. Pick them by name: '{name}.{tensors[0]}', or a glob such as '{name}.*weight*'."
+    )
+
+
+def _hook_function(hook: str) -> str:
+    return {"WeightNorm": "weight_norm", "SpectralNorm": "spectral_norm"}.get(hook, hook)

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from torchconstrain._tensors import Slot, describe, parameter_slots
+from torchconstrain._tensors import Slot, describe, parameter_slots, tied_slots
 from torchconstrain.checkpoint import watch
 from torchconstrain.constraints.base import Constraint
-from torchconstrain.keys import label, match, matcher, no_match_message
+from torchconstrain.keys import check_arity, label, match, matcher, no_match_message, origin_named
 from torchconstrain.optim import warn_unoptimized
-from torchconstrain.registration import drop_entries, drop_soft, register
+from torchconstrain.registration import drop_entries, drop_soft, register, share, shares
 from torchconstrain.report import Report
 
 __all__ = ["constrain", "match"]
@@ -32,16 +33,25 @@ class _Rule:
     key: object
     value: object
     matches: Callable[[Slot], bool] = field(repr=False)
+    name: str = ""  # "rule 2", or where a rules file writes it
 
     def __str__(self) -> str:
-        return f"rule {self.index} ({label(self.key)})"
+        return f"{self.name} ({label(self.key)})"
 
 
 @dataclass
 class _Planned:
     slot: Slot
+    aliases: tuple[Slot, ...] = ()  # the stored Parameter's other names (tied weights)
     constraints: list[Constraint] = field(default_factory=list)
-    rules: list[str] = field(default_factory=list)
+    rules: list[_Rule] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """How messages name the tensor: its first name, and its other names if tied."""
+        if not self.aliases:
+            return self.slot.fqn
+        return f"{self.slot.fqn} (one Parameter with {', '.join(a.fqn for a in self.aliases)})"
 
 
 def constrain(
@@ -51,6 +61,7 @@ def constrain(
     strict: bool = True,
     existing: str = "error",
     optimizer: torch.optim.Optimizer | None = None,
+    rule_names: Callable[[int], str] | None = None,
 ) -> Report:
     r"""Put constraints on the tensors of ``model`` that ``rules`` pick. Modifies ``model`` in place.
 
@@ -66,6 +77,8 @@ def constrain(
             constraints, ``"stack"`` adds the new ones on top.
         optimizer: an optimizer built before this call; a ``UserWarning`` names the new
             parameters it does not hold.
+        rule_names: how messages name rule ``i`` (default ``"rule i"``; a rules file gives
+            its file and line).
 
     Returns:
         A :class:`~torchconstrain.report.Report` with one row per newly constrained tensor.
@@ -83,7 +96,7 @@ def constrain(
         )
     before = {id(p) for p in model.parameters()} if optimizer is not None else set()
     slots = parameter_slots(model)
-    plan = _plan(slots, _parse_rules(rules), strict=strict, existing=existing)
+    plan = _plan(slots, _parse_rules(rules, rule_names), strict=strict, existing=existing, model=model)
     _register(plan)
     if plan:
         watch(model)
@@ -105,7 +118,7 @@ def check_arguments(model: nn.Module, existing: str) -> None:
         raise ValueError(f"constrain: existing must be one of {', '.join(EXISTING)}. Got {existing!r}.")
 
 
-def _parse_rules(rules) -> list[_Rule]:
+def _parse_rules(rules, rule_names: Callable[[int], str] | None = None) -> list[_Rule]:
     if isinstance(rules, Mapping):
         pairs = list(rules.items())
     elif isinstance(rules, Sequence) and not isinstance(rules, (str, bytes)):
@@ -118,7 +131,10 @@ def _parse_rules(rules) -> list[_Rule]:
             f"constrain: expected rules as a dict or a sequence of (key, value) pairs. "
             f"Got {type(rules).__name__}."
         )
-    parsed = [_Rule(index, key, value, matcher(key, index)) for index, (key, value) in enumerate(pairs)]
+    parsed = []
+    for index, (key, value) in enumerate(pairs):
+        name = rule_names(index) if rule_names else f"rule {index}"
+        parsed.append(_Rule(index, key, value, matcher(key, name), name))
     for rule in parsed:
         _check_value(rule)
     return parsed
@@ -128,6 +144,7 @@ def _check_value(rule: _Rule) -> None:
     if rule.value is None or _is_constraint_list(rule.value):
         return
     if callable(rule.value) and not isinstance(rule.value, (nn.Module, type)):
+        check_arity(rule.value, ("fqn", "tensor"), f"constrain: {rule} value")
         return
     raise TypeError(
         f"constrain: {rule} value must be a Constraint, a list of them, a callable "
@@ -135,28 +152,46 @@ def _check_value(rule: _Rule) -> None:
     )
 
 
-def _plan(slots: dict[str, Slot], rules: list[_Rule], *, strict: bool, existing: str) -> list[_Planned]:
+def _plan(
+    slots: dict[str, Slot], rules: list[_Rule], *, strict: bool, existing: str, model: nn.Module | None = None
+) -> list[_Planned]:
+    """What each rule puts on which stored tensor: a tied tensor is planned once, under its
+    first name, with every rule that matched any of its names (each rule once)."""
     matched = {id(rule): [s for s in slots.values() if rule.matches(s)] for rule in rules}
     if strict:
         for rule in rules:
             if not matched[id(rule)]:
-                raise ValueError(no_match_message(rule.key, rule.index, slots))
-    excluded = {s.fqn for rule in rules if rule.value is None for s in matched[id(rule)]}
+                raise ValueError(no_match_message(rule.key, rule.name, slots, model=model))
+    tied = tied_slots(slots.values())
+    excluded = {tied[s.fqn][0].fqn for rule in rules if rule.value is None for s in matched[id(rule)]}
     plan: dict[str, _Planned] = {}
     for rule in rules:
-        group = {s.fqn: s for s in matched[id(rule)] if s.fqn not in excluded}
+        group = _distinct(matched[id(rule)], tied, excluded)
         if rule.value is None or not group:
             continue
         for fqn, constraints in _bind(rule, group).items():
             if not constraints:
                 continue
-            entry = plan.setdefault(fqn, _Planned(group[fqn]))
+            first, *aliases = tied[fqn]
+            entry = plan.setdefault(first.fqn, _Planned(first, tuple(aliases)))
             entry.constraints += constraints
-            entry.rules += [str(rule)] * len(constraints)
+            entry.rules += [rule] * len(constraints)
     ordered = [plan[fqn] for fqn in slots if fqn in plan]
     for entry in ordered:
         _validate(entry, existing)
     return ordered
+
+
+def _distinct(matched: list[Slot], tied: dict[str, tuple[Slot, ...]], excluded: set[str]) -> dict[str, Slot]:
+    """The slots one rule matched, one per stored tensor (the first name it matched),
+    without the tensors a ``None`` rule excludes under any of their names."""
+    group, seen = {}, set()
+    for slot in matched:
+        first = tied[slot.fqn][0].fqn
+        if first not in excluded and first not in seen:
+            seen.add(first)
+            group[slot.fqn] = slot
+    return group
 
 
 def _bind(rule: _Rule, group: dict[str, Slot]) -> dict[str, list[Constraint]]:
@@ -168,9 +203,31 @@ def _bind(rule: _Rule, group: dict[str, Slot]) -> dict[str, list[Constraint]]:
         return {fqn: _call_factory(rule, fqn, value) for fqn, value in values.items()}
     bound = {fqn: [] for fqn in group}
     for template in _as_list(rule.value):
-        for fqn, constraint in template.for_tensors(values).items():
-            bound[fqn].append(constraint)
+        _refuse_meta_values(rule, template, values)
+        with _rule_named(rule):
+            for fqn, constraint in template.for_tensors(values).items():
+                bound[fqn].append(constraint)
     return bound
+
+
+@contextmanager
+def _rule_named(rule: _Rule):
+    """Name ``rule`` in a ValueError raised by binding its constraints (a mask that does not fit)."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(f"{rule}: {error}") from None
+
+
+def _refuse_meta_values(rule: _Rule, template: Constraint, values: dict[str, Tensor]) -> None:
+    meta = [fqn for fqn, value in values.items() if value.is_meta]
+    if meta and template.reads_values():
+        raise ValueError(
+            f"{meta[0]}: {rule}: {describe(template)} chooses from the tensor's values, but it is on "
+            "the meta device (no values). Load real weights first (model.to_empty(device=...) and "
+            "load_state_dict), then constrain; or use a constraint that needs no values "
+            "(Clamp, NonNeg, MaxNorm, UnitNorm, FakeQuant, LearnableMask, FixedMask(mask), FixedMask.random)."
+        )
 
 
 def _is_constraint_list(value) -> bool:
@@ -186,7 +243,8 @@ def _as_list(value) -> list[Constraint]:
 
 
 def _call_factory(rule: _Rule, fqn: str, value: Tensor) -> list[Constraint]:
-    made = rule.value(fqn, value)
+    with origin_named(f"{fqn}: {rule} value (a callable)"):
+        made = rule.value(fqn, value)
     if made is None:
         return []
     if not _is_constraint_list(made):
@@ -194,29 +252,50 @@ def _call_factory(rule: _Rule, fqn: str, value: Tensor) -> list[Constraint]:
             f"{fqn}: {rule} callable must return a Constraint, a list of them or None. "
             f"Got {type(made).__name__}: {made!r}."
         )
-    return [template.for_tensor(fqn, value) for template in _as_list(made)]
+    templates = _as_list(made)
+    for template in templates:
+        _refuse_meta_values(rule, template, {fqn: value})
+    with _rule_named(rule):
+        return [template.for_tensor(fqn, value) for template in templates]
 
 
 def _validate(entry: _Planned, existing: str) -> None:
     slot = entry.slot
+    _refuse_split_ties(entry)
     earlier = slot.everything()
     if earlier and existing == "error":
         raise ValueError(
-            f"{slot.fqn} is already constrained by {', '.join(map(describe, earlier))}. "
+            f"{entry.name} is already constrained by {', '.join(map(describe, earlier))}. "
             "Pass existing='stack' to add the new constraints on top, or bake(model) first."
         )
-    labels = ["already there"] * len(earlier) + entry.rules
-    _refuse_contradictions(slot.fqn, earlier + entry.constraints, labels, slot.value().shape)
+    labels = ["already there"] * len(earlier) + [str(rule) for rule in entry.rules]
+    _refuse_contradictions(entry.name, earlier + entry.constraints, labels, slot.value().shape)
     _dry_run(entry, earlier, labels)
 
 
+def _refuse_split_ties(entry: _Planned) -> None:
+    """A tied tensor is constrained under all its names at once: refuse one whose names do
+    not all read the same chain (another library's parametrization under one name only)."""
+    for alias in entry.aliases:
+        plain = not entry.slot.chain() and not alias.chain()
+        if not (plain or shares(entry.slot, alias)):
+            parametrized = alias if alias.chain() else entry.slot
+            kinds = ", ".join(type(p).__name__ for p in parametrized.chain())
+            raise ValueError(
+                f"{entry.name}: {parametrized.fqn} has parametrizations of its own ({kinds}), so the names "
+                "of this one Parameter do not compute the same tensor and it cannot be constrained for "
+                "all of them. Remove that parametrization, or untie the weights, first."
+            )
+
+
 def _refuse_contradictions(fqn: str, stack: list[Constraint], labels: list[str], shape) -> None:
+    readable = [constraint.with_values() for constraint in stack]  # CPU copies on a meta model
     for i, zeroing in enumerate(stack):
-        zeros = zeroing.forced_zeros()
+        zeros = readable[i].forced_zeros()
         if zeros is None:
             continue
         for j, other in enumerate(stack):
-            admits = other.admits_zero()
+            admits = readable[j].admits_zero()
             if admits is None:
                 continue
             clash = int((zeros.cpu() & ~admits.cpu()).expand(shape).sum())
@@ -229,24 +308,44 @@ def _refuse_contradictions(fqn: str, stack: list[Constraint], labels: list[str],
 
 
 def _dry_run(entry: _Planned, earlier: list[Constraint], labels: list[str]) -> None:
-    """Run the new constraints on the current value and check every constraint holds after."""
+    """Run the new constraints on the current value and check every constraint holds after.
+
+    On the meta device there are no values: only shapes and dtypes are checked."""
     value = entry.slot.value()
+    values = [value]  # after the earlier constraints, then after each new one
     with torch.no_grad():
         for constraint in entry.constraints:
             result = constraint(value)
             if result.shape != value.shape or result.dtype != value.dtype:
                 raise ValueError(
-                    f"{entry.slot.fqn}: {describe(constraint)} turns a {value.dtype} tensor of shape "
+                    f"{entry.name}: {describe(constraint)} turns a {value.dtype} tensor of shape "
                     f"{tuple(value.shape)} into a {result.dtype} tensor of shape {tuple(result.shape)}."
                 )
             value = result
-        for constraint, label in zip(earlier + entry.constraints, labels):
+            values.append(value)
+        if value.is_meta:
+            return
+        stack = earlier + entry.constraints
+        for position, (constraint, label) in enumerate(zip(stack, labels)):
             reason = constraint.violation(value)
             if reason is not None:
-                raise ValueError(
-                    f"{entry.slot.fqn}: the constraints contradict each other: after applying them "
-                    f"all, {describe(constraint)} from {label} is broken: {reason}."
+                culprit = _first_breaking(constraint, position - len(earlier), values)
+                by = "" if culprit is None else (
+                    f" by {describe(entry.constraints[culprit])} from {entry.rules[culprit]}, applied after it"
                 )
+                raise ValueError(
+                    f"{entry.name}: the constraints contradict each other: after applying them "
+                    f"all, {describe(constraint)} from {label} is broken{by}: {reason}."
+                )
+
+
+def _first_breaking(constraint: Constraint, position: int, values: list[Tensor]) -> int | None:
+    """The first new constraint after ``position`` (an index into the new ones, negative for
+    an earlier one) whose result breaks ``constraint``; None when its own result does."""
+    for index in range(max(position + 1, 0), len(values) - 1):
+        if constraint.violation(values[index + 1]) is not None:
+            return index
+    return None
 
 
 def _register(plan: list[_Planned]) -> None:
@@ -259,11 +358,14 @@ def _register(plan: list[_Planned]) -> None:
         for entry in plan:
             for constraint in entry.constraints:
                 register(entry.slot, constraint)
+            for alias in entry.aliases:
+                if entry.slot.chain() and not shares(entry.slot, alias):
+                    share(entry.slot, alias)
     except Exception:
         for entry, chain_before, soft_before, original in saved:
             added = len(entry.slot.chain()) - chain_before
             if added > 0:
-                drop_entries(entry.slot, list(range(chain_before, chain_before + added)))
+                drop_entries(entry.slot, list(range(chain_before, chain_before + added)), entry.aliases)
             drop_soft(entry.slot, keep=soft_before)
             with torch.no_grad():
                 entry.slot.stored().copy_(original)
@@ -271,13 +373,15 @@ def _register(plan: list[_Planned]) -> None:
 
 
 def _report(plan: list[_Planned]) -> Report:
+    """One row per name: a tied tensor's names each get its row."""
     rows = [
         {
-            "tensor": entry.slot.fqn,
+            "tensor": slot.fqn,
             "shape": tuple(entry.slot.value().shape),
             "constraints": [describe(c) for c in entry.slot.everything()],
-            "rules": ", ".join(dict.fromkeys(entry.rules)),
+            "rules": ", ".join(dict.fromkeys(f"rule {rule.index} ({label(rule.key)})" for rule in entry.rules)),
         }
         for entry in plan
+        for slot in (entry.slot, *entry.aliases)
     ]
     return Report("constrained tensors", rows)

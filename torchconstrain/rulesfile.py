@@ -89,6 +89,11 @@ class RulesFile:
             raise RulesFileError(f"{self.path}, blocks: {error}") from None
         return rules + extra, finish
 
+    def rule_name(self, index: int) -> str:
+        r"""How messages name rule ``index`` of :meth:`to_rules`: :meth:`where` it is written, or
+        ``"rules.yaml, blocks"`` for the block masks that follow the file's own rules."""
+        return self.where(index) if index < len(self.rules) else f"{self.path}, blocks"
+
     def _key(self, model: nn.Module, key, index: int):
         if not (isinstance(key, tuple) and key[0] == "role"):
             return key
@@ -124,7 +129,10 @@ def read_rules(path: str | os.PathLike) -> RulesFile:
     path = Path(path)
     if not path.is_file():
         raise RulesFileError(f"{path}: no such rules file.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise RulesFileError(f"{path}: not UTF-8 text ({error}). Save the rules file as UTF-8.") from None
     if path.suffix in (".yaml", ".yml"):
         document, lines = _load_yaml(path, text)
     elif path.suffix == ".json":

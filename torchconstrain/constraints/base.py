@@ -85,10 +85,18 @@ class Constraint(nn.Module):
 
     def _apply(self, *args, **kwargs):
         self._changed()
-        return super()._apply(*args, **kwargs)
+        was_meta = {name for name, t in {**self._parameters, **self._buffers}.items() if t is not None and t.is_meta}
+        result = super()._apply(*args, **kwargs)
+        self._restore_bound_values(was_meta)
+        return result
 
     def for_tensor(self, fqn: str, tensor: Tensor) -> "Constraint":
         r"""Return a fresh copy of this template bound to ``tensor``.
+
+        A tensor on the meta device has no values: a template that reads them
+        (:meth:`reads_values`) cannot bind to it. The others bind from its shape and dtype;
+        the copy then keeps its own tensors' values on the CPU until ``to_empty`` gives it
+        real memory, and writes them there (see :meth:`with_values`).
 
         Args:
             fqn: the tensor's dotted name in the model, used in error messages.
@@ -100,7 +108,55 @@ class Constraint(nn.Module):
         bound = copy.deepcopy(self)
         with torch.no_grad():
             bound._bind(fqn, tensor.detach())
+        if tensor.is_meta:
+            bound._remember_bound_values(fqn)
         return bound.to(device=tensor.device)
+
+    def reads_values(self) -> bool:
+        r"""Whether binding this template reads the tensor's values, not only its shape and
+        dtype (a mask chosen by magnitude): it cannot bind to a tensor on the meta device."""
+        return False
+
+    def with_values(self) -> "Constraint":
+        r"""This constraint, or, while it is bound to a meta tensor, a CPU copy holding the
+        values it was bound with (for messages and validation)."""
+        self._restore_bound_values(was_meta=set())  # forget tensors that hold values now (assign=True)
+        if not self.__dict__.get("_bound_values"):
+            return self
+        return copy.deepcopy(self).to_empty(device="cpu")
+
+    def _remember_bound_values(self, fqn: str) -> None:
+        """Keep CPU copies of this constraint's own tensors: ``to_empty`` gives a meta model
+        uninitialized memory, which :meth:`_restore_bound_values` then fills with them."""
+        own = {**self._parameters, **self._buffers}
+        values = {name: t.detach().clone() for name, t in own.items() if t is not None}
+        if any(value.is_meta for value in values.values()):
+            raise ValueError(
+                f"{fqn}: {type(self).__name__} holds tensors on the meta device. Build constraints "
+                "and call constrain() outside a torch.device('meta') context."
+            )
+        self.__dict__["_bound_values"] = values
+
+    def _restore_bound_values(self, was_meta: set[str]) -> None:
+        """Write the remembered values into the tensors in ``was_meta`` that have memory now
+        (``to_empty``); forget every tensor that has memory, whatever it holds (a tensor
+        that ``load_state_dict(assign=True)`` put there holds the checkpoint's values)."""
+        remembered = self.__dict__.get("_bound_values")
+        if not remembered:
+            return
+        with torch.no_grad():
+            for name in list(remembered):
+                tensor = getattr(self, name, None)
+                if isinstance(tensor, Tensor) and not tensor.is_meta:
+                    value = remembered.pop(name)
+                    if name in was_meta:
+                        tensor.copy_(value)
+        if not remembered:
+            del self.__dict__["_bound_values"]
+
+    def __repr__(self) -> str:
+        shown = self.with_values()
+        return super().__repr__() if shown is self else repr(shown)
 
     def for_tensors(self, tensors: Mapping[str, Tensor]) -> dict[str, "Constraint"]:
         r"""Bind this template to every tensor one rule matched.

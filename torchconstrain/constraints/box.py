@@ -214,7 +214,7 @@ class Clamp(Constraint):
     def _bounds(self, x: Tensor):
         """The bounds as Python floats when they are scalars (a much faster clamp), else tensors."""
         lower, upper = self._buffers["min"], self._buffers["max"]
-        if lower.dim() or upper.dim() or tracing() or transformed():
+        if lower.dim() or upper.dim() or lower.is_meta or tracing() or transformed():
             return lower, upper
         low = self._derived("min", lower, lower.item)
         high = self._derived("max", upper, upper.item)
@@ -288,6 +288,8 @@ def _broadcast_bound(bound: Tensor, tensor: Tensor, fqn: str, name: str) -> Tens
 
 
 def _describe(bound: Tensor) -> str:
+    if bound.is_meta:
+        return f"tensor{tuple(bound.shape)}"
     if bound.numel() == 1:
         value = bound.item()
         return "None" if math.isinf(value) else f"{value:g}"

@@ -106,6 +106,9 @@ class FixedMask(Constraint):
         """
         return cls(_selector=NM(n, m, dim=dim))
 
+    def reads_values(self) -> bool:
+        return self.selector is not None and self.selector.reads_values
+
     def for_tensors(self, tensors: Mapping[str, Tensor]) -> dict[str, Constraint]:
         if not isinstance(self.selector, GlobalMagnitude):
             return super().for_tensors(tensors)
@@ -146,12 +149,14 @@ class FixedMask(Constraint):
 
     @property
     def sparsity(self) -> float:
-        r"""The share of masked entries."""
-        return 1.0 - self.mask.float().mean().item()
+        r"""The share of masked entries (0 for a tensor without entries)."""
+        return 1.0 - self.mask.float().mean().item() if self.mask.numel() else 0.0
 
     def extra_repr(self) -> str:
         if self.mask is None:
             return repr(self.selector)
+        if self.mask.is_meta:
+            return f"shape={tuple(self.mask.shape)}"
         return f"shape={tuple(self.mask.shape)}, sparsity={self.sparsity:.3f}"
 
 
@@ -317,7 +322,7 @@ class LearnableMask(Constraint):
 
     def gate(self) -> Tensor:
         r"""Return the soft gate ``sigmoid(scores / temperature)``."""
-        if tracing() or transformed():
+        if tracing() or transformed() or self.temperature.is_meta:
             return torch.sigmoid(self.scores / self.temperature)
         temperature = self._derived("temperature", self.temperature, self.temperature.item)
         return torch.sigmoid(self.scores if temperature == 1.0 else self.scores / temperature)
@@ -335,18 +340,21 @@ class LearnableMask(Constraint):
         return torch.where(kept, value * (1.0 if self.hard else gate), 0.0)
 
     def penalty(self) -> Tensor:
-        return self.strength * self.gate().mean()
+        gate = self.gate()
+        return self.strength * (gate.mean() if gate.numel() else gate.sum())  # no gates: 0, not NaN
 
     def forced_zeros(self) -> Tensor:
         return torch.ones((), dtype=torch.bool, device=self.scores.device)
 
     @property
     def sparsity(self) -> float:
-        r"""The share of gates at or below ``threshold``: what baking will zero."""
-        return (self.gate() <= self.threshold).float().mean().item()
+        r"""The share of gates at or below ``threshold``: what baking will zero (0 without gates)."""
+        gate = self.gate()
+        return (gate <= self.threshold).float().mean().item() if gate.numel() else 0.0
 
     def extra_repr(self) -> str:
-        text = f"per={self.per!r}, temperature={self.temperature.item():g}, threshold={self.threshold:g}"
+        temperature = "?" if self.temperature.is_meta else f"{self.temperature.item():g}"
+        text = f"per={self.per!r}, temperature={temperature}, threshold={self.threshold:g}"
         if self.per == "channel":
             text += f", dim={self.dim}"
         if self.hard:

@@ -139,6 +139,15 @@ class UnitNorm(_ChannelNorm):
     def __init__(self, *, dim: int = 0) -> None:
         super().__init__(dim)
 
+    def _bind(self, fqn: str, tensor: Tensor) -> None:
+        super()._bind(fqn, tensor)
+        if tensor.numel() == 0 and tensor.shape[self.dim] > 0:
+            raise ValueError(
+                f"{fqn}: UnitNorm(dim={self.dim}) cannot hold on a tensor of shape {tuple(tensor.shape)}: "
+                f"its {tensor.shape[self.dim]} slices along dim {self.dim} have no entries, so no slice "
+                "can have unit norm."
+            )
+
     def forward(self, x: Tensor) -> Tensor:
         return x / self.norms(x).clamp_min(torch.finfo(x.dtype).tiny)
 

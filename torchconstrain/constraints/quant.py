@@ -96,11 +96,11 @@ class FakeQuant(Constraint):
         dims = self._dims(x)
         if self.symmetric:
             qmax = 2 ** (self.bits - 1) - 1
-            scale = self._floor(x.detach().abs().amax(dim=dims, keepdim=True) / qmax)
+            scale = self._floor(_extreme(x.detach().abs(), dims, torch.amax) / qmax)
             return _positive(scale), torch.zeros_like(scale), -qmax, qmax
         qmax = 2**self.bits - 1
-        low = x.detach().amin(dim=dims, keepdim=True).clamp_max(0)
-        high = x.detach().amax(dim=dims, keepdim=True).clamp_min(0)
+        low = _extreme(x.detach(), dims, torch.amin).clamp_max(0)
+        high = _extreme(x.detach(), dims, torch.amax).clamp_min(0)
         scale = _positive(self._floor((high - low) / qmax))
         # Half-down here and half-up in quantize() put the extremes exactly on 0 and qmax,
         # so the grid of a quantized tensor is its own (no half-to-even ties moving them).
@@ -131,11 +131,12 @@ class FakeQuant(Constraint):
         scale, zero_point, qmin, qmax = self.grid(value)
         if levels is not None:
             scale = _positive(scale * qmax / levels)
-            zero_point = torch.ceil(-value.detach().amin(dim=self._dims(value), keepdim=True).clamp_max(0) / scale - 0.5)
+            low = _extreme(value.detach(), self._dims(value), torch.amin).clamp_max(0)
+            zero_point = torch.ceil(-low / scale - 0.5)
         steps = value / scale + zero_point
         q = (torch.round(steps) if self.symmetric else torch.floor(steps + 0.5)).clamp(qmin, qmax)
         moved = ((q - zero_point) * scale - value).abs() / scale > 1e-3
-        return moved.amax(dim=self._dims(value), keepdim=True).expand_as(value)
+        return _extreme(moved, self._dims(value), torch.amax).expand_as(value)
 
     def _floor(self, scale: Tensor) -> Tensor:
         return scale.clamp_min(self.min_scale) if self.min_scale else scale
@@ -147,6 +148,14 @@ class FakeQuant(Constraint):
         text = f"bits={self.bits}, per_channel={self.per_channel}, symmetric={self.symmetric}"
         text += f", dim={self.dim}" if self.per_channel else ""
         return text + (f", min_scale={self.min_scale!r}" if self.min_scale else "")
+
+
+def _extreme(x: Tensor, dims: list[int], reduce) -> Tensor:
+    """``reduce(x, dims, keepdim=True)`` (``torch.amax`` or ``torch.amin``); zeros of that
+    shape for a tensor without entries, which has no extremes and nothing to quantize."""
+    if x.numel() == 0:
+        return x.new_zeros([1 if d in dims else size for d, size in enumerate(x.shape)])
+    return reduce(x, dim=dims, keepdim=True)
 
 
 def _positive(scale: Tensor) -> Tensor:

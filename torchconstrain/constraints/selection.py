@@ -36,6 +36,8 @@ def _keep_largest(scores: Tensor, sparsity: float) -> Tensor:
 
 def _warn_if_degenerate(fqn: str, sparsity: float, keep: Tensor, unit: str) -> None:
     kept, total = int(keep.sum()), keep.numel()
+    if total == 0:
+        return  # nothing to prune: a tensor without entries
     if sparsity > 0 and kept == total:
         warnings.warn(
             f"{fqn}: sparsity {sparsity} prunes no {unit} of {total}; the mask keeps everything.",
@@ -50,6 +52,8 @@ def _warn_if_degenerate(fqn: str, sparsity: float, keep: Tensor, unit: str) -> N
 
 class Magnitude:
     """Keep the entries of largest absolute value, by share (``sparsity``) or ``threshold``."""
+
+    reads_values = True  # whether select() reads the tensor's values (not only its shape)
 
     def __init__(self, *, sparsity: float | None = None, threshold: float | None = None) -> None:
         if (sparsity is None) == (threshold is None):
@@ -81,6 +85,8 @@ class Magnitude:
 class GlobalMagnitude:
     """Keep the entries of largest absolute value across all tensors a rule matched."""
 
+    reads_values = True  # whether select() reads the tensor's values (not only its shape)
+
     def __init__(self, *, sparsity: float) -> None:
         self.sparsity = _check_sparsity(sparsity, "FixedMask.global_magnitude")
 
@@ -108,6 +114,8 @@ class RandomSelection:
     generator (so ``torch.manual_seed`` makes it reproducible, like any initialization).
     """
 
+    reads_values = False  # whether select() reads the tensor's values (not only its shape)
+
     def __init__(self, *, sparsity: float, seed: int | None = None) -> None:
         self.sparsity = _check_sparsity(sparsity, "FixedMask.random")
         self.seed = seed
@@ -115,7 +123,7 @@ class RandomSelection:
     def select(self, fqn: str, tensor: Tensor) -> Tensor:
         generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         scores = torch.rand(tensor.shape, generator=generator)
-        keep = _keep_largest(scores, self.sparsity).to(tensor.device)
+        keep = _keep_largest(scores, self.sparsity)  # on the CPU: for_tensor moves it
         _warn_if_degenerate(fqn, self.sparsity, keep, "entry")
         return keep
 
@@ -125,6 +133,8 @@ class RandomSelection:
 
 class Structured:
     """Keep whole slices along ``dim`` with the largest L``p`` norm (channel pruning)."""
+
+    reads_values = True  # whether select() reads the tensor's values (not only its shape)
 
     def __init__(self, *, sparsity: float, dim: int = 0, p: float = 2) -> None:
         self.sparsity = _check_sparsity(sparsity, "FixedMask.structured")
@@ -153,6 +163,8 @@ class Structured:
 
 class NM:
     """Keep the ``n`` largest entries of every ``m`` consecutive ones along ``dim`` (N:M)."""
+
+    reads_values = True  # whether select() reads the tensor's values (not only its shape)
 
     def __init__(self, n: int, m: int, *, dim: int = 1) -> None:
         if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n <= m:
