@@ -8,8 +8,10 @@ from torchconstrain.__main__ import main
 from torchconstrain.demo import DemoConfig, default_rules_path, run_demo
 from torchconstrain.errors import ConstraintViolation
 
-# One epoch of two batches, short latency timing: the whole demo in a few seconds.
-TINY = {"epochs": 1, "limit_batches": 2, "latency_time": 0.01, "progress": False}
+# One epoch of two batches, short latency timing, a small calibration set: the whole demo but the
+# ExecuTorch lowering in a few seconds. Only the ``tiny`` fixture exports; the command line runs skip it.
+TINY = {"epochs": 1, "limit_batches": 2, "latency_time": 0.01, "progress": False, "calibration_images": 64}
+PROGRAMS = ("executorch_fp32", "executorch_int8")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("curves.png", "sparsity.png", "weights.png")
 THREADS = torch.get_num_threads()
@@ -26,28 +28,35 @@ def quick_cli(monkeypatch):
     """Make the command line run the tiny setting (the CLI keeps its own flags)."""
     def run(config):
         return run_demo(config, limit_batches=TINY["limit_batches"], latency_time=TINY["latency_time"],
-                        progress=False)
+                        progress=False, deploy=False)
 
     monkeypatch.setattr(torchconstrain.demo, "run_demo", run)
 
 
-def without_timing(metrics: dict) -> dict:
-    return {key: value for key, value in metrics.items() if key != "timing"}
+def without_timing_and_programs(metrics: dict) -> dict:
+    kept = {key: value for key, value in metrics.items() if key != "timing"}
+    kept["stages"] = {name: stage for name, stage in metrics["stages"].items() if name not in PROGRAMS}
+    kept["verification"] = {key: value for key, value in metrics["verification"].items()
+                            if not key.startswith("executorch")}
+    kept["settings"] = {key: value for key, value in metrics["settings"].items() if key != "deploy"}
+    return kept
 
 
 def test_the_demo_writes_every_artefact(tiny):
     out, result = tiny
     assert result.ok
-    assert sorted(path.name for path in result.files) == sorted(["report.md", "metrics.json", *PLOTS])
+    assert sorted(path.name for path in result.files) == sorted(["report.md", "metrics.json", *PLOTS,
+                                                                 *(f"{name}.pte" for name in PROGRAMS)])
     for name in PLOTS:
         data = (out / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000, name
     report = (out / "report.md").read_text()
-    for text in ("## Stages", "| shrunk + folded |", "## Constraints", "`features.0.0.weight`", *PLOTS):
+    for text in ("## Stages", "| shrunk + folded |", "| ExecuTorch int8 |", "## Constraints", "`features.0.0.weight`",
+                 *PLOTS):
         assert text in report
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"settings", "data", "stages", "history", "constraints", "blocks", "verification", "timing"}
-    assert set(metrics["stages"]) == {"plain", "constrained", "baked", "shrunk"}
+    assert set(metrics["stages"]) == {"plain", "constrained", "baked", "shrunk", *PROGRAMS}
     assert set(metrics["timing"]["latency_ms"]) == {*metrics["stages"], "folded"}
     assert [len(metrics["history"][name]) for name in ("plain", "constrained")] == [1, 1]
 
@@ -67,10 +76,28 @@ def test_the_demo_checks_constraints_and_verifies_the_shrunk_model(tiny):
 
 
 def test_the_command_line_runs_the_demo_and_the_same_seed_gives_the_same_metrics(tiny, quick_cli, tmp_path, capsys):
-    assert main(["demo", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--epochs", "1", "--calibrate", "64", "--out", str(tmp_path)]) == 0
     assert "shrunk + folded" in capsys.readouterr().out
     again = json.loads((tmp_path / "metrics.json").read_text())
-    assert without_timing(again) == without_timing(tiny[1].metrics)
+    assert without_timing_and_programs(again) == without_timing_and_programs(tiny[1].metrics)
+
+
+def test_the_last_stage_is_an_int8_executorch_program_of_the_shrunk_model(tiny):
+    from executorch.runtime import Runtime
+
+    out, result = tiny
+    metrics, stages = result.metrics, result.metrics["stages"]
+    verification = metrics["verification"]
+    assert verification["executorch_fp32_matches_shrunk"]
+    assert verification["executorch_fp32_vs_shrunk_max_abs_difference"] <= 1e-5  # near-random logits: small
+    assert stages["executorch_int8"]["int8"] and not stages["executorch_fp32"]["int8"]
+    assert stages["executorch_int8"]["quantized_weights"] > 50  # every conv and linear of MobileNetV3-Small
+    assert stages["executorch_int8"]["size_bytes"] < stages["executorch_fp32"]["size_bytes"] / 3
+    assert stages["executorch_int8"]["size_bytes"] == (out / "executorch_int8.pte").stat().st_size
+    assert metrics["timing"]["latency_ms"]["executorch_int8"] > 0
+    method = Runtime.get().load_program((out / "executorch_int8.pte").read_bytes()).load_method("forward")
+    assert method.execute([torch.randn(1, 3, 32, 32)])[0].shape == (1, 10)
+    assert "ExecuTorch int8" in result.summary and "int8 program vs plain" in result.summary
 
 
 def test_show_rules_prints_the_rules_file(tmp_path, capsys):

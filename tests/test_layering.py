@@ -21,6 +21,7 @@ LAYERS = [
     ("rules", ["torchconstrain.optim", "torchconstrain.rules", "torchconstrain.schedules"]),
     ("bake and check", ["torchconstrain.bake"]),
     ("surgery", ["torchconstrain.surgery", "torchconstrain.surgery.*"]),
+    ("deploy", ["torchconstrain.deploy"]),
     ("rules files", ["torchconstrain.rulesfile", "torchconstrain.api", "torchconstrain.dryrun"]),
     ("top", ["torchconstrain", "torchconstrain.__main__", "torchconstrain.demo", "torchconstrain.demo.*",
              "torchconstrain.examples", "torchconstrain.examples.*"]),

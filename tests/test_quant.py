@@ -187,3 +187,38 @@ def test_a_slice_too_small_for_a_representable_grid_rounds_to_zero(symmetric):
     assert torch.equal(y[1], torch.zeros(8))
     assert torch.equal(y[[0, 2]], FakeQuant(4, symmetric=symmetric)(x[[0, 2]]))
     assert quant.violation(y) is None
+
+
+def test_min_scale_floors_the_grid_like_torch_fake_quantize_with_a_floored_scale():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 6)
+    with torch.no_grad():
+        layer.weight[:3].mul_(0.01)  # these rows' max|w| / 127 is under the floor
+    weight = layer.weight.detach().clone()
+    constrain(layer, {"weight": FakeQuant.xnnpack()})
+    check(layer)
+    scale = (weight.abs().amax(dim=1) / 127).clamp_min(2**-12)
+    assert (scale[:3] == 2**-12).all() and (scale[3:] > 2**-12).all()
+    peer = torch.fake_quantize_per_channel_affine(weight, scale, torch.zeros(6, dtype=torch.int32), 0, -127, 127)
+    assert torch.equal(layer.weight, peer)
+    bake(layer)
+    assert torch.equal(layer.weight, peer)
+    unfloored = FakeQuant(8).quantize(weight)
+    assert not torch.equal(unfloored[:3], peer[:3])
+    # above the floor the grids agree (the unfloored grid keeps its ends within max|w|: an ulp)
+    torch.testing.assert_close(unfloored[3:], peer[3:], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "value, error, message",
+    [
+        (-1e-3, ValueError, "FakeQuant: expected min_scale to be a finite number >= 0"),
+        (float("inf"), ValueError, "FakeQuant: expected min_scale to be a finite number >= 0"),
+        (float("nan"), ValueError, "FakeQuant: expected min_scale to be a finite number >= 0"),
+        ("0.1", TypeError, "FakeQuant: expected min_scale to be a number. Got str"),
+        (True, TypeError, "FakeQuant: expected min_scale to be a number. Got bool"),
+    ],
+)
+def test_a_bad_min_scale_is_refused(value, error, message):
+    with pytest.raises(error, match=message):
+        FakeQuant(8, min_scale=value)

@@ -76,8 +76,9 @@ def test_every_registered_constraint_builds_from_a_file(tmp_path):
     items = [{name: arguments.get(name)} for name in CONSTRAINTS]
     rules = read_rules(write(tmp_path, "all.json", json.dumps({"rules": [{"match": "x", "apply": items}]}))).rules
     assert [type(c).__name__ for c in rules[0][1]] == [
-        "Clamp", "NonNeg", "MaxNorm", "UnitNorm", "FakeQuant", "LearnableMask",
+        "Clamp", "NonNeg", "MaxNorm", "UnitNorm", "FakeQuant", "FakeQuant", "LearnableMask",
         "FixedMask", "FixedMask", "FixedMask", "FixedMask", "FixedMask", "L1", "L2"]
+    assert rules[0][1][5].min_scale == 2**-12  # FakeQuant.xnnpack
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,11 @@
-r"""The command line: ``torchconstrain demo`` and ``torchconstrain inspect`` (or ``python -m torchconstrain``)."""
+r"""The command line: ``torchconstrain demo``, ``inspect`` and ``export`` (or ``python -m torchconstrain``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+import torch
 
 __all__ = ["main"]
 
@@ -13,6 +15,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_demo(commands)
     _add_inspect(commands)
+    _add_export(commands)
     return parser
 
 
@@ -40,12 +43,83 @@ def _run_inspect(args) -> int:
     return 0 if ok else 1
 
 
+def _add_export(commands) -> None:
+    export = commands.add_parser(
+        "export", help="bake a model and write it as an ExecuTorch program (.pte) for XNNPACK, fp32 or int8",
+        description="Bake MODEL (a saved whole model or a torchvision name, built with weights=None), optionally "
+        "shrink it and fold its BatchNorms, and write an ExecuTorch program for the XNNPACK backend; then run the "
+        "program once in ExecuTorch's runtime and compare it with the eager model. Needs the deploy extra.")
+    export.add_argument("model", metavar="MODEL",
+                        help="a torchvision model name (built with weights=None) or a path to a saved model")
+    export.add_argument("--to", choices=("executorch",), required=True, help="the target (executorch)")
+    export.add_argument("--out", required=True, metavar="FILE", help="the program file to write (.pte)")
+    export.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), metavar="N,C,H,W",
+                        help="the input shape the program takes, batch included (default 1,3,224,224)")
+    export.add_argument("--int8", action="store_true", help="quantize weights and activations to int8 (PT2E)")
+    export.add_argument("--calibrate", type=_at_least_one, default=32, metavar="N",
+                        help="with --int8: calibrate activations on N inputs (default 32)")
+    export.add_argument("--data", metavar="FILE",
+                        help="with --int8: a tensor of inputs saved with torch.save, shape (samples, ...); the first "
+                        "N calibrate. Without it, N random normal inputs (ranges unlike real data: pass real data)")
+    export.add_argument("--shrink", action="store_true", help="surgery.shrink first (MobileNetV3)")
+    export.add_argument("--fold-batchnorm", action="store_true", help="surgery.fold_batchnorm first")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected sizes >= 1 separated by commas, like 1,3,224,224. Got {text!r}.")
+    return shape
+
+
+def _run_export(args) -> int:
+    from torchconstrain.dryrun import load_model
+    from torchconstrain.deploy import prepare, to_executorch
+
+    try:
+        example = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
+        calibration = _calibration_batches(args, example) if args.int8 else None
+        model = prepare(load_model(args.model), example, inplace=True, shrink=args.shrink,
+                        fold_batchnorm=args.fold_batchnorm)
+        program = to_executorch(model, example, int8=args.int8, calibration=calibration, inplace=True)
+        program.save(args.out)
+        with torch.no_grad():
+            difference = (program(example) - model(example)).abs().max().item()
+    except (TypeError, ValueError, OSError, ModuleNotFoundError) as error:
+        print(f"torchconstrain export: {error}", file=sys.stderr)
+        return 2
+    kind = "int8" if program.int8 else "fp32"
+    print(f"wrote {args.out}: {kind} ExecuTorch program (XNNPACK), {program.size / 1e6:.2f} MB, input {list(args.input_shape)}")
+    if program.int8:
+        moved, total = sum(program.moved.values()), len(program.moved)
+        print(f"int8 weights: {total} tensors quantized, {moved:,} entries moved off their float values")
+    print(f"ExecuTorch vs eager outputs on a random input: max |difference| {difference:.2g}")
+    return 0
+
+
+def _calibration_batches(args, example) -> list:
+    if args.data is None:
+        inputs = torch.randn((args.calibrate, *example.shape[1:]), generator=torch.Generator().manual_seed(1))
+    else:
+        inputs = torch.load(args.data, map_location="cpu")
+        if not isinstance(inputs, torch.Tensor) or tuple(inputs.shape[1:]) != tuple(example.shape[1:]):
+            raise ValueError(f"--data {args.data}: expected a tensor of shape (samples, {', '.join(map(str, example.shape[1:]))}). "
+                             f"Got {tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__}.")
+        inputs = inputs[:args.calibrate].float()
+    return list(inputs.split(32))
+
+
 def _add_demo(commands) -> None:
     demo = commands.add_parser(
-        "demo", help="train MobileNetV3-Small on digits, plain and constrained; bake, shrink, report",
+        "demo", help="train MobileNetV3-Small on digits, plain and constrained; bake, shrink, export, report",
         description="Train torchvision's MobileNetV3-Small on scikit-learn's 8x8 digits, plain and under a "
-        "rules file (check after every epoch), bake, shrink and fold it, and write report.md, metrics.json "
-        "and plots. Exits with 1 if a check fails or the shrunk model's outputs differ from the baked model's.")
+        "rules file (check after every epoch), bake, shrink and fold it, export it to ExecuTorch programs "
+        "(fp32 and int8), and write report.md, metrics.json, plots and the programs. Exits with 1 if a check "
+        "fails, the shrunk model's outputs differ from the baked model's or the fp32 program's from the shrunk "
+        "model's.")
     demo.add_argument("--epochs", type=_at_least_one, default=15, help="epochs of each training (default 15)")
     demo.add_argument("--batch-size", type=_at_least_one, default=64, help="training batch size (default 64)")
     demo.add_argument("--seed", type=int, default=0, help="seeds the split, the weights and the batches (default 0)")
@@ -55,6 +129,10 @@ def _add_demo(commands) -> None:
                       help="the report folder (default ./torchconstrain-demo)")
     demo.add_argument("--threads", type=_at_least_one, default=1,
                       help="torch CPU threads (default 1: the same numbers on every machine, steady on a busy one)")
+    demo.add_argument("--calibrate", type=_at_least_one, default=256, metavar="N",
+                      help="training images that calibrate the int8 program (default 256)")
+    demo.add_argument("--no-deploy", action="store_true",
+                      help="skip the last stage, the ExecuTorch programs (fp32 and int8)")
     demo.add_argument("--show-rules", action="store_true", help="print the rules file and exit")
 
 
@@ -73,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "inspect":
         return _run_inspect(args)
+    if args.command == "export":
+        return _run_export(args)
     return _run_demo(args)
 
 
@@ -81,7 +161,8 @@ def _run_demo(args) -> int:
     from torchconstrain.errors import ConstraintViolation
 
     config = DemoConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                        threads=args.threads, rules=args.rules, out=args.out)
+                        threads=args.threads, rules=args.rules, out=args.out, deploy=not args.no_deploy,
+                        calibration_images=args.calibrate)
     try:
         config.validate()
         if args.show_rules:
@@ -96,8 +177,8 @@ def _run_demo(args) -> int:
         return 2
     print(result.summary)
     if not result.ok:
-        print("torchconstrain demo: the shrunk model's outputs differ from the baked model's (see above).",
-              file=sys.stderr)
+        print("torchconstrain demo: the shrunk model's outputs differ from the baked model's, or the fp32 "
+              "program's from the shrunk model's (see above).", file=sys.stderr)
     return 0 if result.ok else 1
 
 

@@ -51,6 +51,7 @@ CONSTRAINTS = {
     "MaxNorm": MaxNorm,
     "UnitNorm": UnitNorm,
     "FakeQuant": FakeQuant,
+    "FakeQuant.xnnpack": FakeQuant.xnnpack,
     "LearnableMask": LearnableMask,
     "FixedMask.magnitude": FixedMask.magnitude,
     "FixedMask.global_magnitude": FixedMask.global_magnitude,

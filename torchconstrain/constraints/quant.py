@@ -2,10 +2,12 @@ r"""Fake quantization: weights on an integer grid, for quantization-aware traini
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from torchconstrain.constraints.arguments import flag, integer
+from torchconstrain.constraints.arguments import flag, integer, number
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.constraints.stacking import (
     KEEPS_SIGNS,
@@ -32,11 +34,15 @@ class FakeQuant(Constraint):
       integers in ``[0, 2**bits - 1]``, effective ``w_q = scale * (q - zero_point)``.
 
     With ``per_channel=True`` each slice along ``dim`` (each output channel) has its own
-    scale. Zeros map to exactly zero, so masked entries stay zero. The gradient passes
+    scale. ``min_scale`` floors every scale: a slice whose range would give a smaller one
+    gets ``min_scale`` instead. Int8 backends floor their scales too (XNNPACK's quantizer at
+    ``2**-12``); train with the backend's floor and its quantization leaves the baked
+    weights as they are: :meth:`FakeQuant.xnnpack` is that grid for ExecuTorch's XNNPACK.
+    Zeros map to exactly zero, so masked entries stay zero. The gradient passes
     straight through the rounding (quantization-aware training), and :func:`torchconstrain.bake`
     leaves every weight exactly on its grid. On the symmetric grid no entry's magnitude
     exceeds ``max|w|`` (``qmax * scale`` can round an ulp above it: that end is clamped),
-    so a box ``[-a, a]`` before ``FakeQuant`` still holds after it. A slice whose step would be
+    so a box ``[-a, a]`` before ``FakeQuant`` still holds after it (without ``min_scale``). A slice whose step would be
     a subnormal number (every entry below ``qmax`` times the dtype's smallest normal number)
     rounds to zero. :func:`torchconstrain.check` quantizes each
     slice of the effective tensor again on the grid of its own range and accepts it when no
@@ -55,6 +61,8 @@ class FakeQuant(Constraint):
         per_channel: one scale per slice along ``dim`` instead of one for the tensor.
         symmetric: symmetric grid around 0, or affine with a zero point.
         dim: the channel dimension when ``per_channel``.
+        min_scale: the smallest scale a slice gets (default 0: no floor, and an all-zero
+            slice gets scale 1).
 
     Example:
         >>> import torch
@@ -69,12 +77,30 @@ class FakeQuant(Constraint):
 
     cacheable = True  # see Constraint
 
-    def __init__(self, bits: int = 8, *, per_channel: bool = True, symmetric: bool = True, dim: int = 0) -> None:
+    def __init__(self, bits: int = 8, *, per_channel: bool = True, symmetric: bool = True, dim: int = 0,
+                 min_scale: float = 0.0) -> None:
         super().__init__()
         self.bits = integer("FakeQuant", "bits", bits, low=2, high=16)
         self.per_channel = flag("FakeQuant", "per_channel", per_channel)
         self.symmetric = flag("FakeQuant", "symmetric", symmetric)
         self.dim = integer("FakeQuant", "dim", dim)
+        self.min_scale = number("FakeQuant", "min_scale", min_scale, low=0)
+
+    @classmethod
+    def xnnpack(cls) -> "FakeQuant":
+        r"""The grid of ExecuTorch's XNNPACK int8 weights: 8 bits, per output channel, symmetric
+        ``[-127, 127]``, scales floored at ``2**-12`` (as ``XNNPACKQuantizer`` with
+        ``get_symmetric_quantization_config(is_per_channel=True)`` quantizes them).
+
+        A weight baked from it goes through :func:`torchconstrain.deploy.to_executorch` with
+        ``int8=True`` bitwise unchanged, unless a BatchNorm is folded into it on the way.
+
+        Example:
+            >>> from torchconstrain import FakeQuant
+            >>> FakeQuant.xnnpack()
+            FakeQuant(bits=8, per_channel=True, symmetric=True, dim=0, min_scale=0.000244140625)
+        """
+        return cls(8, per_channel=True, symmetric=True, dim=0, min_scale=2**-12)
 
     def _bind(self, fqn: str, tensor: Tensor) -> None:
         if not tensor.is_floating_point():
@@ -89,12 +115,12 @@ class FakeQuant(Constraint):
         dims = self._dims(x)
         if self.symmetric:
             qmax = 2 ** (self.bits - 1) - 1
-            scale = _extreme(x.detach().abs(), dims, torch.amax) / qmax
+            scale = self._floor(_extreme(x.detach().abs(), dims, torch.amax) / qmax)
             return _positive(scale), torch.zeros_like(scale), -qmax, qmax
         qmax = 2**self.bits - 1
         low = _extreme(x.detach(), dims, torch.amin).clamp_max(0)
         high = _extreme(x.detach(), dims, torch.amax).clamp_min(0)
-        scale = _positive((high - low) / qmax)
+        scale = _positive(self._floor((high - low) / qmax))
         # Half-down here and half-up in quantize() put the extremes exactly on 0 and qmax,
         # so the grid of a quantized tensor is its own (no half-to-even ties moving them).
         return scale, torch.ceil(-low / scale - 0.5).clamp(0, qmax), 0, qmax
@@ -106,8 +132,8 @@ class FakeQuant(Constraint):
         # A grid whose step is a subnormal number cannot be represented: such a slice
         # (all its entries below qmax times the smallest normal number) rounds to zero.
         q = q.masked_fill_(scale < torch.finfo(x.dtype).tiny, 0.0)
-        if not self.symmetric:
-            return q
+        if not self.symmetric or self.min_scale:
+            return q  # (a floored grid's top level can exceed max|w| by design: left on the grid)
         # qmax * scale can round an ulp above the largest magnitude: clamped back, so that
         # a box [-a, a] before FakeQuant still holds after it.
         largest = _extreme(x.detach().abs(), self._dims(x), torch.amax)
@@ -143,19 +169,24 @@ class FakeQuant(Constraint):
     def stacking(self) -> Stacking:
         # The grid is each slice's own: scaling a slice by one factor scales its grid; moving
         # single entries (a clamp, a mask, rounding again) moves the grid's ends.
-        does = [KEEPS_SIGNS] + ([WITHIN_LARGEST] if self.symmetric else [])
+        # A floored scale can put the top level above max|w|: no WITHIN_LARGEST then.
+        does = [KEEPS_SIGNS] + ([WITHIN_LARGEST] if self.symmetric and not self.min_scale else [])
         promise = f"every entry on its {self.bits}-bit grid"
         if not self.per_channel:
             return declare(does, promise)
         does.append(keeps_nonzero_slices(self.dim))  # a slice's largest entry stays nonzero
         return declare(does, promise, kept_by=[scales_slices(self.dim)])
 
+    def _floor(self, scale: Tensor) -> Tensor:
+        return scale.clamp_min(self.min_scale) if self.min_scale else scale
+
     def _dims(self, x: Tensor) -> list[int]:
         return [d for d in range(x.dim()) if not (self.per_channel and d == self.dim % x.dim())]
 
     def extra_repr(self) -> str:
         text = f"bits={self.bits}, per_channel={self.per_channel}, symmetric={self.symmetric}"
-        return text + (f", dim={self.dim}" if self.per_channel else "")
+        text += f", dim={self.dim}" if self.per_channel else ""
+        return text + (f", min_scale={self.min_scale!r}" if self.min_scale else "")
 
 
 def _extreme(x: Tensor, dims: list[int], reduce) -> Tensor:

@@ -13,12 +13,16 @@ __all__ = ["DemoConfig", "default_rules_path", "require_extras"]
 DEVICES = ("cpu", "cuda")
 #: Modules the demo needs beyond torchconstrain's own requirements: the ``demo`` extra.
 EXTRAS = ("sklearn", "matplotlib", "tqdm")
+#: Modules its last stage, the ExecuTorch programs, needs (the ``deploy`` extra, part of ``demo``).
+DEPLOY_EXTRAS = ("executorch",)
 PACKAGED_RULES = "packaged torchconstrain/data/demo_rules.yaml"
 
 
-def require_extras() -> None:
-    r"""Raise ``ModuleNotFoundError`` naming the modules of :data:`EXTRAS` that are not installed."""
-    missing = [name for name in EXTRAS if importlib.util.find_spec(name) is None]
+def require_extras(*, deploy: bool = True) -> None:
+    r"""Raise ``ModuleNotFoundError`` naming the modules of :data:`EXTRAS` (and, with ``deploy``,
+    :data:`DEPLOY_EXTRAS`) that are not installed."""
+    names = EXTRAS + (DEPLOY_EXTRAS if deploy else ())
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:
         raise ModuleNotFoundError(
             f"the demo needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
@@ -65,6 +69,9 @@ class DemoConfig:
         limit_batches: stop each epoch after this many batches (``None``: all); for tests.
         latency_time: seconds of latency timing per model (``torch.utils.benchmark``).
         progress: show a tqdm bar per epoch on stderr.
+        deploy: the last stage: export the shrunk, folded model to ExecuTorch programs,
+            fp32 and int8, and measure them in ExecuTorch's runtime.
+        calibration_images: training images that calibrate the int8 program's activations.
 
     Example:
         >>> from torchconstrain.demo import DemoConfig
@@ -91,6 +98,8 @@ class DemoConfig:
     limit_batches: int | None = None
     latency_time: float = 1.0
     progress: bool = True
+    deploy: bool = True
+    calibration_images: int = 256
 
     @property
     def rules_path(self) -> Path:
@@ -99,7 +108,7 @@ class DemoConfig:
 
     def validate(self) -> None:
         r"""Raise ``ValueError`` naming the first bad setting, before any work is done."""
-        for name in ("epochs", "batch_size", "threads"):
+        for name in ("epochs", "batch_size", "threads", "calibration_images"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1. Got {value!r}.")

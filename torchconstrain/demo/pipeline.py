@@ -30,7 +30,9 @@ class DemoResult:
         summary: the compact plain-text table the command line prints.
         files: the paths written into the report folder.
         ok: the shrunk and folded model's outputs match the baked model's within
-            :data:`~torchconstrain.demo.stages.TOLERANCE` (``check`` raises on its own).
+            :data:`~torchconstrain.demo.stages.TOLERANCE`, and the fp32 ExecuTorch program's
+            match the shrunk model's within :data:`~torchconstrain.demo.stages.PROGRAM_TOLERANCE`
+            (``check`` raises on its own).
     """
 
     metrics: dict
@@ -47,7 +49,10 @@ def run_demo(config: DemoConfig | None = None, **settings) -> DemoResult:
     constrained model, removes the block channels its learnable masks pruned
     (:func:`~torchconstrain.surgery.shrink`) and folds BatchNorm; then measures each
     model's test accuracy, sparsity, params, MACs and batch-1 CPU latency and writes
-    ``report.md``, ``metrics.json`` and PNG plots into ``config.out``.
+    ``report.md``, ``metrics.json`` and PNG plots into ``config.out``. Last, unless
+    ``config.deploy`` is false, the shrunk and folded model goes to ExecuTorch programs
+    (:func:`~torchconstrain.deploy.to_executorch`), fp32 and int8, written next to the
+    report and measured in ExecuTorch's runtime: test accuracy, size, batch-1 latency.
 
     Args:
         config: the settings (default :class:`~torchconstrain.demo.DemoConfig()`).
@@ -60,7 +65,8 @@ def run_demo(config: DemoConfig | None = None, **settings) -> DemoResult:
         ValueError: a bad setting, or a rules file that cannot be read or applied
             (before any training).
         OSError: the report folder cannot be created (before any training).
-        ModuleNotFoundError: scikit-learn, matplotlib or tqdm is missing (the ``demo`` extra).
+        ModuleNotFoundError: scikit-learn, matplotlib, tqdm or executorch is missing (the
+            ``demo`` extra).
         ConstraintViolation: ``check`` failed after an epoch.
 
     Example:
@@ -69,11 +75,11 @@ def run_demo(config: DemoConfig | None = None, **settings) -> DemoResult:
         >>> result = run_demo(epochs=1, limit_batches=1, latency_time=0.01, progress=False,
         ...                   out=tempfile.mkdtemp())  # doctest: +SKIP
         >>> result.ok, sorted(result.metrics["stages"])  # doctest: +SKIP
-        (True, ['baked', 'constrained', 'plain', 'shrunk'])
+        (True, ['baked', 'constrained', 'executorch_fp32', 'executorch_int8', 'plain', 'shrunk'])
     """
     config = replace(config or DemoConfig(), **settings)
     config.validate()
-    require_extras()
+    require_extras(deploy=config.deploy)
     with _threads(config.threads):
         return _run(config)
 
@@ -102,11 +108,26 @@ def _run(config: DemoConfig) -> DemoResult:
     shrunk, shrink_report, folded = stages.shrunk_copy(baked, data.test_x[:1])
     models = {"plain": plain, "constrained": constrained, "baked": baked, "shrunk": shrunk}
     metrics = _metrics(config, data, models, histories, _constraint_rows(rules_report, bake_report), shrink_report)
-    metrics["verification"] = _verify(models, folded, data, config)
-    metrics["timing"] = _timing(models, data, config, seconds, started)
-    files = report.write(Path(config.out), metrics, before, _effective(baked, rules_report.names()))
-    ok = metrics["verification"]["shrunk_matches_baked"]
+    programs = _export(shrunk, data, config, seconds)
+    metrics["stages"].update({name: stages.measure_program(program, data) for name, program in programs.items()})
+    metrics["verification"] = _verify(models, folded, data, config, programs)
+    metrics["timing"] = _timing(models, data, config, seconds, started, programs)
+    written = [program.save(Path(config.out) / f"{name}.pte") for name, program in programs.items()]
+    files = report.write(Path(config.out), metrics, before, _effective(baked, rules_report.names())) + written
+    verification = metrics["verification"]
+    ok = verification["shrunk_matches_baked"] and verification.get("executorch_fp32_matches_shrunk", True)
     return DemoResult(metrics, report.summary(metrics, files), files, ok)
+
+
+def _export(shrunk: nn.Module, data, config: DemoConfig, seconds: dict) -> dict:
+    """The ExecuTorch programs of the shrunk, folded model (none without ``config.deploy``)."""
+    if not config.deploy:
+        return {}
+    stages.executorch_threads()  # one thread, set before a program is loaded
+    clock = time.perf_counter()
+    programs = stages.programs(shrunk, data, calibration_images=config.calibration_images)
+    seconds["executorch_export"] = time.perf_counter() - clock
+    return programs
 
 
 def _train_both(plain: nn.Module, constrained: nn.Module, data, config: DemoConfig) -> tuple[dict, dict]:
@@ -132,12 +153,13 @@ def _metrics(config: DemoConfig, data, models: dict, histories: dict, constraint
     }
 
 
-def _verify(models: dict, folded: int, data, config: DemoConfig) -> dict:
+def _verify(models: dict, folded: int, data, config: DemoConfig, programs: dict) -> dict:
     """``check`` held after every epoch (it raises otherwise); compare the outputs of the stages."""
     constrained, baked, shrunk = models["constrained"], models["baked"], models["shrunk"]
     images = data.test_x.to(config.device)
     difference, close = stages.max_difference(shrunk, baked, images)
     return {
+        **_verify_programs(shrunk, data, programs),
         "baked_vs_constrained_max_abs_difference": stages.max_difference(baked, constrained, images)[0],
         "check_passed_epochs": config.epochs,
         "shrunk_vs_baked_max_abs_difference": difference,
@@ -148,6 +170,20 @@ def _verify(models: dict, folded: int, data, config: DemoConfig) -> dict:
     }
 
 
+def _verify_programs(shrunk: nn.Module, data, programs: dict) -> dict:
+    """The fp32 program against the eager shrunk model; what int8 quantization moved."""
+    if not programs:
+        return {}
+    fp32, int8 = programs["executorch_fp32"], programs["executorch_int8"]
+    difference, close = stages.program_difference(fp32, copy.deepcopy(shrunk).cpu(), data.test_x)
+    return {
+        "executorch_fp32_vs_shrunk_max_abs_difference": difference,
+        "executorch_fp32_matches_shrunk": close,
+        "executorch_tolerance": dict(stages.PROGRAM_TOLERANCE),
+        "executorch_int8_moved_weights": sum(int8.moved.values()),
+    }
+
+
 def _constraint_rows(rules_report: Report, bake_report: Report) -> list[dict]:
     """The rows of ``constrain``'s report, each with its tensor's sparsity after baking."""
     baked = {row["tensor"]: row["sparsity"] for row in bake_report}
@@ -155,14 +191,20 @@ def _constraint_rows(rules_report: Report, bake_report: Report) -> list[dict]:
             for row in rules_report]
 
 
-def _timing(models: dict, data, config: DemoConfig, seconds: dict, started: float) -> dict:
-    """Latencies (the stages, and the baked model with BatchNorm folded but not shrunk) and wall
-    times: the only numbers that differ between two runs with the same seed."""
+def _timing(models: dict, data, config: DemoConfig, seconds: dict, started: float, programs: dict) -> dict:
+    """Latencies (the stages, the baked model with BatchNorm folded but not shrunk, the programs)
+    and wall times: the only numbers that differ between two runs with the same seed."""
     timed = {**models, "folded": stages.folded_copy(models["baked"])}
     latency = stages.latencies(timed, data.test_x, min_run_time=config.latency_time)
+    example = data.test_x[:1].cpu()
+    latency.update({name: program.latency(example, min_run_time=config.latency_time)
+                    for name, program in programs.items()})
     seconds["total"] = time.perf_counter() - started
-    return {"latency_ms": {name: value * 1e3 for name, value in latency.items()}, "latency_threads": 1,
-            "seconds": seconds, "training_threads": torch.get_num_threads()}
+    timing = {"latency_ms": {name: value * 1e3 for name, value in latency.items()}, "latency_threads": 1,
+              "seconds": seconds, "training_threads": torch.get_num_threads()}
+    if programs:
+        timing["executorch_threads"] = stages.executorch_threads()
+    return timing
 
 
 def _effective(model: nn.Module, names: list[str]) -> dict[str, Tensor]:

@@ -110,9 +110,12 @@ def _accuracy_panel(axis, epochs, plain, constrained, stages) -> None:
     last = epochs[-1]
     axis.plot([last + 0.3], [final["baked"]], "D", color=GREEN, ms=7, label=f"baked ({final['baked']:.1f}%)")
     axis.plot([last + 0.6], [final["shrunk"]], "*", color=RED, ms=12, label=f"shrunk + folded ({final['shrunk']:.1f}%)")
+    if "executorch_int8" in final:
+        axis.plot([last + 0.9], [final["executorch_int8"]], "P", color=PALETTE[2], ms=9,
+                  label=f"ExecuTorch int8 ({final['executorch_int8']:.1f}%)")
     lowest = min(100 * r["test_accuracy"] for r in plain + constrained)
     axis.set(title="Test accuracy", xlabel="epoch", ylabel="accuracy (%)", ylim=(10 * (lowest // 10) - 2, 101),
-             xlim=(0.5, last + 0.9))
+             xlim=(0.5, last + 1.2))
     axis.legend(loc="lower right", frameon=True, title="final")
 
 

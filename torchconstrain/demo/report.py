@@ -12,7 +12,8 @@ from torchconstrain.demo.data import BN_MOMENTUM
 __all__ = ["LABELS", "summary", "write"]
 
 #: Display names of the stages, in order.
-LABELS = {"plain": "plain", "constrained": "constrained", "baked": "baked", "shrunk": "shrunk + folded"}
+LABELS = {"plain": "plain", "constrained": "constrained", "baked": "baked", "shrunk": "shrunk + folded",
+          "executorch_fp32": "ExecuTorch fp32", "executorch_int8": "ExecuTorch int8"}
 
 
 def write(out: Path, metrics: dict, before: dict[str, Tensor], after: dict[str, Tensor]) -> list[Path]:
@@ -31,29 +32,49 @@ def write(out: Path, metrics: dict, before: dict[str, Tensor], after: dict[str, 
 
 
 def stage_rows(metrics: dict) -> list[list[str]]:
-    r"""One row per stage: name, test accuracy, zero weights, params, MACs, latency; then the
-    shrunk model relative to the plain one."""
+    r"""One row per stage: name, test accuracy, zero weights, params, MACs, file size, latency.
+
+    The ExecuTorch programs run the shrunk, folded network: its params and MACs."""
     rows = []
     latency = metrics["timing"]["latency_ms"]
     for name, label in LABELS.items():
-        stage = metrics["stages"][name]
-        rows.append([label, f"{stage['test_accuracy']:.1%}", f"{stage['sparsity']:.1%}", f"{stage['params'] / 1e6:.2f} M",
-                     f"{stage['macs'] / 1e6:.2f} M", f"{latency[name]:.2f} ms"])
-    plain, shrunk = metrics["stages"]["plain"], metrics["stages"]["shrunk"]
-    points = 100 * (shrunk["test_accuracy"] - plain["test_accuracy"])
-    rows.append(["shrunk vs plain", f"{points:+.1f} pt", "", f"{shrunk['params'] / plain['params']:.2f}x",
-                 f"{shrunk['macs'] / plain['macs']:.2f}x", f"{latency['shrunk'] / latency['plain']:.2f}x"])
+        if name in metrics["stages"]:
+            stage = metrics["stages"][name]
+            network = metrics["stages"]["shrunk"] if name.startswith("executorch") else stage
+            zeros = "" if "sparsity" not in stage else f"{stage['sparsity']:.1%}"
+            rows.append([label, f"{stage['test_accuracy']:.1%}", zeros, f"{network['params'] / 1e6:.2f} M",
+                         f"{network['macs'] / 1e6:.2f} M", _megabytes(stage["size_bytes"]), f"{latency[name]:.2f} ms"])
     return rows
 
 
-HEADER = ["stage", "test acc", "zero weights", "params", "MACs", "latency"]
+def comparison_rows(metrics: dict) -> list[list[str]]:
+    r"""The shrunk model, and the int8 program if there is one, relative to the plain model."""
+    stages, latency = metrics["stages"], metrics["timing"]["latency_ms"]
+    plain = stages["plain"]
+    rows = []
+    for name, label in (("shrunk", "shrunk vs plain"), ("executorch_int8", "int8 program vs plain")):
+        if name in stages:
+            stage = stages[name]
+            network = stages["shrunk"]
+            points = 100 * (stage["test_accuracy"] - plain["test_accuracy"])
+            rows.append([label, f"{points:+.1f} pt", "", f"{network['params'] / plain['params']:.2f}x",
+                         f"{network['macs'] / plain['macs']:.2f}x", f"{stage['size_bytes'] / plain['size_bytes']:.2f}x",
+                         f"{latency[name] / latency['plain']:.2f}x"])
+    return rows
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.2f} MB"
+
+
+HEADER = ["stage", "test acc", "zero weights", "params", "MACs", "size", "latency"]
 
 
 def summary(metrics: dict, files: list[Path]) -> str:
     r"""The compact table printed at the end of a run."""
     data, settings = metrics["data"], metrics["settings"]
-    rows = stage_rows(metrics)
-    widths = [max(len(row[i]) for row in [HEADER, *rows]) for i in range(len(HEADER))]
+    rows, comparisons = stage_rows(metrics), comparison_rows(metrics)
+    widths = [max(len(row[i]) for row in [HEADER, *rows, *comparisons]) for i in range(len(HEADER))]
 
     def line(cells: list[str]) -> str:
         return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths)))
@@ -65,10 +86,10 @@ def summary(metrics: dict, files: list[Path]) -> str:
         f"rules: {settings['rules']} ({_count(len(metrics['constraints']), 'tensor')} constrained)",
         "",
         line(HEADER),
-        *(line(row) for row in rows[:-1]),
+        *(line(row) for row in rows),
         line(["-" * w for w in widths]),
-        line(rows[-1]),
-        f"latency: batch 1, one CPU thread ({_folding_note(metrics)})",
+        *(line(row) for row in comparisons),
+        f"latency: batch 1, one CPU thread ({_folding_note(metrics)}){_executorch_note(metrics)}",
         "",
         *_verdicts(metrics),
         f"report: {files[0]} (+ {', '.join(path.name for path in files[1:])})" if files else "",
@@ -79,6 +100,30 @@ def summary(metrics: dict, files: list[Path]) -> str:
 def _folding_note(metrics: dict) -> str:
     latency = metrics["timing"]["latency_ms"]
     return f"BatchNorm folding alone: {latency['folded']:.2f} ms, {latency['folded'] / latency['plain']:.2f}x"
+
+
+def _executorch_note(metrics: dict) -> str:
+    count = metrics["timing"].get("executorch_threads")
+    if count is None:
+        return ""
+    return f"; ExecuTorch programs: XNNPACK, {count} thread{'' if count == 1 else 's'}"
+
+
+def _program_verdicts(metrics: dict) -> list[str]:
+    check, stages = metrics["verification"], metrics["stages"]
+    if "executorch_fp32" not in stages:
+        return []
+    verdict = "ok" if check["executorch_fp32_matches_shrunk"] else "MISMATCH"
+    points = 100 * (stages["executorch_int8"]["test_accuracy"] - stages["executorch_fp32"]["test_accuracy"])
+    within = "within" if abs(points) <= 1 else "MORE than"
+    return [
+        f"ExecuTorch fp32 vs shrunk + folded outputs: max |difference| "
+        f"{check['executorch_fp32_vs_shrunk_max_abs_difference']:.2g} ({verdict}, "
+        + ", ".join(f"{key}={value:g}" for key, value in check["executorch_tolerance"].items()) + ")",
+        f"ExecuTorch int8 vs fp32 test accuracy: {points:+.1f} pt ({within} 1 point); "
+        f"{stages['executorch_int8']['quantized_weights']} weights int8 per channel, activations calibrated on "
+        f"{metrics['settings']['calibration_images']} training images",
+    ]
 
 
 def _verdicts(metrics: dict) -> list[str]:
@@ -96,7 +141,7 @@ def _verdicts(metrics: dict) -> list[str]:
     tolerance = ", ".join(f"{key}={value:g}" for key, value in check["tolerance"].items())
     lines.append(f"shrunk + folded vs baked outputs: max |difference| {check['shrunk_vs_baked_max_abs_difference']:.2g} "
                  f"({verdict}, {tolerance})")
-    return lines
+    return lines + _program_verdicts(metrics)
 
 
 def _count(number: int, noun: str) -> str:
@@ -109,7 +154,7 @@ def markdown(metrics: dict, pictures: list[str]) -> str:
         "# torchconstrain demo\n",
         _setup(metrics),
         "## Stages\n",
-        _table(HEADER, stage_rows(metrics)),
+        _table(HEADER, stage_rows(metrics) + comparison_rows(metrics)),
         _stage_notes(metrics),
         "## Checks\n",
         "\n".join(f"- {line}" for line in _verdicts(metrics)) + "\n"
@@ -155,12 +200,26 @@ def _stage_notes(metrics: dict) -> str:
         f"on {timing['latency_threads']} thread, `torch.utils.benchmark` medians in interleaved rounds, the fastest "
         "round. *shrunk + folded* is the baked model after "
         "`surgery.shrink` (block channels whose gates fell to 0 removed) and `surgery.fold_batchnorm`; "
-        f"{_folding_note(metrics)} (the baked model with BatchNorm folded, nothing removed).\n\n"
+        f"{_folding_note(metrics)} (the baked model with BatchNorm folded, nothing removed). *size*: the "
+        "file of `torch.save(model.state_dict())`, or of the `.pte` program. "
+        f"{_program_note(metrics)}\n\n"
         f"Wall time ({timing['training_threads']} training threads): plain training "
         f"{timing['seconds']['plain_training']:.0f} s, constrained training "
-        f"{timing['seconds']['constrained_training']:.0f} s, everything up to writing this report "
+        f"{timing['seconds']['constrained_training']:.0f} s, "
+        + (f"ExecuTorch export {timing['seconds']['executorch_export']:.0f} s, "
+           if "executorch_export" in timing["seconds"] else "")
+        + "everything up to writing this report "
         f"{timing['seconds']['total']:.0f} s.\n"
     )
+
+
+def _program_note(metrics: dict) -> str:
+    if "executorch_fp32" not in metrics["stages"]:
+        return ""
+    return ("*ExecuTorch fp32* and *int8* are the shrunk and folded model exported with "
+            "`torchconstrain.deploy.to_executorch` for XNNPACK (int8: PT2E with `XNNPACKQuantizer`, weights per "
+            "channel, activations per tensor) and run one image at a time in ExecuTorch's runtime, latency on "
+            f"{metrics['timing']['executorch_threads']} XNNPACK thread(s).")
 
 
 def _history_table(metrics: dict) -> str:

@@ -1,8 +1,9 @@
-r"""The demo's stages after training: bake, shrink and fold, and what each model measures."""
+r"""The demo's stages after training: bake, shrink and fold, export to ExecuTorch, and what each measures."""
 
 from __future__ import annotations
 
 import copy
+import io
 
 import torch
 from torch import Tensor, nn
@@ -11,11 +12,13 @@ import torchconstrain.surgery as surgery
 from torchconstrain.bake import bake
 from torchconstrain.demo.data import Digits
 from torchconstrain.demo.train import evaluate
+from torchconstrain.deploy import Program, set_threads, threads, to_executorch
 from torchconstrain.report import Report
 
 __all__ = [
-    "TOLERANCE", "baked_copy", "folded_copy", "latencies", "max_difference", "measure", "shrunk_copy",
-    "stock_difference", "zero_share",
+    "PROGRAM_TOLERANCE", "TOLERANCE", "baked_copy", "executorch_threads", "folded_copy", "latencies",
+    "max_difference", "measure", "measure_program", "program_difference", "programs", "shrunk_copy",
+    "state_dict_bytes", "stock_difference", "zero_share",
 ]
 
 #: ``torch.allclose`` tolerances between the shrunk and folded model's logits and the baked model's.
@@ -57,6 +60,7 @@ def measure(model: nn.Module, data: Digits) -> dict:
         "sparsity": zero_share(model),
         "params": surgery.count_params(model),
         "macs": surgery.count_macs(model, example),
+        "size_bytes": state_dict_bytes(model),
     }
 
 
@@ -127,3 +131,66 @@ def stock_difference(baked: nn.Module, images: Tensor) -> float:
     fresh = make_model(seed=1).to(next(baked.parameters()).device).eval()
     fresh.load_state_dict(baked.state_dict(), strict=True)
     return (fresh(images) - baked.eval()(images)).abs().max().item()
+
+
+#: ``torch.allclose`` tolerances between the fp32 ExecuTorch program's logits and the eager model's:
+#: float32 rounding (logits of a trained model reach tens, where one rounding step is about 2e-6).
+PROGRAM_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def programs(model: nn.Module, data: Digits, *, calibration_images: int) -> dict[str, Program]:
+    r"""Export the (shrunk, folded) ``model`` to ExecuTorch programs for batch-1 images: fp32, and
+    int8 with activations calibrated on the first ``calibration_images`` training images."""
+    example = data.test_x[:1].cpu()
+    calibration = data.train_x[:calibration_images].cpu().split(64)
+    return {
+        "executorch_fp32": to_executorch(model, example),
+        "executorch_int8": to_executorch(model, example, int8=True, calibration=calibration),
+    }
+
+
+def executorch_threads(count: int = 1) -> int:
+    r"""Give ExecuTorch's thread pool ``count`` threads if no program ran yet in this process; return its size."""
+    try:
+        set_threads(count)
+    except ValueError:  # a program ran already: the pool keeps its size, and the report says which
+        pass
+    return threads()
+
+
+def measure_program(program: Program, data: Digits) -> dict:
+    r"""Return a program's test accuracy and loss (one image at a time, as it was exported) and its size."""
+    logits = torch.cat([program(image) for image in data.test_x.cpu().split(1)])
+    labels = data.test_y.cpu()
+    return {
+        "test_accuracy": (logits.argmax(dim=1) == labels).float().mean().item(),
+        "test_loss": nn.functional.cross_entropy(logits, labels).item(),
+        "size_bytes": program.size,
+        "int8": program.int8,
+        "quantized_weights": len(program.moved),
+    }
+
+
+@torch.no_grad()
+def program_difference(program: Program, model: nn.Module, images: Tensor) -> tuple[float, bool]:
+    r"""Return the largest ``|logit difference|`` between ``program`` and the eager ``model`` (eval mode) on
+    ``images``, and whether they agree within :data:`PROGRAM_TOLERANCE`."""
+    model.eval()
+    images = images.cpu()
+    ours = torch.cat([program(image) for image in images.split(1)])
+    eager = model(images)
+    return (ours - eager).abs().max().item(), torch.allclose(ours, eager, **PROGRAM_TOLERANCE)
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    r"""Return the size of ``torch.save(model.state_dict())``: what the eager model's file weighs.
+
+    Example:
+        >>> from torch import nn
+        >>> from torchconstrain.demo.stages import state_dict_bytes
+        >>> state_dict_bytes(nn.Linear(256, 256)) > 256 * 256 * 4
+        True
+    """
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
