@@ -14,6 +14,7 @@ from torchconstrain import (
     bake,
     check,
     constrain,
+    penalty,
 )
 
 
@@ -126,6 +127,67 @@ def test_learnable_mask_penalty_is_mean_gate_times_strength():
     assert math.isclose(layer.parametrizations.weight[0].penalty().item(), 0.45, rel_tol=1e-6)
 
 
+def test_learnable_mask_budget_bakes_exactly_the_lowest_gates_whatever_the_threshold():
+    layer = nn.Linear(10, 3, bias=False)
+    constrain(layer, {"weight": LearnableMask(per="channel", dim=1, sparsity=0.3, threshold=0.9)})
+    mask = layer.parametrizations.weight[0]
+    with torch.no_grad():  # every gate above the threshold, yet the budget closes three
+        mask.scores.copy_(torch.linspace(5.0, 6.0, 10).flip(0).view(1, 10))
+    assert mask.sparsity == pytest.approx(0.3)
+    gated = layer.weight.detach().clone()
+    bake(layer)
+    assert torch.equal(layer.weight[:, 7:], torch.zeros(3, 3))  # the three lowest gates
+    assert torch.equal(layer.weight[:, :7], gated[:, :7])
+
+
+def test_learnable_mask_budget_hard_forward_keeps_what_bake_keeps():
+    layer = nn.Linear(8, 2, bias=False)
+    constrain(layer, {"weight": LearnableMask(per="channel", dim=1, sparsity=0.5, hard=True)})
+    mask = layer.parametrizations.weight[0]
+    with torch.no_grad():
+        mask.scores.copy_(torch.randn(1, 8))
+    forward = layer.weight.detach().clone()
+    assert int((forward.abs().sum(0) == 0).sum()) == 4
+    bake(layer)
+    assert torch.equal(layer.weight, forward)
+
+
+def test_learnable_mask_budget_multiplier_rises_until_the_gates_meet_the_target():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 1, bias=False)
+    constrain(layer, {"weight": LearnableMask(per="channel", dim=1, sparsity=0.75)})
+    mask = layer.parametrizations.weight[0]
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.05)
+    x = torch.randn(256, 16)
+    truth = torch.full((16, 1), 0.1)
+    truth[[2, 5, 11, 13]] = 2.0  # four inputs matter; the task alone would keep all sixteen
+    for _ in range(300):
+        loss = nn.functional.mse_loss(layer(x), x @ truth) + penalty(layer)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    gates = mask.gate().detach().flatten()
+    assert mask.multiplier.item() > 0
+    assert gates.mean().item() == pytest.approx(0.25, abs=0.05)
+    assert (gates > 0.5).nonzero().flatten().tolist() == [2, 5, 11, 13]  # the gates agree with the budget
+    with torch.no_grad():  # a penalty computed without gradients leaves the multiplier alone
+        before = mask.multiplier.clone()
+        penalty(layer)
+        assert torch.equal(mask.multiplier, before)
+
+
+def test_learnable_mask_budget_multiplier_is_saved_with_the_model():
+    layer = nn.Linear(4, 2)
+    constrain(layer, {"weight": LearnableMask(sparsity=0.5)})
+    penalty(layer).backward()
+    state = layer.state_dict()
+    assert state["parametrizations.weight.0.multiplier"].item() > 0
+    fresh = nn.Linear(4, 2)
+    constrain(fresh, {"weight": LearnableMask(sparsity=0.5)})
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.parametrizations.weight[0].multiplier, state["parametrizations.weight.0.multiplier"])
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -134,6 +196,9 @@ def test_learnable_mask_penalty_is_mean_gate_times_strength():
         ({"threshold": 0.0}, r"threshold in \(0, 1\)"),
         ({"temperature": 0}, "temperature > 0"),
         ({"strength": -1}, "strength >= 0"),
+        ({"sparsity": 1.0}, r"sparsity in \[0, 1\) or None. Got 1.0"),
+        ({"sparsity": True}, r"sparsity in \[0, 1\) or None. Got True"),
+        ({"sparsity": 0.5, "rate": -0.1}, "rate >= 0. Got -0.1"),
     ],
 )
 def test_learnable_mask_refuses_bad_arguments(kwargs, message):

@@ -211,7 +211,7 @@ def test_unsupported_models_get_a_clear_error_and_stay_unchanged():
     [
         ({}, r"expected sparsity in \[0, 1\) for fixed masks. Got None"),
         ({"sparsity": 1.0}, r"expected sparsity in \[0, 1\)"),
-        ({"sparsity": 0.5, "learnable": True}, "learnable masks learn their sparsity"),
+        ({"sparsity": 1.0, "learnable": True}, r"expected sparsity in \[0, 1\) or None. Got 1.0"),
         ({"sparsity": 0.5, "importance": "gamma"}, "unknown importance 'gamma'"),
         ({"sparsity": 0.5, "importance": lambda name, block: torch.ones(3)}, "block features.2 has 3 scores, expected 72"),
     ],

@@ -254,6 +254,16 @@ class LearnableMask(Constraint):
     ``hard=True`` that is exactly the forward value). :attr:`sparsity` reports the share
     that baking will zero.
 
+    A budget instead of a strength: with ``sparsity=s`` baking closes exactly the
+    ``round(s * n)`` lowest of the ``n`` gates (at least one stays open), whatever they
+    learned, and ``threshold`` is not used. While training the penalty is a Lagrange term
+    ``multiplier * (mean(gate) - (1 - s))``: each :func:`torchconstrain.penalty` call made
+    with gradients on first raises the ``multiplier`` buffer by ``rate`` times the excess of
+    open gates over the budget (it falls back, never below 0, once the gates are under it).
+    So the gates are pushed as hard as it takes to reach the budget and no further, and
+    ``strength`` is not used. With ``hard=True`` the forward keeps exactly the gates that
+    baking keeps. Call :func:`torchconstrain.penalty` once per training step.
+
     Args:
         per: ``"element"`` or ``"channel"``.
         dim: the channel dimension when ``per="channel"``.
@@ -261,7 +271,11 @@ class LearnableMask(Constraint):
         init: the starting gate value, in (0, 1).
         threshold: the gate value at or below which an entry is pruned, in (0, 1).
         hard: use the binary gate in the forward (straight-through gradient).
-        strength: the weight of the sparsity penalty.
+        strength: the weight of the sparsity penalty (without ``sparsity``).
+        sparsity: the share of gates baking closes, in [0, 1); ``None``: the gates
+            at or below ``threshold``.
+        rate: with ``sparsity``, how fast the multiplier rises per penalty call, per unit
+            of excess share.
 
     Example:
         >>> import torch
@@ -271,6 +285,10 @@ class LearnableMask(Constraint):
         >>> _ = constrain(layer, {"weight": LearnableMask(strength=1e-2)})
         >>> round(penalty(layer).item(), 4)
         0.0098
+        >>> budgeted = nn.Linear(8, 4)
+        >>> _ = constrain(budgeted, {"weight": LearnableMask(per="channel", dim=1, sparsity=0.75)})
+        >>> budgeted.parametrizations.weight[0].sparsity  # what baking closes: 6 of 8 gates
+        0.75
     """
 
     cacheable = True  # see Constraint
@@ -285,6 +303,8 @@ class LearnableMask(Constraint):
         threshold: float = 0.5,
         hard: bool = False,
         strength: float = 1e-3,
+        sparsity: float | None = None,
+        rate: float = 0.05,
     ) -> None:
         super().__init__()
         if per not in ("element", "channel"):
@@ -296,9 +316,19 @@ class LearnableMask(Constraint):
             raise ValueError(f"LearnableMask: expected temperature > 0. Got {temperature}.")
         if not strength >= 0:
             raise ValueError(f"LearnableMask: expected strength >= 0. Got {strength}.")
+        if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
+                                     or not 0.0 <= sparsity < 1.0):
+            raise ValueError(f"LearnableMask: expected sparsity in [0, 1) or None. Got {sparsity!r}.")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate >= 0:
+            raise ValueError(f"LearnableMask: expected rate >= 0. Got {rate!r}.")
         self.per, self.dim, self.hard = per, dim, hard
         self.init, self.threshold, self.strength = init, threshold, strength
+        self.target_sparsity, self.rate = sparsity, rate
+        #: A budget shared with other masks (``torchconstrain.surgery.budget.GateBudget``), or None.
+        self.budget = None
         self.register_buffer("temperature", torch.tensor(float(temperature)))
+        if sparsity is not None:
+            self.register_buffer("multiplier", torch.zeros(()))
         self.register_parameter("scores", None)
 
     def _bind(self, fqn: str, tensor: Tensor) -> None:
@@ -325,25 +355,46 @@ class LearnableMask(Constraint):
     def forward(self, x: Tensor) -> Tensor:
         gate = self.gate()
         if self.hard:
-            binary = (gate > self.threshold).to(gate.dtype)
+            binary = self._kept(gate).to(gate.dtype)
             gate = binary + (gate - gate.detach())
         return x * gate
 
     def bake(self, value: Tensor) -> Tensor:
         gate = self.gate()
-        kept = gate > self.threshold
-        return torch.where(kept, value * (1.0 if self.hard else gate), 0.0)
+        return torch.where(self._kept(gate), value * (1.0 if self.hard else gate), 0.0)
 
-    def penalty(self) -> Tensor:
-        return self.strength * self.gate().mean()
+    def _kept(self, gate: Tensor) -> Tensor:
+        """Bool, the gate's shape: the entries baking keeps."""
+        if self.budget is not None:
+            return self.budget.keep_for(self)
+        if self.target_sparsity is None:
+            return gate > self.threshold
+        count = gate.numel()
+        kept = max(count - round(self.target_sparsity * count), 1)
+        order = torch.sort(gate.detach().flatten(), descending=True, stable=True).indices
+        keep = torch.zeros(count, dtype=torch.bool, device=gate.device)
+        keep[order[:kept]] = True
+        return keep.view(gate.shape)
+
+    def penalty(self) -> Tensor | None:
+        if self.budget is not None:
+            return self.budget.penalty_for(self)
+        if self.target_sparsity is None:
+            return self.strength * self.gate().mean()
+        excess = self.gate().mean() - (1.0 - self.target_sparsity)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                self.multiplier.add_(self.rate * excess.detach()).clamp_(min=0.0)
+        return self.multiplier * excess
 
     def forced_zeros(self) -> Tensor:
         return torch.ones((), dtype=torch.bool, device=self.scores.device)
 
     @property
     def sparsity(self) -> float:
-        r"""The share of gates at or below ``threshold``: what baking will zero."""
-        return (self.gate() <= self.threshold).float().mean().item()
+        r"""The share of entries baking will zero: the gates at or below ``threshold``, or the budget's."""
+        with torch.no_grad():
+            return 1.0 - self._kept(self.gate()).float().mean().item()
 
     def extra_repr(self) -> str:
         text = f"per={self.per!r}, temperature={self.temperature.item():g}, threshold={self.threshold:g}"
@@ -351,4 +402,8 @@ class LearnableMask(Constraint):
             text += f", dim={self.dim}"
         if self.hard:
             text += ", hard=True"
+        if self.budget is not None:
+            return text + f", budget={self.budget.what}"
+        if self.target_sparsity is not None:
+            return text + f", sparsity={self.target_sparsity:g}"
         return text + f", strength={self.strength:g}"

@@ -176,7 +176,11 @@ def mask_blocks(
     - Learnable (``learnable=True``): one :class:`~torchconstrain.LearnableMask` gate per
       channel, shared by the two layers that read the channels (SE ``fc1`` and the project
       conv), so it gates the channel's activation exactly. Its penalty is
-      ``strength * mean(gate)`` per block; ``hard=True`` trains with the binary gate.
+      ``strength * mean(gate)`` per block; ``hard=True`` trains with the binary gate. With
+      ``sparsity=`` it is a budget instead: baking closes exactly that share of each
+      block's lowest gates (at least one stays open), and the penalty is a Lagrange term
+      that steers the gates to it (see :class:`~torchconstrain.LearnableMask`); ``strength``
+      is not used.
 
     Masking the readers is what removes a channel: zeroing only the expand conv's filter
     leaves BatchNorm's shift and the activation, a nonzero constant that would still reach
@@ -216,9 +220,9 @@ def block_rules(model: nn.Module, *, sparsity: float | None = None, learnable: b
     """
     blocks = [block for block in find_blocks(model) if block.expand is not None]
     if learnable:
-        if sparsity is not None:
-            raise ValueError("surgery.mask_blocks: learnable masks learn their sparsity; pass strength= instead of sparsity=.")
-        rules = [(fqn, LearnableMask(per="channel", dim=1, strength=strength, hard=hard))
+        if sparsity is not None and (isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0):
+            raise ValueError(f"surgery.mask_blocks: expected sparsity in [0, 1) or None. Got {sparsity!r}.")
+        rules = [(fqn, LearnableMask(per="channel", dim=1, strength=strength, hard=hard, sparsity=sparsity))
                  for block in blocks for fqn in _readers(block)]
         return rules, lambda: [_share_gate(block) for block in blocks]
     if sparsity is None or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
@@ -285,7 +289,7 @@ def _share_gate(block: Block) -> None:
     leader = conv_of(block.project).parametrizations.weight[-1]
     follower = block.se.fc1.parametrizations.weight[-1]
     follower.scores = leader.scores
-    follower.strength = 0.0
+    follower.strength = follower.rate = 0.0  # one penalty per block: the leader's
 
 
 @dataclass
