@@ -329,6 +329,7 @@ class LearnableMask(Constraint):
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         if sparsity is not None:
             self.register_buffer("multiplier", torch.zeros(()))
+        self.register_buffer("gate_index", None)  # see indexed()
         self.register_parameter("scores", None)
 
     def _bind(self, fqn: str, tensor: Tensor) -> None:
@@ -342,46 +343,102 @@ class LearnableMask(Constraint):
                     f"{tuple(tensor.shape)}."
                 )
             shape = [size if d == self.dim % tensor.dim() else 1 for d, size in enumerate(shape)]
+        if self.gate_index is not None:
+            shape = self._bind_index(fqn, tensor, shape)
         start = self.temperature.item() * math.log(self.init / (1.0 - self.init))
         self.scores = nn.Parameter(torch.full(shape, start, dtype=tensor.dtype))
 
-    def gate(self) -> Tensor:
-        r"""Return the soft gate ``sigmoid(scores / temperature)``."""
+    def _bind_index(self, fqn: str, tensor: Tensor, shape: list[int]) -> list[int]:
+        """Check the gate index against the tensor; return the scores' shape, one per gate."""
+        slices = tensor.shape[self.dim % tensor.dim()]
+        index = self.gate_index
+        if self.per != "channel" or index.dim() != 1 or index.numel() != slices:
+            raise ValueError(f"{fqn}: a LearnableMask index needs per='channel' and one entry per slice along "
+                             f"dim {self.dim} ({slices}). Got {tuple(index.shape)}.")
+        self.slice_shape = shape
+        return [self.gate_count]
+
+    @classmethod
+    def indexed(cls, index: Tensor, gates: int, **kwargs) -> "LearnableMask":
+        r"""Template: ``gates`` gates spread over the slices along ``dim`` by ``index``.
+
+        ``index[i]`` is the gate of slice ``i`` (``-1``: not gated, always kept), so several
+        tensors whose slices are laid out differently (a conv's input channels, a linear's
+        flattened ``channels x positions`` inputs) can share one set of gates: give every
+        mask the same ``scores`` parameter once they are applied. ``scores`` has one entry
+        per gate; :meth:`gates` returns them, :meth:`gate` the per-slice view. Keyword
+        arguments are :class:`LearnableMask`'s, with ``per="channel"``.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from torchconstrain import LearnableMask, constrain
+            >>> layer = nn.Linear(6, 2)
+            >>> _ = constrain(layer, {"weight": LearnableMask.indexed(torch.tensor([0, 0, 1, 1, -1, -1]), 2, dim=1)})
+            >>> mask = layer.parametrizations.weight[0]
+            >>> tuple(mask.scores.shape), tuple(mask.gate().shape)
+            ((2,), (1, 6))
+        """
+        index = torch.as_tensor(index, dtype=torch.long).flatten()
+        if isinstance(gates, bool) or not isinstance(gates, int) or gates < 1:
+            raise ValueError(f"LearnableMask.indexed: expected gates >= 1. Got {gates!r}.")
+        if index.numel() and (int(index.min()) < -1 or int(index.max()) >= gates):
+            raise ValueError(f"LearnableMask.indexed: expected index entries in [-1, {gates}). "
+                             f"Got {int(index.min())}..{int(index.max())}.")
+        mask = cls(per="channel", **kwargs)
+        mask.gate_index = torch.where(index < 0, gates, index)  # gate ``gates``: the constant 1
+        mask.gate_count = gates
+        return mask
+
+    def gates(self) -> Tensor:
+        r"""Return the soft gates, one per score: ``sigmoid(scores / temperature)``."""
         if tracing() or transformed():
             return torch.sigmoid(self.scores / self.temperature)
         temperature = self._derived("temperature", self.temperature, self.temperature.item)
         return torch.sigmoid(self.scores if temperature == 1.0 else self.scores / temperature)
 
+    def gate(self) -> Tensor:
+        r"""Return the soft gate ``sigmoid(scores / temperature)``, in the shape it multiplies the tensor with."""
+        return self._spread(self.gates(), 1.0)
+
+    def _spread(self, values: Tensor, fill) -> Tensor:
+        """Per-gate values -> per-slice values (an indexed mask), ``fill`` for ungated slices."""
+        if self.gate_index is None:
+            return values
+        padded = torch.cat([values.flatten(), values.new_full((1,), fill)])
+        return padded[self.gate_index].view(self.slice_shape)
+
     def forward(self, x: Tensor) -> Tensor:
         gate = self.gate()
         if self.hard:
-            binary = self._kept(gate).to(gate.dtype)
+            binary = self._spread(self._kept_gates(), True).to(gate.dtype)
             gate = binary + (gate - gate.detach())
         return x * gate
 
     def bake(self, value: Tensor) -> Tensor:
         gate = self.gate()
-        return torch.where(self._kept(gate), value * (1.0 if self.hard else gate), 0.0)
+        return torch.where(self._spread(self._kept_gates(), True), value * (1.0 if self.hard else gate), 0.0)
 
-    def _kept(self, gate: Tensor) -> Tensor:
-        """Bool, the gate's shape: the entries baking keeps."""
+    def _kept_gates(self) -> Tensor:
+        """Bool, the scores' shape: the gates baking keeps open."""
         if self.budget is not None:
             return self.budget.keep_for(self)
+        gates = self.gates().detach()
         if self.target_sparsity is None:
-            return gate > self.threshold
-        count = gate.numel()
+            return gates > self.threshold
+        count = gates.numel()
         kept = max(count - round(self.target_sparsity * count), 1)
-        order = torch.sort(gate.detach().flatten(), descending=True, stable=True).indices
-        keep = torch.zeros(count, dtype=torch.bool, device=gate.device)
+        order = torch.sort(gates.flatten(), descending=True, stable=True).indices
+        keep = torch.zeros(count, dtype=torch.bool, device=gates.device)
         keep[order[:kept]] = True
-        return keep.view(gate.shape)
+        return keep.view(gates.shape)
 
     def penalty(self) -> Tensor | None:
         if self.budget is not None:
             return self.budget.penalty_for(self)
         if self.target_sparsity is None:
-            return self.strength * self.gate().mean()
-        excess = self.gate().mean() - (1.0 - self.target_sparsity)
+            return self.strength * self.gates().mean()
+        excess = self.gates().mean() - (1.0 - self.target_sparsity)
         if torch.is_grad_enabled():
             with torch.no_grad():
                 self.multiplier.add_(self.rate * excess.detach()).clamp_(min=0.0)
@@ -392,9 +449,9 @@ class LearnableMask(Constraint):
 
     @property
     def sparsity(self) -> float:
-        r"""The share of entries baking will zero: the gates at or below ``threshold``, or the budget's."""
+        r"""The share of gates baking will close: those at or below ``threshold``, or the budget's."""
         with torch.no_grad():
-            return 1.0 - self._kept(self.gate()).float().mean().item()
+            return 1.0 - self._kept_gates().float().mean().item()
 
     def extra_repr(self) -> str:
         text = f"per={self.per!r}, temperature={self.temperature.item():g}, threshold={self.threshold:g}"

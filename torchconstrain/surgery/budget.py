@@ -226,6 +226,9 @@ class GateBudget:
     and no further: no strength to tune. Call :func:`~torchconstrain.penalty` once per
     training step.
 
+    Masks that share a member's ``scores`` parameter (the other readers of the same
+    channels) follow it: pass them to :meth:`attach` too.
+
     Attach it with :meth:`attach` after the masks are registered. The multiplier is a buffer
     ``multiplier`` of the first member, so it is saved in the model's ``state_dict``.
 
@@ -246,7 +249,7 @@ class GateBudget:
         if not (isinstance(rate, (int, float)) and rate >= 0):
             raise ValueError(f"{what}: expected rate >= 0. Got {rate!r}.")
         for group, mask in members:
-            gates = mask.gate().numel() if getattr(mask, "scores", None) is not None else None
+            gates = mask.scores.numel() if getattr(mask, "scores", None) is not None else None
             if gates != group.channels:
                 raise ValueError(f"{what}: channel group {group.name!r} has {group.channels} channels but its mask "
                                  f"has {gates} gates.")
@@ -258,12 +261,17 @@ class GateBudget:
         self._linear = [float(g.macs) for g in self.groups]
         self.allocation()  # validates keep and the minimums now, before anything is attached
 
-    def attach(self) -> "GateBudget":
-        r"""Make every member use this budget (in place) and return ``self``."""
+    def attach(self, followers: Sequence[object] = ()) -> "GateBudget":
+        r"""Make every member, and each follower (a mask sharing a member's ``scores``), use this
+        budget (in place); return ``self``."""
+        members = {id(mask.scores) for mask in self.masks}
+        strays = [f for f in followers if id(f.scores) not in members]
+        if strays:
+            raise ValueError(f"{self.what}: {len(strays)} follower masks share no member's scores.")
         leader = self.masks[0]
         if "multiplier" not in leader._buffers:
             leader.register_buffer("multiplier", torch.zeros((), device=leader.scores.device))
-        for mask in self.masks:
+        for mask in [*self.masks, *followers]:
             mask.budget = self
             mask.cacheable = False  # a hard forward now depends on the other members' gates too
         return self
@@ -271,19 +279,19 @@ class GateBudget:
     def allocation(self) -> Allocation:
         r"""The channels baking keeps now: :func:`allocate` over the members' current gates."""
         with torch.no_grad():
-            groups = [ChannelGroup(g.name, g.channels, mask.gate().detach().flatten().float().cpu(), g.macs, g.minimum)
+            groups = [ChannelGroup(g.name, g.channels, mask.gates().detach().flatten().float().cpu(), g.macs, g.minimum)
                       for g, mask in zip(self.groups, self.masks)]
         return allocate(groups, keep=self.keep, cost=self.cost, normalize=False, what=self.what)
 
     def keep_for(self, mask) -> Tensor:
-        r"""The bool keep vector of one member's gates, in the gates' shape."""
-        index = next(i for i, m in enumerate(self.masks) if m is mask)
+        r"""The bool keep vector of one member's gates (or of a mask sharing a member's scores), in the scores' shape."""
+        index = next(i for i, m in enumerate(self.masks) if m.scores is mask.scores)
         keep = self.allocation().keep[self.groups[index].name]
         return keep.to(mask.scores.device).view(mask.scores.shape)
 
     def expected_share(self) -> Tensor:
         r"""The cost share with each channel weighted by its gate (differentiable; linear in the gates)."""
-        terms = [macs * mask.gate().sum() for macs, mask in zip(self._linear, self.masks)]
+        terms = [macs * mask.gates().sum() for macs, mask in zip(self._linear, self.masks)]
         linear_total = self.fixed + sum(m * g.channels for m, g in zip(self._linear, self.groups))
         return (self.fixed + sum(terms[1:], terms[0])) / linear_total
 

@@ -6,7 +6,7 @@ import torch
 import torch.utils.benchmark as benchmark
 from torch import nn
 
-__all__ = ["count_params", "count_macs", "measure_latency"]
+__all__ = ["count_params", "count_macs", "layer_macs", "measure_latency"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -16,16 +16,21 @@ def count_params(model: nn.Module) -> int:
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     r"""Return the multiply-accumulates of convolutions and linear layers for one forward of ``example``."""
-    total = 0
+    return sum(layer_macs(model, example).values())
+
+
+def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    r"""Return the multiply-accumulates of each convolution and linear layer, by module name, for one
+    forward of ``example`` (a layer called twice counts twice)."""
+    names = {module: name for name, module in model.named_modules()}
+    totals: dict[str, int] = {}
 
     def conv_hook(module: nn.Conv2d, inputs, output) -> None:
-        nonlocal total
         kernel = module.weight.shape[2] * module.weight.shape[3]
-        total += output.numel() * (module.in_channels // module.groups) * kernel
+        totals[names[module]] = totals.get(names[module], 0) + output.numel() * (module.in_channels // module.groups) * kernel
 
     def linear_hook(module: nn.Linear, inputs, output) -> None:
-        nonlocal total
-        total += output.numel() * module.in_features
+        totals[names[module]] = totals.get(names[module], 0) + output.numel() * module.in_features
 
     hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     hooks += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
@@ -38,7 +43,7 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-    return total
+    return totals
 
 
 def measure_latency(model: nn.Module, example: torch.Tensor, *, min_run_time: float = 1.0) -> float:

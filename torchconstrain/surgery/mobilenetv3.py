@@ -10,7 +10,7 @@ The expanded channels are private to the block: once neither the project conv no
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -294,20 +294,29 @@ def _share_gate(block: Block) -> None:
 
 @dataclass
 class ShrinkReport:
-    r"""What :func:`shrink` changed: per-block channels and the model's size and speed."""
+    r"""What :func:`shrink` changed: per-block channels, the model's size and speed, and budgets.
+
+    ``targets`` maps a budget (``"sparsity"``: the share of channels removed, ``"macs"``: the
+    share of MACs kept) to ``(target, achieved)``.
+    """
 
     channels: dict[str, tuple[int, int]]
     params: tuple[int, int]
     macs: tuple[int, int]
     latency: tuple[float, float] | None
+    targets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    kind: str = "block"
 
     def __str__(self) -> str:
-        lines = [f"{'block':<14} channels", *(f"{name:<14} {a} -> {b}" for name, (a, b) in self.channels.items())]
+        width = max([14, *map(len, self.channels)]) + 1
+        lines = [f"{self.kind:<{width}} channels", *(f"{name:<{width}} {a} -> {b}" for name, (a, b) in self.channels.items())]
         lines.append(f"params  {self.params[0]:,} -> {self.params[1]:,} ({self.params[1] / self.params[0]:.2f}x)")
         lines.append(f"MACs    {self.macs[0]:,} -> {self.macs[1]:,} ({self.macs[1] / self.macs[0]:.2f}x)")
         if self.latency is not None:
             before, after = self.latency
             lines.append(f"latency {before * 1e3:.2f} ms -> {after * 1e3:.2f} ms ({after / before:.2f}x, batch 1, CPU)")
+        for name, (target, achieved) in self.targets.items():
+            lines.append(f"{name:<7} target {target:.3f}, achieved {achieved:.3f}")
         return "\n".join(lines)
 
 
