@@ -522,10 +522,9 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
         module, handler = group.root
         graph.get_pruning_group(module, handler, removed).prune()
     after = _measured(model, example, measure)
-    same_shape = after["output"].shape == before["output"].shape
-    difference = (after["output"] - before["output"]).abs().max().item() if same_shape else math.inf
-    allowed = atol + rtol * before["output"].abs().max().item()
-    if difference > allowed and mixing != "approximate":
+    difference = _difference(before["output"], after["output"])
+    allowed = atol + rtol * before["output"].nan_to_num(0.0, 0.0, 0.0).abs().max().item()
+    if not difference <= allowed and mixing != "approximate":
         model.__dict__.update(backup.__dict__)
         raise ValueError(f"surgery.graph.shrink: removing the unread channels changed the outputs by {difference:.3g} "
                          f"(more than {allowed:.3g}, atol={atol:g} + rtol={rtol:g} times the largest output): a layer mixes channels in a way the dependency graph does not show. "
@@ -535,6 +534,15 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
                           (before["latency"], after["latency"]) if measure else None, kind="group")
     report.targets = _achieved(targets or {}, report, groups, plan, mixing)
     return report
+
+
+def _difference(before: Tensor, after: Tensor) -> float:
+    """The largest absolute difference; NaN where both are NaN counts as equal, elsewhere as infinite."""
+    if before.shape != after.shape:
+        return math.inf
+    both = before.isnan() & after.isnan()
+    difference = (after - before).abs().masked_fill(both, 0.0).nan_to_num(math.inf, math.inf)
+    return difference.max().item() if difference.numel() else 0.0
 
 
 def _measured(model: nn.Module, example: Tensor, measure: bool) -> dict:

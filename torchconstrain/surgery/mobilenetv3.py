@@ -9,11 +9,13 @@ The expanded channels are private to the block: once neither the project conv no
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torchvision.models.mobilenetv3 import InvertedResidual
 from torchvision.ops import SqueezeExcitation
 
@@ -359,6 +361,7 @@ def shrink(model: nn.Module, *, example: Tensor | None = None, measure: bool = T
     blocks = find_blocks(model)
     example = torch.zeros(1, 3, 224, 224) if example is None else example
     example = example.to(next(model.parameters()).device)
+    budgeted = _budgeted_blocks(blocks)
     bake(model, key=_block_tensors(blocks))
     before = (count_params(model), count_macs(model, example))
     latency_before = measure_latency(model, example) if measure else None
@@ -369,7 +372,25 @@ def shrink(model: nn.Module, *, example: Tensor | None = None, measure: bool = T
             channels[block.name] = (block.channels, int(keep.sum()))
             _rewrite(block, keep)
     latency = (latency_before, measure_latency(model, example)) if measure else None
-    return ShrinkReport(channels, (before[0], count_params(model)), (before[1], count_macs(model, example)), latency)
+    report = ShrinkReport(channels, (before[0], count_params(model)), (before[1], count_macs(model, example)), latency)
+    if budgeted:
+        full = sum(channels.get(name, (mask.scores.numel(),) * 2)[0] for name, mask in budgeted.items())
+        kept = sum(channels.get(name, (mask.scores.numel(),) * 2)[1] for name, mask in budgeted.items())
+        targets = {mask.target_sparsity for mask in budgeted.values()}
+        report.targets["sparsity"] = (targets.pop() if len(targets) == 1 else math.nan, 1 - kept / full)
+    return report
+
+
+def _budgeted_blocks(blocks: list[Block]) -> dict[str, LearnableMask]:
+    """Block name -> the learnable mask with a sparsity budget on its project conv."""
+    found = {}
+    for block in blocks:
+        project = conv_of(block.project)
+        weights = project.parametrizations.weight if parametrize.is_parametrized(project, "weight") else []
+        mask = next((c for c in weights if isinstance(c, LearnableMask) and c.target_sparsity is not None), None)
+        if block.expand is not None and mask is not None:
+            found[block.name] = mask
+    return found
 
 
 def _block_tensors(blocks: list[Block]):
