@@ -188,6 +188,45 @@ def test_learnable_mask_budget_multiplier_is_saved_with_the_model():
     assert torch.equal(fresh.parametrizations.weight[0].multiplier, state["parametrizations.weight.0.multiplier"])
 
 
+def test_indexed_masks_share_gates_across_differently_laid_out_tensors():
+    conv, linear = nn.Conv2d(2, 3, 1), nn.Linear(6, 2)  # the linear reads the conv's 2 channels x 3 positions
+    constrain(conv, {"weight": LearnableMask.indexed(torch.tensor([0, 1]), 2, dim=1, sparsity=0.5, hard=True)})
+    constrain(linear, {"weight": LearnableMask.indexed(torch.tensor([0, 0, 0, 1, 1, 1]), 2, dim=1,
+                                                       sparsity=0.5, hard=True)})
+    leader, follower = conv.parametrizations.weight[0], linear.parametrizations.weight[0]
+    follower.scores = leader.scores
+    with torch.no_grad():
+        leader.scores.copy_(torch.tensor([-1.0, 2.0]))
+    assert torch.equal(follower.gate(), torch.sigmoid(torch.tensor([-1.0] * 3 + [2.0] * 3)).view(1, 6))
+    assert torch.equal(conv.weight[:, 0], torch.zeros(3, 1, 1)) and torch.equal(linear.weight[:, :3], torch.zeros(2, 3))
+    assert conv.weight[:, 1].abs().sum() > 0 and linear.weight[:, 3:].abs().sum() > 0
+    untouched = nn.Linear(3, 1)
+    constrain(untouched, {"weight": LearnableMask.indexed(torch.tensor([-1, 0, -1]), 1, dim=1, init=0.3)})
+    mask = untouched.parametrizations.weight[0]
+    assert torch.equal(mask.gate(), torch.tensor([[1.0, mask.gates().item(), 1.0]]))
+    bake(untouched)
+    assert untouched.weight[0, 1] == 0 and (untouched.weight[0, [0, 2]] != 0).all()
+
+
+@pytest.mark.parametrize(
+    "index, gates, message",
+    [
+        (torch.tensor([0, 2]), 2, r"index entries in \[-1, 2\). Got 0..2"),
+        (torch.tensor([0, -2]), 2, r"index entries in \[-1, 2\). Got -2..0"),
+        (torch.tensor([0, 1]), 0, "expected gates >= 1. Got 0"),
+    ],
+)
+def test_indexed_mask_refuses_bad_indices(index, gates, message):
+    with pytest.raises(ValueError, match=message):
+        LearnableMask.indexed(index, gates, dim=1)
+
+
+def test_indexed_mask_must_cover_every_slice():
+    with pytest.raises(ValueError, match=r"weight: a LearnableMask index needs per='channel' and one entry per slice "
+                                         r"along dim 1 \(4\). Got \(3,\)"):
+        constrain(nn.Linear(4, 2), {"weight": LearnableMask.indexed(torch.tensor([0, 1, 2]), 3, dim=1)})
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

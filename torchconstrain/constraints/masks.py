@@ -409,21 +409,23 @@ class LearnableMask(Constraint):
         return padded[self.gate_index].view(self.slice_shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate = self.gate()
+        gates = self.gates()
+        gate = self._spread(gates, 1.0)
         if self.hard:
-            binary = self._spread(self._kept_gates(), True).to(gate.dtype)
+            binary = self._spread(self._kept_gates(gates), True).to(gate.dtype)
             gate = binary + (gate - gate.detach())
         return x * gate
 
     def bake(self, value: Tensor) -> Tensor:
-        gate = self.gate()
-        return torch.where(self._spread(self._kept_gates(), True), value * (1.0 if self.hard else gate), 0.0)
+        gates = self.gates()
+        kept = self._spread(self._kept_gates(gates), True)
+        return torch.where(kept, value * (1.0 if self.hard else self._spread(gates, 1.0)), 0.0)
 
-    def _kept_gates(self) -> Tensor:
-        """Bool, the scores' shape: the gates baking keeps open."""
+    def _kept_gates(self, gates: Tensor) -> Tensor:
+        """Bool, the scores' shape: the gates baking keeps open, given the current ``gates()``."""
         if self.budget is not None:
             return self.budget.keep_for(self)
-        gates = self.gates().detach()
+        gates = gates.detach()
         if self.target_sparsity is None:
             return gates > self.threshold
         count = gates.numel()
@@ -451,12 +453,14 @@ class LearnableMask(Constraint):
     def sparsity(self) -> float:
         r"""The share of gates baking will close: those at or below ``threshold``, or the budget's."""
         with torch.no_grad():
-            return 1.0 - self._kept_gates().float().mean().item()
+            return 1.0 - self._kept_gates(self.gates()).float().mean().item()
 
     def extra_repr(self) -> str:
         text = f"per={self.per!r}, temperature={self.temperature.item():g}, threshold={self.threshold:g}"
         if self.per == "channel":
             text += f", dim={self.dim}"
+        if self.gate_index is not None:
+            text += f", gates={self.gate_count}"
         if self.hard:
             text += ", hard=True"
         if self.budget is not None:
