@@ -1,5 +1,8 @@
 """The budget allocator: kept cost within the target, minimums, importance per cost; gate budgets at bake."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -124,3 +127,17 @@ def test_gate_budget_refuses_a_mask_that_does_not_fit_its_group():
     model, masks, groups = gated_pair()
     with pytest.raises(ValueError, match="channel group 'hidden1' has 8 channels but its mask has 4 gates"):
         GateBudget([(groups[0], masks[1])], keep=0.5)
+
+
+def test_a_copied_model_keeps_its_own_budget():
+    model, masks, groups = gated_pair()
+    GateBudget(list(zip(groups, masks)), keep=0.5).attach()
+    twin = copy.deepcopy(model)
+    twin_masks = [twin[2].parametrizations.weight[0], twin[4].parametrizations.weight[0]]
+    assert twin_masks[0].budget is twin_masks[1].budget is not masks[0].budget
+    assert twin_masks[0].budget.masks == twin_masks
+    restored = pickle.loads(pickle.dumps(model))
+    bake(model)
+    bake(twin)
+    bake(restored)
+    assert torch.equal(twin[2].weight, model[2].weight) and torch.equal(restored[4].weight, model[4].weight)
