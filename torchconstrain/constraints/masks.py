@@ -258,10 +258,10 @@ class LearnableMask(Constraint):
     ``round(s * n)`` lowest of the ``n`` gates (at least one stays open), whatever they
     learned, and ``threshold`` is not used. While training the penalty is a Lagrange term
     ``multiplier * (mean(gate) - (1 - s))``: each :func:`torchconstrain.penalty` call made
-    with gradients on first raises the ``multiplier`` buffer by ``rate`` times the excess of
-    open gates over the budget (it falls back, never below 0, once the gates are under it).
-    So the gates are pushed as hard as it takes to reach the budget and no further, and
-    ``strength`` is not used. With ``hard=True`` the forward keeps exactly the gates that
+    with gradients on first moves the ``multiplier`` buffer by ``rate`` times the excess of
+    open gates over the budget: it rises while the gates are over it and falls, below zero
+    if need be, while they are under it. So the gates are pushed towards the budget from
+    both sides as hard as it takes, and ``strength`` is not used. With ``hard=True`` the forward keeps exactly the gates that
     baking keeps. Call :func:`torchconstrain.penalty` once per training step.
 
     Args:
@@ -443,7 +443,7 @@ class LearnableMask(Constraint):
         excess = self.gates().mean() - (1.0 - self.target_sparsity)
         if torch.is_grad_enabled():
             with torch.no_grad():
-                self.multiplier.add_(self.rate * excess.detach()).clamp_(min=0.0)
+                self.multiplier.add_(self.rate * excess.detach())
         return self.multiplier * excess
 
     def forced_zeros(self) -> Tensor:

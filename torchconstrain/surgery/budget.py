@@ -220,11 +220,11 @@ class GateBudget:
     keeps its ``minimum``), so the baked model meets the budget exactly whatever the gates
     learned. While training, the first member's penalty is a Lagrange term
     ``multiplier * (expected share - keep)``, where the expected share is the cost with each
-    channel weighted by its gate; each penalty call computed with gradients on first raises
-    the multiplier by ``rate`` times the excess (it falls again, never below 0, once the
-    gates are under budget). So the gates are pushed towards the budget as hard as it takes,
-    and no further: no strength to tune. Call :func:`~torchconstrain.penalty` once per
-    training step.
+    channel weighted by its gate; each penalty call computed with gradients on first moves
+    the multiplier by ``rate`` times the excess: up while the gates are over budget, down
+    (below zero if need be) while they are under it. So the gates are pushed towards the
+    budget from both sides as hard as it takes: no strength to tune. Call
+    :func:`~torchconstrain.penalty` once per training step.
 
     Masks that share a member's ``scores`` parameter (the other readers of the same
     channels) follow it: pass them to :meth:`attach` too.
@@ -303,5 +303,5 @@ class GateBudget:
         multiplier = mask.multiplier
         if torch.is_grad_enabled():
             with torch.no_grad():
-                multiplier.add_(self.rate * excess.detach()).clamp_(min=0.0)
+                multiplier.add_(self.rate * excess.detach())
         return multiplier * excess
