@@ -25,6 +25,32 @@ class SmallNet(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
+class TiedNet(nn.Module):
+    """An embedding and an output layer that share one weight, as language models tie them."""
+
+    in_features = 12  # the vocabulary: inputs are token ids below it
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 6)
+        self.body = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 12, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.body(self.emb(tokens))))
+
+
+def tokens(n: int = 8) -> torch.Tensor:
+    return torch.randint(0, TiedNet.in_features, (n,))
+
+
+@pytest.fixture
+def tied() -> TiedNet:
+    torch.manual_seed(0)
+    return TiedNet()
+
+
 @pytest.fixture
 def net() -> SmallNet:
     torch.manual_seed(0)

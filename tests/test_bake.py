@@ -1,10 +1,11 @@
 import pytest
 import torch
-from conftest import SmallNet
+from conftest import SmallNet, TiedNet, tokens
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 from torchconstrain import (
+    L1,
     Clamp,
     ConstraintViolation,
     FixedMask,
@@ -133,3 +134,60 @@ def test_penalty_is_zero_without_terms_and_sums_learnable_masks(net):
     assert total.shape == () and total.item() == pytest.approx(0.1)
     total.backward()
     assert net.features[0].parametrizations.weight[0].scores.grad is not None
+
+
+# --- tied parameters ---------------------------------------------------------------------
+
+
+def test_bake_restores_a_tie_with_the_constrained_models_outputs(tied):
+    stored = tied.emb.weight
+    optimizer = torch.optim.SGD(tied.parameters(), lr=0.5)
+    constrain(tied, {"head": [FixedMask.magnitude(sparsity=0.5), Clamp(-0.2, 0.2)]})
+    x = tokens()
+    expected = tied(x)
+    report = bake(tied)
+    assert tied.head.weight is tied.emb.weight is stored  # one Parameter again, the optimizer's
+    assert type(tied.emb) is nn.Embedding and type(tied.head) is nn.Linear
+    assert torch.equal(tied(x), expected)
+    assert report.names() == ["emb.weight", "head.weight"] and report["head.weight"]["sparsity"] == 0.5
+    assert list(tied.state_dict()) == list(TiedNet().state_dict())
+    TiedNet().load_state_dict(tied.state_dict(), strict=True)
+    tied(x).sum().backward()
+    optimizer.step()
+    assert tied.head.weight is tied.emb.weight
+
+
+def test_bake_with_a_key_on_one_name_bakes_the_tied_parameter_for_all(tied):
+    constrain(tied, {"emb": Clamp(-0.1, 0.1), "body": Clamp(-0.1, 0.1)})
+    assert bake(tied, "head").names() == ["emb.weight", "head.weight"]
+    assert tied.head.weight is tied.emb.weight and isinstance(tied.emb.weight, nn.Parameter)
+    assert parametrize.is_parametrized(tied.body)
+
+
+def test_check_names_a_broken_tied_parameter_once_by_all_its_names(tied):
+    constrain(tied, {"head": FixedMask.magnitude(sparsity=0.5)})
+    parametrize.register_parametrization(tied.head, "weight", _AddOne())  # joins the shared chain
+    assert tied.emb.parametrizations.weight[1].__class__ is _AddOne
+    with pytest.raises(ConstraintViolation) as caught:
+        check(tied)
+    assert [fqn for fqn, _ in caught.value.violations] == ["emb.weight = head.weight"]
+
+
+def test_penalty_counts_a_tied_parameter_once(tied):
+    constrain(tied, {"*.weight": LearnableMask(strength=0.1, init=0.5), "head": L1(0.01)})
+    mask = tied.emb.parametrizations.weight[0]
+    expected = mask.penalty() + tied.body.parametrizations.weight[0].penalty() + 0.01 * tied.emb.weight.abs().sum()
+    assert torch.allclose(penalty(tied), expected, rtol=0, atol=1e-6)
+    # two masks of mean gate 0.5 at strength 0.1, and one L1 term: the tied weight is counted once
+    assert penalty(tied).item() == pytest.approx(2 * 0.05 + 0.01 * tied.head.weight.abs().sum().item())
+
+
+def test_bake_refuses_a_submodule_holding_only_some_names_of_a_tied_parameter(tied):
+    constrain(tied, {"head": Clamp(-0.1, 0.1)})
+    x = tokens()
+    expected = tied(x)
+    with pytest.raises(ValueError, match=r"^weight: this tied Parameter has 1 more name\(s\) outside"):
+        bake(tied.head)
+    assert tied.head.parametrizations.weight is tied.emb.parametrizations.weight
+    assert len(tied.emb.parametrizations.weight) == 1 and torch.equal(tied(x), expected)
+    check(tied)

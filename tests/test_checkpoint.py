@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 import torchvision
-from conftest import SmallNet
+from conftest import SmallNet, TiedNet, tokens
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -239,3 +239,88 @@ def test_pickled_and_copied_modules_get_classes_of_their_own():
         bake(twin)
         assert type(twin) is nn.Linear
         assert layer.weight.abs().max() <= 0.1 and len(check(layer)) == 1
+
+
+# --- tied parameters ---------------------------------------------------------------------
+
+TIED_RULES = {"head": [FixedMask.magnitude(sparsity=0.5), Clamp(-0.2, 0.2)], "*.weight": LearnableMask(init=0.7)}
+
+
+def tied_net(seed: int) -> TiedNet:
+    torch.manual_seed(seed)
+    return TiedNet()
+
+
+def trained_tied(seed: int = 0) -> TiedNet:
+    model = tied_net(seed)
+    constrain(model, TIED_RULES)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (model(tokens()).square().mean() + penalty(model)).backward()
+        optimizer.step()
+    return model
+
+
+def assert_tied(model: TiedNet) -> None:
+    chain = model.emb.parametrizations.weight
+    assert model.head.parametrizations.weight is chain
+    assert torch.equal(model.emb.weight, model.head.weight)
+
+
+def test_a_tied_parameters_state_dict_holds_its_chain_under_every_name_and_round_trips():
+    source = trained_tied()
+    checkpoint = source.state_dict()
+    inner = [key.split(".", 1)[1] for key in checkpoint if key.startswith(("emb.parametrizations", "head."))]
+    assert inner[: len(inner) // 2] == inner[len(inner) // 2 :]  # the same entries under both names...
+    assert checkpoint["head.parametrizations.weight.original"].data_ptr() == (
+        checkpoint["emb.parametrizations.weight.original"].data_ptr()  # ...holding one tensor
+    )
+    model = tied_net(1)
+    constrain(model, TIED_RULES)
+    model.load_state_dict(checkpoint, strict=True)
+    assert_tied(model)
+    assert_same_state(state(model), state(source))
+    x = tokens()
+    assert torch.equal(model(x), source(x))
+    for twin in (saved_and_loaded(model), copy.deepcopy(model)):
+        assert_tied(twin)
+        assert twin.emb.parametrizations.weight is not model.emb.parametrizations.weight
+        assert torch.equal(twin(x), source(x))
+        bake(twin)
+        assert twin.head.weight is twin.emb.weight
+    assert torch.equal(model(x), source(x))  # the copies' bakes did not reach the model
+
+
+def test_a_plain_tied_checkpoint_loads_into_every_name():
+    model = tied_net(0)
+    constrain(model, TIED_RULES)
+    plain = tied_net(1).state_dict()
+    model.load_state_dict(plain, strict=True)
+    assert_tied(model)
+    chain = model.emb.parametrizations.weight
+    assert torch.equal(chain.original, chain[0].right_inverse(plain["emb.weight"]))  # as constrain stores it
+    assert torch.equal(model.head.weight, chain[2](chain[1](chain[0](plain["head.weight"]))))
+
+
+def test_different_values_under_the_names_of_one_tensor_are_refused():
+    model = tied_net(0)
+    constrain(model, TIED_RULES)
+    before = state(model)
+    plain = tied_net(1).state_dict()
+    plain["head.weight"] = plain["head.weight"] + 1  # an untied checkpoint
+    with pytest.raises(CheckpointMismatch, match=r"emb.parametrizations.weight.original: one tensor in the model "
+                       r"with head.parametrizations.weight.original \(tied weights\)"):
+        model.load_state_dict(plain, strict=True)
+    assert_same_state(state(model), before)
+
+
+def test_bad_constraint_state_under_the_second_name_of_a_tied_tensor_is_refused():
+    checkpoint = trained_tied().state_dict()
+    checkpoint["head.parametrizations.weight.0.mask"] = torch.full((12, 6), 0.5)
+    model = tied_net(1)
+    constrain(model, TIED_RULES)
+    before = state(model)
+    with pytest.raises(CheckpointMismatch, match=r"head.weight: FixedMask .*expected a mask of 0s and 1s"):
+        model.load_state_dict(checkpoint, strict=True)
+    assert_same_state(state(model), before)

@@ -25,6 +25,7 @@ from torchconstrain import (
     set_fast_path,
 )
 from torchconstrain import fastpath
+from conftest import TiedNet, tokens
 
 
 def same_bits(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -709,3 +710,44 @@ def test_training_on_cuda_gives_the_bits_of_the_plain_path(name):
     with set_fast_path(False):
         plain_record = train_cuda(plain)
     assert_same_training(fast_record, plain_record)
+
+
+# --- tied parameters ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["Clamp + FixedMask", "LearnableMask channel hard", "FakeQuant"])
+def test_a_tied_parameter_trains_with_the_bits_of_the_plain_path(name):
+    torch.manual_seed(0)
+    fast = TiedNet()
+    constrain(fast, {"head": RULES[name]()})
+    plain = copy.deepcopy(fast)
+    records = []
+    for model in (fast, plain):
+        with set_fast_path(model is fast):
+            torch.manual_seed(1)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+            record = []
+            for _ in range(3):
+                optimizer.zero_grad(set_to_none=True)
+                out = model(tokens())
+                out.pow(2).sum().backward()
+                record.append((out, [p.grad for p in model.parameters()]))
+                optimizer.step()
+            records.append(record)
+    assert_same_training(*records)
+
+
+def test_a_tied_parameter_keeps_one_value_for_all_its_names_and_follows_steps():
+    torch.manual_seed(0)
+    model = TiedNet()
+    constrain(model, {"head": [Clamp(-0.3, 0.3), FixedMask.magnitude(sparsity=0.5)]})
+    with torch.no_grad():
+        first = model.emb.weight
+        assert model.head.weight is first  # one kept value, not one per name
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(tokens()).pow(2).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert not torch.equal(model.head.weight, first)
+        assert same_bits(model.head.weight, model.emb.parametrizations.weight())
+        assert model.emb.weight is model.head.weight

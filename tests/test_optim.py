@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import torchconstrain.rules
+from conftest import TiedNet
 from torchconstrain import Clamp, FixedMask, LearnableMask, constrain, param_groups, unoptimized
 
 
@@ -102,3 +103,18 @@ def test_the_warning_about_an_earlier_optimizer_points_at_the_call(apply):
     with pytest.warns(UserWarning, match="not in the optimizer") as record:
         apply(model, {"layer2.conv2": LearnableMask()}, optimizer=optimizer)
     assert record[0].filename == __file__
+
+
+@pytest.mark.parametrize("key", ["emb.weight", "head"])
+def test_a_tied_parameter_is_one_entry_matched_by_any_of_its_names(key):
+    torch.manual_seed(0)
+    model = TiedNet()
+    constrain(model, {"head": LearnableMask()})
+    groups = param_groups(model, {key: {"weight_decay": 0.1}})
+    assert [names(model, g) for g in groups] == [
+        ["emb.parametrizations.weight.original"],
+        ["emb.parametrizations.weight.0.scores"],
+        ["body.weight", "body.bias"],
+    ]
+    assert groups[0]["weight_decay"] == 0.1
+    assert unoptimized(model, torch.optim.AdamW(groups)) == []

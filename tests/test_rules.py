@@ -4,8 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_unchanged, snapshot
-from torchconstrain import Clamp, FixedMask, LearnableMask, constrain, match
+from conftest import assert_unchanged, snapshot, tokens
+from torch.nn.utils import parametrize, prune
+
+from torchconstrain import Clamp, FixedMask, LearnableMask, NonNeg, check, constrain, match
 
 
 def constrained_names(model: nn.Module) -> list[str]:
@@ -148,3 +150,112 @@ def test_report_prints_a_table(net):
     text = str(constrain(net, {"head": Clamp(-1, 1)}))
     assert text.splitlines()[1].split() == ["tensor", "shape", "constraints", "rules"]
     assert "head.weight  (4, 8)  Clamp(min=-1, max=1)  rule 0 (head)" in text
+
+
+# --- tied parameters: one Parameter under several names ---------------------------------
+
+
+def test_a_rule_on_one_name_of_a_tied_parameter_constrains_every_name(tied):
+    stored = tied.emb.weight
+    report = constrain(tied, {"head": Clamp(-0.05, 0.05)})
+    assert report.names() == ["emb.weight", "head.weight"]
+    chain = tied.emb.parametrizations.weight
+    assert tied.head.parametrizations.weight is chain and chain.original is stored  # one original, one chain
+    assert [name for name, _ in tied.named_parameters()].count("emb.parametrizations.weight.original") == 1
+    optimizer = torch.optim.SGD(tied.parameters(), lr=5.0)
+    for _ in range(5):
+        optimizer.zero_grad()
+        tied(tokens()).pow(2).sum().backward()
+        optimizer.step()
+    assert chain.original.abs().max() > 0.05  # the stored original left the box...
+    for effective in (tied.emb.weight, tied.head.weight, tied.emb(torch.arange(12))):
+        assert effective.abs().max() <= 0.05  # ...the embedding's use did not, nor the head's
+    assert torch.equal(tied.emb.weight, tied.head.weight)
+    assert check(tied).names() == ["emb.weight", "head.weight"]
+
+
+def test_a_rule_matching_several_names_of_a_tied_parameter_applies_once(tied):
+    constrain(tied, {"*.weight": LearnableMask()})
+    assert len(tied.emb.parametrizations.weight) == 1
+    scores = [name for name, _ in tied.named_parameters() if name.endswith("scores")]
+    assert scores == ["emb.parametrizations.weight.0.scores", "body.parametrizations.weight.0.scores"]
+
+
+def test_a_global_magnitude_mask_counts_a_tied_parameter_once(tied):
+    peer = copy_untied(tied)
+    constrain(tied, {"*.weight": FixedMask.global_magnitude(sparsity=0.6)})
+    prune.global_unstructured([(peer.emb, "weight"), (peer.body, "weight")], prune.L1Unstructured, amount=0.6)
+    assert torch.equal(tied.emb.parametrizations.weight[0].mask, peer.emb.weight_mask.bool())
+    assert torch.equal(tied.body.parametrizations.weight[0].mask, peer.body.weight_mask.bool())
+
+
+def copy_untied(model: nn.Module) -> nn.Module:
+    import copy
+
+    peer = copy.deepcopy(model)
+    peer.head.weight = nn.Parameter(peer.emb.weight.detach().clone())
+    return peer
+
+
+def test_rules_on_different_names_of_a_tied_parameter_stack_as_on_one_name(tied):
+    import copy
+
+    one_name = copy.deepcopy(tied)
+    constrain(tied, [("emb", Clamp(-0.1, 0.1)), ("head", FixedMask.magnitude(sparsity=0.5))])
+    constrain(one_name, [("emb", Clamp(-0.1, 0.1)), ("emb", FixedMask.magnitude(sparsity=0.5))])
+    assert [type(c) for c in tied.head.parametrizations.weight] == [Clamp, FixedMask]
+    assert torch.equal(tied.head.weight, one_name.emb.weight)
+    assert torch.equal(tied.emb.weight, one_name.head.weight)
+
+
+def test_a_callable_value_sees_the_name_its_rule_matched(tied):
+    seen = []
+    constrain(tied, {"head": lambda fqn, tensor: seen.append(fqn) or NonNeg()})
+    assert seen == ["head.weight"]
+    assert (tied.emb.weight >= 0).all()
+
+
+def test_none_on_any_name_of_a_tied_parameter_excludes_it(tied):
+    report = constrain(tied, {"*.weight": Clamp(-1, 1), "head": None})
+    assert report.names() == ["body.weight"]
+    assert tied.head.weight is tied.emb.weight
+
+
+def test_constraining_a_tied_parameter_again_stacks_for_every_name(tied):
+    constrain(tied, {"emb": Clamp(-0.2, 0.2)})
+    with pytest.raises(ValueError, match=r"emb.weight \(one Parameter with head.weight\) is already constrained"):
+        constrain(tied, {"head": NonNeg()})
+    constrain(tied, {"head": NonNeg()}, existing="stack")
+    assert [type(c) for c in tied.emb.parametrizations.weight] == [Clamp, NonNeg]
+    assert (tied.emb.weight >= 0).all() and (tied.head.weight >= 0).all()
+
+
+def test_a_tie_split_by_another_parametrization_is_refused(tied):
+    parametrize.register_parametrization(tied.head, "weight", _Double())
+    stored = tied.emb.weight
+    before = {key: value.clone() for key, value in tied.state_dict().items()}
+    with pytest.raises(ValueError, match=r"head.weight has parametrizations of its own \(_Double\)"):
+        constrain(tied, {"emb": Clamp(-1, 1)})
+    assert not parametrize.is_parametrized(tied.emb) and tied.emb.weight is stored
+    assert len(tied.head.parametrizations.weight) == 1
+    assert all(torch.equal(value, tied.state_dict()[key]) for key, value in before.items())
+
+
+class _Double(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+def test_a_failure_while_sharing_rolls_a_tie_back(tied, monkeypatch):
+    import torchconstrain.rules as rules
+
+    def fail(slot, alias):
+        raise RuntimeError("sharing failed")
+
+    monkeypatch.setattr(rules, "share", fail)
+    stored = tied.emb.weight
+    before = snapshot(tied)
+    with pytest.raises(RuntimeError, match="sharing failed"):
+        constrain(tied, {"body": Clamp(-0.01, 0.01), "head": Clamp(-0.01, 0.01)})
+    assert_unchanged(tied, before)
+    assert tied.head.weight is tied.emb.weight is stored

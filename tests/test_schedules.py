@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import TiedNet
 from torch import nn
 
 from torchconstrain import FixedMask, LearnableMask, PruningSchedule, TemperatureSchedule, constrain
@@ -115,3 +116,15 @@ def test_schedules_refuse_bad_settings_and_unconstrained_models():
     schedule = PruningSchedule(model, final_sparsity=0.5, end=5)
     with pytest.raises(ValueError, match=r"missing keys \['end', 'every'"):
         schedule.load_state_dict({"last_step": 3})
+
+
+def test_a_global_pruning_schedule_counts_a_tied_parameter_once():
+    torch.manual_seed(0)
+    model = TiedNet()
+    constrain(model, {"*.weight": FixedMask.magnitude(sparsity=0.0)})
+    schedule = PruningSchedule(model, final_sparsity=0.5, end=2, scope="global")
+    assert len(schedule.targets) == 2  # emb.weight (= head.weight) and body.weight
+    schedule.step()
+    schedule.step()
+    zeros = int((model.emb.weight == 0).sum()) + int((model.body.weight == 0).sum())
+    assert zeros == round(0.5 * (12 * 6 + 6 * 6))

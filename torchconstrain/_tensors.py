@@ -1,6 +1,12 @@
 r"""Where constrainable tensors live in a model, and what torchconstrain has on them.
 
 A read-only view: :mod:`torchconstrain.registration` adds and removes the entries.
+
+One ``Parameter`` can have several names (tied weights: GPT-2's ``lm_head.weight`` is
+``transformer.wte.weight``). :func:`tied_slots` groups the names of each stored tensor;
+torchconstrain registers a tied tensor's constraints under its first name in model order
+and makes the other names read through the same chain (see
+:mod:`torchconstrain.registration`).
 """
 
 from __future__ import annotations
@@ -91,9 +97,29 @@ def _tensor_names(module: nn.Module) -> list[str]:
     return sorted(names, key=lambda name: rank.get(name, len(order)))
 
 
+def tied_slots(slots) -> dict[str, tuple[Slot, ...]]:
+    r"""Map each slot's name to every slot holding the same stored tensor, in model order.
+
+    The first slot of a group is where a tied tensor's constraints are registered; a
+    tensor with one name maps to a group of one.
+    """
+    groups: dict[int, list[Slot]] = {}
+    for slot in slots:
+        groups.setdefault(id(slot.stored()), []).append(slot)
+    return {slot.fqn: tuple(group) for group in groups.values() for slot in group}
+
+
+def constrained_groups(model: nn.Module) -> list[tuple[Slot, ...]]:
+    r"""Return the stored tensors of ``model`` that carry torchconstrain constraints, one
+    group of names per tensor (see :func:`tied_slots`), in model order."""
+    groups = dict.fromkeys(tied_slots(parameter_slots(model).values()).values())
+    return [group for group in groups if group[0].everything()]
+
+
 def constrained_slots(model: nn.Module) -> list[Slot]:
-    r"""Return the tensors of ``model`` that carry at least one torchconstrain constraint."""
-    return [slot for slot in parameter_slots(model).values() if slot.everything()]
+    r"""Return the tensors of ``model`` that carry at least one torchconstrain constraint,
+    each tied tensor once, under its first name."""
+    return [group[0] for group in constrained_groups(model)]
 
 
 def describe(constraint: nn.Module) -> str:

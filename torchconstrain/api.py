@@ -53,6 +53,12 @@ def constrain(
     ``None`` wins over all. Parameter names are the plain ones even on a parametrized
     model, and state inside constraints (a mask's scores) is never matched.
 
+    A tied ``Parameter`` (one tensor under several names, such as GPT-2's ``lm_head.weight``
+    and ``transformer.wte.weight``) is one tensor to the rules: a rule matching any of its
+    names constrains it under all of them, with one stored original and one set of
+    constraint state; a rule matching several of its names applies once, several rules
+    stack, and ``None`` on any name excludes it.
+
     Everything is validated before the model is touched: when this raises, the model is
     exactly as it was.
 

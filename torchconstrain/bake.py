@@ -6,12 +6,12 @@ import torch
 from torch import Tensor, nn
 
 from torchconstrain._distributed import is_sharded, unsharded, whole
-from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot, constrained_slots, describe
+from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot, constrained_groups, describe
 from torchconstrain.checkpoint import unwatch
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import ConstraintViolation
 from torchconstrain.keys import match
-from torchconstrain.registration import drop_entries, drop_soft
+from torchconstrain.registration import drop_entries, drop_soft, owners
 from torchconstrain.report import Report
 
 __all__ = ["bake", "check", "penalty"]
@@ -27,7 +27,9 @@ def bake(model: nn.Module, key=None) -> Report:
     ``state_dict`` keys are those of the unconstrained model. Parametrizations that are
     not torchconstrain's (a user's ``spectral_norm``) stay where they are.
     Once nothing is constrained, the checkpoint checks :func:`~torchconstrain.constrain`
-    added are removed too: the model pickles and loads like a plain one.
+    added are removed too: the model pickles and loads like a plain one. A tied tensor
+    (one ``Parameter`` under several names) is baked under all its names at once, even
+    when ``key`` picks one of them, and every owner gets the same ``Parameter`` back.
 
     Args:
         model: the constrained model.
@@ -40,8 +42,9 @@ def bake(model: nn.Module, key=None) -> Report:
 
     Raises:
         ValueError: a torchconstrain constraint comes after another library's
-            parametrization on the same tensor, so it cannot be removed on its own, or the
-            model is sharded with FSDP2. Nothing is changed in that case.
+            parametrization on the same tensor, so it cannot be removed on its own, the
+            model is sharded with FSDP2, or ``model`` is a submodule holding only some names
+            of a tied tensor. Nothing is changed in that case.
 
     Example:
         >>> import torch
@@ -53,23 +56,24 @@ def bake(model: nn.Module, key=None) -> Report:
         >>> type(layer).__name__, list(layer.state_dict())
         ('Linear', ['weight', 'bias'])
     """
-    slots = constrained_slots(model)
+    groups = constrained_groups(model)
     if key is not None:
         picked = set(match(model, key))
-        slots = [slot for slot in slots if slot.fqn in picked]
-    for slot in slots:
-        _refuse_buried_constraints(slot)
-        _refuse_shards(slot)
-    baked = [(slot, _baked_value(slot)) for slot in slots]
+        groups = [group for group in groups if any(slot.fqn in picked for slot in group)]
+    for group in groups:
+        _refuse_buried_constraints(group[0])
+        _refuse_shards(group[0])
+        _refuse_partial_ties(group)
+    baked = [(group, _baked_value(group[0])) for group in groups]
     rows = []
-    for slot, value in baked:
-        rows.append(_bake_row(slot, value))
+    for (slot, *aliases), value in baked:
+        rows += [_bake_row(name.fqn, slot, value) for name in (slot, *aliases)]
         with torch.no_grad():
             slot.stored().copy_(value)
         if slot.constraints():
-            drop_entries(slot, list(range(len(slot.constraints()))))
+            drop_entries(slot, list(range(len(slot.constraints()))), tuple(aliases))
         drop_soft(slot)
-    if not constrained_slots(model):
+    if not constrained_groups(model):
         unwatch(model)
     return Report("baked tensors", rows)
 
@@ -82,7 +86,8 @@ def check(model: nn.Module) -> Report:
 
     Returns:
         A :class:`~torchconstrain.report.Report` per constrained tensor: its constraints,
-        min, max and sparsity of the effective value.
+        min, max and sparsity of the effective value. A tied tensor is checked once and
+        has a row under each of its names.
 
     Raises:
         ConstraintViolation: naming every tensor and constraint that does not hold.
@@ -97,10 +102,11 @@ def check(model: nn.Module) -> Report:
     """
     violations, rows = [], []
     with unsharded(model):
-        for slot in constrained_slots(model):
+        for slot, *aliases in constrained_groups(model):
             value = slot.value()
-            violations += [(slot.fqn, reason) for reason in _violations(slot, value)]
-            rows.append(_check_row(slot, value))
+            fqn = " = ".join(s.fqn for s in (slot, *aliases))
+            violations += [(fqn, reason) for reason in _violations(slot, value)]
+            rows += [_check_row(name.fqn, slot, value) for name in (slot, *aliases)]
     if violations:
         raise ConstraintViolation(violations)
     return Report("checked tensors", rows)
@@ -149,6 +155,16 @@ def _refuse_buried_constraints(slot: Slot) -> None:
         )
 
 
+def _refuse_partial_ties(group: tuple[Slot, ...]) -> None:
+    chain = group[0].module.parametrizations[group[0].tensor_name] if group[0].chain() else None
+    outside = owners(chain) - len(group) if chain is not None else 0
+    if outside > 0:
+        raise ValueError(
+            f"{group[0].fqn}: this tied Parameter has {outside} more name(s) outside the module being "
+            "baked, which read the same constraints. Bake the model that holds all its names."
+        )
+
+
 def _refuse_shards(slot: Slot) -> None:
     if is_sharded(slot.stored()):
         raise ValueError(
@@ -184,9 +200,9 @@ def _sparsity(value: Tensor) -> float:
     return (value == 0).float().mean().item() if value.numel() else 0.0
 
 
-def _check_row(slot: Slot, value: Tensor) -> dict:
+def _check_row(fqn: str, slot: Slot, value: Tensor) -> dict:
     return {
-        "tensor": slot.fqn,
+        "tensor": fqn,
         "constraints": [describe(c) for c in slot.everything()],
         "min": value.min().item(),
         "max": value.max().item(),
@@ -194,9 +210,9 @@ def _check_row(slot: Slot, value: Tensor) -> dict:
     }
 
 
-def _bake_row(slot: Slot, value: Tensor) -> dict:
+def _bake_row(fqn: str, slot: Slot, value: Tensor) -> dict:
     return {
-        "tensor": slot.fqn,
+        "tensor": fqn,
         "constraints": [describe(c) for c in slot.everything()],
         "sparsity": _sparsity(value),
     }

@@ -8,8 +8,9 @@ first parametrization's ``right_inverse`` into the stored original, exactly what
 
 The model passed to :func:`torchconstrain.constrain` also gets a ``load_state_dict``
 pre-hook that checks the whole checkpoint before anything is copied: shapes, mask values,
-bounds, and constraint state that the model's constraints do not have. A checkpoint that
-does not fit raises :class:`~torchconstrain.CheckpointMismatch` naming every tensor, and the
+bounds, constraint state that the model's constraints do not have, and different values
+for names that are one tensor in the model (tied weights). A checkpoint that does not fit
+raises :class:`~torchconstrain.CheckpointMismatch` naming every tensor, and the
 model is left unchanged.
 
 Example:
@@ -106,13 +107,17 @@ def _stored_value(plist: nn.Module, value: Tensor) -> Tensor:
 
 
 def _check_checkpoint(root, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-    """``load_state_dict`` pre-hook of a constrained model: check everything, copy nothing."""
-    modules = {_prefix(prefix, name): m for name, m in root.named_modules()}
+    """``load_state_dict`` pre-hook of a constrained model: check everything, copy nothing.
+
+    Modules are taken under every name, as ``load_state_dict`` visits them: a tied tensor's
+    constraint modules are checked under each name the checkpoint uses."""
+    modules = {_prefix(prefix, name): m for name, m in root.named_modules(remove_duplicate=False)}
     problems = []
     for module_prefix, module in modules.items():
         if parametrize.is_parametrized(module):
             problems += _adapt(module, state_dict, module_prefix)
     problems += _foreign_state(modules, state_dict)
+    problems += _tie_problems(modules, state_dict)
     for module_prefix, module in modules.items():
         problems += _local_problems(module, state_dict, module_prefix)
     if problems:
@@ -145,6 +150,39 @@ def _foreign_state(modules: dict[str, nn.Module], state_dict: dict) -> list[str]
             "or load a baked (plain) state_dict."
         )
     return problems
+
+
+def _tie_problems(modules: dict[str, nn.Module], state_dict: dict) -> list[str]:
+    """Keys that name one tensor of the model but hold different values in the checkpoint:
+    loading them one after the other would keep the last, silently."""
+    names: dict[int, list[str]] = {}
+    for module_prefix, module in modules.items():
+        for name, tensor in (*module._parameters.items(), *module._buffers.items()):
+            if tensor is not None and module_prefix + name in state_dict:
+                names.setdefault(id(tensor), []).append(module_prefix + name)
+    problems = []
+    for first, *others in (keys for keys in names.values() if len(keys) > 1):
+        value = state_dict[first]
+        differ = [key for key in others if not _same_value(state_dict[key], value)]
+        if differ:
+            problems.append(
+                f"{first}: one tensor in the model with {', '.join(differ)} (tied weights), but the "
+                "checkpoint holds different values for them."
+            )
+    return problems
+
+
+def _same_value(a, b) -> bool:
+    if a is b:
+        return True
+    plain = (Tensor, nn.Parameter)
+    if type(a) not in plain or type(b) not in plain or a.shape != b.shape or torch.strided not in (a.layout, b.layout):
+        return True  # reported as a shape or type problem, or not comparable here (shards)
+    if a.is_meta or b.is_meta:
+        return True  # no values to compare
+    if (a.device, a.dtype, a.stride(), a.data_ptr()) == (b.device, b.dtype, b.stride(), b.data_ptr()):
+        return True  # one storage: the model's own state_dict
+    return torch.equal(a.detach(), b.detach().to(a.device, a.dtype))
 
 
 def _constraint_keys(module: nn.Module, tensor_name: str) -> set[str]:

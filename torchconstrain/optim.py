@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from torchconstrain._tensors import Slot, parameter_slots
+from torchconstrain._tensors import Slot, parameter_slots, tied_slots
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.keys import matcher, no_match_message
 
@@ -29,7 +29,9 @@ def param_groups(model: nn.Module, rules: Mapping | Sequence = (), *, scores: Ma
     they go into one group with the ``scores`` options, which default to
     ``{"weight_decay": 0.0}`` (decay would pull every gate towards 0.5, fighting the
     sparsity penalty). Parameters with the same matching rules share a group; groups come
-    in model order and options not given fall back to the optimizer's defaults.
+    in model order and options not given fall back to the optimizer's defaults. A tied
+    ``Parameter`` (several names, one tensor) appears once, with the rules that match any
+    of its names.
 
     Args:
         model: the model, constrained or not.
@@ -58,7 +60,7 @@ def param_groups(model: nn.Module, rules: Mapping | Sequence = (), *, scores: Ma
         >>> optimizer = torch.optim.AdamW(groups, lr=1e-3)
     """
     parsed = _parse(rules)
-    by_id = {id(slot.stored()): slot for slot in parameter_slots(model).values()}
+    by_id = {id(group[0].stored()): group for group in tied_slots(parameter_slots(model).values()).values()}
     owned = {id(p) for m in model.modules() if isinstance(m, Constraint) for p in m.parameters(recurse=False)}
     groups: dict[tuple, dict] = {}
     used = set()
@@ -66,7 +68,7 @@ def param_groups(model: nn.Module, rules: Mapping | Sequence = (), *, scores: Ma
         if id(param) in owned:
             key, options = ("scores",), {**SCORES, **(scores or {})}
         else:
-            key, options = _rule_options(parsed, by_id.get(id(param)))
+            key, options = _rule_options(parsed, by_id.get(id(param), ()))
             used.update(key)
         groups.setdefault(key, {"params": [], **options})["params"].append(param)
     if strict:
@@ -121,8 +123,8 @@ def _parse(rules) -> list[tuple[int, object, dict, object]]:
     return parsed
 
 
-def _rule_options(parsed, slot: Slot | None) -> tuple[tuple, dict]:
-    matched = [rule for rule in parsed if slot is not None and rule[3](slot)]
+def _rule_options(parsed, names: tuple[Slot, ...]) -> tuple[tuple, dict]:
+    matched = [rule for rule in parsed if any(rule[3](slot) for slot in names)]
     options = {}
     for rule in matched:
         options.update(rule[2])

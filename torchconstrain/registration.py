@@ -12,6 +12,14 @@ built from the one :mod:`torch.nn.utils.parametrize` makes) with three additions
 - ``__deepcopy__``, which gives the copy a class of its own.
 
 Each parametrized tensor's property comes from :func:`torchconstrain.fastpath.install`.
+
+A tied tensor (one ``Parameter`` under several names) is constrained once: its
+parametrizations are registered under its first name, and :func:`share` puts that very
+``ParametrizationList`` under each other name too. So every name has one stored original
+and one set of constraint modules, and reads exactly what ``parametrize`` computes for the
+first name: the same module called on the same original. The ``state_dict`` shows the
+chain under every name, as it shows a plain tied ``Parameter`` under every name, and
+removing the last constraint gives every owner the original ``Parameter`` object back.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from torchconstrain.checkpoint import load_plain_keys
 from torchconstrain.constraints.base import Constraint
 
 __all__ = []  # used by constrain and bake
+
+_OWNERS = "_torchconstrain_owners"  # on a ParametrizationList that several names share
 
 
 def register(slot: Slot, constraint: Constraint) -> None:
@@ -47,19 +57,63 @@ def register(slot: Slot, constraint: Constraint) -> None:
         _own_class(slot.module)
 
 
-def drop_entries(slot: Slot, indices: list[int]) -> None:
+def share(slot: Slot, alias: Slot) -> None:
+    r"""Make ``alias``, another name of ``slot``'s stored ``Parameter``, read through
+    ``slot``'s chain: the same ``ParametrizationList`` object, registered under ``alias``."""
+    plist = slot.module.parametrizations[slot.tensor_name]
+    module, name = alias.module, alias.tensor_name
+    if module._parameters.get(name) is not plist.original:
+        raise AssertionError(f"{alias.fqn} is not the Parameter stored for {slot.fqn}")
+    order = None if parametrize.is_parametrized(module) else list(module._parameters)
+    _own_class(module)
+    del module._parameters[name]
+    if order is not None:
+        parametrize._inject_new_class(module)
+        module.parametrizations = nn.ModuleDict()
+    module.parametrizations[name] = plist
+    plist.__dict__[_OWNERS] = owners(plist) + 1
+    fastpath.install(module, name)
+    if order is not None:
+        module.parametrizations.plain_order = order
+        _own_class(module)
+
+
+def owners(plist: nn.Module) -> int:
+    r"""How many names read through ``plist``: 1, or more for a tied tensor (see :func:`share`)."""
+    return plist.__dict__.get(_OWNERS, 1)
+
+
+def shares(slot: Slot, alias: Slot) -> bool:
+    r"""Whether ``alias`` reads through ``slot``'s chain (see :func:`share`)."""
+    return (
+        parametrize.is_parametrized(slot.module, slot.tensor_name)
+        and parametrize.is_parametrized(alias.module, alias.tensor_name)
+        and alias.module.parametrizations[alias.tensor_name] is slot.module.parametrizations[slot.tensor_name]
+    )
+
+
+def drop_entries(slot: Slot, indices: list[int], aliases: tuple[Slot, ...] = ()) -> None:
     r"""Remove the parametrizations at ``indices`` from the tensor's chain, keeping the
     stored original as it is. The last removal turns the tensor back into a plain one,
-    keeping the ``Parameter`` object."""
-    _own_class(slot.module)
+    keeping the ``Parameter`` object, under its own name and each of ``aliases`` that
+    shares the chain."""
     plist = slot.module.parametrizations[slot.tensor_name]
     for index in sorted(indices, reverse=True):
         del plist[index]
     if len(plist) == 0:
-        order = getattr(slot.module.parametrizations, "plain_order", None)
-        parametrize.remove_parametrizations(slot.module, slot.tensor_name, leave_parametrized=False)
-        if order is not None:
-            _restore_order(slot.module._parameters, order)
+        for alias in aliases:
+            if shares(slot, alias):
+                _unparametrize(alias)
+        _unparametrize(slot)
+
+
+def _unparametrize(slot: Slot) -> None:
+    """Put the stored original back as the module's plain parameter, in its old place."""
+    _own_class(slot.module)
+    order = getattr(slot.module.parametrizations, "plain_order", None)
+    parametrize.remove_parametrizations(slot.module, slot.tensor_name, leave_parametrized=False)
+    if order is not None:
+        _restore_order(slot.module._parameters, order)
 
 
 def drop_soft(slot: Slot, keep: int = 0) -> None:

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from torchconstrain._tensors import Slot, describe, parameter_slots
+from torchconstrain._tensors import Slot, describe, parameter_slots, tied_slots
 from torchconstrain.checkpoint import watch
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.keys import label, match, matcher, no_match_message
 from torchconstrain.optim import warn_unoptimized
-from torchconstrain.registration import drop_entries, drop_soft, register
+from torchconstrain.registration import drop_entries, drop_soft, register, share, shares
 from torchconstrain.report import Report
 
 __all__ = ["constrain", "match"]
@@ -40,8 +40,16 @@ class _Rule:
 @dataclass
 class _Planned:
     slot: Slot
+    aliases: tuple[Slot, ...] = ()  # the stored Parameter's other names (tied weights)
     constraints: list[Constraint] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """How messages name the tensor: its first name, and its other names if tied."""
+        if not self.aliases:
+            return self.slot.fqn
+        return f"{self.slot.fqn} (one Parameter with {', '.join(a.fqn for a in self.aliases)})"
 
 
 def constrain(
@@ -136,27 +144,43 @@ def _check_value(rule: _Rule) -> None:
 
 
 def _plan(slots: dict[str, Slot], rules: list[_Rule], *, strict: bool, existing: str) -> list[_Planned]:
+    """What each rule puts on which stored tensor: a tied tensor is planned once, under its
+    first name, with every rule that matched any of its names (each rule once)."""
     matched = {id(rule): [s for s in slots.values() if rule.matches(s)] for rule in rules}
     if strict:
         for rule in rules:
             if not matched[id(rule)]:
                 raise ValueError(no_match_message(rule.key, rule.index, slots))
-    excluded = {s.fqn for rule in rules if rule.value is None for s in matched[id(rule)]}
+    tied = tied_slots(slots.values())
+    excluded = {tied[s.fqn][0].fqn for rule in rules if rule.value is None for s in matched[id(rule)]}
     plan: dict[str, _Planned] = {}
     for rule in rules:
-        group = {s.fqn: s for s in matched[id(rule)] if s.fqn not in excluded}
+        group = _distinct(matched[id(rule)], tied, excluded)
         if rule.value is None or not group:
             continue
         for fqn, constraints in _bind(rule, group).items():
             if not constraints:
                 continue
-            entry = plan.setdefault(fqn, _Planned(group[fqn]))
+            first, *aliases = tied[fqn]
+            entry = plan.setdefault(first.fqn, _Planned(first, tuple(aliases)))
             entry.constraints += constraints
             entry.rules += [str(rule)] * len(constraints)
     ordered = [plan[fqn] for fqn in slots if fqn in plan]
     for entry in ordered:
         _validate(entry, existing)
     return ordered
+
+
+def _distinct(matched: list[Slot], tied: dict[str, tuple[Slot, ...]], excluded: set[str]) -> dict[str, Slot]:
+    """The slots one rule matched, one per stored tensor (the first name it matched),
+    without the tensors a ``None`` rule excludes under any of their names."""
+    group, seen = {}, set()
+    for slot in matched:
+        first = tied[slot.fqn][0].fqn
+        if first not in excluded and first not in seen:
+            seen.add(first)
+            group[slot.fqn] = slot
+    return group
 
 
 def _bind(rule: _Rule, group: dict[str, Slot]) -> dict[str, list[Constraint]]:
@@ -199,15 +223,31 @@ def _call_factory(rule: _Rule, fqn: str, value: Tensor) -> list[Constraint]:
 
 def _validate(entry: _Planned, existing: str) -> None:
     slot = entry.slot
+    _refuse_split_ties(entry)
     earlier = slot.everything()
     if earlier and existing == "error":
         raise ValueError(
-            f"{slot.fqn} is already constrained by {', '.join(map(describe, earlier))}. "
+            f"{entry.name} is already constrained by {', '.join(map(describe, earlier))}. "
             "Pass existing='stack' to add the new constraints on top, or bake(model) first."
         )
     labels = ["already there"] * len(earlier) + entry.rules
-    _refuse_contradictions(slot.fqn, earlier + entry.constraints, labels, slot.value().shape)
+    _refuse_contradictions(entry.name, earlier + entry.constraints, labels, slot.value().shape)
     _dry_run(entry, earlier, labels)
+
+
+def _refuse_split_ties(entry: _Planned) -> None:
+    """A tied tensor is constrained under all its names at once: refuse one whose names do
+    not all read the same chain (another library's parametrization under one name only)."""
+    for alias in entry.aliases:
+        plain = not entry.slot.chain() and not alias.chain()
+        if not (plain or shares(entry.slot, alias)):
+            parametrized = alias if alias.chain() else entry.slot
+            kinds = ", ".join(type(p).__name__ for p in parametrized.chain())
+            raise ValueError(
+                f"{entry.name}: {parametrized.fqn} has parametrizations of its own ({kinds}), so the names "
+                "of this one Parameter do not compute the same tensor and it cannot be constrained for "
+                "all of them. Remove that parametrization, or untie the weights, first."
+            )
 
 
 def _refuse_contradictions(fqn: str, stack: list[Constraint], labels: list[str], shape) -> None:
@@ -236,7 +276,7 @@ def _dry_run(entry: _Planned, earlier: list[Constraint], labels: list[str]) -> N
             result = constraint(value)
             if result.shape != value.shape or result.dtype != value.dtype:
                 raise ValueError(
-                    f"{entry.slot.fqn}: {describe(constraint)} turns a {value.dtype} tensor of shape "
+                    f"{entry.name}: {describe(constraint)} turns a {value.dtype} tensor of shape "
                     f"{tuple(value.shape)} into a {result.dtype} tensor of shape {tuple(result.shape)}."
                 )
             value = result
@@ -244,7 +284,7 @@ def _dry_run(entry: _Planned, earlier: list[Constraint], labels: list[str]) -> N
             reason = constraint.violation(value)
             if reason is not None:
                 raise ValueError(
-                    f"{entry.slot.fqn}: the constraints contradict each other: after applying them "
+                    f"{entry.name}: the constraints contradict each other: after applying them "
                     f"all, {describe(constraint)} from {label} is broken: {reason}."
                 )
 
@@ -259,11 +299,14 @@ def _register(plan: list[_Planned]) -> None:
         for entry in plan:
             for constraint in entry.constraints:
                 register(entry.slot, constraint)
+            for alias in entry.aliases:
+                if entry.slot.chain() and not shares(entry.slot, alias):
+                    share(entry.slot, alias)
     except Exception:
         for entry, chain_before, soft_before, original in saved:
             added = len(entry.slot.chain()) - chain_before
             if added > 0:
-                drop_entries(entry.slot, list(range(chain_before, chain_before + added)))
+                drop_entries(entry.slot, list(range(chain_before, chain_before + added)), entry.aliases)
             drop_soft(entry.slot, keep=soft_before)
             with torch.no_grad():
                 entry.slot.stored().copy_(original)
@@ -271,13 +314,15 @@ def _register(plan: list[_Planned]) -> None:
 
 
 def _report(plan: list[_Planned]) -> Report:
+    """One row per name: a tied tensor's names each get its row."""
     rows = [
         {
-            "tensor": entry.slot.fqn,
+            "tensor": slot.fqn,
             "shape": tuple(entry.slot.value().shape),
             "constraints": [describe(c) for c in entry.slot.everything()],
             "rules": ", ".join(dict.fromkeys(entry.rules)),
         }
         for entry in plan
+        for slot in (entry.slot, *entry.aliases)
     ]
     return Report("constrained tensors", rows)

@@ -57,7 +57,7 @@ def _targets(model: nn.Module, key, kind: type, schedule: str) -> list[tuple[Slo
     found = []
     for fqn in names:
         first = next((c for c in slots[fqn].constraints() if isinstance(c, kind)), None)
-        if first is not None:
+        if first is not None and all(first is not other for _, other in found):  # a tied tensor once
             found.append((slots[fqn], first))
     if not found:
         where = "in the model" if key is None else f"among the tensors {key!r} picks ({len(names)})"
