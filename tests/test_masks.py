@@ -14,6 +14,7 @@ from torchconstrain import (
     bake,
     check,
     constrain,
+    penalty,
 )
 
 
@@ -126,6 +127,106 @@ def test_learnable_mask_penalty_is_mean_gate_times_strength():
     assert math.isclose(layer.parametrizations.weight[0].penalty().item(), 0.45, rel_tol=1e-6)
 
 
+def test_learnable_mask_budget_bakes_exactly_the_lowest_gates_whatever_the_threshold():
+    layer = nn.Linear(10, 3, bias=False)
+    constrain(layer, {"weight": LearnableMask(per="channel", dim=1, sparsity=0.3, threshold=0.9)})
+    mask = layer.parametrizations.weight[0]
+    with torch.no_grad():  # every gate above the threshold, yet the budget closes three
+        mask.scores.copy_(torch.linspace(5.0, 6.0, 10).flip(0).view(1, 10))
+    assert mask.sparsity == pytest.approx(0.3)
+    gated = layer.weight.detach().clone()
+    bake(layer)
+    assert torch.equal(layer.weight[:, 7:], torch.zeros(3, 3))  # the three lowest gates
+    assert torch.equal(layer.weight[:, :7], gated[:, :7])
+
+
+def test_learnable_mask_budget_hard_forward_keeps_what_bake_keeps():
+    layer = nn.Linear(8, 2, bias=False)
+    constrain(layer, {"weight": LearnableMask(per="channel", dim=1, sparsity=0.5, hard=True)})
+    mask = layer.parametrizations.weight[0]
+    with torch.no_grad():
+        mask.scores.copy_(torch.randn(1, 8))
+    forward = layer.weight.detach().clone()
+    assert int((forward.abs().sum(0) == 0).sum()) == 4
+    bake(layer)
+    assert torch.equal(layer.weight, forward)
+
+
+def test_learnable_mask_budget_multiplier_rises_until_the_gates_meet_the_target():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 1, bias=False)
+    constrain(layer, {"weight": LearnableMask(per="channel", dim=1, sparsity=0.75)})
+    mask = layer.parametrizations.weight[0]
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.05)
+    x = torch.randn(256, 16)
+    truth = torch.full((16, 1), 0.1)
+    truth[[2, 5, 11, 13]] = 2.0  # four inputs matter; the task alone would keep all sixteen
+    for _ in range(300):
+        loss = nn.functional.mse_loss(layer(x), x @ truth) + penalty(layer)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    gates = mask.gate().detach().flatten()
+    assert mask.multiplier.item() > 0
+    assert gates.mean().item() == pytest.approx(0.25, abs=0.05)
+    assert (gates > 0.5).nonzero().flatten().tolist() == [2, 5, 11, 13]  # the gates agree with the budget
+    with torch.no_grad():  # a penalty computed without gradients leaves the multiplier alone
+        before = mask.multiplier.clone()
+        penalty(layer)
+        assert torch.equal(mask.multiplier, before)
+
+
+def test_learnable_mask_budget_multiplier_is_saved_with_the_model():
+    layer = nn.Linear(4, 2)
+    constrain(layer, {"weight": LearnableMask(sparsity=0.5)})
+    penalty(layer).backward()
+    state = layer.state_dict()
+    assert state["parametrizations.weight.0.multiplier"].item() > 0
+    fresh = nn.Linear(4, 2)
+    constrain(fresh, {"weight": LearnableMask(sparsity=0.5)})
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.parametrizations.weight[0].multiplier, state["parametrizations.weight.0.multiplier"])
+
+
+def test_indexed_masks_share_gates_across_differently_laid_out_tensors():
+    conv, linear = nn.Conv2d(2, 3, 1), nn.Linear(6, 2)  # the linear reads the conv's 2 channels x 3 positions
+    constrain(conv, {"weight": LearnableMask.indexed(torch.tensor([0, 1]), 2, dim=1, sparsity=0.5, hard=True)})
+    constrain(linear, {"weight": LearnableMask.indexed(torch.tensor([0, 0, 0, 1, 1, 1]), 2, dim=1,
+                                                       sparsity=0.5, hard=True)})
+    leader, follower = conv.parametrizations.weight[0], linear.parametrizations.weight[0]
+    follower.scores = leader.scores
+    with torch.no_grad():
+        leader.scores.copy_(torch.tensor([-1.0, 2.0]))
+    assert torch.equal(follower.gate(), torch.sigmoid(torch.tensor([-1.0] * 3 + [2.0] * 3)).view(1, 6))
+    assert torch.equal(conv.weight[:, 0], torch.zeros(3, 1, 1)) and torch.equal(linear.weight[:, :3], torch.zeros(2, 3))
+    assert conv.weight[:, 1].abs().sum() > 0 and linear.weight[:, 3:].abs().sum() > 0
+    untouched = nn.Linear(3, 1)
+    constrain(untouched, {"weight": LearnableMask.indexed(torch.tensor([-1, 0, -1]), 1, dim=1, init=0.3)})
+    mask = untouched.parametrizations.weight[0]
+    assert torch.equal(mask.gate(), torch.tensor([[1.0, mask.gates().item(), 1.0]]))
+    bake(untouched)
+    assert untouched.weight[0, 1] == 0 and (untouched.weight[0, [0, 2]] != 0).all()
+
+
+@pytest.mark.parametrize(
+    "index, gates, message",
+    [
+        (torch.tensor([0, 2]), 2, r"index entries in \[-1, 2\). Got 0..2"),
+        (torch.tensor([0, -2]), 2, r"index entries in \[-1, 2\). Got -2..0"),
+        (torch.tensor([0, 1]), 0, "expected gates >= 1. Got 0"),
+    ],
+)
+def test_indexed_mask_refuses_bad_indices(index, gates, message):
+    with pytest.raises(ValueError, match=message):
+        LearnableMask.indexed(index, gates, dim=1)
+
+
+def test_indexed_mask_must_cover_every_slice():
+    with pytest.raises(ValueError, match=r"weight: a LearnableMask index needs per='channel' and one entry per slice "
+                                         r"along dim 1 \(4\). Got \(3,\)"):
+        constrain(nn.Linear(4, 2), {"weight": LearnableMask.indexed(torch.tensor([0, 1, 2]), 3, dim=1)})
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
@@ -146,6 +247,9 @@ def test_learnable_mask_penalty_is_mean_gate_times_strength():
         ({"strength": math.inf}, ValueError, "strength to be a finite number >= 0. Got inf"),
         ({"dim": "0"}, TypeError, "LearnableMask: expected dim to be an integer. Got str: '0'"),
         ({"hard": "yes"}, TypeError, "LearnableMask: expected hard to be True or False. Got str"),
+        ({"sparsity": 1.0}, ValueError, r"LearnableMask: expected sparsity to be a finite number in \[0, 1\). Got 1.0"),
+        ({"sparsity": True}, TypeError, "LearnableMask: expected sparsity to be a number. Got bool"),
+        ({"sparsity": 0.5, "rate": -0.1}, ValueError, "LearnableMask: expected rate to be a finite number >= 0. Got -0.1"),
     ],
 )
 def test_learnable_mask_refuses_bad_arguments(kwargs, error, message):

@@ -8,7 +8,7 @@ from conftest import assert_unchanged, randomize_batchnorm, snapshot
 from torch import nn
 from torchvision.models.mobilenetv3 import InvertedResidual, InvertedResidualConfig
 
-from torchconstrain import Clamp, bake, check, constrain, penalty, surgery
+from torchconstrain import Clamp, LearnableMask, bake, check, constrain, penalty, surgery
 
 ARCHS = ["mobilenet_v3_small", "mobilenet_v3_large"]
 
@@ -198,12 +198,31 @@ def test_unsupported_models_get_a_clear_error_and_stay_unchanged():
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_learnable_sparsity_budget_is_met_exactly_in_every_block_and_reported(arch):
+    model = build(arch)
+    surgery.mask_blocks(model, sparsity=0.5, learnable=True, hard=True)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # whatever the gates learned
+        for module in model.modules():
+            if isinstance(module, LearnableMask):
+                module.scores.normal_(generator=generator)
+    x = torch.randn(2, 3, 64, 64)
+    masked = outputs(model, x)
+    report = surgery.shrink(model, measure=False)
+    torch.testing.assert_close(outputs(model, x), masked, rtol=1e-5, atol=1e-6)
+    assert report.channels and all(after == before - round(0.5 * before) for before, after in report.channels.values())
+    target, achieved = report.targets["sparsity"]
+    assert target == 0.5 and achieved == pytest.approx(0.5, abs=0.01)
+    assert "sparsity target 0.500, achieved" in str(report)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({}, r"expected sparsity in \[0, 1\) for fixed masks. Got None"),
         ({"sparsity": 1.0}, r"expected sparsity in \[0, 1\)"),
-        ({"sparsity": 0.5, "learnable": True}, "learnable masks learn their sparsity"),
+        ({"sparsity": 1.0, "learnable": True}, r"expected sparsity in \[0, 1\) or None. Got 1.0"),
         ({"sparsity": 0.5, "importance": "gamma"}, "unknown importance 'gamma'"),
         ({"sparsity": 0.5, "importance": lambda name, block: torch.ones(3)}, "block features.2 has 3 scores, expected 72"),
     ],
@@ -371,3 +390,4 @@ def test_group_arguments_are_checked_and_change_nothing():
         surgery.role(blocks, "stem")
     assert_unchanged(blocks, before)
     assert [g.kind for g in surgery.channel_groups(blocks, example=torch.zeros(1, 3, 16, 16))] == ["expanded", "squeeze"]
+

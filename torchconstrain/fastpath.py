@@ -253,6 +253,7 @@ def _cacheable(constraint: nn.Module) -> bool:
     """A constraint class that declares it, without submodules or hooks of its own."""
     return (
         getattr(type(constraint), "cacheable", False)
+        and constraint.__dict__.get("cacheable", True)  # an instance may opt out
         and not constraint._modules
         and not constraint._forward_hooks
         and not constraint._forward_pre_hooks

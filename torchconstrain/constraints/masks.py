@@ -309,6 +309,16 @@ class LearnableMask(Constraint):
     ``hard=True`` that is exactly the forward value). :attr:`sparsity` reports the share
     that baking will zero.
 
+    A budget instead of a strength: with ``sparsity=s`` baking closes exactly the
+    ``round(s * n)`` lowest of the ``n`` gates (at least one stays open), whatever they
+    learned, and ``threshold`` is not used. While training the penalty is a Lagrange term
+    ``multiplier * (mean(gate) - (1 - s))``: each :func:`torchconstrain.penalty` call made
+    with gradients on first moves the ``multiplier`` buffer by ``rate`` times the excess of
+    open gates over the budget: it rises while the gates are over it and falls, below zero
+    if need be, while they are under it. So the gates are pushed towards the budget from
+    both sides as hard as it takes, and ``strength`` is not used. With ``hard=True`` the forward keeps exactly the gates that
+    baking keeps. Call :func:`torchconstrain.penalty` once per training step.
+
     Args:
         per: ``"element"`` or ``"channel"``.
         dim: the channel dimension when ``per="channel"``.
@@ -316,7 +326,11 @@ class LearnableMask(Constraint):
         init: the starting gate value, in (0, 1).
         threshold: the gate value at or below which an entry is pruned, in (0, 1).
         hard: use the binary gate in the forward (straight-through gradient).
-        strength: the weight of the sparsity penalty.
+        strength: the weight of the sparsity penalty (without ``sparsity``).
+        sparsity: the share of gates baking closes, in [0, 1); ``None``: the gates
+            at or below ``threshold``.
+        rate: with ``sparsity``, how fast the multiplier rises per penalty call, per unit
+            of excess share.
 
     Example:
         >>> import torch
@@ -326,6 +340,10 @@ class LearnableMask(Constraint):
         >>> _ = constrain(layer, {"weight": LearnableMask(strength=1e-2)})
         >>> round(penalty(layer).item(), 4)
         0.0098
+        >>> budgeted = nn.Linear(8, 4)
+        >>> _ = constrain(budgeted, {"weight": LearnableMask(per="channel", dim=1, sparsity=0.75)})
+        >>> budgeted.parametrizations.weight[0].sparsity  # what baking closes: 6 of 8 gates
+        0.75
     """
 
     cacheable = True  # see Constraint
@@ -340,6 +358,8 @@ class LearnableMask(Constraint):
         threshold: float = 0.5,
         hard: bool = False,
         strength: float = 1e-3,
+        sparsity: float | None = None,
+        rate: float = 0.05,
     ) -> None:
         super().__init__()
         where = "LearnableMask"
@@ -357,6 +377,13 @@ class LearnableMask(Constraint):
                 f"buffer's dtype). Got {temperature!r}, which is {stored.item():g} there."
             )
         self.register_buffer("temperature", stored)
+        self.target_sparsity = None if sparsity is None else number(where, "sparsity", sparsity, low=0, high=1, high_open=True)
+        self.rate = number(where, "rate", rate, low=0)
+        #: A budget shared with other masks (``torchconstrain.surgery.budget.GateBudget``), or None.
+        self.budget = None
+        if sparsity is not None:
+            self.register_buffer("multiplier", torch.zeros(()))
+        self.register_buffer("gate_index", None)  # see indexed()
         self.register_parameter("scores", None)
 
     def _bind(self, fqn: str, tensor: Tensor) -> None:
@@ -370,31 +397,112 @@ class LearnableMask(Constraint):
                     f"{tuple(tensor.shape)}."
                 )
             shape = [size if d == self.dim % tensor.dim() else 1 for d, size in enumerate(shape)]
+        if self.gate_index is not None:
+            shape = self._bind_index(fqn, tensor, shape)
         start = self.temperature.item() * math.log(self.init / (1.0 - self.init))
         self.scores = nn.Parameter(torch.full(shape, start, dtype=tensor.dtype))
 
-    def gate(self) -> Tensor:
-        r"""Return the soft gate ``sigmoid(scores / temperature)``."""
+    def _bind_index(self, fqn: str, tensor: Tensor, shape: list[int]) -> list[int]:
+        """Check the gate index against the tensor; return the scores' shape, one per gate."""
+        slices = tensor.shape[self.dim % tensor.dim()]
+        index = self.gate_index
+        if self.per != "channel" or index.dim() != 1 or index.numel() != slices:
+            raise ValueError(f"{fqn}: a LearnableMask index needs per='channel' and one entry per slice along "
+                             f"dim {self.dim} ({slices}). Got {tuple(index.shape)}.")
+        self.slice_shape = shape
+        return [self.gate_count]
+
+    @classmethod
+    def indexed(cls, index: Tensor, gates: int, **kwargs) -> "LearnableMask":
+        r"""Template: ``gates`` gates spread over the slices along ``dim`` by ``index``.
+
+        ``index[i]`` is the gate of slice ``i`` (``-1``: not gated, always kept), so several
+        tensors whose slices are laid out differently (a conv's input channels, a linear's
+        flattened ``channels x positions`` inputs) can share one set of gates: give every
+        mask the same ``scores`` parameter once they are applied. ``scores`` has one entry
+        per gate; :meth:`gates` returns them, :meth:`gate` the per-slice view. Keyword
+        arguments are :class:`LearnableMask`'s, with ``per="channel"``.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from torchconstrain import LearnableMask, constrain
+            >>> layer = nn.Linear(6, 2)
+            >>> _ = constrain(layer, {"weight": LearnableMask.indexed(torch.tensor([0, 0, 1, 1, -1, -1]), 2, dim=1)})
+            >>> mask = layer.parametrizations.weight[0]
+            >>> tuple(mask.scores.shape), tuple(mask.gate().shape)
+            ((2,), (1, 6))
+        """
+        index = torch.as_tensor(index, dtype=torch.long).flatten()
+        if isinstance(gates, bool) or not isinstance(gates, int) or gates < 1:
+            raise ValueError(f"LearnableMask.indexed: expected gates >= 1. Got {gates!r}.")
+        if index.numel() and (int(index.min()) < -1 or int(index.max()) >= gates):
+            raise ValueError(f"LearnableMask.indexed: expected index entries in [-1, {gates}). "
+                             f"Got {int(index.min())}..{int(index.max())}.")
+        mask = cls(per="channel", **kwargs)
+        mask.gate_index = torch.where(index < 0, gates, index)  # gate ``gates``: the constant 1
+        mask.gate_count = gates
+        return mask
+
+    def gates(self) -> Tensor:
+        r"""Return the soft gates, one per score: ``sigmoid(scores / temperature)``."""
         if tracing() or transformed() or self.temperature.is_meta:
             return torch.sigmoid(self.scores / self.temperature)
         temperature = self._derived("temperature", self.temperature, self.temperature.item)
         return torch.sigmoid(self.scores if temperature == 1.0 else self.scores / temperature)
 
+    def gate(self) -> Tensor:
+        r"""Return the soft gate ``sigmoid(scores / temperature)``, in the shape it multiplies the tensor with."""
+        return self._spread(self.gates(), 1.0)
+
+    def _spread(self, values: Tensor, fill) -> Tensor:
+        """Per-gate values -> per-slice values (an indexed mask), ``fill`` for ungated slices."""
+        if self.gate_index is None:
+            return values
+        padded = torch.cat([values.flatten(), values.new_full((1,), fill)])
+        return padded[self.gate_index].view(self.slice_shape)
+
     def forward(self, x: Tensor) -> Tensor:
-        gate = self.gate()
+        gates = self.gates()
+        gate = self._spread(gates, 1.0)
         if self.hard:
-            binary = (gate > self.threshold).to(gate.dtype)
+            binary = self._spread(self._kept_gates(gates), True).to(gate.dtype)
             gate = binary + (gate - gate.detach())
         return x * gate
 
     def bake(self, value: Tensor) -> Tensor:
-        gate = self.gate()
-        kept = gate > self.threshold
-        return torch.where(kept, value * (1.0 if self.hard else gate), 0.0)
+        gates = self.gates()
+        kept = self._spread(self._kept_gates(gates), True)
+        return torch.where(kept, value * (1.0 if self.hard else self._spread(gates, 1.0)), 0.0)
 
-    def penalty(self) -> Tensor:
-        gate = self.gate()
-        return self.strength * (gate.mean() if gate.numel() else gate.sum())  # no gates: 0, not NaN
+    def _kept_gates(self, gates: Tensor) -> Tensor:
+        """Bool, the scores' shape: the gates baking keeps open, given the current ``gates()``."""
+        if self.budget is not None:
+            return self.budget.keep_for(self)
+        gates = gates.detach()
+        if self.target_sparsity is None:
+            return gates > self.threshold
+        count = gates.numel()
+        kept = max(count - round(self.target_sparsity * count), 1)
+        order = torch.sort(gates.flatten(), descending=True, stable=True).indices
+        keep = torch.zeros(count, dtype=torch.bool, device=gates.device)
+        keep[order[:kept]] = True
+        return keep.view(gates.shape)
+
+    def penalty(self) -> Tensor | None:
+        if self.budget is not None:
+            return self.budget.penalty_for(self)
+        if self.target_sparsity is None:
+            gates = self.gates()
+            return self.strength * (gates.mean() if gates.numel() else gates.sum())  # no gates: 0, not NaN
+        gates = self.gates()
+        if not gates.numel():
+            return gates.sum()
+        excess = gates.mean() - (1.0 - self.target_sparsity)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                self.multiplier.add_(self.rate * excess.detach())
+        return self.multiplier * excess
 
     def state_problem(self, state: Mapping[str, Tensor]) -> str | None:
         temperature = state.get("temperature")
@@ -407,15 +515,23 @@ class LearnableMask(Constraint):
 
     @property
     def sparsity(self) -> float:
-        r"""The share of gates at or below ``threshold``: what baking will zero (0 without gates)."""
-        gate = self.gate()
-        return (gate <= self.threshold).float().mean().item() if gate.numel() else 0.0
+        r"""The share of gates baking will close: those at or below ``threshold``, or the
+        budget's (0 without gates)."""
+        with torch.no_grad():
+            gates = self.gates()
+            return 1.0 - self._kept_gates(gates).float().mean().item() if gates.numel() else 0.0
 
     def extra_repr(self) -> str:
         temperature = "?" if self.temperature.is_meta else f"{self.temperature.item():g}"
         text = f"per={self.per!r}, temperature={temperature}, threshold={self.threshold:g}"
         if self.per == "channel":
             text += f", dim={self.dim}"
+        if self.gate_index is not None:
+            text += f", gates={self.gate_count}"
         if self.hard:
             text += ", hard=True"
+        if self.budget is not None:
+            return text + f", budget={self.budget.what}"
+        if self.target_sparsity is not None:
+            return text + f", sparsity={self.target_sparsity:g}"
         return text + f", strength={self.strength:g}"

@@ -8,14 +8,17 @@ masks and rewrites. This module is what users call.
 
 from __future__ import annotations
 
+import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from torchconstrain._tensors import parameter_slots
 from torchconstrain.bake import bake
+from torchconstrain.constraints import LearnableMask
 from torchconstrain.rules import constrain
 from torchconstrain.surgery import efficientnet, mnasnet, mobilenetv2, mobilenetv3
 from torchconstrain.surgery.measure import count_macs, count_params, layer_macs, measure_latency
@@ -236,7 +239,10 @@ def mask_blocks(
     - Learnable (``learnable=True``): one :class:`~torchconstrain.LearnableMask` gate per
       channel, shared by every layer that reads the group, so it gates each of the
       channel's contributions. Its penalty is ``strength * mean(gate)`` per group;
-      ``hard=True`` trains with the binary gate.
+      ``hard=True`` trains with the binary gate. With ``sparsity=`` it is a budget instead:
+      baking closes exactly that share of each group's lowest gates (at least one stays
+      open), and the penalty is a Lagrange term that steers the gates to it (see
+      :class:`~torchconstrain.LearnableMask`); ``strength`` is not used.
 
     Masking the readers is what removes a channel: zeroing only a writer's filter leaves
     BatchNorm's shift and the activation, a nonzero constant that would still reach them.
@@ -281,9 +287,9 @@ def block_rules(model: nn.Module, *, groups="expanded", sparsity: float | None =
     """
     found = _groups(model, groups, "surgery.mask_blocks")
     if learnable:
-        if sparsity is not None:
-            raise ValueError("surgery.mask_blocks: learnable masks learn their sparsity; pass strength= instead of sparsity=.")
-        return learnable_rules(found, strength=strength, hard=hard)
+        if sparsity is not None and (isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0):
+            raise ValueError(f"surgery.mask_blocks: expected sparsity in [0, 1) or None. Got {sparsity!r}.")
+        return learnable_rules(found, strength=strength, hard=hard, sparsity=sparsity)
     if sparsity is None or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"surgery.mask_blocks: expected sparsity in [0, 1) for fixed masks. Got {sparsity!r}.")
     keeps = [(group, keep_share(group, sparsity, importance_of(group, importance))) for group in found]
@@ -296,21 +302,29 @@ def block_rules(model: nn.Module, *, groups="expanded", sparsity: float | None =
 
 @dataclass
 class ShrinkReport:
-    r"""What :func:`shrink` changed: channels per group and the model's size and speed."""
+    r"""What :func:`shrink` changed: channels per group, the model's size and speed, and budgets.
+
+    ``targets`` maps a budget (``"sparsity"``: the share of channels removed, ``"macs"``: the
+    share of MACs kept) to ``(target, achieved)``.
+    """
 
     channels: dict[str, tuple[int, int]]
     params: tuple[int, int]
     macs: tuple[int, int]
     latency: tuple[float, float] | None
+    targets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    kind: str = "group"
 
     def __str__(self) -> str:
         width = max([14, *(len(name) + 1 for name in self.channels)])
-        lines = [f"{'group':<{width}} channels", *(f"{name:<{width}} {a} -> {b}" for name, (a, b) in self.channels.items())]
+        lines = [f"{self.kind:<{width}} channels", *(f"{name:<{width}} {a} -> {b}" for name, (a, b) in self.channels.items())]
         lines.append(f"params  {self.params[0]:,} -> {self.params[1]:,} ({self.params[1] / self.params[0]:.2f}x)")
         lines.append(f"MACs    {self.macs[0]:,} -> {self.macs[1]:,} ({self.macs[1] / self.macs[0]:.2f}x)")
         if self.latency is not None:
             before, after = self.latency
             lines.append(f"latency {before * 1e3:.2f} ms -> {after * 1e3:.2f} ms ({after / before:.2f}x, batch 1, CPU)")
+        for name, (target, achieved) in self.targets.items():
+            lines.append(f"{name:<7} target {target:.3f}, achieved {achieved:.3f}")
         return "\n".join(lines)
 
 
@@ -354,12 +368,31 @@ def shrink(model: nn.Module, *, example: Tensor | None = None, measure: bool = T
     groups = _groups(model, "all", "surgery.shrink")
     example = torch.zeros(1, 3, 224, 224) if example is None else example
     example = example.to(next(model.parameters()).device)
+    budgets = _sparsity_budgets(groups)
     bake(model, key=_group_tensors(model, groups))
     before = (count_params(model), count_macs(model, example))
     latency_before = measure_latency(model, example) if measure else None
     channels = shrink_groups(groups)
     latency = (latency_before, measure_latency(model, example)) if measure else None
-    return ShrinkReport(channels, (before[0], count_params(model)), (before[1], count_macs(model, example)), latency)
+    report = ShrinkReport(channels, (before[0], count_params(model)), (before[1], count_macs(model, example)), latency)
+    if budgets:
+        full = sum(width for _, width in budgets.values())
+        kept = sum(channels.get(name, (width, width))[1] for name, (_, width) in budgets.items())
+        targets = {target for target, _ in budgets.values()}
+        report.targets["sparsity"] = (targets.pop() if len(targets) == 1 else math.nan, 1 - kept / full)
+    return report
+
+
+def _sparsity_budgets(groups: list[Group]) -> dict[str, tuple[float, int]]:
+    """Group name -> (sparsity target, channels) for the groups whose learnable gates carry a budget."""
+    found = {}
+    for group in groups:
+        module = group.readers[0].module
+        chain = module.parametrizations.weight if parametrize.is_parametrized(module, "weight") else []
+        mask = next((c for c in chain if isinstance(c, LearnableMask) and c.target_sparsity is not None), None)
+        if mask is not None:
+            found[group.name] = (mask.target_sparsity, group.channels)
+    return found
 
 
 def _group_tensors(model: nn.Module, groups: list[Group]):

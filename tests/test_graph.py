@@ -1,0 +1,255 @@
+"""Pruning any model through Torch-Pruning's dependency graph: masked equals shrunk, budgets met, mixing refused."""
+
+import sys
+
+import pytest
+import torch
+import torchvision
+from conftest import assert_unchanged, snapshot
+from torch import nn
+
+from torchconstrain import LearnableMask, check, penalty
+from torchconstrain.surgery import count_macs, graph
+
+tp = pytest.importorskip("torch_pruning")
+
+SMALL = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomized(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters, so removed channels would show."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.5, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(0, 0.5, generator=generator)
+    return model.eval()
+
+
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    return randomized(torchvision.models.resnet18(weights=None, num_classes=10))
+
+
+def outputs(model: nn.Module, x: torch.Tensor = SMALL) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def train(model: nn.Module, steps: int = 3, lr: float = 0.05) -> None:
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(SMALL), torch.tensor([1, 2])) + penalty(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        check(model)
+    model.eval()
+
+
+def test_resnet18_pruned_to_half_its_macs_with_a_learnable_budget():
+    model = resnet18()
+    dense = count_macs(model, SMALL)
+    masks = graph.mask_groups(model, SMALL, macs=0.5, learnable=True, hard=True)
+    assert len(masks.masked) == 12  # the stem + four residual streams + each block's inner channels; not fc's outputs
+    leader = masks.budget.masks[0]
+    train(model)
+    assert leader.multiplier.item() > 0  # the budget pushed: the gates started above it
+    promised = masks.budget.allocation()
+    masked = outputs(model)
+    report = masks.shrink(model)
+    torch.testing.assert_close(outputs(model), masked, rtol=1e-5, atol=1e-5)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    achieved = count_macs(model, SMALL)
+    assert achieved == pytest.approx(promised.achieved, rel=1e-9)  # the exact cost the allocator used
+    assert 0.45 * dense <= achieved <= 0.5 * dense
+    assert report.targets["macs"] == (0.5, pytest.approx(achieved / dense))
+    assert report.macs == (dense, achieved)
+    assert "macs    target 0.500, achieved" in str(report)
+    assert model.fc.out_features == 10
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_fixed_masks_keep_each_groups_most_important_channels_and_shrink_exactly(sparsity):
+    model = resnet18()
+    masks = graph.mask_groups(model, SMALL, sparsity=sparsity, minimum=1)
+    check(model)
+    masked = outputs(model)
+    channels = {g.name: g.channels for g in masks.groups}
+    report = masks.shrink(model)
+    torch.testing.assert_close(outputs(model), masked, rtol=1e-5, atol=1e-5)
+    for name, full in channels.items():
+        kept = report.channels.get(name, (full, full))[1]
+        assert kept == max(full - round(sparsity * full), 1)
+    assert report.targets["sparsity"][1] == pytest.approx(sparsity, abs=0.01)
+    if sparsity:  # the writers show the zeros too: the conv whose outputs root the stem's group
+        assert model.conv1.out_channels == report.channels["conv1"][1]
+
+
+def test_fixed_mac_budget_on_resnet50_matches_torch_prunings_own_pruning_of_the_same_channels():
+    torch.manual_seed(0)
+    model = randomized(torchvision.models.resnet50(weights=None, num_classes=10))
+    reference = torchvision.models.resnet50(weights=None, num_classes=10)
+    reference.load_state_dict(model.state_dict())
+    reference.eval()
+    masks = graph.mask_groups(model, SMALL, macs=0.4)
+    keeps = masks.allocation.keep
+    masked = outputs(model)
+    masks.shrink(model)
+    torch.testing.assert_close(outputs(model), masked, rtol=1e-5, atol=1e-5)
+    assert count_macs(model, SMALL) <= 0.4 * count_macs(reference, SMALL)
+    # Torch-Pruning alone, told to remove the same channels from the unmasked model: the same shapes
+    dg = tp.DependencyGraph().build_dependency(reference, example_inputs=SMALL, verbose=False)
+    names = dict(reference.named_modules())
+    for name, keep in keeps.items():
+        layer = names[name]
+        dg.get_pruning_group(layer, dg.get_pruner_of_module(layer).prune_out_channels,
+                             (~keep).nonzero().flatten().tolist()).prune()
+    ours = {k: v.shape for k, v in model.state_dict().items()}
+    assert ours == {k: v.shape for k, v in reference.state_dict().items()}
+
+
+def randomize_gates(model: nn.Module) -> None:
+    """Gates as training might leave them: random (followers share their leader's scores)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mask in model.modules():
+            if isinstance(mask, LearnableMask) and mask.gate_index is not None:
+                mask.scores.normal_(generator=generator)
+
+
+def test_regnet_leaves_grouped_conv_groups_whole_and_meets_each_groups_learnable_budget():
+    torch.manual_seed(0)
+    model = randomized(torchvision.models.regnet_y_400mf(weights=None, num_classes=10))
+    masks = graph.mask_groups(model, SMALL, sparsity=0.5, learnable=True, hard=True)
+    grouped = [g for g in masks.groups if g.grouped is not None]
+    assert grouped and all(g.name not in masks.masked for g in grouped)
+    assert "groups=" in grouped[0].grouped
+    randomize_gates(model)
+    masked = outputs(model)
+    report = masks.shrink(model)
+    torch.testing.assert_close(outputs(model), masked, rtol=1e-5, atol=1e-5)
+    assert set(report.channels) <= set(masks.masked)
+    for name, (before, after) in report.channels.items():
+        assert after == before - round(0.5 * before)  # exactly the budget, whatever the gates were
+
+
+def convnext() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.convnext_tiny(weights=None, num_classes=10).eval()
+
+
+def test_convnext_streams_through_layernorm_are_refused_skipped_or_pruned_approximately():
+    model = convnext()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"pass through a layer that mixes their channels.*through LayerNorm features\."):
+        graph.mask_groups(model, SMALL, macs=0.6)
+    assert_unchanged(model, before)
+    skipped = graph.mask_groups(model, SMALL, macs=0.6, mixing="skip")  # the MLP hidden channels only
+    refused = [g for g in skipped.groups if g.mixing is not None]
+    assert refused and not {g.name for g in refused} & set(skipped.masked)
+    masked = outputs(model)
+    report = skipped.shrink(model)
+    torch.testing.assert_close(outputs(model), masked, rtol=1e-5, atol=1e-5)
+    assert report.targets["macs"][1] <= 0.6
+    approximate = graph.mask_groups(model, SMALL, sparsity=0.5, mixing="approximate")  # the streams too
+    assert {g.name for g in refused} <= set(approximate.masked)
+    with pytest.raises(ValueError, match="passes through LayerNorm"):
+        graph.shrink(model, SMALL)  # the default refuses to remove them
+    report = graph.shrink(model, SMALL, mixing="approximate")
+    assert outputs(model).shape == (2, 10) and report.macs[1] < report.macs[0]
+    assert {g.name for g in refused} <= set(report.channels)
+
+
+def test_timm_efficientnet_with_learnable_budgets_shrinks_exactly_stem_and_squeeze_channels_included():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = randomized(timm.create_model("efficientnet_b0", pretrained=False, num_classes=10))
+    masks = graph.mask_groups(model, SMALL, sparsity=0.25, learnable=True, hard=True)
+    randomize_gates(model)
+    masked = outputs(model)
+    report = masks.shrink(model)
+    torch.testing.assert_close(outputs(model), masked, rtol=1e-5, atol=1e-5)
+    assert report.targets["sparsity"][1] == pytest.approx(0.25, abs=0.02)
+    assert model.conv_stem.out_channels == 24  # the stem shrinks too: 32 - 8
+    assert model.blocks[1][0].se.conv_reduce.out_channels == 3  # and the squeeze channels: 4 - 1
+
+
+class MeanCentered(nn.Module):
+    """A channel-mixing step that the graph sees as an elementwise op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y - y.mean(dim=1, keepdim=True)).mean(dim=(2, 3))
+
+
+def test_shrink_restores_the_model_when_removing_channels_would_change_the_outputs():
+    torch.manual_seed(0)
+    model = MeanCentered().eval()
+    masks = graph.mask_groups(model, SMALL, sparsity=0.5)
+    before = outputs(model)
+    with pytest.raises(ValueError, match="changed the outputs by .* The model is left baked and unpruned"):
+        masks.shrink(model)
+    assert model.a.out_channels == 8 and model.b.in_channels == 8
+    torch.testing.assert_close(outputs(model), before)
+
+
+class SoftmaxOverChannels(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.b(self.a(x).softmax(dim=1)).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "fixed masks need sparsity= or macs="),
+        ({"sparsity": 0.5, "macs": 0.5}, "not both"),
+        ({"sparsity": 1.0}, r"expected sparsity in \[0, 1\). Got 1.0"),
+        ({"macs": 0.0}, r"share of MACs to keep, in \(0, 1\]. Got 0.0"),
+        ({"macs": 0.5, "mixing": "ignore"}, "expected mixing in"),
+        ({"macs": 0.5, "minimum": 2.0}, "expected minimum"),
+        ({"macs": 0.2, "minimum": 0.5}, r"minimums alone cost"),
+        ({"macs": 0.5, "learnable": True, "minimum": 0.9}, r"minimums alone cost"),
+        ({"sparsity": 0.5, "importance": "taylor"}, "unknown importance 'taylor'"),
+        ({"sparsity": 0.5, "importance": lambda name, group: torch.ones(3)}, "has 3 scores, expected"),
+        ({"sparsity": 0.5, "ignored": ["head"]}, "no layer 'head' to ignore"),
+    ],
+)
+def test_bad_arguments_are_refused_before_the_model_changes(kwargs, message):
+    model = resnet18()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        graph.mask_groups(model, SMALL, **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_a_softmax_over_channels_is_refused_by_name():
+    model = SoftmaxOverChannels().eval()
+    with pytest.raises(ValueError, match="through SoftmaxBackward0"):
+        graph.mask_groups(model, SMALL, sparsity=0.5)
+
+
+def test_missing_torch_pruning_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)
+    with pytest.raises(ImportError, match=r"pip install 'torchconstrain\[graph\]'"):
+        graph.mask_groups(resnet18(), SMALL, sparsity=0.5)

@@ -1,0 +1,307 @@
+r"""Budgets: which channels to keep so that a model keeps a given share of its cost.
+
+The allocator knows nothing about architectures. It reads a list of :class:`ChannelGroup`
+descriptions (a name, a channel count, an importance per channel, the cost of one channel,
+the fewest channels to keep) and chooses, across all groups at once, the channels with the
+highest importance per unit of cost, never fewer than each group's minimum, until the cost
+budget is spent. A cost is anything additive over the kept model: multiply-accumulates
+(``macs=0.5`` keeps half the MACs), parameters, or plain channel counts (cost 1 per channel
+gives a share of channels).
+
+Surgery modules describe their channel groups (a MobileNet block's expanded channels, a
+dependency-graph group of a ResNet) and call :func:`allocate`; :class:`GateBudget` does the
+same with the gates of learnable masks, at bake time, and steers the gates towards the
+budget while training.
+
+Example:
+    >>> import torch
+    >>> from torchconstrain.surgery.budget import ChannelGroup, allocate
+    >>> groups = [
+    ...     ChannelGroup("a", 4, importance=torch.tensor([4.0, 3.0, 2.0, 1.0]), macs=10.0),
+    ...     ChannelGroup("b", 2, importance=torch.tensor([1.0, 1.0]), macs=100.0),
+    ... ]
+    >>> allocation = allocate(groups, keep=0.5)       # keep at most half of 240 MACs
+    >>> allocation.kept()
+    {'a': 2, 'b': 1}
+    >>> allocation.achieved, allocation.target
+    (120.0, 120.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["Allocation", "ChannelGroup", "GateBudget", "LinearCost", "allocate", "linear_cost"]
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    r"""The channels that are kept or removed together, as the allocator sees them.
+
+    Args:
+        name: names the group in results and error messages.
+        channels: the number of channels.
+        importance: one non-negative score per channel; higher is more worth keeping.
+        macs: the cost of one channel of this group (MACs, parameters, or 1 to count
+            channels), the same for every channel of the group.
+        minimum: the fewest channels the group keeps (at least 1, at most ``channels``).
+    """
+
+    name: str
+    channels: int
+    importance: Tensor
+    macs: float
+    minimum: int = 1
+
+    def __post_init__(self) -> None:
+        where = f"budget: channel group {self.name!r}"
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
+            raise ValueError(f"{where}: expected channels >= 1. Got {self.channels!r}.")
+        if not isinstance(self.importance, Tensor) or self.importance.numel() != self.channels:
+            got = tuple(self.importance.shape) if isinstance(self.importance, Tensor) else type(self.importance).__name__
+            raise ValueError(f"{where}: expected an importance tensor of {self.channels} scores. Got {got}.")
+        if not torch.isfinite(self.importance).all() or (self.importance < 0).any():
+            raise ValueError(f"{where}: expected finite, non-negative importance scores.")
+        if not (isinstance(self.macs, (int, float)) and math.isfinite(self.macs) and self.macs >= 0):
+            raise ValueError(f"{where}: expected macs >= 0 per channel. Got {self.macs!r}.")
+        if isinstance(self.minimum, bool) or not isinstance(self.minimum, int) or not 1 <= self.minimum <= self.channels:
+            raise ValueError(f"{where}: expected minimum in [1, {self.channels}]. Got {self.minimum!r}.")
+
+
+@dataclass
+class Allocation:
+    r"""What :func:`allocate` chose.
+
+    Attributes:
+        keep: group name -> bool vector over its channels (``True``: kept).
+        target: the cost the budget allows (``keep * total``).
+        achieved: the cost of the kept channels, at most ``target``.
+        total: the cost with every channel kept.
+    """
+
+    keep: dict[str, Tensor]
+    target: float
+    achieved: float
+    total: float = field(default=0.0)
+
+    def kept(self) -> dict[str, int]:
+        r"""Group name -> the number of channels kept."""
+        return {name: int(mask.sum()) for name, mask in self.keep.items()}
+
+    @property
+    def share(self) -> float:
+        r"""The achieved share of the total cost."""
+        return self.achieved / self.total if self.total else 1.0
+
+
+def linear_cost(groups: Sequence[ChannelGroup], fixed: float = 0.0) -> "LinearCost":
+    r"""The cost ``fixed + sum(group.macs * kept[group.name])``: each channel costs its own ``macs``.
+
+    Exact for costs that are additive over channels (a block's private channels, channel
+    counts); a conv whose inputs and outputs both belong to groups costs the product of
+    the two widths instead, which a cost function of its own gives exactly.
+    """
+    return LinearCost({group.name: float(group.macs) for group in groups}, float(fixed))
+
+
+@dataclass(frozen=True)
+class LinearCost:
+    r"""``fixed + sum(per_channel[name] * kept[name])`` (a class, so a model holding it pickles)."""
+
+    per_channel: dict[str, float]
+    fixed: float = 0.0
+
+    def __call__(self, kept: Mapping[str, int]) -> float:
+        return self.fixed + sum(self.per_channel[name] * count for name, count in kept.items())
+
+
+def allocate(groups: Sequence[ChannelGroup], *, keep: float,
+             cost: Callable[[Mapping[str, int]], float] | None = None, fixed: float = 0.0,
+             normalize: bool = True, what: str = "budget") -> Allocation:
+    r"""Choose the channels to keep so the kept cost is at most ``keep`` times the full cost.
+
+    Each group's ``minimum`` channels of highest importance are kept first. The others are
+    ranked across all groups by importance per unit of cost (``importance / macs``, the
+    importance divided by its group's mean first when ``normalize``, so that groups whose
+    scores have different scales compete fairly) and kept in that order for as long as the
+    cost stays within the budget. The cost is monotone in the kept counts, so the longest
+    such prefix is found by bisection: no channel that would still fit is dropped.
+
+    Args:
+        groups: the channel groups; names must be distinct.
+        keep: the share of the full cost to keep, in (0, 1].
+        cost: ``kept counts by group name -> cost``, monotone non-decreasing in each
+            count; default :func:`linear_cost` of ``groups`` and ``fixed``.
+        fixed: the cost outside every group (layers that are never pruned), for the
+            default cost.
+        normalize: divide each group's importance by its mean before ranking.
+        what: names the budget in error messages.
+
+    Returns:
+        An :class:`Allocation`.
+
+    Raises:
+        ValueError: bad groups or ``keep``, or a budget the minimums alone exceed (the
+            message gives the smallest share that can be reached).
+    """
+    names = [group.name for group in groups]
+    if not groups or len(set(names)) != len(names):
+        raise ValueError(f"{what}: expected a non-empty list of channel groups with distinct names. Got {names}.")
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+        raise ValueError(f"{what}: expected a share to keep in (0, 1]. Got {keep!r}.")
+    cost = linear_cost(groups, fixed) if cost is None else cost
+    full = {group.name: group.channels for group in groups}
+    total = float(cost(full))
+    target = keep * total
+    orders = [torch.sort(group.importance.detach().float().flatten().cpu(), descending=True, stable=True).indices
+              for group in groups]
+    ranked = _ranked_optional(groups, orders, normalize)
+
+    def counts(prefix: int) -> dict[str, int]:
+        extra = torch.bincount(ranked[:prefix], minlength=len(groups)) if prefix else torch.zeros(len(groups))
+        return {group.name: group.minimum + int(extra[i]) for i, group in enumerate(groups)}
+
+    floor = float(cost(counts(0)))
+    if floor > target * (1 + 1e-9):
+        raise ValueError(
+            f"{what}: keeping {keep:g} of the cost ({target:,.0f} of {total:,.0f}) is not possible: the "
+            f"per-group minimums alone cost {floor:,.0f} ({floor / total:.3f} of it). Ask for at least that "
+            "share, or lower the minimums."
+        )
+    low, high = 0, len(ranked)  # cost(counts(low)) fits; find the largest prefix that does
+    while low < high:
+        middle = (low + high + 1) // 2
+        if cost(counts(middle)) <= target * (1 + 1e-9):
+            low = middle
+        else:
+            high = middle - 1
+    kept = counts(low)
+    masks = {}
+    for group, order in zip(groups, orders):
+        mask = torch.zeros(group.channels, dtype=torch.bool)
+        mask[order[: kept[group.name]]] = True
+        masks[group.name] = mask
+    return Allocation(masks, target, float(cost(kept)), total)
+
+
+def _ranked_optional(groups: Sequence[ChannelGroup], orders: list[Tensor], normalize: bool) -> Tensor:
+    """Group index of every channel beyond the minimums, best importance per cost first.
+
+    Within a group channels come in importance order, so the first ``n`` entries of a
+    group in the ranking are always its ``n`` most important optional channels.
+    """
+    scores, owners = [], []
+    for index, (group, order) in enumerate(zip(groups, orders)):
+        importance = group.importance.detach().float().flatten().cpu()[order[group.minimum:]]
+        if normalize:
+            mean = group.importance.detach().float().mean().item()
+            importance = importance / mean if mean > 0 else torch.ones_like(importance)
+        per_cost = importance / group.macs if group.macs > 0 else torch.full_like(importance, math.inf)
+        scores.append(per_cost)
+        owners.append(torch.full((len(per_cost),), index, dtype=torch.long))
+    scores, owners = torch.cat(scores), torch.cat(owners)
+    # Stable sort of -score: ties keep group order, then importance order within the group.
+    # Costs that rise within a group (importance order) keep the ranking consistent per group.
+    order = torch.sort(-scores, stable=True).indices
+    return owners[order]
+
+
+class GateBudget:
+    r"""One budget shared by the channel gates of several learnable masks.
+
+    Each member is a :class:`~torchconstrain.LearnableMask` with ``per="channel"`` whose gates
+    are one channel group. At bake time every member closes the gates that :func:`allocate`
+    drops with the gates as importance (lowest gates first, per unit of cost; each group
+    keeps its ``minimum``), so the baked model meets the budget exactly whatever the gates
+    learned. While training, the first member's penalty is a Lagrange term
+    ``multiplier * (expected share - keep)``, where the expected share is the cost with each
+    channel weighted by its gate; each penalty call computed with gradients on first moves
+    the multiplier by ``rate`` times the excess: up while the gates are over budget, down
+    (below zero if need be) while they are under it. So the gates are pushed towards the
+    budget from both sides as hard as it takes: no strength to tune. Call
+    :func:`~torchconstrain.penalty` once per training step.
+
+    Masks that share a member's ``scores`` parameter (the other readers of the same
+    channels) follow it: pass them to :meth:`attach` too.
+
+    Attach it with :meth:`attach` after the masks are registered. The multiplier is a buffer
+    ``multiplier`` of the first member, so it is saved in the model's ``state_dict``.
+
+    Args:
+        members: ``(group, mask)`` pairs; each group's ``importance`` is ignored (the gates
+            are the importance) and its ``channels`` must be the mask's gate count.
+        keep: the share of the full cost to keep, in (0, 1].
+        cost: as in :func:`allocate` (default: linear in the groups' ``macs`` plus ``fixed``).
+        fixed: the cost outside every group.
+        rate: how fast the multiplier rises per penalty call, per unit of excess share.
+        what: names the budget in messages.
+    """
+
+    def __init__(self, members: Sequence[tuple[ChannelGroup, object]], *, keep: float, cost=None,
+                 fixed: float = 0.0, rate: float = 0.05, what: str = "budget") -> None:
+        if not members:
+            raise ValueError(f"{what}: expected at least one learnable mask to share the budget.")
+        if not (isinstance(rate, (int, float)) and rate >= 0):
+            raise ValueError(f"{what}: expected rate >= 0. Got {rate!r}.")
+        for group, mask in members:
+            gates = mask.scores.numel() if getattr(mask, "scores", None) is not None else None
+            if gates != group.channels:
+                raise ValueError(f"{what}: channel group {group.name!r} has {group.channels} channels but its mask "
+                                 f"has {gates} gates.")
+        self.groups = [group for group, _ in members]
+        self.masks = [mask for _, mask in members]
+        self.keep, self.fixed, self.rate, self.what = keep, fixed, rate, what
+        self.cost = linear_cost(self.groups, fixed) if cost is None else cost
+        self.total = float(self.cost({g.name: g.channels for g in self.groups}))
+        self._linear = [float(g.macs) for g in self.groups]
+        self.allocation()  # validates keep and the minimums now, before anything is attached
+
+    def attach(self, followers: Sequence[object] = ()) -> "GateBudget":
+        r"""Make every member, and each follower (a mask sharing a member's ``scores``), use this
+        budget (in place); return ``self``."""
+        members = {id(mask.scores) for mask in self.masks}
+        strays = [f for f in followers if id(f.scores) not in members]
+        if strays:
+            raise ValueError(f"{self.what}: {len(strays)} follower masks share no member's scores.")
+        leader = self.masks[0]
+        if "multiplier" not in leader._buffers:
+            leader.register_buffer("multiplier", torch.zeros((), device=leader.scores.device))
+        for mask in [*self.masks, *followers]:
+            mask.budget = self
+            mask.cacheable = False  # a hard forward now depends on the other members' gates too
+        return self
+
+    def allocation(self) -> Allocation:
+        r"""The channels baking keeps now: :func:`allocate` over the members' current gates."""
+        with torch.no_grad():
+            groups = [ChannelGroup(g.name, g.channels, mask.gates().detach().flatten().float().cpu(), g.macs, g.minimum)
+                      for g, mask in zip(self.groups, self.masks)]
+        return allocate(groups, keep=self.keep, cost=self.cost, normalize=False, what=self.what)
+
+    def keep_for(self, mask) -> Tensor:
+        r"""The bool keep vector of one member's gates (or of a mask sharing a member's scores), in the scores' shape."""
+        index = next(i for i, m in enumerate(self.masks) if m.scores is mask.scores)
+        keep = self.allocation().keep[self.groups[index].name]
+        return keep.to(mask.scores.device).view(mask.scores.shape)
+
+    def expected_share(self) -> Tensor:
+        r"""The cost share with each channel weighted by its gate (differentiable; linear in the gates)."""
+        terms = [macs * mask.gates().sum() for macs, mask in zip(self._linear, self.masks)]
+        linear_total = self.fixed + sum(m * g.channels for m, g in zip(self._linear, self.groups))
+        return (self.fixed + sum(terms[1:], terms[0])) / linear_total
+
+    def penalty_for(self, mask) -> Tensor | None:
+        r"""The Lagrange term, for the first member only (``None`` for the others)."""
+        if mask is not self.masks[0]:
+            return None
+        excess = self.expected_share() - self.keep
+        multiplier = mask.multiplier
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                multiplier.add_(self.rate * excess.detach())
+        return multiplier * excess

@@ -1,0 +1,570 @@
+r"""Structured pruning of any model: Torch-Pruning's dependency graph, torchconstrain's masks.
+
+`Torch-Pruning <https://github.com/VainF/Torch-Pruning>`_ (``torch_pruning``, the ``graph``
+extra) traces a model and finds its coupled channel groups: the channels that must go
+together (a residual stream: every block output summed into it and every layer that reads
+it; a conv's outputs with the BatchNorm after it and the convs that read them). This module
+puts torchconstrain masks on each group's *readers* (the input columns of every conv and
+linear layer that reads the channels), so the masked model is trained, checked and baked as
+usual, and then lets Torch-Pruning remove the channels no reader reads. A channel whose
+readers all ignore it contributes nothing, so the shrunk model computes what the masked one
+computed.
+
+Not every group can be removed exactly. Channels that pass through a layer that mixes them
+(a LayerNorm over channels, GroupNorm, attention, softmax over channels) still change the
+others through that layer while masked: removing them changes the outputs. Such groups are
+refused by default, naming the layer (``mixing="error"``), left whole (``"skip"``), or
+pruned anyway (``"approximate"``). Groups read or written by a grouped convolution (groups
+other than 1 or the channel count) are always left whole.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from torchconstrain.bake import bake
+from torchconstrain.constraints import FixedMask, LearnableMask
+from torchconstrain.rules import constrain
+from torchconstrain.surgery.budget import Allocation, ChannelGroup, GateBudget, allocate
+from torchconstrain.surgery.measure import count_params, layer_macs, measure_latency
+from torchconstrain.surgery.family import ShrinkReport
+
+__all__ = ["GraphCost", "GraphGroup", "GraphMasks", "find_groups", "mask_groups", "shrink"]
+
+MIXING_OPS = ("Softmax", "LayerNorm", "GroupNorm", "LinalgVectorNorm", "NormBackward", "Cumsum", "Sort", "Topk")
+MIXING_CHOICES = ("error", "skip", "approximate")
+
+
+def _torch_pruning():
+    try:
+        import torch_pruning
+    except ImportError as error:
+        raise ImportError(
+            "torchconstrain.surgery.graph needs Torch-Pruning (torch_pruning): pip install 'torchconstrain[graph]'."
+        ) from error
+    return torch_pruning
+
+
+@dataclass
+class Layer:
+    r"""One conv or linear weight a group touches: ``index[i]`` is the group channel of slice ``i`` (-1: other)."""
+
+    name: str
+    module: nn.Module
+    index: Tensor
+
+    @property
+    def fqn(self) -> str:
+        return f"{self.name}.weight" if self.name else "weight"
+
+
+@dataclass
+class GraphGroup:
+    r"""A coupled channel group of the dependency graph, as the masks see it.
+
+    Attributes:
+        name: the name of the layer whose output channels root the group.
+        channels: the number of channels.
+        readers: the conv and linear layers reading the channels (their input columns).
+        writers: the conv and linear layers writing them (their output rows).
+        mixing: the layer through which the channels mix, when removing them is not exact.
+        grouped: a grouped conv the group passes through (the group is never pruned).
+    """
+
+    name: str
+    channels: int
+    readers: list[Layer]
+    writers: list[Layer]
+    mixing: str | None = None
+    grouped: str | None = None
+    root: object = field(default=None, repr=False)  # (module, pruning function) for Torch-Pruning
+
+    def prunable(self, mixing: str) -> bool:
+        r"""Whether the group is masked and shrunk under the ``mixing`` policy."""
+        return self.grouped is None and bool(self.readers) and (self.mixing is None or mixing == "approximate")
+
+    def read(self) -> Tensor:
+        r"""Bool per channel: whether any reader's weights reading it are nonzero."""
+        read = torch.zeros(self.channels, dtype=torch.bool)
+        with torch.no_grad():
+            for reader in self.readers:
+                weight = reader.module.weight
+                columns = weight.abs().sum(dim=[d for d in range(weight.dim()) if d != 1]).cpu() != 0
+                inside = reader.index >= 0
+                read[reader.index[inside & columns]] = True
+        return read
+
+
+def find_groups(model: nn.Module, example: Tensor, *, ignored: Sequence = ()) -> tuple[object, list[GraphGroup]]:
+    r"""Trace ``model`` on ``example`` and return ``(dependency_graph, groups)``.
+
+    The layers that write the model's outputs are left out (their channels are the
+    outputs), and so are the ``ignored`` layers (modules or their names).
+    """
+    tp = _torch_pruning()
+    names = {module: name for name, module in model.named_modules()}
+    ignored = [_module(model, item) for item in ignored] + _output_layers(model, example)
+    was_training = model.training
+    model.eval()
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    finally:
+        model.train(was_training)
+    groups = [_describe(graph, group, names) for group in graph.get_all_groups(ignored_layers=ignored)]
+    return graph, groups
+
+
+def _module(model: nn.Module, item) -> nn.Module:
+    if isinstance(item, nn.Module):
+        return item
+    try:
+        return model.get_submodule(item)
+    except AttributeError:
+        raise ValueError(f"surgery.graph: the model has no layer {item!r} to ignore.") from None
+
+
+def _output_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
+    """The conv and linear layers whose output is one of the model's outputs."""
+    outputs = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.__setitem__(id(o), m))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            result = model(example)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    results = result if isinstance(result, (tuple, list)) else [result]
+    return [outputs[id(r)] for r in results if id(r) in outputs]
+
+
+def _describe(graph, group, names: dict) -> GraphGroup:
+    """A Torch-Pruning group -> readers, writers, and why it may not be removable."""
+    tp = _torch_pruning()
+    items = group._group
+    root_dep = items[0].dep
+    root = root_dep.target.module
+    channels = len(items[0].idxs)
+    readers, writers, mixing, grouped = [], [], None, None
+    for item in items:
+        module, handler = item.dep.target.module, item.dep.handler
+        name = names.get(module, str(module)) if isinstance(module, nn.Module) else "a parameter"
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            conv_groups = getattr(module, "groups", 1)
+            depthwise = conv_groups > 1 and conv_groups == module.weight.shape[0] and module.weight.shape[1] == 1
+            if conv_groups > 1 and not depthwise:
+                grouped = grouped or f"{name} (groups={conv_groups})"
+                continue
+            inputs = graph.is_in_channel_pruning_fn(handler)
+            if inputs and depthwise:
+                continue
+            size = module.weight.shape[1] if inputs else module.weight.shape[0]
+            index = torch.full((size,), -1, dtype=torch.long)
+            index[torch.tensor([int(i) for i in item.idxs], dtype=torch.long)] = torch.tensor(
+                [int(i) for i in item.root_idxs], dtype=torch.long)
+            (readers if inputs else writers).append(Layer(name, module, index))
+        elif mixing is None:
+            mixing = _mixing(tp, module, name)
+    return GraphGroup(names.get(root, str(root)), channels, readers, writers, mixing, grouped, (root, root_dep.handler))
+
+
+def _mixing(tp, module, name: str) -> str | None:
+    """Why channels passing through ``module`` are not independent, or None."""
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU,
+                           nn.Parameter)):
+        return None
+    if isinstance(module, tp.ops._ElementWiseOp):
+        op = str(module._grad_fn)
+        if any(word in op for word in MIXING_OPS) and "BatchNorm" not in op:
+            return f"{op} (an operation on the channels together)"
+        return None
+    if isinstance(module, (tp.ops._ConcatOp, tp.ops._SplitOp, tp.ops._ReshapeOp, tp.ops._UnbindOp,
+                           tp.ops._ExpandOp, tp.ops._SliceOp)):
+        return None
+    kind = type(module).__name__
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention)):
+        return f"{kind} {name}"
+    return f"{kind} {name} (a layer not known to keep channels apart)"
+
+
+@dataclass(frozen=True)
+class GraphCost:
+    r"""The exact MACs of a model whose groups keep ``kept[name]`` channels (a cost for :func:`~.budget.allocate`).
+
+    Each conv or linear layer costs its full MACs times the kept share of its input
+    columns times the kept share of its output rows (a depthwise conv: of its channels).
+    """
+
+    layers: tuple  # (macs, inputs, ((group, columns per channel), ...), outputs, ((group, rows per channel), ...))
+    channels: dict
+
+    def __call__(self, kept) -> float:
+        total = 0.0
+        for macs, inputs, reads, outputs, writes in self.layers:
+            columns = inputs - sum((self.channels[g] - kept.get(g, self.channels[g])) * per for g, per in reads)
+            rows = outputs - sum((self.channels[g] - kept.get(g, self.channels[g])) * per for g, per in writes)
+            total += macs * columns / inputs * rows / outputs
+        return total
+
+
+def _cost(model: nn.Module, example: Tensor, groups: list[GraphGroup]) -> GraphCost:
+    by_module = layer_macs(model, example)
+    macs = {name: by_module[module] for name, module in model.named_modules() if module in by_module}
+    parts = {}
+    for group in groups:
+        for side, layers in ((0, group.readers), (1, group.writers)):
+            for layer in layers:
+                per_channel = int((layer.index >= 0).sum()) / group.channels
+                parts.setdefault(layer.name, ([], []))[side].append((group.name, per_channel))
+    layers = []
+    for name, module in model.named_modules():
+        if name not in macs:
+            continue
+        reads, writes = parts.get(name, ([], []))
+        depthwise = isinstance(module, nn.Conv2d) and module.weight.shape[1] == 1 and module.groups > 1
+        inputs = 1 if depthwise else module.weight.shape[1]
+        layers.append((float(macs[name]), inputs, tuple([] if depthwise else reads), module.weight.shape[0], tuple(writes)))
+    return GraphCost(tuple(layers), {group.name: group.channels for group in groups})
+
+
+def _importance(group: GraphGroup, importance) -> Tensor:
+    if callable(importance):
+        scores = torch.as_tensor(importance(group.name, group)).detach().float().flatten()
+        if scores.numel() != group.channels:
+            raise ValueError(f"surgery.mask_groups: importance for group {group.name} has {scores.numel()} scores, "
+                             f"expected {group.channels}.")
+        return scores.abs()
+    if importance != "l1":
+        raise ValueError(f"surgery.mask_groups: unknown importance {importance!r}. Expected 'l1' or a callable.")
+    scores = torch.zeros(group.channels)
+    with torch.no_grad():
+        for reader in group.readers:
+            weight = reader.module.weight
+            columns = weight.abs().sum(dim=[d for d in range(weight.dim()) if d != 1]).float().cpu()
+            inside = reader.index >= 0
+            scores.index_add_(0, reader.index[inside], columns[inside])
+    return scores
+
+
+def _minimum(minimum, channels: int) -> int:
+    if isinstance(minimum, float):
+        return min(max(1, math.ceil(minimum * channels)), channels)
+    return min(max(1, minimum), channels)
+
+
+@dataclass
+class GraphMasks:
+    r"""What :func:`mask_groups` did: the groups, their masks' settings and the budget.
+
+    Attributes:
+        groups: every group of the graph (masked or not).
+        masked: the names of the masked groups.
+        example: the input the graph was traced with (for :meth:`shrink`).
+        macs: the MAC share asked for, or ``None``.
+        sparsity: the channel share asked for, or ``None``.
+        allocation: fixed masks under a MAC budget: what :func:`~.budget.allocate` chose.
+        budget: learnable masks under a MAC budget: the :class:`~.budget.GateBudget`.
+        report: the :class:`~torchconstrain.report.Report` of :func:`~torchconstrain.constrain`.
+    """
+
+    groups: list[GraphGroup]
+    masked: list[str]
+    example: Tensor
+    mixing: str
+    ignored: tuple
+    macs: float | None = None
+    sparsity: float | None = None
+    allocation: Allocation | None = None
+    budget: GateBudget | None = None
+    report: object = None
+
+    def shrink(self, model: nn.Module, *, measure: bool = False) -> ShrinkReport:
+        r""":func:`shrink` with the example, policy and targets used for the masks."""
+        targets = {}
+        if self.macs is not None:
+            targets["macs"] = self.macs
+        if self.sparsity is not None:
+            targets["sparsity"] = self.sparsity
+        return shrink(model, self.example, mixing=self.mixing, ignored=self.ignored, measure=measure, targets=targets)
+
+
+def mask_groups(model: nn.Module, example: Tensor, *, sparsity: float | None = None, macs: float | None = None,
+                learnable: bool = False, importance="l1", minimum: int | float = 0.1, strength: float = 1e-2,
+                hard: bool = False, rate: float = 0.05, mixing: str = "error", ignored: Sequence = ()) -> GraphMasks:
+    r"""Put channel masks on the readers of every coupled channel group of ``model``.
+
+    The groups come from Torch-Pruning's dependency graph traced on ``example``. Each
+    group's masks sit on the input columns of every conv and linear layer reading it, so
+    a masked channel contributes nothing; :func:`shrink` then removes it for real.
+
+    - Fixed (``learnable=False``): ``sparsity=`` masks that share of every group's channels
+      with the lowest importance; ``macs=`` keeps that share of the model's MACs, choosing
+      channels across all groups by importance per MAC (:func:`~.budget.allocate` with the
+      exact cost of the pruned model). The writers' rows show the same zeros.
+      ``importance`` is ``"l1"`` (the L1 norm of the reader weights reading a channel) or
+      a callable ``(group_name, group) -> scores``.
+    - Learnable (``learnable=True``): one :class:`~torchconstrain.LearnableMask` gate per
+      channel, shared by every reader of the group (an indexed mask per reader, one
+      ``scores`` parameter per group). ``sparsity=`` is a per-group budget that baking meets
+      exactly, ``macs=`` a MAC budget across groups (a :class:`~.budget.GateBudget`, met at
+      bake with the gates as importance); both are steered by a Lagrange term in
+      :func:`~torchconstrain.penalty` (``rate``). Without either, the penalty is
+      ``strength * mean(gate)`` per group. ``hard=True`` trains with the binary gate.
+
+    Args:
+        model: any model Torch-Pruning can trace; modified in place.
+        example: an input batch for tracing and counting MACs.
+        minimum: the fewest channels a group keeps: a share of its channels (float) or a
+            count (int), at least 1.
+        mixing: what to do with a group that passes through a layer mixing its channels:
+            ``"error"`` (the default; the message names the layer), ``"skip"`` (leave the
+            group whole) or ``"approximate"`` (mask it; the shrunk model then differs).
+        ignored: layers (modules or names) whose output channels are not pruned; the
+            layers writing the model's outputs always are.
+
+    Returns:
+        A :class:`GraphMasks`; its :meth:`~GraphMasks.shrink` removes the masked channels.
+
+    Raises:
+        ValueError: bad arguments, an unreachable budget, or a group that mixes its
+            channels under ``mixing="error"``; nothing is changed then.
+        ImportError: Torch-Pruning is not installed.
+
+    Example:
+        >>> import torch, torchvision
+        >>> from torchconstrain.surgery import graph
+        >>> model = torchvision.models.resnet18(weights=None, num_classes=10)
+        >>> masks = graph.mask_groups(model, torch.zeros(1, 3, 32, 32), macs=0.5)
+        >>> report = masks.shrink(model)
+        >>> report.targets["macs"][1] <= 0.5
+        True
+    """
+    _check_options(sparsity, macs, learnable, mixing, minimum)
+    graph, groups = find_groups(model, example, ignored=ignored)
+    refused = [g for g in groups if g.mixing is not None and g.grouped is None and g.readers]
+    if refused and mixing == "error":
+        raise ValueError(
+            f"surgery.mask_groups: {len(refused)} channel groups pass through a layer that mixes their channels, so "
+            f"their channels cannot be removed exactly: group {refused[0].name} through {refused[0].mixing}"
+            + (f", and {len(refused) - 1} more" if len(refused) > 1 else "")
+            + ". Pass mixing='skip' to leave them whole, or mixing='approximate' to prune them anyway."
+        )
+    chosen = [g for g in groups if g.prunable(mixing)]
+    if not chosen:
+        raise ValueError(f"surgery.mask_groups: {type(model).__name__} has no channel group that can be pruned.")
+    result = GraphMasks(groups, [g.name for g in chosen], example, mixing, tuple(ignored), macs, sparsity)
+    minimums = {g.name: _minimum(minimum, g.channels) for g in chosen}
+    if learnable:
+        cost = _cost(model, example, groups) if macs is not None else None
+        if macs is not None:  # validated (unreachable budgets too) before the model is touched
+            described = [ChannelGroup(g.name, g.channels, torch.ones(g.channels), _linear_macs(cost, g),
+                                      minimums[g.name]) for g in chosen]
+            allocate(described, keep=macs, cost=cost, what="surgery.mask_groups macs")
+        result.report = constrain(model, _learnable_rules(chosen, sparsity, strength, hard, rate))
+        leaders, followers = _share_scores(chosen)
+        if macs is not None:
+            budget = GateBudget(list(zip(described, leaders)), keep=macs, cost=cost, rate=rate,
+                                what="surgery.mask_groups macs")
+            result.budget = budget.attach(followers)
+        return result
+    keeps = _fixed_keeps(model, example, groups, chosen, sparsity, macs, importance, minimums, result)
+    result.report = constrain(model, _fixed_rules(chosen, keeps))
+    return result
+
+
+def _check_options(sparsity, macs, learnable: bool, mixing: str, minimum) -> None:
+    if mixing not in MIXING_CHOICES:
+        raise ValueError(f"surgery.mask_groups: expected mixing in {MIXING_CHOICES}. Got {mixing!r}.")
+    if sparsity is not None and macs is not None:
+        raise ValueError("surgery.mask_groups: pass sparsity= or macs=, not both.")
+    if sparsity is not None and (isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0):
+        raise ValueError(f"surgery.mask_groups: expected sparsity in [0, 1). Got {sparsity!r}.")
+    if macs is not None and (isinstance(macs, bool) or not 0.0 < macs <= 1.0):
+        raise ValueError(f"surgery.mask_groups: expected macs, the share of MACs to keep, in (0, 1]. Got {macs!r}.")
+    if not learnable and sparsity is None and macs is None:
+        raise ValueError("surgery.mask_groups: fixed masks need sparsity= or macs=.")
+    if isinstance(minimum, bool) or not isinstance(minimum, (int, float)) or minimum < 0 or (
+            isinstance(minimum, float) and minimum > 1):
+        raise ValueError(f"surgery.mask_groups: expected minimum, a share in [0, 1] or a count >= 0. Got {minimum!r}.")
+
+
+def _linear_macs(cost: GraphCost, group: GraphGroup) -> float:
+    """The MACs one channel of ``group`` costs with every other channel kept."""
+    full = {name: count for name, count in cost.channels.items()}
+    return cost(full) - cost({**full, group.name: group.channels - 1})
+
+
+def _fixed_keeps(model, example, groups, chosen, sparsity, macs, importance, minimums, result) -> dict[str, Tensor]:
+    scores = {g.name: _importance(g, importance) for g in chosen}
+    if macs is None:
+        keeps = {}
+        for group in chosen:
+            kept = max(group.channels - round(sparsity * group.channels), minimums[group.name])
+            keep = torch.zeros(group.channels, dtype=torch.bool)
+            keep[torch.sort(scores[group.name], descending=True, stable=True).indices[:kept]] = True
+            keeps[group.name] = keep
+        return keeps
+    cost = _cost(model, example, groups)
+    described = [ChannelGroup(g.name, g.channels, scores[g.name], _linear_macs(cost, g), minimums[g.name]) for g in chosen]
+    result.allocation = allocate(described, keep=macs, cost=cost, what="surgery.mask_groups macs")
+    return result.allocation.keep
+
+
+def _fixed_rules(chosen: list[GraphGroup], keeps: dict[str, Tensor]) -> list[tuple[str, FixedMask]]:
+    """Reader columns and writer rows of every dropped channel, one FixedMask per layer and side."""
+    rules = []
+    for group in chosen:
+        keep = torch.cat([keeps[group.name], torch.ones(1, dtype=torch.bool)])  # index -1: another group's
+        for side, layers in ((1, group.readers), (0, group.writers)):
+            for layer in layers:
+                weight = layer.module.weight
+                kept = keep[layer.index]
+                if kept.all():
+                    continue
+                shape = [1] * weight.dim()
+                shape[side] = weight.shape[side]
+                rules.append((layer.fqn, FixedMask(kept.view(shape).expand(weight.shape).clone())))
+    return rules
+
+
+def _learnable_rules(chosen, sparsity, strength, hard, rate) -> list[tuple[str, LearnableMask]]:
+    return [(reader.fqn, LearnableMask.indexed(reader.index, group.channels, dim=1, strength=strength, hard=hard,
+                                               sparsity=sparsity, rate=rate))
+            for group in chosen for reader in group.readers]
+
+
+def _mask_of(layer: Layer, channels: int) -> LearnableMask:
+    """The indexed LearnableMask :func:`mask_groups` put on ``layer`` for a group of ``channels``."""
+    index = torch.where(layer.index < 0, channels, layer.index)
+    return next(c for c in layer.module.parametrizations.weight
+                if isinstance(c, LearnableMask) and c.gate_index is not None and c.gate_count == channels
+                and torch.equal(c.gate_index.cpu(), index))
+
+
+def _share_scores(chosen: list[GraphGroup]) -> tuple[list[LearnableMask], list[LearnableMask]]:
+    """Give every reader of a group the first reader's scores; return the leaders and the followers."""
+    leaders, followers = [], []
+    for group in chosen:
+        masks = [_mask_of(reader, group.channels) for reader in group.readers]
+        for follower in masks[1:]:
+            follower.scores = masks[0].scores
+            follower.strength = follower.rate = 0.0  # one penalty per group: the leader's
+            follower.cacheable = False  # its value depends on the leader's scores
+        leaders.append(masks[0])
+        followers += masks[1:]
+    return leaders, followers
+
+
+def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored: Sequence = (),
+           measure: bool = False, targets: dict | None = None, rtol: float = 1e-4,
+           atol: float = 1e-4) -> ShrinkReport:
+    r"""Bake ``model``'s constraints and remove, through Torch-Pruning, every channel no reader reads.
+
+    A channel of a group is removed when every conv and linear layer reading it has zero
+    weights for it (after :func:`~torchconstrain.bake`), whatever made them zero. Each
+    group is removed by Torch-Pruning, which rewrites every coupled layer (convs, BatchNorms,
+    linears, parameters) in place. In eval mode the outputs on ``example`` are compared
+    before and after: if they differ by more than ``atol + rtol * max|output|`` (a layer
+    that mixes channels in a way the graph does not show), the model is restored and a
+    ``ValueError`` raised, unless ``mixing="approximate"``.
+
+    Args:
+        model: the masked model; modified in place.
+        example: an input batch for tracing, the comparison and counting MACs.
+        mixing: as in :func:`mask_groups`: a group through a mixing layer with unread
+            channels raises (``"error"``), stays whole (``"skip"``) or is pruned
+            (``"approximate"``).
+        ignored: layers whose output channels are not pruned (as in :func:`mask_groups`).
+        measure: time batch-1 CPU inference before and after.
+        targets: budgets to report against what was achieved: ``{"macs": share}`` and/or
+            ``{"sparsity": share}``.
+
+    Returns:
+        A :class:`~torchconstrain.surgery.ShrinkReport`: channels per group, params, MACs,
+        latency, and ``targets`` as ``name -> (target, achieved)``.
+
+    Raises:
+        ValueError: a mixing group with unread channels under ``mixing="error"``, or outputs
+            that changed; the model is left baked but unpruned then.
+    """
+    if mixing not in MIXING_CHOICES:
+        raise ValueError(f"surgery.graph.shrink: expected mixing in {MIXING_CHOICES}. Got {mixing!r}.")
+    example = example.to(next(model.parameters()).device)
+    bake(model)
+    graph, groups = find_groups(model, example, ignored=ignored)
+    plan = []
+    for group in groups:
+        if group.grouped is not None or not group.readers:
+            continue
+        unread = ~group.read()
+        if unread.all():
+            unread[0] = False  # a layer needs one channel; an all-zero channel reads as nothing anyway
+        if not unread.any():
+            continue
+        if group.mixing is not None and mixing != "approximate":
+            if mixing == "skip":
+                continue
+            raise ValueError(f"surgery.graph.shrink: group {group.name} has unread channels but passes through "
+                             f"{group.mixing}, so removing them is not exact. Pass mixing='approximate' to remove them "
+                             "anyway, or mixing='skip'.")
+        plan.append((group, unread.nonzero().flatten().tolist()))
+    before = _measured(model, example, measure)
+    backup = copy.deepcopy(model)
+    for group, removed in plan:
+        module, handler = group.root
+        graph.get_pruning_group(module, handler, removed).prune()
+    after = _measured(model, example, measure)
+    difference = _difference(before["output"], after["output"])
+    allowed = atol + rtol * before["output"].nan_to_num(0.0, 0.0, 0.0).abs().max().item()
+    if not difference <= allowed and mixing != "approximate":
+        model.__dict__.update(backup.__dict__)
+        raise ValueError(f"surgery.graph.shrink: removing the unread channels changed the outputs by {difference:.3g} "
+                         f"(more than {allowed:.3g}, atol={atol:g} + rtol={rtol:g} times the largest output): a layer mixes channels in a way the dependency graph does not show. "
+                         "The model is left baked and unpruned; pass mixing='approximate' to prune anyway.")
+    channels = {group.name: (group.channels, group.channels - len(removed)) for group, removed in plan}
+    report = ShrinkReport(channels, (before["params"], after["params"]), (before["macs"], after["macs"]),
+                          (before["latency"], after["latency"]) if measure else None, kind="group")
+    report.targets = _achieved(targets or {}, report, groups, plan, mixing)
+    return report
+
+
+def _difference(before: Tensor, after: Tensor) -> float:
+    """The largest absolute difference; NaN where both are NaN counts as equal, elsewhere as infinite."""
+    if before.shape != after.shape:
+        return math.inf
+    both = before.isnan() & after.isnan()
+    difference = (after - before).abs().masked_fill(both, 0.0).nan_to_num(math.inf, math.inf)
+    return difference.max().item() if difference.numel() else 0.0
+
+
+def _measured(model: nn.Module, example: Tensor, measure: bool) -> dict:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(example)
+    finally:
+        model.train(was_training)
+    output = output[0] if isinstance(output, (tuple, list)) else output
+    return {"output": output.detach().clone(), "params": count_params(model),
+            "macs": sum(layer_macs(model, example).values()),
+            "latency": measure_latency(model, example) if measure else None}
+
+
+def _achieved(targets: dict, report: ShrinkReport, groups, plan, mixing: str) -> dict:
+    achieved = {}
+    if "macs" in targets:
+        achieved["macs"] = (targets["macs"], report.macs[1] / report.macs[0])
+    if "sparsity" in targets:
+        total = sum(group.channels for group in groups if group.prunable(mixing))
+        achieved["sparsity"] = (targets["sparsity"], sum(len(removed) for _, removed in plan) / total if total else 0.0)
+    return achieved
