@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 import torchvision
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, randomize_batchnorm, snapshot
 from torch import nn
 
 from torchconstrain import LearnableMask, check, penalty
@@ -26,15 +26,7 @@ def one_thread():
 
 def randomized(model: nn.Module, seed: int = 1) -> nn.Module:
     """Non-trivial BatchNorm statistics and affine parameters, so removed channels would show."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.5, generator=generator)
-            module.running_var.uniform_(0.5, 2.0, generator=generator)
-            with torch.no_grad():
-                module.weight.uniform_(0.5, 1.5, generator=generator)
-                module.bias.normal_(0, 0.5, generator=generator)
-    return model.eval()
+    return randomize_batchnorm(model, seed).eval()
 
 
 def resnet18() -> nn.Module:
