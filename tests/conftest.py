@@ -5,7 +5,7 @@ import torch
 from hypothesis import settings
 from torch import nn
 
-from torchconstrain import check
+from torchconstrain import check, penalty
 
 # CI runs the same examples every time (no flaky landing); local runs keep exploring new ones.
 settings.register_profile("ci", derandomize=True)
@@ -66,6 +66,20 @@ def train_checked(model: nn.Module, steps: int = 5, lr: float = 1.0) -> None:
         optimizer.step()
         check(model)
 
+
+
+def train_gates(model: nn.Module, steps: int, size=(4, 3, 64, 64)) -> None:
+    """Adam steps on an image model with learnable masks (the gates at a high learning rate),
+    the penalty added to the loss, ``check`` after each."""
+    scores = [p for name, p in model.named_parameters() if name.endswith("scores")]
+    others = [p for name, p in model.named_parameters() if not name.endswith("scores")]
+    optimizer = torch.optim.Adam([{"params": others, "lr": 1e-3}, {"params": scores, "lr": 1.5}])
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(torch.randn(*size)).square().mean() + penalty(model)
+        loss.backward()
+        optimizer.step()
+        check(model)
 
 def snapshot(model: nn.Module) -> dict:
     """Everything a failed call must leave untouched."""

@@ -3,10 +3,10 @@ import copy
 import pytest
 import torch
 import torchvision
-from conftest import assert_unchanged, randomize_batchnorm, snapshot
+from conftest import assert_unchanged, randomize_batchnorm, snapshot, train_gates
 from torch import nn
 
-from torchconstrain import bake, check, penalty, surgery
+from torchconstrain import bake, check, surgery
 
 EXAMPLE = torch.zeros(1, 3, 64, 64)
 
@@ -91,14 +91,7 @@ def test_learnable_masks_on_every_group_train_bake_and_shrink_exactly():
     surgery.mask_blocks(model, groups="all", learnable=True, strength=1.0)
     scores = [p for name, p in model.named_parameters() if name.endswith("scores")]
     assert len(scores) == len(surgery.channel_groups(model, example=EXAMPLE))  # one gate per group
-    others = [p for name, p in model.named_parameters() if not name.endswith("scores")]
-    optimizer = torch.optim.Adam([{"params": others, "lr": 1e-3}, {"params": scores, "lr": 1.5}])
-    for _ in range(3):
-        optimizer.zero_grad()
-        loss = model(torch.randn(4, 3, 64, 64)).square().mean() + penalty(model)
-        loss.backward()
-        optimizer.step()
-        check(model)
+    train_gates(model, 3)
     model.eval()
     baked = copy.deepcopy(model)
     bake(baked)

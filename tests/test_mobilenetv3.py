@@ -4,11 +4,11 @@ import io
 import pytest
 import torch
 import torchvision
-from conftest import assert_unchanged, randomize_batchnorm, snapshot
+from conftest import assert_unchanged, randomize_batchnorm, snapshot, train_gates
 from torch import nn
 from torchvision.models.mobilenetv3 import InvertedResidual, InvertedResidualConfig
 
-from torchconstrain import Clamp, LearnableMask, bake, check, constrain, penalty, surgery
+from torchconstrain import Clamp, LearnableMask, bake, check, constrain, surgery
 
 ARCHS = ["mobilenet_v3_small", "mobilenet_v3_large"]
 
@@ -76,15 +76,7 @@ def test_shrink_after_training_learnable_masks():
     project = model.features[4].block[3][0].parametrizations.weight[0]
     fc1 = model.features[4].block[2].fc1.parametrizations.weight[0]
     assert fc1.scores is project.scores  # one gate per block
-    scores = [p for name, p in model.named_parameters() if name.endswith("scores")]
-    others = [p for name, p in model.named_parameters() if not name.endswith("scores")]
-    optimizer = torch.optim.Adam([{"params": others, "lr": 1e-3}, {"params": scores, "lr": 1.5}])
-    for _ in range(4):
-        optimizer.zero_grad()
-        loss = model(torch.randn(4, 3, 64, 64)).square().mean() + penalty(model)
-        loss.backward()
-        optimizer.step()
-        check(model)
+    train_gates(model, 4)
     pruned = sum(int((b.project.conv.parametrizations.weight[0].gate() <= 0.5).sum())
                  for b in surgery.find_blocks(model) if b.expand is not None)
     assert pruned > 0
@@ -308,15 +300,7 @@ def test_learnable_masks_on_every_group_share_one_gate_per_group_and_shrink_exac
     stream = [model.features[i].block[0][0] for i in (5, 6, 7)]  # the readers of features.4:out
     assert gate(stream[1]).scores is gate(stream[0]).scores is gate(stream[2]).scores
     assert gate(stream[1]).strength == 0.0 and gate(stream[0]).strength == 1.0
-    scores = [p for name, p in model.named_parameters() if name.endswith("scores")]
-    others = [p for name, p in model.named_parameters() if not name.endswith("scores")]
-    optimizer = torch.optim.Adam([{"params": others, "lr": 1e-3}, {"params": scores, "lr": 1.5}])
-    for _ in range(4):
-        optimizer.zero_grad()
-        loss = model(torch.randn(4, 3, 64, 64)).square().mean() + penalty(model)
-        loss.backward()
-        optimizer.step()
-        check(model)
+    train_gates(model, 4)
     model.eval()
     baked = copy.deepcopy(model)
     bake(baked)
