@@ -289,6 +289,14 @@ def _temperature_problem(temperature: Tensor) -> str | None:
     return f"expected temperature to be a finite number > 0. Got {shown}."
 
 
+def _scores_problem(scores: Tensor | None) -> str | None:
+    """Why ``scores`` would make NaN gates (which baking closes: a silent zero), or ``None``."""
+    if scores is None or scores.is_meta or not scores.is_floating_point():
+        return None
+    nans = int(torch.isnan(scores).sum())
+    return f"expected scores without NaN (a NaN gate is closed at bake). Got {nans} NaN of {scores.numel()}." if nans else None
+
+
 class LearnableMask(Constraint):
     r"""Multiply the tensor by a learnable gate ``sigmoid(scores / temperature)``.
 
@@ -506,7 +514,8 @@ class LearnableMask(Constraint):
 
     def state_problem(self, state: Mapping[str, Tensor]) -> str | None:
         temperature = state.get("temperature")
-        return None if temperature is None else _temperature_problem(temperature)
+        problem = None if temperature is None else _temperature_problem(temperature)
+        return problem or _scores_problem(state.get("scores"))
 
     def stacking(self) -> Stacking:
         # Gates can close (hard) or underflow to 0 (soft): a whole slice can become zero.
