@@ -479,6 +479,9 @@ class LearnableMask(Constraint):
         return x * gate
 
     def bake(self, value: Tensor) -> Tensor:
+        problem = _scores_problem(self.scores)
+        if problem:
+            raise ValueError(f"{type(self).__name__}: cannot bake: {problem}")
         gates = self.gates()
         kept = self._spread(self._kept_gates(gates), True)
         return torch.where(kept, value * (1.0 if self.hard else self._spread(gates, 1.0)), 0.0)
