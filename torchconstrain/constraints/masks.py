@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from torchconstrain._distributed import whole
 from torchconstrain.constraints.arguments import choice, flag, integer, number
 from torchconstrain.constraints.base import Constraint, tracing, transformed
 from torchconstrain.constraints.stacking import (
@@ -509,7 +510,7 @@ class LearnableMask(Constraint):
         gates = self.gates()
         if not gates.numel():
             return gates.sum()
-        excess = gates.mean() - (1.0 - self.target_sparsity)
+        excess = whole(gates.mean()) - (1.0 - self.target_sparsity)  # every rank's gates under FSDP2
         if torch.is_grad_enabled():
             with torch.no_grad():
                 self.multiplier.add_(self.rate * excess.detach())

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from torchconstrain._distributed import whole
+
 __all__ = ["Allocation", "ChannelGroup", "GateBudget", "LinearCost", "allocate", "linear_cost"]
 
 
@@ -291,7 +293,7 @@ class GateBudget:
 
     def expected_share(self) -> Tensor:
         r"""The cost share with each channel weighted by its gate (differentiable; linear in the gates)."""
-        terms = [macs * mask.gates().sum() for macs, mask in zip(self._linear, self.masks)]
+        terms = [macs * whole(mask.gates().sum()) for macs, mask in zip(self._linear, self.masks)]  # FSDP2: all ranks
         linear_total = self.fixed + sum(m * g.channels for m, g in zip(self._linear, self.groups))
         return (self.fixed + sum(terms[1:], terms[0])) / linear_total
 
