@@ -196,6 +196,20 @@ def test_bake_refuses_a_submodule_holding_only_some_names_of_a_tied_parameter(ti
     assert len(tied.emb.parametrizations.weight) == 1 and torch.equal(tied(x), expected)
     check(tied)
 
+def test_bake_refuses_nan_gate_scores_instead_of_closing_their_gates(net):
+    constrain(net, RULES)
+    with torch.no_grad():
+        net.head.parametrizations.weight[0].scores[1] = float("nan")
+    before = {key: value.clone() for key, value in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"bake: head.weight: LearnableMask: .*scores without NaN.*Got 1 NaN of 4. Nothing was baked"):
+        bake(net)
+    after = net.state_dict()
+    assert list(after) == list(before)
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True)
+    assert parametrize.is_parametrized(net.features[0], "weight")  # the tensors baked before it were not touched
+
+
 def test_bake_refuses_a_key_that_matches_nothing(net):
     constrain(net, RULES)
     before = snapshot(net)

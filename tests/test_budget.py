@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from torchconstrain import LearnableMask, bake, constrain, penalty
-from torchconstrain.surgery.budget import ChannelGroup, GateBudget, allocate, linear_cost
+from torchconstrain.surgery import count_macs, layer_macs
+from torchconstrain.surgery.budget import ChannelGroup, GateBudget, LayerCost, allocate, linear_cost
 
 
 def random_groups(seed: int, count: int = 5) -> list[ChannelGroup]:
@@ -81,6 +82,40 @@ def test_allocation_refuses_an_unreachable_budget_and_bad_groups():
         ChannelGroup("x", 3, importance=torch.ones(3), macs=1.0, minimum=0)
     with pytest.raises(ValueError, match="non-negative importance"):
         ChannelGroup("x", 1, importance=torch.tensor([float("nan")]), macs=1.0)
+
+
+def narrow_net(a: int, b: int) -> nn.Sequential:
+    """A stem writing ``a`` channels, a depthwise conv over them, a 1x1 conv from them to ``b``, a classifier."""
+    return nn.Sequential(nn.Conv2d(3, a, 3), nn.Conv2d(a, a, 3, groups=a), nn.Conv2d(a, b, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(b, 5))
+
+
+def narrow_cost(model: nn.Sequential, example: torch.Tensor) -> LayerCost:
+    reads = {model[2]: [("a", 1.0)], model[5]: [("b", 1.0)]}
+    writes = {model[0]: [("a", 1.0)], model[1]: [("a", 1.0)], model[2]: [("b", 1.0)]}
+    return LayerCost.of(layer_macs(model, example), reads, writes, {"a": 8, "b": 6})
+
+
+@pytest.mark.parametrize("a, b", [(8, 6), (1, 6), (5, 3), (8, 1), (2, 2)])
+def test_layer_cost_is_the_macs_of_the_narrower_model(a, b):
+    example = torch.zeros(1, 3, 12, 12)
+    cost = narrow_cost(narrow_net(8, 6), example)
+    assert cost({"a": a, "b": b}) == pytest.approx(count_macs(narrow_net(a, b), example), rel=1e-12)
+    assert cost({"a": a}) == pytest.approx(count_macs(narrow_net(a, 6), example), rel=1e-12)  # b keeps every channel
+    full = count_macs(narrow_net(8, 6), example)
+    assert cost.per_channel("a") == pytest.approx(full - count_macs(narrow_net(7, 6), example), rel=1e-12)
+    assert pickle.loads(pickle.dumps(cost)) == cost  # a model holding a budget pickles
+
+
+def test_allocation_with_a_layer_cost_meets_the_budget_of_the_real_model():
+    example = torch.zeros(1, 3, 12, 12)
+    cost = narrow_cost(narrow_net(8, 6), example)
+    groups = [ChannelGroup(name, width, torch.rand(width, generator=torch.Generator().manual_seed(width)),
+                           cost.per_channel(name)) for name, width in (("a", 8), ("b", 6))]
+    allocation = allocate(groups, keep=0.4, cost=cost)
+    kept = allocation.kept()
+    real = count_macs(narrow_net(kept["a"], kept["b"]), example)
+    assert allocation.achieved == pytest.approx(real, rel=1e-12) and real <= 0.4 * allocation.total
 
 
 def gated_pair(hard: bool = False):

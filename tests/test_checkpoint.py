@@ -188,6 +188,8 @@ BAD_STATE = [
     (_set(TEMPERATURE, torch.tensor(-1.0)), "head.weight", r"LearnableMask .*expected temperature to be a finite number > 0. Got -1"),
     (_set(TEMPERATURE, torch.tensor(0.0)), "head.weight", r"LearnableMask .*temperature .*Got 0"),
     (_set(TEMPERATURE, torch.tensor(math.inf)), "head.weight", r"LearnableMask .*temperature .*Got inf"),
+    (_set("head.parametrizations.weight.0.scores", torch.full((4, 1), math.nan)), "head.weight",
+     r"LearnableMask .*expected scores without NaN .*Got 4 NaN of 4"),
     (_set("features.3.parametrizations.weight.2.mask", torch.ones(8, 8, 3, 3, dtype=torch.bool)),
      "features.3.weight", r"constraint state \['2.mask', 'original'\], the model's constraints have \['original'\]"),
 ]

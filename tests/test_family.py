@@ -1,4 +1,5 @@
 import copy
+import zlib
 
 import pytest
 import torch
@@ -186,3 +187,114 @@ def test_every_group_is_the_group_torch_pruning_finds(arch):
         ours = {(slot.fqn, "out") for slot in (*group.rows, *group.depthwise, *group.bns)}
         ours |= {(slot.fqn, "in") for slot in group.readers}
         assert ours == torch_pruning_group(graph, group.rows[0].module, names), group.name
+
+
+def leader_budget(model: nn.Module):
+    """The GateBudget the learnable masks of ``model`` share, and the mask holding its multiplier."""
+    leader = next(m for m in model.modules() if "multiplier" in getattr(m, "_buffers", {}))
+    return leader.budget, leader
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "mobilenet_v2", "efficientnet_b0"])
+def test_a_learnable_mac_budget_is_met_exactly_at_bake_and_shrinks_to_the_baked_model(arch):
+    model = build(arch).train()
+    dense = surgery.count_macs(model, EXAMPLE)
+    surgery.mask_blocks(model, groups="all", macs=0.5, learnable=True, example=EXAMPLE)
+    budget, leader = leader_budget(model)
+    assert {m.budget for m in model.modules() if getattr(m, "budget", None) is not None} == {budget}  # one budget
+    assert len(budget.masks) == len(surgery.channel_groups(model, example=EXAMPLE))  # a member per group
+    train_gates(model, 3)
+    assert leader.multiplier.item() > 0  # the gates started above the budget: the multiplier pushed them down
+    model.eval()
+    promised = budget.allocation()
+    baked = copy.deepcopy(model)
+    bake(baked)
+    x = torch.randn(2, 3, 64, 64)
+    report = surgery.shrink(model, example=EXAMPLE, measure=False)
+    torch.testing.assert_close(outputs(model, x), outputs(baked, x), rtol=1e-5, atol=1e-5)
+    achieved = surgery.count_macs(model, EXAMPLE)
+    assert achieved == pytest.approx(promised.achieved, rel=1e-9)  # the exact cost the budget allocated with
+    assert promised.total == pytest.approx(dense, rel=1e-9)
+    assert 0.49 * dense <= achieved <= 0.5 * dense
+    assert report.macs == (dense, achieved)
+    assert report.targets == {"macs": (0.5, pytest.approx(achieved / dense))}
+    assert "macs    target 0.500, achieved" in str(report)
+
+
+def seeded_importance(seed: int):
+    """Random scores per group, the same for a group however often they are asked for."""
+    return lambda name, group: torch.rand(group.channels, generator=torch.Generator().manual_seed(seed + zlib.crc32(name.encode())))
+
+
+def kept_columns(model: nn.Module, group) -> torch.Tensor:
+    with torch.no_grad():
+        return model.get_submodule(group.readers[0].fqn).weight.abs().transpose(0, 1).flatten(1).sum(1) != 0
+
+
+@pytest.mark.parametrize("groups", ["expanded", "all"])
+def test_a_fixed_mac_budget_keeps_the_most_important_channels_within_the_budget(groups):
+    model = build("mobilenet_v3_large")
+    dense = surgery.count_macs(model, EXAMPLE)
+    costs = surgery.channel_groups(model, groups, importance=seeded_importance(5), example=EXAMPLE)
+    surgery.mask_blocks(model, groups=groups, macs=0.6, importance=seeded_importance(5), example=EXAMPLE)
+    check(model)
+    for group, cost in zip(surgery.find_groups(model, groups), costs):
+        keep = kept_columns(model, group)
+        assert keep.sum() >= cost.minimum
+        if not keep.all():  # every kept channel at least as important as every masked one
+            assert cost.importance[keep].min() >= cost.importance[~keep].max(), group.name
+    x = torch.randn(2, 3, 64, 64)
+    masked = outputs(model, x)
+    report = surgery.shrink(model, example=EXAMPLE, measure=False, targets={"macs": 0.6})
+    torch.testing.assert_close(outputs(model, x), masked, rtol=1e-5, atol=1e-5)
+    achieved = surgery.count_macs(model, EXAMPLE)
+    assert achieved <= 0.6 * dense
+    assert 0.6 * dense - achieved < max(cost.macs for cost in costs)  # no more channel would have fit
+    assert report.targets == {"macs": (0.6, achieved / dense)}
+    kinds = {cost.name: cost.kind for cost in costs}
+    assert set(report.channels) <= set(kinds)  # only the budget's groups shrink
+    assert ({kinds[name] for name in report.channels} == {"expanded"}) == (groups == "expanded")
+
+
+def test_a_mac_budget_over_fewer_groups_cannot_go_as_low_and_says_how_low_it_can():
+    model = build("mobilenet_v3_large")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"surgery.mask_blocks macs: keeping 0.1 of the cost .* minimums alone cost "
+                                         r"[\d,]+ \((0\.\d+) of it\)") as error:
+        surgery.mask_blocks(model, groups="expanded", macs=0.1, example=EXAMPLE)
+    assert_unchanged(model, before)
+    floor = float(str(error.value).split(" of it)")[0].rsplit("(", 1)[1])
+    surgery.mask_blocks(model, groups="all", macs=floor, learnable=True, example=EXAMPLE)  # more groups: reachable
+    surgery.mask_blocks(build("mobilenet_v3_large"), groups="expanded", macs=floor + 1e-3, example=EXAMPLE)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"sparsity": 0.5, "macs": 0.5}, r"pass sparsity= \(a share of each group's channels\) or macs= .* not both"),
+    ({"sparsity": 0.5, "macs": 0.5, "learnable": True}, "not both"),
+    ({"macs": 0.0}, r"expected macs, the share of the model's MACs to keep, in \(0, 1\]. Got 0.0"),
+    ({"macs": 1.5, "learnable": True}, r"in \(0, 1\]. Got 1.5"),
+    ({"macs": True}, r"in \(0, 1\]. Got True"),
+    ({"macs": "half"}, r"in \(0, 1\]. Got 'half'"),
+    ({"macs": 0.5, "groups": "hidden"}, "has no channel group of the kinds asked for"),
+    ({"macs": 0.5, "importance": lambda name, group: -torch.ones(group.channels)}, "non-negative importance"),
+])
+def test_bad_mac_budgets_are_refused_before_the_model_changes(options, message):
+    model = build("mobilenet_v2")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        surgery.mask_blocks(model, example=EXAMPLE, **options)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("targets, message", [
+    ({"sparsity": 0.5}, r"expected targets as \{'macs': share\}"),
+    ({"macs": 0}, r"expected targets\['macs'\], the share of MACs to keep, in \(0, 1\]. Got 0"),
+    ([0.5], "expected targets as"),
+])
+def test_shrink_refuses_bad_targets_before_baking(targets, message):
+    model = build("mobilenet_v2")
+    surgery.mask_blocks(model, macs=0.5, learnable=True, example=EXAMPLE)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        surgery.shrink(model, example=EXAMPLE, measure=False, targets=targets)
+    assert_unchanged(model, before)

@@ -89,6 +89,16 @@ def test_keys_for_modules_without_a_weight_say_what_their_tensors_are_called(key
     assert constrain(model, {offered: Clamp(-1, 1)}).names() == [offered]  # the name offered is one that works
 
 
+def test_a_type_key_on_a_root_module_without_a_weight_names_its_tensors():
+    model = nn.LSTM(4, 4)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="The model \\(LSTM\\) has no tensor named 'weight'.*weight_ih_l0") as caught:
+        constrain(model, {nn.LSTM: Clamp(-1, 1)})
+    assert_unchanged(model, before)
+    offered = re.search(r"Pick them by name: '([^']+)'", str(caught.value)).group(1)
+    assert constrain(model, {offered: Clamp(-1, 1)}).names() == ["weight_ih_l0"]
+
+
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
 def test_a_weight_under_another_librarys_parametrization_says_so():
     model = nn.Sequential(

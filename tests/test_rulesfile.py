@@ -7,7 +7,7 @@ from conftest import assert_unchanged, snapshot
 from torch import nn
 
 import torchconstrain.rules
-from torchconstrain import Clamp, FixedMask, LearnableMask, NonNeg, constrain
+from torchconstrain import Clamp, FixedMask, LearnableMask, NonNeg, constrain, surgery
 from torchconstrain.__main__ import main
 from torchconstrain.rulesfile import CONSTRAINTS, RulesFileError, read_rules
 
@@ -138,6 +138,20 @@ def test_blocks_and_roles_in_a_file(tmp_path):
     role = write(tmp_path, "role.yaml", "rules:\n  - match: {role: dw}\n    apply: NonNeg\n")
     with pytest.raises(RulesFileError, match=r"role.yaml, rule 0 \(line 2\): surgery.role: unknown role 'dw'"):
         constrain(torchvision.models.mobilenet_v3_small(weights=None), role)
+
+
+def test_a_mac_budget_for_the_blocks_in_a_file(tmp_path):
+    model = torchvision.models.mobilenet_v3_small(weights=None).eval()
+    dense = surgery.count_macs(model, torch.zeros(1, 3, 224, 224))
+    path = write(tmp_path, "rules.yaml", "rules: []\nblocks: {learnable: true, groups: all, macs: 0.5}\n")
+    constrain(model, path)
+    budgets = {mask.budget for mask in model.modules() if isinstance(mask, LearnableMask)}
+    assert len(budgets) == 1 and budgets.pop().keep == 0.5  # one budget over every group's gates
+    report = surgery.shrink(model, measure=False)  # counted on the default 224x224 image, as the budget was
+    assert report.targets["macs"] == (0.5, report.macs[1] / dense) and report.macs[1] <= 0.5 * dense
+    bad = write(tmp_path, "bad.yaml", "rules: []\nblocks: {macs: 0.5, sparsity: 0.5}\n")
+    with pytest.raises(RulesFileError, match=r"bad.yaml, blocks: surgery.mask_blocks: pass sparsity= .* not both"):
+        constrain(torchvision.models.mobilenet_v3_small(weights=None), bad)
 
 
 def test_rules_constrain_takes_python_rules_and_says_where_files_go(tmp_path):

@@ -44,8 +44,9 @@ def bake(model: nn.Module, key=None) -> Report:
         ValueError: ``key`` matches no parameter (the message names the closest), a
             torchconstrain constraint comes after another library's parametrization on the
             same tensor, so it cannot be removed on its own, the model is sharded with FSDP2,
-            its weights are on the meta device, or ``model`` is a submodule holding only some
-            names of a tied tensor. Nothing is changed in that case.
+            its weights are on the meta device, ``model`` is a submodule holding only some
+            names of a tied tensor, or a learnable mask's scores hold NaN (baking would close
+            those gates: a silent zero). Nothing is changed in that case.
 
     Example:
         >>> import torch
@@ -193,7 +194,10 @@ def _baked_value(slot: Slot) -> Tensor:
     with torch.no_grad():
         value = slot.stored().detach()
         for constraint in slot.constraints():
-            value = constraint.bake(value)
+            try:
+                value = constraint.bake(value)
+            except ValueError as error:
+                raise ValueError(f"bake: {slot.fqn}: {error} Nothing was baked.") from None
     return value
 
 

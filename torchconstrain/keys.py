@@ -183,7 +183,7 @@ def _named_modules(model: nn.Module | None, key) -> list[tuple[str, nn.Module]]:
     if model is None:
         return []
     if isinstance(key, type):
-        return [(name, m) for name, m in model.named_modules() if isinstance(m, key) and name]
+        return [(name, m) for name, m in model.named_modules() if isinstance(m, key)]
     if isinstance(key, str):
         modules = dict(model.named_modules())
         return [(name, modules[name]) for name in dict.fromkeys((key, key.removesuffix(".weight"))) if name in modules]
@@ -193,7 +193,7 @@ def _named_modules(model: nn.Module | None, key) -> list[tuple[str, nn.Module]]:
 def _weight_hint(name: str, module: nn.Module) -> str:
     """Why ``module`` (named ``name``) has no ``weight`` that a key can pick."""
     kind = parametrize.type_before_parametrizations(module).__name__
-    where = f"{name} ({kind})"
+    where = f"{name} ({kind})" if name else f"The model ({kind})"
     if parametrize.is_parametrized(module, "weight"):
         plist = module.parametrizations["weight"]
         originals = sorted(n for n, _ in plist.named_parameters(recurse=False))
@@ -212,11 +212,12 @@ def _weight_hint(name: str, module: nn.Module) -> str:
             f"(torch.nn.utils.{_hook_function(hooks[0])}) from {', '.join(sources)}. Constrain those by name, "
             "or use the parametrization form (torch.nn.utils.parametrizations) registered after constrain()."
         )
+    prefix = f"{name}." if name else ""
     if not tensors:
         return f"{where} has no parameters of its own."
     return (
         f"{where} has no tensor named 'weight' (a type or module key picks a module's weight); its tensors "
-        f"are {', '.join(tensors)}. Pick them by name: '{name}.{tensors[0]}', or a glob such as '{name}.*weight*'."
+        f"are {', '.join(tensors)}. Pick them by name: '{prefix}{tensors[0]}', or a glob such as '{prefix}*weight*'."
     )
 
 

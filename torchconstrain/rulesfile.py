@@ -61,7 +61,7 @@ CONSTRAINTS = {
     "L1": L1,
     "L2": L2,
 }
-BLOCK_OPTIONS = ("groups", "sparsity", "learnable", "importance", "strength", "hard")
+BLOCK_OPTIONS = ("groups", "sparsity", "macs", "learnable", "importance", "strength", "hard")
 
 
 class RulesFileError(ValueError):

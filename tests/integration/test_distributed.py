@@ -78,6 +78,43 @@ def fsdp_worker(rank: int, init: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+def budgeted() -> nn.Module:
+    """A model whose learnable masks carry budgets: one of its own, and one MAC budget shared by two masks."""
+    from torchconstrain.surgery.budget import ChannelGroup, GateBudget
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    constrain(model, {"0": LearnableMask(per="channel", init=0.9), "2": LearnableMask(per="channel", init=0.9),
+                      "4": LearnableMask(sparsity=0.5, rate=0.5, init=0.9)})
+    masks = [model[0].parametrizations.weight[0], model[2].parametrizations.weight[0]]
+    groups = [ChannelGroup("first", 16, torch.ones(16), macs=8.0), ChannelGroup("second", 16, torch.ones(16), macs=16.0)]
+    GateBudget(list(zip(groups, masks)), keep=0.4, rate=0.5).attach()
+    return model
+
+
+def train_budgeted(model: nn.Module) -> list[torch.Tensor]:
+    """Three SGD steps on the same batches on every rank; the multipliers after them."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    data = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        loss = model(torch.randn(4, 8, generator=data)).square().mean() + penalty(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return [mask.multiplier.clone() for mask in model.modules() if "multiplier" in getattr(mask, "_buffers", {})]
+
+
+def fsdp_budget_worker(rank: int, init: str, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    model = budgeted()
+    for layer in (model[0], model[2], model[4], model):
+        fully_shard(layer)
+    torch.save({"multipliers": train_budgeted(model)}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
 def on_two_ranks(worker, tmp_path, timeout: float = 120) -> list[dict]:
     context = mp.start_processes(worker, args=(f"file://{tmp_path}/rendezvous", str(tmp_path)),
                                  nprocs=2, join=False, start_method="spawn")
@@ -130,3 +167,14 @@ def test_torchrun_example_trains_and_bakes_a_stock_model(tmp_path):
     assert "step 2: loss" in done.stdout and "baked tensors" in done.stdout
     stock = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10)
     stock.load_state_dict(torch.load(out), strict=True)
+
+
+def test_fsdp2_budgets_steer_by_every_ranks_gates_as_one_process_does(tmp_path):
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 (fully_shard)")
+    results = on_two_ranks(fsdp_budget_worker, tmp_path)
+    alone = train_budgeted(budgeted())
+    assert len(alone) == 2 and all(m.item() != 0 for m in alone)
+    for result in results:  # the same multipliers as unsharded: each rank saw the whole share, not its shard's
+        torch.testing.assert_close(result["multipliers"], alone)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from torchconstrain._distributed import whole
 from torchconstrain.constraints.arguments import choice, flag, integer, number
 from torchconstrain.constraints.base import Constraint, tracing, transformed
 from torchconstrain.constraints.stacking import (
@@ -289,6 +290,14 @@ def _temperature_problem(temperature: Tensor) -> str | None:
     return f"expected temperature to be a finite number > 0. Got {shown}."
 
 
+def _scores_problem(scores: Tensor | None) -> str | None:
+    """Why ``scores`` would make NaN gates (which baking closes: a silent zero), or ``None``."""
+    if scores is None or scores.is_meta or not scores.is_floating_point():
+        return None
+    nans = int(torch.isnan(scores).sum())
+    return f"expected scores without NaN (a NaN gate is closed at bake). Got {nans} NaN of {scores.numel()}." if nans else None
+
+
 class LearnableMask(Constraint):
     r"""Multiply the tensor by a learnable gate ``sigmoid(scores / temperature)``.
 
@@ -471,6 +480,9 @@ class LearnableMask(Constraint):
         return x * gate
 
     def bake(self, value: Tensor) -> Tensor:
+        problem = _scores_problem(self.scores)
+        if problem:
+            raise ValueError(f"{type(self).__name__}: cannot bake: {problem}")
         gates = self.gates()
         kept = self._spread(self._kept_gates(gates), True)
         return torch.where(kept, value * (1.0 if self.hard else self._spread(gates, 1.0)), 0.0)
@@ -498,7 +510,7 @@ class LearnableMask(Constraint):
         gates = self.gates()
         if not gates.numel():
             return gates.sum()
-        excess = gates.mean() - (1.0 - self.target_sparsity)
+        excess = whole(gates.mean()) - (1.0 - self.target_sparsity)  # every rank's gates under FSDP2
         if torch.is_grad_enabled():
             with torch.no_grad():
                 self.multiplier.add_(self.rate * excess.detach())
@@ -506,7 +518,8 @@ class LearnableMask(Constraint):
 
     def state_problem(self, state: Mapping[str, Tensor]) -> str | None:
         temperature = state.get("temperature")
-        return None if temperature is None else _temperature_problem(temperature)
+        problem = None if temperature is None else _temperature_problem(temperature)
+        return problem or _scores_problem(state.get("scores"))
 
     def stacking(self) -> Stacking:
         # Gates can close (hard) or underflow to 0 (soft): a whole slice can become zero.

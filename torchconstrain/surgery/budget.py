@@ -32,11 +32,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["Allocation", "ChannelGroup", "GateBudget", "LinearCost", "allocate", "linear_cost"]
+from torchconstrain._distributed import whole
+
+__all__ = ["Allocation", "ChannelGroup", "CostLayer", "GateBudget", "LayerCost", "LinearCost", "allocate", "linear_cost"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,66 @@ class LinearCost:
 
     def __call__(self, kept: Mapping[str, int]) -> float:
         return self.fixed + sum(self.per_channel[name] * count for name, count in kept.items())
+
+
+class CostLayer(NamedTuple):
+    r"""One conv or linear layer of a :class:`LayerCost`.
+
+    ``macs``: its cost with every channel kept; ``inputs`` and ``outputs``: its input columns
+    and output rows (a depthwise conv has 1 input column: its cost follows its rows alone);
+    ``reads`` and ``writes``: ``(group name, columns or rows per channel)`` for each channel
+    group its columns or rows belong to. Columns and rows in no group are always kept.
+    """
+
+    macs: float
+    inputs: int
+    reads: tuple[tuple[str, float], ...]
+    outputs: int
+    writes: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    r"""The exact MACs of a model whose channel groups keep ``kept[name]`` channels (a ``cost`` for :func:`allocate`).
+
+    Each conv or linear layer costs its full MACs times the kept share of its input columns
+    times the kept share of its output rows: a 1x1 conv from one group to another scales with
+    the product of both kept widths, a depthwise conv with its channels once, a layer in no
+    group not at all (a fixed cost). A group missing from ``kept`` keeps every channel.
+
+    Example:
+        >>> from torchconstrain.surgery.budget import CostLayer, LayerCost
+        >>> cost = LayerCost((CostLayer(100.0, 4, (("a", 1.0),), 10, (("b", 1.0),)),), {"a": 4, "b": 10})
+        >>> cost({"a": 2, "b": 5}), cost.per_channel("a")
+        (25.0, 25.0)
+    """
+
+    layers: tuple[CostLayer, ...]
+    channels: dict[str, int]
+
+    @classmethod
+    def of(cls, macs: Mapping[nn.Module, float], reads: Mapping[nn.Module, Sequence[tuple[str, float]]],
+           writes: Mapping[nn.Module, Sequence[tuple[str, float]]], channels: Mapping[str, int]) -> "LayerCost":
+        r"""Build the cost of the conv and linear layers in ``macs`` (layer -> its MACs, as
+        :func:`~torchconstrain.surgery.measure.layer_macs` gives them): ``reads[layer]`` and
+        ``writes[layer]`` name the groups of its columns and rows, ``channels`` each group's width."""
+        layers = tuple(CostLayer(float(count), module.weight.shape[1], tuple(reads.get(module, ())),
+                                 module.weight.shape[0], tuple(writes.get(module, ())))
+                       for module, count in macs.items())
+        return cls(layers, dict(channels))
+
+    def __call__(self, kept: Mapping[str, int]) -> float:
+        total = 0.0
+        for macs, inputs, reads, outputs, writes in self.layers:
+            columns = inputs - sum((self.channels[g] - kept.get(g, self.channels[g])) * per for g, per in reads)
+            rows = outputs - sum((self.channels[g] - kept.get(g, self.channels[g])) * per for g, per in writes)
+            total += macs * columns / inputs * rows / outputs
+        return total
+
+    def per_channel(self, name: str) -> float:
+        r"""The MACs one channel of group ``name`` costs with every other channel kept."""
+        full = dict(self.channels)
+        return self(full) - self({**full, name: full[name] - 1})
 
 
 def allocate(groups: Sequence[ChannelGroup], *, keep: float,
@@ -291,7 +354,7 @@ class GateBudget:
 
     def expected_share(self) -> Tensor:
         r"""The cost share with each channel weighted by its gate (differentiable; linear in the gates)."""
-        terms = [macs * mask.gates().sum() for macs, mask in zip(self._linear, self.masks)]
+        terms = [macs * whole(mask.gates().sum()) for macs, mask in zip(self._linear, self.masks)]  # FSDP2: all ranks
         linear_total = self.fixed + sum(m * g.channels for m, g in zip(self._linear, self.groups))
         return (self.fixed + sum(terms[1:], terms[0])) / linear_total
 

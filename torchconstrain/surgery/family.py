@@ -21,9 +21,10 @@ from torchconstrain.bake import bake
 from torchconstrain.constraints import LearnableMask
 from torchconstrain.rules import constrain
 from torchconstrain.surgery import efficientnet, mnasnet, mobilenetv2, mobilenetv3
+from torchconstrain.surgery.budget import ChannelGroup, GateBudget, LayerCost, allocate
 from torchconstrain.surgery.measure import count_macs, count_params, layer_macs, measure_latency
 from torchconstrain.surgery.pattern import (
-    BLOCK_KINDS, KINDS, ROLES, Block, Group, Network, build_groups, fixed_rules, importance_of, keep_share,
+    BLOCK_KINDS, KINDS, ROLES, Block, Group, Network, build_groups, fixed_rules, gate_of, importance_of, keep_share,
     learnable_rules, select_kinds, shrink_groups, slice_group,
 )
 
@@ -153,19 +154,28 @@ def channel_groups(model: nn.Module, groups="all", *, importance="l1", example: 
         [('features.0.0:out', 'stem', 16), ('features.1:se', 'squeeze', 8), ('features.1:out', 'stream', 16), ('features.2', 'expanded', 72)]
     """
     found = _groups(model, groups, "surgery.channel_groups")
-    example = torch.zeros(1, 3, 224, 224) if example is None else example
-    macs = layer_macs(model, example.to(next(model.parameters()).device))
-    return [GroupCost(g.name, g.kind, g.channels, importance_of(g, importance), _channel_macs(g, macs), g.minimum)
+    cost = _mac_cost(model, example, _groups(model, "all", "surgery.channel_groups"))
+    return [GroupCost(g.name, g.kind, g.channels, importance_of(g, importance), cost.per_channel(g.name), g.minimum)
             for g in found]
 
 
-def _channel_macs(group: Group, macs: dict[nn.Module, int]) -> float:
-    """The MACs one channel of ``group`` costs: a row's, a depthwise filter's and a column's share of each layer."""
-    total = 0.0
-    for slots in (group.rows, group.depthwise, group.readers):
-        for slot in slots:
-            total += macs.get(slot.module, 0) / group.channels
-    return total
+def _example(model: nn.Module, example: Tensor | None) -> Tensor:
+    """The input MACs are counted for: ``example``, or one 224x224 RGB image, on the model's device."""
+    example = torch.zeros(1, 3, 224, 224) if example is None else example
+    return example.to(next(model.parameters()).device)
+
+
+def _mac_cost(model: nn.Module, example: Tensor | None, groups: list[Group]) -> LayerCost:
+    """The exact MACs of ``model`` on ``example`` as a function of the kept channels of ``groups``
+    (every group of the model, so that each layer's columns and rows are known)."""
+    reads, writes = {}, {}
+    for group in groups:
+        for slot in group.readers:
+            reads.setdefault(slot.module, []).append((group.name, 1.0))
+        for slot in (*group.rows, *group.depthwise):
+            writes.setdefault(slot.module, []).append((group.name, 1.0))
+    macs = layer_macs(model, _example(model, example))
+    return LayerCost.of(macs, reads, writes, {group.name: group.channels for group in groups})
 
 
 def role(model: nn.Module, name: str) -> "RoleKey":
@@ -216,10 +226,12 @@ def mask_blocks(
     *,
     groups="expanded",
     sparsity: float | None = None,
+    macs: float | None = None,
     learnable: bool = False,
     importance="l1",
     strength: float = 1e-2,
     hard: bool = False,
+    example: Tensor | None = None,
 ):
     r"""Put one channel mask on every channel group of the kinds ``groups`` (default: the blocks' expanded channels).
 
@@ -243,6 +255,14 @@ def mask_blocks(
       baking closes exactly that share of each group's lowest gates (at least one stays
       open), and the penalty is a Lagrange term that steers the gates to it (see
       :class:`~torchconstrain.LearnableMask`); ``strength`` is not used.
+    - A MAC budget (``macs=``, instead of ``sparsity=``): keep that share of the model's
+      MACs for ``example`` (default: one 224x224 RGB image), choosing channels across all
+      the chosen groups at once by importance per MAC, each group keeping its ``minimum``
+      (:func:`~torchconstrain.surgery.budget.allocate` with the exact cost: a project conv
+      costs the product of its kept expanded and stream widths). Fixed masks are chosen
+      now, by ``importance``; learnable gates share one
+      :class:`~torchconstrain.surgery.budget.GateBudget`, met exactly at bake with the gates
+      as importance and steered by a Lagrange term while training (``strength`` is not used).
 
     Masking the readers is what removes a channel: zeroing only a writer's filter leaves
     BatchNorm's shift and the activation, a nonzero constant that would still reach them.
@@ -254,11 +274,12 @@ def mask_blocks(
         The :class:`~torchconstrain.report.Report` of :func:`~torchconstrain.constrain`.
 
     Raises:
-        ValueError: a bad argument, or a model the surgery does not understand (nothing
-            is changed then).
+        ValueError: a bad argument, both ``sparsity`` and ``macs``, a MAC budget the
+            minimums alone exceed (the message gives the smallest share that can be kept),
+            or a model the surgery does not understand (nothing is changed then).
 
     Example:
-        >>> import torchvision
+        >>> import torch, torchvision
         >>> from torchconstrain import surgery
         >>> model = torchvision.models.mobilenet_v3_small(weights=None)
         >>> report = surgery.mask_blocks(model, sparsity=0.5)
@@ -268,36 +289,86 @@ def mask_blocks(
         >>> report = surgery.mask_blocks(model, groups="all", sparsity=0.5)
         >>> report["features.2.0.block.3.0.weight"]["constraints"]   # project: expanded columns and stream rows
         ['FixedMask(shape=(24, 96, 1, 1), sparsity=0.750)']
+        >>> model = torchvision.models.mobilenet_v3_small(weights=None)
+        >>> example = torch.zeros(1, 3, 64, 64)
+        >>> report = surgery.mask_blocks(model, groups="all", macs=0.5, learnable=True, example=example)
+        >>> model.features[2].block[2][0].parametrizations.weight[0].budget.keep   # one budget for every gate
+        0.5
     """
-    rules, finish = block_rules(model, groups=groups, sparsity=sparsity, learnable=learnable, importance=importance,
-                                strength=strength, hard=hard)
+    rules, finish = block_rules(model, groups=groups, sparsity=sparsity, macs=macs, learnable=learnable,
+                                importance=importance, strength=strength, hard=hard, example=example)
     report = constrain(model, rules)
     finish()
     return report
 
 
-def block_rules(model: nn.Module, *, groups="expanded", sparsity: float | None = None, learnable: bool = False,
-                importance="l1", strength: float = 1e-2, hard: bool = False):
+def block_rules(model: nn.Module, *, groups="expanded", sparsity: float | None = None, macs: float | None = None,
+                learnable: bool = False, importance="l1", strength: float = 1e-2, hard: bool = False,
+                example: Tensor | None = None):
     r"""The rules :func:`mask_blocks` applies, without applying them.
+
+    Every argument is validated here (a MAC budget is allocated now), so a call that
+    raises changes nothing.
 
     Returns:
         ``(rules, finish)``: ``(key, constraint)`` pairs to pass to
         :func:`~torchconstrain.constrain` (alone or with other rules), and a function to
-        call once they are applied (it makes each group's learnable gates share scores).
+        call once they are applied (it makes each group's learnable gates share scores, and
+        a MAC budget's gates share the budget).
     """
+    _check_budget(sparsity, macs, learnable)
     found = _groups(model, groups, "surgery.mask_blocks")
+    if macs is not None:
+        return _mac_rules(model, found, macs, learnable=learnable, importance=importance, strength=strength,
+                          hard=hard, example=example)
     if learnable:
-        if sparsity is not None and (isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0):
-            raise ValueError(f"surgery.mask_blocks: expected sparsity in [0, 1) or None. Got {sparsity!r}.")
         return learnable_rules(found, strength=strength, hard=hard, sparsity=sparsity)
-    if sparsity is None or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"surgery.mask_blocks: expected sparsity in [0, 1) for fixed masks. Got {sparsity!r}.")
     keeps = [(group, keep_share(group, sparsity, importance_of(group, importance))) for group in found]
     untouched = [group.label for group, keep in keeps if keep.all()]
     if sparsity > 0 and untouched:
         warnings.warn(f"surgery.mask_blocks: sparsity {sparsity} masks no channel of {', '.join(untouched)} "
                       "(too few channels).", stacklevel=3)
     return fixed_rules(keeps), lambda: None
+
+
+def _check_budget(sparsity, macs, learnable: bool) -> None:
+    if sparsity is not None and macs is not None:
+        raise ValueError("surgery.mask_blocks: pass sparsity= (a share of each group's channels) or macs= "
+                         f"(a share of the model's MACs), not both. Got sparsity={sparsity!r}, macs={macs!r}.")
+    if macs is not None:
+        if isinstance(macs, bool) or not isinstance(macs, (int, float)) or not 0.0 < macs <= 1.0:
+            raise ValueError(f"surgery.mask_blocks: expected macs, the share of the model's MACs to keep, in (0, 1]. "
+                             f"Got {macs!r}.")
+    elif learnable:
+        if sparsity is not None and (isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0):
+            raise ValueError(f"surgery.mask_blocks: expected sparsity in [0, 1) or None. Got {sparsity!r}.")
+    elif sparsity is None or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"surgery.mask_blocks: expected sparsity in [0, 1) for fixed masks. Got {sparsity!r}; "
+                         "or pass macs=, the share of the model's MACs to keep.")
+
+
+def _mac_rules(model: nn.Module, found: list[Group], macs: float, *, learnable: bool, importance, strength: float,
+               hard: bool, example: Tensor | None):
+    """The rules of a MAC budget over the groups ``found``: allocated now (fixed masks) or at bake (learnable)."""
+    if not found:
+        raise ValueError(f"surgery.mask_blocks: {type(model).__name__} has no channel group of the kinds asked for "
+                         "to keep a share of the MACs with.")
+    what = "surgery.mask_blocks macs"
+    cost = _mac_cost(model, example, _groups(model, "all", "surgery.mask_blocks"))
+    described = [ChannelGroup(g.name, g.channels, torch.ones(g.channels) if learnable else importance_of(g, importance),
+                              cost.per_channel(g.name), g.minimum) for g in found]
+    allocation = allocate(described, keep=macs, cost=cost, what=what)  # refuses an unreachable budget now
+    if not learnable:
+        return fixed_rules([(g, allocation.keep[g.name]) for g in found]), lambda: None
+    rules, share = learnable_rules(found, strength=strength, hard=hard)
+
+    def finish() -> None:
+        share()
+        leaders = [gate_of(group.readers[0]) for group in found]
+        followers = [gate_of(slot) for group in found for slot in group.readers[1:]]
+        GateBudget(list(zip(described, leaders)), keep=macs, cost=cost, what=what).attach(followers)
+
+    return rules, finish
 
 
 @dataclass
@@ -328,7 +399,8 @@ class ShrinkReport:
         return "\n".join(lines)
 
 
-def shrink(model: nn.Module, *, example: Tensor | None = None, measure: bool = True) -> ShrinkReport:
+def shrink(model: nn.Module, *, example: Tensor | None = None, measure: bool = True,
+           targets: dict | None = None) -> ShrinkReport:
     r"""Rewrite the model in place without the channels that nothing reads, in every channel group.
 
     A channel of a group (see :func:`channel_groups`) goes when every layer reading it has
@@ -343,18 +415,28 @@ def shrink(model: nn.Module, *, example: Tensor | None = None, measure: bool = T
     Every torchconstrain constraint on the groups' layers is baked first; constraints
     elsewhere in the model stay.
 
+    Budgets are reported in ``report.targets`` as ``name -> (target, achieved)``: the
+    learnable masks' budgets of :func:`mask_blocks` are read from the masks
+    (``"sparsity"``: the share of the budgeted groups' channels removed; ``"macs"``: the
+    shrunk model's MACs over the dense model's, both counted on ``example``, so pass the
+    example the budget was set for). Fixed masks keep no target: pass it as ``targets``.
+
     Args:
         model: a model of the family, or a model built from its blocks.
         example: the input used to count MACs and time inference (default: one
             224x224 RGB image).
         measure: time batch-1 CPU inference before (a dense copy) and after.
+        targets: ``{"macs": share}``, the MAC share to report the achieved share against
+            (as in :func:`~torchconstrain.surgery.graph.shrink`); it replaces one read from
+            the masks.
 
     Returns:
         A :class:`ShrinkReport`: channels per changed group, params, MACs and latency
-        before and after.
+        before and after, and the budgets' targets.
 
     Raises:
-        ValueError: a block the surgery does not understand; nothing is changed then.
+        ValueError: a block the surgery does not understand, or bad ``targets``; nothing
+            is changed then.
 
     Example:
         >>> import torch, torchvision
@@ -364,11 +446,19 @@ def shrink(model: nn.Module, *, example: Tensor | None = None, measure: bool = T
         >>> report = surgery.shrink(model, measure=False)
         >>> report.channels["features.2"], report.macs[1] < report.macs[0]
         ((72, 36), True)
+        >>> model = torchvision.models.mobilenet_v3_small(weights=None).eval()
+        >>> example = torch.zeros(1, 3, 64, 64)
+        >>> _ = surgery.mask_blocks(model, groups="all", macs=0.5, example=example)
+        >>> report = surgery.shrink(model, example=example, measure=False, targets={"macs": 0.5})
+        >>> target, achieved = report.targets["macs"]
+        >>> target, 0.45 < achieved <= 0.5
+        (0.5, True)
     """
     groups = _groups(model, "all", "surgery.shrink")
-    example = torch.zeros(1, 3, 224, 224) if example is None else example
-    example = example.to(next(model.parameters()).device)
+    asked = _check_targets(targets)
+    example = _example(model, example)
     budgets = _sparsity_budgets(groups)
+    mac_target = asked.get("macs", _mac_budget(groups))
     bake(model, key=_group_tensors(model, groups))
     before = (count_params(model), count_macs(model, example))
     latency_before = measure_latency(model, example) if measure else None
@@ -378,21 +468,51 @@ def shrink(model: nn.Module, *, example: Tensor | None = None, measure: bool = T
     if budgets:
         full = sum(width for _, width in budgets.values())
         kept = sum(channels.get(name, (width, width))[1] for name, (_, width) in budgets.items())
-        targets = {target for target, _ in budgets.values()}
-        report.targets["sparsity"] = (targets.pop() if len(targets) == 1 else math.nan, 1 - kept / full)
+        report.targets["sparsity"] = (_one_target({target for target, _ in budgets.values()}), 1 - kept / full)
+    if mac_target is not None:
+        report.targets["macs"] = (mac_target, report.macs[1] / report.macs[0])
     return report
+
+
+def _check_targets(targets) -> dict:
+    if targets is None:
+        return {}
+    if not isinstance(targets, dict) or set(targets) - {"macs"}:
+        raise ValueError(f"surgery.shrink: expected targets as {{'macs': share}} (the share of MACs to keep; sparsity "
+                         f"budgets are read from the masks). Got {targets!r}.")
+    macs = targets.get("macs")
+    if isinstance(macs, bool) or not isinstance(macs, (int, float)) or not 0.0 < macs <= 1.0:
+        raise ValueError(f"surgery.shrink: expected targets['macs'], the share of MACs to keep, in (0, 1]. Got {macs!r}.")
+    return dict(targets)
+
+
+def _one_target(targets: set) -> float:
+    """The target the budgets share, or NaN when they differ."""
+    return targets.pop() if len(targets) == 1 else math.nan
+
+
+def _learnable_masks(group: Group) -> list[LearnableMask]:
+    """The learnable masks on the weight of ``group``'s first reader."""
+    module = group.readers[0].module
+    chain = module.parametrizations.weight if parametrize.is_parametrized(module, "weight") else []
+    return [c for c in chain if isinstance(c, LearnableMask)]
 
 
 def _sparsity_budgets(groups: list[Group]) -> dict[str, tuple[float, int]]:
     """Group name -> (sparsity target, channels) for the groups whose learnable gates carry a budget."""
     found = {}
     for group in groups:
-        module = group.readers[0].module
-        chain = module.parametrizations.weight if parametrize.is_parametrized(module, "weight") else []
-        mask = next((c for c in chain if isinstance(c, LearnableMask) and c.target_sparsity is not None), None)
+        mask = next((c for c in _learnable_masks(group) if c.target_sparsity is not None), None)
         if mask is not None:
             found[group.name] = (mask.target_sparsity, group.channels)
     return found
+
+
+def _mac_budget(groups: list[Group]) -> float | None:
+    """The MAC share the groups' learnable gates are budgeted to keep (NaN for several), or None."""
+    keeps = {mask.budget.keep for group in groups for mask in _learnable_masks(group)
+             if mask.budget is not None and isinstance(mask.budget.cost, LayerCost)}
+    return _one_target(keeps) if keeps else None
 
 
 def _group_tensors(model: nn.Module, groups: list[Group]):

@@ -31,11 +31,11 @@ from torch import Tensor, nn
 from torchconstrain.bake import bake
 from torchconstrain.constraints import FixedMask, LearnableMask
 from torchconstrain.rules import constrain
-from torchconstrain.surgery.budget import Allocation, ChannelGroup, GateBudget, allocate
+from torchconstrain.surgery.budget import Allocation, ChannelGroup, GateBudget, LayerCost, allocate
 from torchconstrain.surgery.measure import count_params, layer_macs, measure_latency
 from torchconstrain.surgery.family import ShrinkReport
 
-__all__ = ["GraphCost", "GraphGroup", "GraphMasks", "find_groups", "mask_groups", "shrink"]
+__all__ = ["GraphGroup", "GraphMasks", "find_groups", "mask_groups", "shrink"]
 
 MIXING_OPS = ("Softmax", "LayerNorm", "GroupNorm", "LinalgVectorNorm", "NormBackward", "Cumsum", "Sort", "Topk")
 MIXING_CHOICES = ("error", "skip", "approximate")
@@ -196,44 +196,15 @@ def _mixing(tp, module, name: str) -> str | None:
     return f"{kind} {name} (a layer not known to keep channels apart)"
 
 
-@dataclass(frozen=True)
-class GraphCost:
-    r"""The exact MACs of a model whose groups keep ``kept[name]`` channels (a cost for :func:`~.budget.allocate`).
-
-    Each conv or linear layer costs its full MACs times the kept share of its input
-    columns times the kept share of its output rows (a depthwise conv: of its channels).
-    """
-
-    layers: tuple  # (macs, inputs, ((group, columns per channel), ...), outputs, ((group, rows per channel), ...))
-    channels: dict
-
-    def __call__(self, kept) -> float:
-        total = 0.0
-        for macs, inputs, reads, outputs, writes in self.layers:
-            columns = inputs - sum((self.channels[g] - kept.get(g, self.channels[g])) * per for g, per in reads)
-            rows = outputs - sum((self.channels[g] - kept.get(g, self.channels[g])) * per for g, per in writes)
-            total += macs * columns / inputs * rows / outputs
-        return total
-
-
-def _cost(model: nn.Module, example: Tensor, groups: list[GraphGroup]) -> GraphCost:
-    by_module = layer_macs(model, example)
-    macs = {name: by_module[module] for name, module in model.named_modules() if module in by_module}
-    parts = {}
+def _cost(model: nn.Module, example: Tensor, groups: list[GraphGroup]) -> LayerCost:
+    """The exact MACs of ``model`` on ``example`` as a function of the groups' kept channels."""
+    reads, writes = {}, {}
     for group in groups:
-        for side, layers in ((0, group.readers), (1, group.writers)):
+        for sides, layers in ((reads, group.readers), (writes, group.writers)):
             for layer in layers:
                 per_channel = int((layer.index >= 0).sum()) / group.channels
-                parts.setdefault(layer.name, ([], []))[side].append((group.name, per_channel))
-    layers = []
-    for name, module in model.named_modules():
-        if name not in macs:
-            continue
-        reads, writes = parts.get(name, ([], []))
-        depthwise = isinstance(module, nn.Conv2d) and module.weight.shape[1] == 1 and module.groups > 1
-        inputs = 1 if depthwise else module.weight.shape[1]
-        layers.append((float(macs[name]), inputs, tuple([] if depthwise else reads), module.weight.shape[0], tuple(writes)))
-    return GraphCost(tuple(layers), {group.name: group.channels for group in groups})
+                sides.setdefault(layer.module, []).append((group.name, per_channel))
+    return LayerCost.of(layer_macs(model, example), reads, writes, {group.name: group.channels for group in groups})
 
 
 def _importance(group: GraphGroup, importance) -> Tensor:
@@ -366,7 +337,7 @@ def mask_groups(model: nn.Module, example: Tensor, *, sparsity: float | None = N
     if learnable:
         cost = _cost(model, example, groups) if macs is not None else None
         if macs is not None:  # validated (unreachable budgets too) before the model is touched
-            described = [ChannelGroup(g.name, g.channels, torch.ones(g.channels), _linear_macs(cost, g),
+            described = [ChannelGroup(g.name, g.channels, torch.ones(g.channels), cost.per_channel(g.name),
                                       minimums[g.name]) for g in chosen]
             allocate(described, keep=macs, cost=cost, what="surgery.mask_groups macs")
         result.report = constrain(model, _learnable_rules(chosen, sparsity, strength, hard, rate))
@@ -397,12 +368,6 @@ def _check_options(sparsity, macs, learnable: bool, mixing: str, minimum) -> Non
         raise ValueError(f"surgery.mask_groups: expected minimum, a share in [0, 1] or a count >= 0. Got {minimum!r}.")
 
 
-def _linear_macs(cost: GraphCost, group: GraphGroup) -> float:
-    """The MACs one channel of ``group`` costs with every other channel kept."""
-    full = {name: count for name, count in cost.channels.items()}
-    return cost(full) - cost({**full, group.name: group.channels - 1})
-
-
 def _fixed_keeps(model, example, groups, chosen, sparsity, macs, importance, minimums, result) -> dict[str, Tensor]:
     scores = {g.name: _importance(g, importance) for g in chosen}
     if macs is None:
@@ -414,7 +379,7 @@ def _fixed_keeps(model, example, groups, chosen, sparsity, macs, importance, min
             keeps[group.name] = keep
         return keeps
     cost = _cost(model, example, groups)
-    described = [ChannelGroup(g.name, g.channels, scores[g.name], _linear_macs(cost, g), minimums[g.name]) for g in chosen]
+    described = [ChannelGroup(g.name, g.channels, scores[g.name], cost.per_channel(g.name), minimums[g.name]) for g in chosen]
     result.allocation = allocate(described, keep=macs, cost=cost, what="surgery.mask_groups macs")
     return result.allocation.keep
 

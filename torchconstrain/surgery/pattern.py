@@ -44,7 +44,7 @@ from torchconstrain.surgery.slicing import conv_of, input_l1, sliced_bn, sliced_
 
 __all__ = [
     "BLOCK_KINDS", "KINDS", "ROLES", "Block", "ConvUnit", "Group", "Network", "Slot", "build_groups", "fixed_rules",
-    "importance_of", "keep_share", "keep_top", "learnable_rules", "pair_unit", "read_channels", "select_kinds",
+    "gate_of", "importance_of", "keep_share", "keep_top", "learnable_rules", "pair_unit", "read_channels", "select_kinds",
     "sequence_unit", "shrink_groups", "slice_group",
 ]
 
@@ -373,13 +373,19 @@ def learnable_rules(groups: list[Group], *, strength: float, hard: bool,
 
     def share() -> None:
         for group in groups:
-            leader = group.readers[0].module.parametrizations.weight[-1]
+            leader = gate_of(group.readers[0])
             for slot in group.readers[1:]:
-                follower = slot.module.parametrizations.weight[-1]
+                follower = gate_of(slot)
                 follower.scores = leader.scores
                 follower.strength = follower.rate = 0.0  # one penalty per group: the leader's
 
     return rules, share
+
+
+def gate_of(slot: Slot) -> LearnableMask:
+    r"""The :class:`~torchconstrain.LearnableMask` :func:`learnable_rules` put on the weight at ``slot``
+    (the last constraint of its stack, once the rules are applied)."""
+    return slot.module.parametrizations.weight[-1]
 
 
 # --- shrinking ------------------------------------------------------------------------------------------
