@@ -42,13 +42,13 @@ from torchconstrain import surgery
 from torchconstrain.demo.config import DemoConfig
 from torchconstrain.demo.data import Digits, load_digits, make_model
 from torchconstrain.demo.train import evaluate, train
-from torchconstrain.surgery import graph
 
 SECTION = "peers"
 CASE = "digits mobilenet_v3_small 32x32 b1"
 TIMED = ("plain", "torchconstrain", "Torch-Pruning")
 #: How the torchconstrain variant masks the model (:func:`mask_torchconstrain`).
-METHOD = "`surgery.graph.mask_groups(model, example, macs=0.5, learnable=True)` then `masks.shrink(model)`"
+METHOD = ("`surgery.mask_blocks(model, groups=\"all\", macs=0.5, learnable=True, example=x)` then "
+          "`surgery.shrink(model, example=x)`")
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,8 @@ class Row:
 def mask_torchconstrain(model: nn.Module, example: Tensor, macs: float) -> Callable[[], object]:
     r"""Put learnable channel gates under a budget of ``macs`` of the MACs on ``model``; return
     the function that shrinks it after training (it bakes, and returns the shrink report)."""
-    masks = graph.mask_groups(model, example, macs=macs, learnable=True)
-    return lambda: masks.shrink(model.eval())
+    surgery.mask_blocks(model, groups="all", macs=macs, learnable=True, example=example)
+    return lambda: surgery.shrink(model.eval(), example=example, measure=False)
 
 
 def prune_torch_pruning(model: nn.Module, example: Tensor, ratio: float) -> nn.Module:
@@ -148,12 +148,12 @@ def compare(setup: Setup, seed: int) -> tuple[dict[str, nn.Module], list[Row]]:
     ours = copy.deepcopy(dense)
     shrink = mask_torchconstrain(ours, example, setup.macs)
     train(ours, data, finetune, name="tc", constrained=True)
-    shrink()
+    target, _ = shrink().targets["macs"]
     theirs, ratio = match_macs(dense, example, surgery.count_macs(ours, example), setup.bisection_steps)
     train(theirs, data, finetune, name="tp", constrained=False)
     models = {"plain": dense, "plain + F epochs": control, "torchconstrain": ours, "Torch-Pruning": theirs}
     rows = [_row("plain", dense, data, seed, dense_macs), _row("plain + F epochs", control, data, seed, dense_macs),
-            _row("torchconstrain", ours, data, seed, dense_macs, target=setup.macs),
+            _row("torchconstrain", ours, data, seed, dense_macs, target=target),
             _row("Torch-Pruning", theirs, data, seed, dense_macs, ratio=ratio)]
     return {name: model.eval() for name, model in models.items()}, rows
 
