@@ -30,6 +30,8 @@ from __future__ import annotations
 import copy
 import functools
 import statistics
+import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -103,11 +105,11 @@ def prune_torch_pruning(model: nn.Module, example: Tensor, ratio: float) -> nn.M
     return pruned
 
 
-def match_macs(model: nn.Module, example: Tensor, limit: int, steps_: int) -> tuple[nn.Module, float]:
+def match_macs(model: nn.Module, example: Tensor, limit: int, bisections: int) -> tuple[nn.Module, float]:
     r"""Torch-Pruning's pruned copy with the most MACs not above ``limit``, and its ratio, by
     bisection over the ratio (MACs fall as it grows)."""
     low, high, best = 0.0, 1.0, None
-    for _ in range(steps_):
+    for _ in range(bisections):
         ratio = (low + high) / 2
         pruned = prune_torch_pruning(model, example, ratio)
         macs = surgery.count_macs(pruned, example)
@@ -118,7 +120,7 @@ def match_macs(model: nn.Module, example: Tensor, limit: int, steps_: int) -> tu
         else:
             low = ratio
     if best is None:
-        raise ValueError(f"benchmarks.peers: no Torch-Pruning ratio reached {limit:,} MACs in {steps_} steps.")
+        raise ValueError(f"benchmarks.peers: no Torch-Pruning ratio reached {limit:,} MACs in {bisections} steps.")
     return best[2], best[1]
 
 
@@ -162,7 +164,10 @@ def run(device: torch.device, threads: int, budget: Budget, progress: Callable[[
         setup: Setup = FULL) -> list[Result]:
     r"""Train every seed's models, then time batch-1 inference of the first seed's, interleaved."""
     for seed in setup.seeds:
+        start = time.perf_counter()
         compare(setup, seed)
+        print(f"  {SECTION:8} | seed {seed} trained and pruned in {time.perf_counter() - start:.0f} s",
+              file=sys.stderr, flush=True)
     models, _ = compare(setup, setup.seeds[0])
     x = torch.randn(1, 3, 32, 32, device=device)
     calls = {name: [steps.forward(copy.deepcopy(models[name]).to(device), x) for _ in range(budget.copies)]
@@ -188,12 +193,12 @@ def legend(setup: Setup = FULL) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for variant in dict.fromkeys(row.variant for row in found):
         chosen = [row for row in found if row.variant == variant]
-        first = chosen[0]
         accuracies = " / ".join(f"{row.accuracy:.1%}" for row in chosen)
-        shares = "-".join(dict.fromkeys(f"{row.macs_share:.3f}" for row in (min(chosen, key=_share),
-                                                                             max(chosen, key=_share))))
-        lines.append(f"| {variant} | {first.params / 1e6:.3f} M | {first.macs / 1e6:.2f} M | {shares} | "
-                     f"{accuracies} | {statistics.mean(row.accuracy for row in chosen):.1%} |")
+        params = _span([row.params / 1e6 for row in chosen], "{:.3f}") + " M"
+        macs = _span([row.macs / 1e6 for row in chosen], "{:.2f}") + " M"
+        shares = _span([row.macs_share for row in chosen], "{:.3f}")
+        lines.append(f"| {variant} | {params} | {macs} | {shares} | {accuracies} | "
+                     f"{statistics.mean(row.accuracy for row in chosen):.1%} |")
     ratios = ", ".join(f"{row.ratio:.4f}" for row in found if row.ratio is not None)
     note = (
         f"Digits at 32x32 (1437 train / 360 test images, split by the seed), the demo's MobileNetV3-Small, seeds "
@@ -204,12 +209,13 @@ def legend(setup: Setup = FULL) -> str:
         f"(`MagnitudeImportance(p=1)`, `global_pruning=False`, the last Linear ignored), the ratio "
         f"bisected ({setup.bisection_steps} steps) to the most MACs not above torchconstrain's (ratios: "
         f"{ratios}), then the same fine-tuning. `plain + F epochs`: the plain model fine-tuned the same way "
-        f"(the control). MACs (`surgery.count_macs`, convs and Linears, one 32x32 image) and params are "
-        f"seed {setup.seeds[0]}'s; `MACs kept` spans the seeds. Timed: the seed-{setup.seeds[0]} models, "
+        f"(the control). MACs (`surgery.count_macs`, convs and Linears, one 32x32 image), params and "
+        f"`MACs kept` span the seeds. Timed: the seed-{setup.seeds[0]} models, "
         f"eval mode, BatchNorm not folded."
     )
     return note + "\n\n" + "\n".join(lines)
 
 
-def _share(row: Row) -> float:
-    return row.macs_share
+def _span(values: list[float], form: str) -> str:
+    """``0.506-0.613`` over the seeds, or one value when they agree."""
+    return "-".join(dict.fromkeys(form.format(value) for value in (min(values), max(values))))

@@ -162,7 +162,7 @@ def test_torch_pruning_is_matched_to_the_most_macs_not_above_the_limit():
 
     model, example = make_model(0).eval(), torch.zeros(1, 3, 32, 32)
     limit = surgery.count_macs(model, example) // 2
-    pruned, ratio = peers.match_macs(model, example, limit, steps_=8)
+    pruned, ratio = peers.match_macs(model, example, limit, bisections=8)
     assert surgery.count_macs(pruned, example) <= limit
     assert surgery.count_macs(peers.prune_torch_pruning(model, example, ratio - 2 ** -8), example) > limit
     assert surgery.count_params(model) == 1_528_106  # the dense model is left as it was
