@@ -22,7 +22,10 @@ so values and gradients are bitwise the plain path's.
 Memory: the value kept for reuse is the one weight-sized tensor the fast path holds per
 constrained tensor, and only between accesses with gradients off: the next access with
 gradients on drops it, so training keeps none (the constraints keep none either: a
-``FixedMask`` holds its bool mask only).
+``FixedMask`` holds its bool mask only). While it computes that value, a constraint whose
+input the previous constraint of the chain made (``Constraint.returns_new``) computes in
+that tensor (``Constraint.forward_in_place``), so a chain holds one weight-sized temporary,
+never the stored original.
 
 The plain ``parametrize`` evaluation runs instead under ``torch.compile``/``torch.export``
 tracing, ``torch.jit.trace``, ``parametrize.cached()``, ``torch.func`` transforms, for
@@ -61,7 +64,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
-from torchconstrain.constraints.base import tracing
+from torchconstrain.constraints.base import Constraint, tracing
 
 __all__ = ["fast_path_enabled", "set_fast_path"]
 
@@ -219,7 +222,7 @@ class _Evaluator:
             return kept[0]
         self.kept = kept = None  # free the stale value before computing the new one
         with torch.inference_mode(False), torch.no_grad():  # a tensor with a version counter
-            value = _evaluate(original, chain)
+            value = _evaluate_in_place(original, chain)
         self.kept = (value, key, value._version, sources)
         return value
 
@@ -229,6 +232,24 @@ def _evaluate(x: Tensor, chain) -> Tensor:
     for constraint in chain:
         x = constraint.forward(x)
     return x
+
+
+def _evaluate_in_place(x: Tensor, chain) -> Tensor:
+    """:func:`_evaluate` with gradients off, where each constraint whose input the previous
+    one made (``returns_new``) may overwrite it (``forward_in_place``): the stored original
+    is never written, and a chain holds one temporary at a time."""
+    made = False  # whether x is a tensor the previous constraint made, which nothing else holds
+    for constraint in chain:
+        given = x
+        x = constraint.forward_in_place(x) if made and isinstance(constraint, Constraint) else constraint.forward(x)
+        made = getattr(constraint, "returns_new", False) and (made or not _shares_memory(x, given))
+    return x
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` may share memory (the same storage, or either has none)."""
+    pointer = a.untyped_storage().data_ptr()
+    return not pointer or pointer == b.untyped_storage().data_ptr()
 
 
 def _key(original: Tensor, chain) -> tuple[list, list]:

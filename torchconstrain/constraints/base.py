@@ -23,6 +23,20 @@ tracing = torch.compiler.is_compiling
 _interpreters = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 
 
+def writable(x: Tensor, *others) -> bool:
+    r"""Whether an elementwise operation of ``x`` with ``others`` (tensors, numbers or
+    ``None``) may be written into ``x`` with the bits and layout of the operation's new
+    tensor: no gradient is recorded, ``x`` is contiguous, and every other tensor is
+    contiguous, of ``x``'s dtype (no type promotion) and broadcasts to ``x``'s shape."""
+    if x.requires_grad and torch.is_grad_enabled() or not x.is_contiguous():
+        return False
+    return all(
+        not isinstance(other, Tensor)
+        or other.dtype == x.dtype and other.is_contiguous() and torch.broadcast_shapes(other.shape, x.shape) == x.shape
+        for other in others
+    )
+
+
 def transformed() -> bool:
     r"""Whether a :mod:`torch.func` transform (``grad``, ``vmap``, ...) is running: its
     tensors may be batched, so forwards take their plain tensor path there too."""
@@ -54,14 +68,35 @@ class Constraint(nn.Module):
     constraint's own tensors and attributes. Subclasses inherit the flag, except those that
     define ``forward`` themselves: they are evaluated the plain way unless their own class
     body sets ``cacheable = True`` again.
+
+    ``returns_new = True`` declares that ``forward``, with gradients off, returns a tensor
+    nothing else holds (never its input, a view of it or a tensor it keeps). The fast path
+    then hands that tensor to the next constraint of the chain through
+    :meth:`forward_in_place`, which may overwrite it. A subclass that defines ``forward``
+    gets neither the flag nor its parent's :meth:`forward_in_place` unless its own class
+    body defines them again.
     """
 
     cacheable = False
+    returns_new = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if "forward" in vars(cls) and "cacheable" not in vars(cls):
-            cls.cacheable = False
+        if "forward" not in vars(cls):
+            return
+        for name, default in (("cacheable", False), ("returns_new", False), ("forward_in_place", Constraint.forward_in_place)):
+            if name not in vars(cls):
+                setattr(cls, name, default)
+
+    def forward_in_place(self, x: Tensor) -> Tensor:
+        r"""Return ``forward(x)``, overwriting ``x`` where that gives the same bits.
+
+        The fast path calls it with gradients off, on a tensor that the previous constraint
+        of the chain made and nothing else holds (see ``returns_new``), so that a chain
+        keeps one weight-sized temporary instead of one per constraint. The default calls
+        ``forward``; an override computes in ``x`` only where :func:`writable` allows it.
+        """
+        return self.forward(x)
 
     # Every change that its tensors' version counters do not show (an attribute, a new or
     # replaced tensor, ``.to()``) bumps the constraint's ``_revision``: the values the fast
