@@ -207,6 +207,42 @@ def test_reuse_is_never_stale_after_an_in_place_edit():
     assert torch.equal(_reused(layer), torch.full_like(layer.weight, 0.05))
 
 
+def test_reuse_is_never_stale_after_data_assignment_or_an_assigned_checkpoint():
+    model, other = constrained_pair(RULES["Clamp + FixedMask"])
+    layer = model[0]
+    _reused(layer)
+    original = layer.parametrizations.weight.original
+    original.data = torch.full_like(original, 0.05)  # no version bump
+    assert torch.equal(_reused(layer), _plain_value(layer)) and _reused(layer).abs().max() == 0.05
+    with torch.no_grad():
+        other[0].parametrizations.weight[1].mask.fill_(False)
+    model.load_state_dict(other.state_dict(), assign=True)  # new tensors, set as attributes
+    assert not _reused(layer).any()
+    assert same_bits(_reused(layer), _plain_value(layer))
+
+
+def test_reuse_follows_tensors_and_constraints_swapped_into_their_dicts():
+    model, _ = constrained_pair(RULES["Clamp + FixedMask"])
+    layer = model[0]
+    _reused(layer)
+    no_mask = {"parametrizations.weight.1.mask": torch.zeros_like(layer.parametrizations.weight[1].mask)}
+    with torch.no_grad():  # functional_call writes the given tensors into the modules' dicts
+        out = torch.func.functional_call(layer, no_mask, (torch.randn(2, 6),))
+    assert torch.equal(out, layer.bias.expand_as(out))
+    assert same_bits(_reused(layer), _plain_value(layer)) and _reused(layer).any()
+    layer.parametrizations.weight[1] = FixedMask(torch.zeros_like(layer.weight))  # same chain length
+    assert not _reused(layer).any()
+    assert same_bits(_reused(layer), _plain_value(layer))
+
+
+def test_a_hook_added_after_a_value_was_kept_runs():
+    model, _ = constrained_pair(RULES["Clamp pull_back"])
+    kept = _reused(model[0])
+    calls = []
+    model[0].parametrizations.weight[0].register_forward_hook(lambda module, args, out: calls.append(1) or out * 0.5)
+    assert same_bits(_reused(model[0]), kept * 0.5) and calls
+
+
 def test_editing_the_returned_tensor_does_not_poison_the_reuse():
     model, _ = constrained_pair(RULES["FixedMask"])
     layer = model[0]

@@ -3,6 +3,7 @@ r"""The base class every torchconstrain constraint derives from."""
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Mapping
 
 import torch
@@ -21,6 +22,18 @@ __all__ = ["Constraint"]
 tracing = torch.compiler.is_compiling
 
 _interpreters = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
+
+_COUNT = itertools.count(1)
+_CHANGES = [0]
+
+
+def changes() -> int:
+    r"""A number that changes whenever an attribute or tensor of any constraint is set,
+    replaced or moved: equal numbers mean no constraint changed in between. (Each change
+    writes a number never written before, so a change made concurrently with another
+    cannot leave the number it found.)"""
+    return _CHANGES[0]
 
 
 def writable(x: Tensor, *others) -> bool:
@@ -99,11 +112,11 @@ class Constraint(nn.Module):
         return self.forward(x)
 
     # Every change that its tensors' version counters do not show (an attribute, a new or
-    # replaced tensor, ``.to()``) bumps the constraint's ``_revision``: the values the fast
-    # path reuses are keyed on it.
+    # replaced tensor, ``.to()``, a submodule or forward hook added) changes the count of
+    # constraint changes (:func:`changes`): the values the fast path reuses are keyed on it.
 
     def _changed(self) -> None:
-        self.__dict__["_revision"] = self.__dict__.get("_revision", 0) + 1
+        _CHANGES[0] = next(_COUNT)
 
     def __setattr__(self, name: str, value) -> None:
         self._changed()
@@ -120,6 +133,18 @@ class Constraint(nn.Module):
     def register_parameter(self, name: str, param) -> None:
         self._changed()
         super().register_parameter(name, param)
+
+    def add_module(self, name: str, module) -> None:
+        self._changed()  # a constraint with submodules is evaluated the plain way
+        super().add_module(name, module)
+
+    def register_forward_pre_hook(self, *args, **kwargs):
+        self._changed()  # a hook must run: the value reused with gradients off is dropped
+        return super().register_forward_pre_hook(*args, **kwargs)
+
+    def register_forward_hook(self, *args, **kwargs):
+        self._changed()
+        return super().register_forward_hook(*args, **kwargs)
 
     def _apply(self, *args, **kwargs):
         self._changed()
