@@ -25,12 +25,13 @@ _interpreters = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: N
 
 
 _COUNT = itertools.count(1)
-_CHANGES = [0]
+_CHANGES = [0]  # what changes() returns; the fast path reads it on every access
 
 
 def changes() -> int:
     r"""A number that changes whenever an attribute or tensor of any constraint is set,
-    replaced or moved: equal numbers mean no constraint changed in between. (Each change
+    replaced or moved, or a forward hook or submodule is added to one: equal numbers mean
+    no constraint changed in between. (Each change
     writes a number never written before, so a change made concurrently with another
     cannot leave the number it found.)"""
     return _CHANGES[0]

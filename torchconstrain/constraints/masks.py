@@ -236,9 +236,12 @@ IN_PLACE_CHUNK = 2**16
 
 def _mask_in_place(x: Tensor, mask: Tensor) -> Tensor:
     """``x *= mask`` for a contiguous ``x`` and ``mask``: the bits of :func:`_times_mask`
-    (``x * m`` is ``m * x``), one chunk at a time. A product with a ``uint8`` operand
-    converts it to ``x``'s dtype in a temporary of its size, so a chunk's conversion
-    (256 KiB in float32) is the only temporary instead of one of the tensor's size."""
+    (``x * m`` is ``m * x``), one chunk at a time on the CPU. There a product with a
+    ``uint8`` operand converts it to ``x``'s dtype in a temporary of its size, so a chunk's
+    conversion (256 KiB in float32) is the only temporary instead of one of the tensor's
+    size. (CUDA kernels convert as they read.)"""
+    if x.device.type != "cpu":
+        return x.mul_(mask.view(torch.uint8))
     flat, keep = x.view(-1), mask.view(torch.uint8).view(-1)
     for start in range(0, flat.numel(), IN_PLACE_CHUNK):
         flat[start : start + IN_PLACE_CHUNK].mul_(keep[start : start + IN_PLACE_CHUNK])
