@@ -16,8 +16,8 @@ so values and gradients are bitwise the plain path's.
   changes: the stored original or a constraint's tensor (its identity or version
   counter: ``optimizer.step()``, ``load_state_dict``, in-place edits), the stored
   original's storage (``.to()``), a constraint's attributes or tensors being set or
-  replaced or a forward hook added (any such change of any constraint recomputes every
-  kept value), or the chain of parametrizations. An in-place edit of the returned tensor
+  replaced or a forward hook added (each constraint's revision number), or the chain of
+  parametrizations. An in-place edit of the returned tensor
   also recomputes it. Checking all of that costs a few C-level walks of tuples per
   access (see ``_Kept``).
 
@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
-from torchconstrain.constraints.base import _CHANGES, Constraint, changes, tracing
+from torchconstrain.constraints.base import Constraint, tracing
 
 __all__ = ["fast_path_enabled", "set_fast_path"]
 
@@ -235,6 +235,7 @@ class _Evaluator:
 
 
 _VERSION = operator.attrgetter("_version")
+_REVISION = operator.attrgetter("_revision")
 _is = operator.is_
 _END = object()
 _chained = itertools.chain.from_iterable
@@ -244,8 +245,8 @@ class _Kept:
     """A value kept for reuse with gradients off, and everything it is computed from as
     it was then: the chain, the stored original and every constraint's tensors (their
     identities in the dicts that hold them, and their version counters), the original's
-    storage, and the count of constraint changes (:func:`~torchconstrain.constraints.base.changes`:
-    attributes, tensors set or moved, hooks and submodules added). It holds the objects
+    storage, and each constraint's revision number (set anew by every change its tensors'
+    versions do not show: attributes, tensors set or moved, hooks and submodules added). It holds the objects
     it names, so that their identities cannot be taken by others while it is kept.
 
     :meth:`holds` checks all of it in a few calls that each walk a whole tuple in C, and
@@ -253,11 +254,11 @@ class _Kept:
     them out of the CPU caches.
     """
 
-    __slots__ = ("changes", "views", "held", "tensors", "versions", "original", "pointer", "value")
+    __slots__ = ("chain", "revisions", "views", "held", "tensors", "versions", "original", "pointer", "value")
 
     def __init__(self, plist: nn.Module) -> None:
-        self.changes = changes()
-        chain = tuple(plist._modules.values())
+        chain = self.chain = tuple(plist._modules.values())
+        self.revisions = tuple(map(_REVISION, chain))
         dicts = (plist._modules, plist._parameters) + tuple(d for c in chain for d in (c._buffers, c._parameters))
         # Live views of the dicts, then an end mark: walking them beside ``held`` in step
         # finds a value replaced, added or removed (the end marks no longer meet).
@@ -279,8 +280,8 @@ class _Kept:
         """Whether the value is still the effective tensor: neither it (an in-place edit)
         nor anything it is computed from has changed."""
         return (
-            _CHANGES[0] == self.changes
-            and not _autocast()
+            not _autocast()
+            and tuple(map(_REVISION, self.chain)) == self.revisions
             and all(map(_is, _chained(self.views), self.held))
             and tuple(map(_VERSION, self.tensors)) == self.versions
             and self.original.data_ptr() == self.pointer

@@ -24,17 +24,7 @@ tracing = torch.compiler.is_compiling
 _interpreters = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 
 
-_COUNT = itertools.count(1)
-_CHANGES = [0]  # what changes() returns; the fast path reads it on every access
-
-
-def changes() -> int:
-    r"""A number that changes whenever an attribute or tensor of any constraint is set,
-    replaced or moved, or a forward hook or submodule is added to one: equal numbers mean
-    no constraint changed in between. (Each change
-    writes a number never written before, so a change made concurrently with another
-    cannot leave the number it found.)"""
-    return _CHANGES[0]
+_REVISIONS = itertools.count(1)  # each change of a constraint takes the next number: none is written twice
 
 
 def writable(x: Tensor, *others) -> bool:
@@ -93,6 +83,7 @@ class Constraint(nn.Module):
 
     cacheable = False
     returns_new = False
+    _revision = 0  # see _changed
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -113,11 +104,12 @@ class Constraint(nn.Module):
         return self.forward(x)
 
     # Every change that its tensors' version counters do not show (an attribute, a new or
-    # replaced tensor, ``.to()``, a submodule or forward hook added) changes the count of
-    # constraint changes (:func:`changes`): the values the fast path reuses are keyed on it.
+    # replaced tensor, ``.to()``, a submodule or forward hook added) sets the
+    # constraint's ``_revision`` anew (a number no other change writes, so two threads' changes
+    # cannot leave the one a reader saw): the values the fast path reuses are keyed on it.
 
     def _changed(self) -> None:
-        _CHANGES[0] = next(_COUNT)
+        self.__dict__["_revision"] = next(_REVISIONS)
 
     def __setattr__(self, name: str, value) -> None:
         self._changed()
