@@ -2,6 +2,8 @@
 
 import copy
 import pickle
+from unittest import mock
+
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from torch import nn
 
 from torchconstrain import LearnableMask, bake, constrain, penalty
 from torchconstrain.surgery import count_macs, layer_macs
+from torchconstrain.surgery import budget as budget_module
 from torchconstrain.surgery.budget import ChannelGroup, GateBudget, LayerCost, allocate, linear_cost
 
 
@@ -156,6 +159,36 @@ def test_gate_budget_penalty_raises_one_multiplier_and_hard_forwards_follow_the_
         assert torch.equal(model[2].weight.abs().sum(0) != 0, keep["hidden1"])
         masks[1].scores.mul_(-1)  # another member's gates change: the first member's hard forward follows
         assert torch.equal(model[2].weight.abs().sum(0) != 0, budget.allocation().keep["hidden1"])
+
+
+def test_gate_budget_reuses_its_allocation_only_while_the_gates_and_budget_are_unchanged():
+    model, masks, groups = gated_pair(hard=True)
+    x = torch.randn(3, 6)
+    with mock.patch.object(budget_module, "allocate", wraps=budget_module.allocate) as counted:
+        budget = GateBudget(list(zip(groups, masks)), keep=0.5).attach()
+        model(x)
+        model(x)
+        assert counted.call_count == 1  # one allocation: the budget's check, both members, both forwards
+        first = budget.allocation()
+        first.keep["hidden1"].fill_(False)  # callers get copies
+        assert budget.allocation().keep["hidden1"].any() and counted.call_count == 1
+        changes = [
+            lambda: masks[1].scores.detach().mul_(-1),                # in place (as an optimizer step)
+            lambda: setattr(masks[0].scores, "data", masks[0].scores.data.flip(-1).contiguous()),
+            lambda: masks[0].temperature.fill_(0.5),                  # a temperature schedule
+            lambda: setattr(budget, "keep", 0.3),
+        ]
+        for step, change in enumerate(changes, start=1):
+            before = {name: keep.clone() for name, keep in budget.allocation().keep.items()}
+            change()
+            expected = budget_module.allocate(
+                [ChannelGroup(g.name, g.channels, m.gates().detach().flatten(), g.macs, g.minimum) for g, m in zip(groups, masks)],
+                keep=budget.keep, cost=budget.cost, normalize=False)
+            got = budget.allocation()
+            assert counted.call_count == 1 + 2 * step  # recomputed once (the reference above is the other call)
+            assert all(torch.equal(got.keep[name], expected.keep[name]) for name in before)
+        with torch.no_grad():
+            torch.testing.assert_close(model[4].weight.abs().sum(0) != 0, budget.allocation().keep["hidden2"])
 
 
 def test_gate_budget_refuses_a_mask_that_does_not_fit_its_group():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchconstrain import (
     Clamp,
@@ -25,6 +26,7 @@ from torchconstrain import (
     set_fast_path,
 )
 from torchconstrain import fastpath
+from torchconstrain.constraints import masks
 from conftest import TiedNet, tokens
 
 
@@ -203,6 +205,42 @@ def test_reuse_is_never_stale_after_an_in_place_edit():
     with torch.no_grad():
         layer.weight = torch.full_like(layer.weight, 0.05)  # through right_inverse
     assert torch.equal(_reused(layer), torch.full_like(layer.weight, 0.05))
+
+
+def test_reuse_is_never_stale_after_data_assignment_or_an_assigned_checkpoint():
+    model, other = constrained_pair(RULES["Clamp + FixedMask"])
+    layer = model[0]
+    _reused(layer)
+    original = layer.parametrizations.weight.original
+    original.data = torch.full_like(original, 0.05)  # no version bump
+    assert torch.equal(_reused(layer), _plain_value(layer)) and _reused(layer).abs().max() == 0.05
+    with torch.no_grad():
+        other[0].parametrizations.weight[1].mask.fill_(False)
+    model.load_state_dict(other.state_dict(), assign=True)  # new tensors, set as attributes
+    assert not _reused(layer).any()
+    assert same_bits(_reused(layer), _plain_value(layer))
+
+
+def test_reuse_follows_tensors_and_constraints_swapped_into_their_dicts():
+    model, _ = constrained_pair(RULES["Clamp + FixedMask"])
+    layer = model[0]
+    _reused(layer)
+    no_mask = {"parametrizations.weight.1.mask": torch.zeros_like(layer.parametrizations.weight[1].mask)}
+    with torch.no_grad():  # functional_call writes the given tensors into the modules' dicts
+        out = torch.func.functional_call(layer, no_mask, (torch.randn(2, 6),))
+    assert torch.equal(out, layer.bias.expand_as(out))
+    assert same_bits(_reused(layer), _plain_value(layer)) and _reused(layer).any()
+    layer.parametrizations.weight[1] = FixedMask(torch.zeros_like(layer.weight))  # same chain length
+    assert not _reused(layer).any()
+    assert same_bits(_reused(layer), _plain_value(layer))
+
+
+def test_a_hook_added_after_a_value_was_kept_runs():
+    model, _ = constrained_pair(RULES["Clamp pull_back"])
+    kept = _reused(model[0])
+    calls = []
+    model[0].parametrizations.weight[0].register_forward_hook(lambda module, args, out: calls.append(1) or out * 0.5)
+    assert same_bits(_reused(model[0]), kept * 0.5) and calls
 
 
 def test_editing_the_returned_tensor_does_not_poison_the_reuse():
@@ -653,6 +691,126 @@ def test_constrain_and_check_leave_no_value_kept_for_reuse():
     constrain(model, {nn.Linear: [Clamp(-0.1, 0.1), FixedMask.magnitude(sparsity=0.5)]})
     check(model)
     assert not any(fastpath._KEY in m.parametrizations.weight.__dict__ for m in (model[0], model[2], model[4]))
+
+
+class _WeightSizedOutputs(TorchDispatchMode):
+    """Records the storage of every floating-point tensor of ``numel`` entries an
+    operation returns (not a mask's bytes)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.storages = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel() == self.numel:
+            self.storages.append(out.untyped_storage().data_ptr())
+        return out
+
+
+IN_PLACE_CHAINS = {
+    "Clamp + FixedMask": lambda: [Clamp(-0.2, 0.2), FixedMask.magnitude(sparsity=0.5)],
+    "FixedMask + Clamp": lambda: [FixedMask.magnitude(sparsity=0.3), Clamp(-0.1, 0.1)],
+    "FixedMask + per-channel Clamp": lambda: [FixedMask.magnitude(sparsity=0.3), Clamp(-torch.full((8,), 0.1), 0.1)],
+    "FixedMask + NonNeg": lambda: [FixedMask.magnitude(sparsity=0.3), NonNeg()],
+    "Clamp + LearnableMask": lambda: [Clamp(-0.2, 0.2), LearnableMask(temperature=0.5)],
+    "Clamp + hard LearnableMask": lambda: [Clamp(-0.2, 0.2), LearnableMask(per="channel", hard=True, init=0.6)],
+    "FixedMask + MaxNorm": lambda: [FixedMask.magnitude(sparsity=0.5), MaxNorm(0.3)],
+    "FixedMask + UnitNorm": lambda: [FixedMask.magnitude(sparsity=0.5), UnitNorm()],
+    "Clamp + FakeQuant": lambda: [Clamp(-0.2, 0.2), FakeQuant(bits=4)],
+    "Clamp + FixedMask + FixedMask": lambda: RULES["Clamp + FixedMask + FixedMask"](),
+}
+
+
+def _in_place_pair(name):
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 8)
+    constrain(layer, {"weight": IN_PLACE_CHAINS[name]()})
+    with torch.no_grad():
+        layer.parametrizations.weight.original.mul_(3.0)  # partly outside the boxes and balls
+    return layer
+
+
+@pytest.mark.parametrize("name", list(IN_PLACE_CHAINS))
+def test_a_no_grad_chain_computes_in_the_first_constraints_output(name):
+    layer = _in_place_pair(name)
+    original = layer.parametrizations.weight.original
+    before, version = original.detach().clone(), original._version
+    with torch.no_grad(), _WeightSizedOutputs(original.numel()) as outputs:
+        value = layer.weight
+    assert outputs.storages[0] != original.untyped_storage().data_ptr()  # the first made a new tensor
+    assert value.untyped_storage().data_ptr() == outputs.storages[0]  # the others wrote into it
+    assert same_bits(value, _plain_value(layer))
+    assert same_bits(original, before) and original._version == version
+
+
+def test_a_clamp_and_a_mask_allocate_one_weight_sized_tensor():
+    torch.manual_seed(0)
+    layer = nn.Linear(500, 300)  # 150,000 entries: the mask multiplies in three chunks
+    constrain(layer, {"weight": [Clamp(-0.01, 0.01), FixedMask.magnitude(sparsity=0.5)]})
+    weight_bytes = layer.parametrizations.weight.original.nbytes
+    with torch.no_grad(), torch.profiler.profile(profile_memory=True) as profiled:
+        value = layer.weight
+    allocations = [e.self_cpu_memory_usage for e in profiled.events() if e.self_cpu_memory_usage > 0]
+    assert [size for size in allocations if size >= weight_bytes] == [weight_bytes]  # the clamp's output
+    assert max(size for size in allocations if size < weight_bytes) <= masks.IN_PLACE_CHUNK * 4  # a chunk's conversion
+    assert same_bits(value, _plain_value(layer))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_a_no_grad_chain_on_a_conv_gives_the_bits_and_layout_of_the_plain_path(layout):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3)
+    constrain(conv, {"weight": [Clamp(-0.1, 0.1), FixedMask.magnitude(sparsity=0.5), LearnableMask()]})
+    conv.to(memory_format=layout)
+    with torch.no_grad():
+        value = conv.weight
+        with set_fast_path(False):
+            plain = conv.weight
+    assert same_bits(value, plain) and value.stride() == plain.stride()
+
+
+class _Identity(Constraint):
+    cacheable = True
+    returns_new = True  # a false claim: the evaluator must not trust it with the original
+
+    def forward(self, x):
+        return x
+
+
+class _View(_Identity):
+    cacheable, returns_new = True, True
+
+    def forward(self, x):
+        return x.view_as(x)
+
+
+class _Undeclared(Constraint):
+    cacheable = True  # returns_new left False: its input is given, never overwritten
+
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize("first", [
+    lambda: Clamp(-10, 10),  # every entry inside its box
+    lambda: Clamp(-10, 10, gradient="clamp"),
+    _Identity, _View, _Undeclared,
+])
+def test_no_grad_forwards_never_write_the_stored_original(first):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    constrain(model, {nn.Linear: [first(), FixedMask.magnitude(sparsity=0.5), Clamp(-0.1, 0.1)]})
+    originals = [m.parametrizations.weight.original for m in (model[0], model[2])]
+    before = [(o.detach().clone(), o._version) for o in originals]
+    x = torch.randn(4, 6)
+    with torch.no_grad(), set_fast_path(False):
+        plain = model(x)
+    for mode in (torch.no_grad, torch.inference_mode, torch.no_grad):
+        with mode():
+            assert same_bits(model(x), plain)
+    assert all(same_bits(o, b) and o._version == v for o, (b, v) in zip(originals, before))
+    assert (originals[0] != 0).all()  # no entry was masked in the stored original
 
 
 def test_a_stale_kept_value_is_released_before_its_replacement_is_computed():

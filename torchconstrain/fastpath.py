@@ -16,13 +16,18 @@ so values and gradients are bitwise the plain path's.
   changes: the stored original or a constraint's tensor (its identity or version
   counter: ``optimizer.step()``, ``load_state_dict``, in-place edits), the stored
   original's storage (``.to()``), a constraint's attributes or tensors being set or
-  replaced (each constraint counts its changes), or the chain of parametrizations. An
-  in-place edit of the returned tensor also recomputes it.
+  replaced or a forward hook added (each constraint's revision number), or the chain of
+  parametrizations. An in-place edit of the returned tensor
+  also recomputes it. Checking all of that costs a few C-level walks of tuples per
+  access (see ``_Kept``).
 
 Memory: the value kept for reuse is the one weight-sized tensor the fast path holds per
 constrained tensor, and only between accesses with gradients off: the next access with
 gradients on drops it, so training keeps none (the constraints keep none either: a
-``FixedMask`` holds its bool mask only).
+``FixedMask`` holds its bool mask only). While it computes that value, a constraint whose
+input the previous constraint of the chain made (``Constraint.returns_new``) computes in
+that tensor (``Constraint.forward_in_place``), so a chain holds one weight-sized temporary,
+never the stored original.
 
 The plain ``parametrize`` evaluation runs instead under ``torch.compile``/``torch.export``
 tracing, ``torch.jit.trace``, ``parametrize.cached()``, ``torch.func`` transforms, for
@@ -54,6 +59,8 @@ Example:
 
 from __future__ import annotations
 
+import itertools
+import operator
 import threading
 
 import torch
@@ -61,7 +68,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
-from torchconstrain.constraints.base import tracing
+from torchconstrain.constraints.base import Constraint, tracing
 
 __all__ = ["fast_path_enabled", "set_fast_path"]
 
@@ -152,7 +159,13 @@ def _getter(tensor_name: str):
         evaluator = plist.__dict__.get(_KEY)
         if evaluator is None:
             evaluator = plist.__dict__[_KEY] = _Evaluator()
-        value = evaluator.value(plist) if _usable() else None
+        if not _usable():
+            return _plain(module, tensor_name, plist)
+        kept = evaluator.kept
+        if kept is not None and not torch.is_grad_enabled() and kept.holds():  # the common no-grad access
+            return kept.value
+        del kept  # a stale value is freed before its replacement is computed
+        value = evaluator.value(plist)
         return _plain(module, tensor_name, plist) if value is None else value
 
     return get
@@ -194,7 +207,7 @@ class _Evaluator:
     __slots__ = ("kept",)
 
     def __init__(self) -> None:
-        self.kept = None  # (value, key, value's version, what the key's ids refer to)
+        self.kept = None  # a _Kept, while gradients are off
 
     def __deepcopy__(self, memo):
         return None
@@ -203,25 +216,76 @@ class _Evaluator:
         return type(None), ()  # unpickles as None
 
     def value(self, plist: nn.Module) -> Tensor | None:
-        """The effective tensor, or ``None`` when the plain evaluation must run."""
+        """The effective tensor, or ``None`` when the plain evaluation must run (a value
+        kept for reuse is returned by the property itself, once :meth:`_Kept.holds`)."""
         original = plist._parameters.get("original")
         chain = plist._modules.values()
         if type(original) not in _PLAIN_TYPES or not plist.is_tensor or not all(map(_cacheable, chain)):
             return None
+        self.kept = None  # training: do not hold a copy of the weight meanwhile; else stale
         if torch.is_grad_enabled():
-            self.kept = None  # training: do not hold a copy of the weight meanwhile
             return _evaluate(original, chain)
         if _autocast() or original.is_inference():
             return _evaluate(original, chain)
-        key, sources = _key(original, chain)
-        kept = self.kept
-        if kept is not None and kept[1] == key and kept[0]._version == kept[2]:
-            return kept[0]
-        self.kept = kept = None  # free the stale value before computing the new one
+        kept = _Kept(plist)  # what the value is computed from, read before it is
         with torch.inference_mode(False), torch.no_grad():  # a tensor with a version counter
-            value = _evaluate(original, chain)
-        self.kept = (value, key, value._version, sources)
+            value = _evaluate_in_place(original, chain)
+        self.kept = kept.keep(value)
         return value
+
+
+_VERSION = operator.attrgetter("_version")
+_REVISION = operator.attrgetter("_revision")
+_is = operator.is_
+_END = object()
+_chained = itertools.chain.from_iterable
+
+
+class _Kept:
+    """A value kept for reuse with gradients off, and everything it is computed from as
+    it was then: the chain, the stored original and every constraint's tensors (their
+    identities in the dicts that hold them, and their version counters), the original's
+    storage, and each constraint's revision number (set anew by every change its tensors'
+    versions do not show: attributes, tensors set or moved, hooks and submodules added). It holds the objects
+    it names, so that their identities cannot be taken by others while it is kept.
+
+    :meth:`holds` checks all of it in a few calls that each walk a whole tuple in C, and
+    reads as few objects as it can: between accesses the model's kernels have pushed
+    them out of the CPU caches.
+    """
+
+    __slots__ = ("chain", "revisions", "views", "held", "tensors", "versions", "original", "pointer", "value")
+
+    def __init__(self, plist: nn.Module) -> None:
+        chain = self.chain = tuple(plist._modules.values())
+        self.revisions = tuple(map(_REVISION, chain))
+        dicts = (plist._modules, plist._parameters) + tuple(d for c in chain for d in (c._buffers, c._parameters))
+        # Live views of the dicts, then an end mark: walking them beside ``held`` in step
+        # finds a value replaced, added or removed (the end marks no longer meet).
+        self.views = tuple(d.values() for d in dicts) + ((_END,),)
+        self.held = tuple(_chained(self.views))
+        self.tensors = tuple(t for d in dicts[1:] for t in d.values() if t is not None)
+        self.versions = tuple(map(_VERSION, self.tensors))
+        self.original = plist._parameters["original"]
+        self.pointer = self.original.data_ptr()
+        self.value = None
+
+    def keep(self, value: Tensor) -> "_Kept":
+        self.value = value
+        self.tensors += (value,)  # an in-place edit of the value itself makes it stale too
+        self.versions += (value._version,)
+        return self
+
+    def holds(self) -> bool:
+        """Whether the value is still the effective tensor: neither it (an in-place edit)
+        nor anything it is computed from has changed."""
+        return (
+            not _autocast()
+            and tuple(map(_REVISION, self.chain)) == self.revisions
+            and all(map(_is, _chained(self.views), self.held))
+            and tuple(map(_VERSION, self.tensors)) == self.versions
+            and self.original.data_ptr() == self.pointer
+        )
 
 
 def _evaluate(x: Tensor, chain) -> Tensor:
@@ -231,22 +295,22 @@ def _evaluate(x: Tensor, chain) -> Tensor:
     return x
 
 
-def _key(original: Tensor, chain) -> tuple[list, list]:
-    """Everything the value is computed from, as numbers: the identities and versions of
-    the stored original and of each constraint's tensors, the original's storage, and each
-    constraint's identity and revision; and those objects, kept alive with the key so that
-    their ids cannot be taken by others."""
-    key = [id(original), original._version, original.data_ptr()]
-    sources = [original]
+def _evaluate_in_place(x: Tensor, chain) -> Tensor:
+    """:func:`_evaluate` with gradients off, where each constraint whose input the previous
+    one made (``returns_new``) may overwrite it (``forward_in_place``): the stored original
+    is never written, and a chain holds one temporary at a time."""
+    made = False  # whether x is a tensor the previous constraint made, which nothing else holds
     for constraint in chain:
-        key += (id(constraint), constraint.__dict__.get("_revision", 0))
-        sources.append(constraint)
-        for tensors in (constraint._buffers, constraint._parameters):
-            for tensor in tensors.values():
-                if tensor is not None:
-                    key += (id(tensor), tensor._version)
-                    sources.append(tensor)
-    return key, sources
+        given = x
+        x = constraint.forward_in_place(x) if made and isinstance(constraint, Constraint) else constraint.forward(x)
+        made = getattr(constraint, "returns_new", False) and (made or not _shares_memory(x, given))
+    return x
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` may share memory (the same storage, or either has none)."""
+    pointer = a.untyped_storage().data_ptr()
+    return not pointer or pointer == b.untyped_storage().data_ptr()
 
 
 def _cacheable(constraint: nn.Module) -> bool:

@@ -3,6 +3,7 @@ r"""The base class every torchconstrain constraint derives from."""
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Mapping
 
 import torch
@@ -21,6 +22,23 @@ __all__ = ["Constraint"]
 tracing = torch.compiler.is_compiling
 
 _interpreters = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
+
+_REVISIONS = itertools.count(1)  # each change of a constraint takes the next number: none is written twice
+
+
+def writable(x: Tensor, *others) -> bool:
+    r"""Whether an elementwise operation of ``x`` with ``others`` (tensors, numbers or
+    ``None``) may be written into ``x`` with the bits and layout of the operation's new
+    tensor: no gradient is recorded, ``x`` is contiguous, and every other tensor is
+    contiguous, of ``x``'s dtype (no type promotion) and broadcasts to ``x``'s shape."""
+    if x.requires_grad and torch.is_grad_enabled() or not x.is_contiguous():
+        return False
+    return all(
+        not isinstance(other, Tensor)
+        or other.dtype == x.dtype and other.is_contiguous() and torch.broadcast_shapes(other.shape, x.shape) == x.shape
+        for other in others
+    )
 
 
 def transformed() -> bool:
@@ -54,21 +72,44 @@ class Constraint(nn.Module):
     constraint's own tensors and attributes. Subclasses inherit the flag, except those that
     define ``forward`` themselves: they are evaluated the plain way unless their own class
     body sets ``cacheable = True`` again.
+
+    ``returns_new = True`` declares that ``forward``, with gradients off, returns a tensor
+    nothing else holds (never its input, a view of it or a tensor it keeps). The fast path
+    then hands that tensor to the next constraint of the chain through
+    :meth:`forward_in_place`, which may overwrite it. A subclass that defines ``forward``
+    gets neither the flag nor its parent's :meth:`forward_in_place` unless its own class
+    body defines them again.
     """
 
     cacheable = False
+    returns_new = False
+    _revision = 0  # see _changed
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if "forward" in vars(cls) and "cacheable" not in vars(cls):
-            cls.cacheable = False
+        if "forward" not in vars(cls):
+            return
+        for name, default in (("cacheable", False), ("returns_new", False), ("forward_in_place", Constraint.forward_in_place)):
+            if name not in vars(cls):
+                setattr(cls, name, default)
+
+    def forward_in_place(self, x: Tensor) -> Tensor:
+        r"""Return ``forward(x)``, overwriting ``x`` where that gives the same bits.
+
+        The fast path calls it with gradients off, on a tensor that the previous constraint
+        of the chain made and nothing else holds (see ``returns_new``), so that a chain
+        keeps one weight-sized temporary instead of one per constraint. The default calls
+        ``forward``; an override computes in ``x`` only where :func:`writable` allows it.
+        """
+        return self.forward(x)
 
     # Every change that its tensors' version counters do not show (an attribute, a new or
-    # replaced tensor, ``.to()``) bumps the constraint's ``_revision``: the values the fast
-    # path reuses are keyed on it.
+    # replaced tensor, ``.to()``, a submodule or forward hook added) sets the
+    # constraint's ``_revision`` anew (a number no other change writes, so two threads' changes
+    # cannot leave the one a reader saw): the values the fast path reuses are keyed on it.
 
     def _changed(self) -> None:
-        self.__dict__["_revision"] = self.__dict__.get("_revision", 0) + 1
+        self.__dict__["_revision"] = next(_REVISIONS)
 
     def __setattr__(self, name: str, value) -> None:
         self._changed()
@@ -85,6 +126,18 @@ class Constraint(nn.Module):
     def register_parameter(self, name: str, param) -> None:
         self._changed()
         super().register_parameter(name, param)
+
+    def add_module(self, name: str, module) -> None:
+        self._changed()  # a constraint with submodules is evaluated the plain way
+        super().add_module(name, module)
+
+    def register_forward_pre_hook(self, *args, **kwargs):
+        self._changed()  # a hook must run: the value reused with gradients off is dropped
+        return super().register_forward_pre_hook(*args, **kwargs)
+
+    def register_forward_hook(self, *args, **kwargs):
+        self._changed()
+        return super().register_forward_hook(*args, **kwargs)
 
     def _apply(self, *args, **kwargs):
         self._changed()

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from torchconstrain.constraints.arguments import choice
-from torchconstrain.constraints.base import Constraint, tracing, transformed
+from torchconstrain.constraints.base import Constraint, tracing, transformed, writable
 from torchconstrain.constraints.stacking import (
     CLAMPS,
     KEEPS_SIGNS,
@@ -221,6 +221,7 @@ class Clamp(Constraint):
     """
 
     cacheable = True  # see Constraint
+    returns_new = True  # torch.clamp and the clamp Functions make a new tensor
 
     def __init__(self, min=None, max=None, *, gradient: str = "pull_back") -> None:
         super().__init__()
@@ -251,6 +252,10 @@ class Clamp(Constraint):
     def forward(self, x: Tensor) -> Tensor:
         lower, upper = self._bounds(x)
         return self._clamp(x, lower, upper)
+
+    def forward_in_place(self, x: Tensor) -> Tensor:
+        lower, upper = self._bounds(x)
+        return x.clamp_(lower, upper) if writable(x, lower, upper) else self._clamp(x, lower, upper)
 
     def _clamp(self, x: Tensor, lower, upper) -> Tensor:
         if self.gradient == "clamp" or not (x.requires_grad and torch.is_grad_enabled()):

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from torchconstrain._distributed import whole
 from torchconstrain.constraints.arguments import choice, flag, integer, number
-from torchconstrain.constraints.base import Constraint, tracing, transformed
+from torchconstrain.constraints.base import Constraint, tracing, transformed, writable
 from torchconstrain.constraints.stacking import (
     KEEPS_SIGNS,
     MOVES_TO_ZERO,
@@ -68,6 +68,7 @@ class FixedMask(Constraint):
     """
 
     cacheable = True  # see Constraint
+    returns_new = True  # a product (see _MaskProduct)
 
     def __init__(self, mask: Tensor | None = None, *, _selector=None) -> None:
         super().__init__()
@@ -151,6 +152,11 @@ class FixedMask(Constraint):
             return x * _traced_mask(self.mask).to(x.dtype)
         return _MaskProduct.apply(x, self.mask)
 
+    def forward_in_place(self, x: Tensor) -> Tensor:
+        mask = self.mask
+        fits = x.is_floating_point() and mask.shape == x.shape and mask.is_contiguous() and writable(x)
+        return _mask_in_place(x, mask) if fits and not (tracing() or transformed()) else self.forward(x)
+
     def right_inverse(self, value: Tensor) -> Tensor:
         return torch.where(self.mask, value, 0.0)
 
@@ -222,7 +228,25 @@ class _MaskProduct(torch.autograd.Function):
 
 
 def _times_mask(x: Tensor, mask: Tensor) -> Tensor:
-    return mask.view(torch.uint8).to(x.dtype).mul_(x)
+    return mask.view(torch.uint8).to(x.dtype, copy=True).mul_(x)  # (a uint8 x: a copy, not the mask)
+
+
+#: Entries per product when a mask multiplies a tensor in place (:func:`_mask_in_place`).
+IN_PLACE_CHUNK = 2**16
+
+
+def _mask_in_place(x: Tensor, mask: Tensor) -> Tensor:
+    """``x *= mask`` for a contiguous ``x`` and ``mask``: the bits of :func:`_times_mask`
+    (``x * m`` is ``m * x``), one chunk at a time on the CPU. There a product with a
+    ``uint8`` operand converts it to ``x``'s dtype in a temporary of its size, so a chunk's
+    conversion (256 KiB in float32) is the only temporary instead of one of the tensor's
+    size. (CUDA kernels convert as they read.)"""
+    if x.device.type != "cpu":
+        return x.mul_(mask.view(torch.uint8))
+    flat, keep = x.view(-1), mask.view(torch.uint8).view(-1)
+    for start in range(0, flat.numel(), IN_PLACE_CHUNK):
+        flat[start : start + IN_PLACE_CHUNK].mul_(keep[start : start + IN_PLACE_CHUNK])
+    return x
 
 
 #: The smallest mask that compiled CPU code reads through a byte copy (see :func:`_traced_mask`).
@@ -356,6 +380,7 @@ class LearnableMask(Constraint):
     """
 
     cacheable = True  # see Constraint
+    returns_new = True  # a product
 
     def __init__(
         self,
@@ -472,12 +497,21 @@ class LearnableMask(Constraint):
         return padded[self.gate_index].view(self.slice_shape)
 
     def forward(self, x: Tensor) -> Tensor:
+        return x * self._forward_gate()
+
+    def forward_in_place(self, x: Tensor) -> Tensor:
+        gate = self._forward_gate()
+        return x.mul_(gate) if writable(x, gate) else x * gate
+
+    def _forward_gate(self) -> Tensor:
+        """What the forward multiplies the tensor by: the soft gate, or with ``hard=True``
+        the binary gate carrying the soft gate's gradient."""
         gates = self.gates()
         gate = self._spread(gates, 1.0)
         if self.hard:
             binary = self._spread(self._kept_gates(gates), True).to(gate.dtype)
             gate = binary + (gate - gate.detach())
-        return x * gate
+        return gate
 
     def bake(self, value: Tensor) -> Tensor:
         problem = _scores_problem(self.scores)

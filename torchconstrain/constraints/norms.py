@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from torchconstrain.constraints.arguments import integer, number
-from torchconstrain.constraints.base import Constraint, tracing, transformed
+from torchconstrain.constraints.base import Constraint, tracing, transformed, writable
 from torchconstrain.constraints.box import Clamp
 from torchconstrain.constraints.stacking import (
     KEEPS_SIGNS,
@@ -143,19 +143,28 @@ class MaxNorm(_ChannelNorm):
     """
 
     cacheable = True  # see Constraint
+    returns_new = True  # a product
 
     def __init__(self, max_value: float, *, dim: int = 0) -> None:
         super().__init__(dim)
         self.max_value = number("MaxNorm", "max_value", max_value, low=0, low_open=True, finite=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        return x * self._factor(x)
+
+    def forward_in_place(self, x: Tensor) -> Tensor:
+        factor = self._factor(x)
+        return x.mul_(factor) if writable(x, factor) else x * factor
+
+    def _factor(self, x: Tensor) -> Tensor:
+        """What each slice is multiplied by: 1 inside the ball, else ``max_value / norm``."""
         norms, exact = self._plain(x)
         scale = self.max_value / norms.clamp_min(torch.finfo(x.dtype).tiny)
         if exact is not None:
             largest, _, scaled_norms = self._scaled(x)
             safe = self.max_value / largest / scaled_norms.clamp_min(1.0)
             scale = torch.where(exact, scale, safe)
-        return x * scale.clamp_max(1.0)
+        return scale.clamp_max(1.0)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return self(value)
@@ -201,6 +210,7 @@ class UnitNorm(_ChannelNorm):
     """
 
     cacheable = True  # see Constraint
+    returns_new = True  # a quotient, or a new tensor from torch.where
 
     def __init__(self, *, dim: int = 0) -> None:
         super().__init__(dim)
@@ -221,6 +231,13 @@ class UnitNorm(_ChannelNorm):
             return unit
         _, scaled, scaled_norms = self._scaled(x)
         return torch.where(exact, unit, scaled / scaled_norms.clamp_min(1.0))
+
+    def forward_in_place(self, x: Tensor) -> Tensor:
+        norms, exact = self._plain(x)
+        divisor = norms.clamp_min(torch.finfo(x.dtype).tiny)
+        if exact is None and writable(x, divisor):
+            return x.div_(divisor)
+        return self.forward(x)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return self(value)

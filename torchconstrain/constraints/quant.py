@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from torchconstrain.constraints.arguments import flag, integer, number
-from torchconstrain.constraints.base import Constraint
+from torchconstrain.constraints.base import Constraint, writable
 from torchconstrain.constraints.stacking import (
     KEEPS_SIGNS,
     WITHIN_LARGEST,
@@ -76,6 +76,7 @@ class FakeQuant(Constraint):
     """
 
     cacheable = True  # see Constraint
+    returns_new = True  # a sum
 
     def __init__(self, bits: int = 8, *, per_channel: bool = True, symmetric: bool = True, dim: int = 0,
                  min_scale: float = 0.0) -> None:
@@ -141,6 +142,10 @@ class FakeQuant(Constraint):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.quantize(x).sub_(x.detach())
+
+    def forward_in_place(self, x: Tensor) -> Tensor:
+        moves = self.quantize(x).sub_(x.detach())
+        return x.add_(moves) if writable(x, moves) else x + moves
 
     def bake(self, value: Tensor) -> Tensor:
         return self.quantize(value)

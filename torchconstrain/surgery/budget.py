@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from torchconstrain._distributed import whole
+from torchconstrain.constraints.base import tracing, transformed
 
 __all__ = ["Allocation", "ChannelGroup", "CostLayer", "GateBudget", "LayerCost", "LinearCost", "allocate", "linear_cost"]
 
@@ -340,11 +341,38 @@ class GateBudget:
         return self
 
     def allocation(self) -> Allocation:
-        r"""The channels baking keeps now: :func:`allocate` over the members' current gates."""
+        r"""The channels baking keeps now: :func:`allocate` over the members' current gates.
+
+        A hard forward asks for it once per member, so the last result is reused while
+        every member's ``scores`` and ``temperature`` are the same tensors at the same
+        version, under the same ``keep`` and ``cost`` (the allocation is a function of nothing
+        else); any in-place change, an optimizer step or a temperature schedule included,
+        recomputes it. As for the fast path, a write through ``.data`` is not seen: edit
+        scores in place under ``torch.no_grad()`` instead.
+        """
+        if tracing() or transformed():
+            return self._allocate()
+        sources = self._gate_sources()
+        last = self.__dict__.get("_last")
+        if last is None or not _same_sources(last[0], sources):
+            last = self._last = (sources, self._allocate())
+        allocation = last[1]
+        return replace(allocation, keep={name: keep.clone() for name, keep in allocation.keep.items()})
+
+    def _allocate(self) -> Allocation:
         with torch.no_grad():
             groups = [ChannelGroup(g.name, g.channels, mask.gates().detach().flatten().float().cpu(), g.macs, g.minimum)
                       for g, mask in zip(self.groups, self.masks)]
         return allocate(groups, keep=self.keep, cost=self.cost, normalize=False, what=self.what)
+
+    def _gate_sources(self) -> tuple:
+        tensors = tuple((t, t._version, t.data_ptr()) for mask in self.masks for t in (mask.scores, mask.temperature))
+        return ((self.cost, self.keep), *tensors)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_last", None)  # a copy's gates are other tensors
+        return state
 
     def keep_for(self, mask) -> Tensor:
         r"""The bool keep vector of one member's gates (or of a mask sharing a member's scores), in the scores' shape."""
@@ -368,3 +396,8 @@ class GateBudget:
             with torch.no_grad():
                 multiplier.add_(self.rate * excess.detach())
         return multiplier * excess
+
+
+def _same_sources(first: tuple, second: tuple) -> bool:
+    """Whether two :meth:`GateBudget._gate_sources` name the same tensors at the same versions and storages."""
+    return len(first) == len(second) and all(a[0] is b[0] and a[1:] == b[1:] for a, b in zip(first, second))  # (cost, keep) too
