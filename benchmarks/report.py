@@ -22,6 +22,7 @@ TITLES = {
     "layers": "Per layer (MobileNetV3-Small shapes, batch 8): time relative to plain",
     "models": "Whole models: time relative to plain",
     "surgery": "Surgery: batch-1 inference of shrunk models, time relative to the dense one",
+    "peers": "Against Torch-Pruning at the same MACs: batch-1 inference, time relative to the dense model",
     "compiled": "torch.compile (inductor): constrained and compiled, time relative to plain compiled",
 }
 

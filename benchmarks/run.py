@@ -8,7 +8,10 @@ Usage::
 Measures the cases of :mod:`benchmarks.layers` (one MobileNetV3 layer at a time: forward,
 forward+backward, training step), :mod:`benchmarks.models` (MobileNetV3 training step
 and inference, a stack of 40 small Linears), each under every variant,
-:mod:`benchmarks.surgery` (shrunk MobileNetV2/V3s, EfficientNet-B0 and MNASNet against the dense ones) and
+:mod:`benchmarks.surgery` (shrunk MobileNetV2/V3s, EfficientNet-B0 and MNASNet against the dense ones),
+:mod:`benchmarks.peers` (the demo's MobileNetV3-Small on the digits, dense, under a learnable
+MAC budget and pruned by Torch-Pruning to the same MACs, each fine-tuned alike: trains
+before it times; its sizes and test accuracies go under ``"peers"`` in the JSON) and
 :mod:`benchmarks.compiled` (the MobileNetV3-Small training step and the Linear stack
 under ``torch.compile``, constrained and compiled against plain and compiled), with
 :func:`benchmarks.timing.measure_group` (warm-up, then interleaved rounds of
@@ -49,7 +52,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 import torch
 
-from benchmarks import compiled, layers, machine, memory, models, plot, report, surgery
+from benchmarks import compiled, layers, machine, memory, models, peers, plot, report, surgery
 from benchmarks.timing import Budget, Result, steady_allocator
 
 BUDGETS = {
@@ -135,6 +138,7 @@ def case_names(quick: bool = False) -> list[str]:
     r"""The names of every case, in the order they run (``--case`` picks among them); with
     ``quick``, of those ``--quick`` runs (not the compiled ones)."""
     names = [case.name for case in (*layers.CASES, *models.CASES)] + [f"{arch} b1" for arch in surgery.ARCHS]
+    names.append(peers.CASE)
     if not quick:
         names += [case.name for case in compiled.CASES]
     return list(dict.fromkeys(names + [memory.NAME]))
@@ -156,10 +160,17 @@ def run_all(device: torch.device, threads: int, mode: str, picked=_picker(None, 
     results += models.run(device, threads, model_budget, progress, tuple(c for c in model_cases if picked(c.name)))
     archs = tuple(arch for arch in surgery.ARCHS if picked(f"{arch} b1"))
     results += surgery.run(device, threads, model_budget, progress, archs)
+    if picked(peers.CASE):
+        results += peers.run(device, threads, model_budget, progress, peer_setup(mode))
     if mode == "quick":  # compiling takes minutes: not part of the smoke test
         return results
     compiled_cases = tuple(c for c in compiled.CASES if picked(c.name))
     return results + compiled.run(device, threads, COMPILED_BUDGET, progress, compiled_cases, log)
+
+
+def peer_setup(mode: str) -> peers.Setup:
+    r"""The trainings of the comparison with Torch-Pruning: a few batches under ``--quick``."""
+    return peers.QUICK if mode == "quick" else peers.FULL
 
 
 def log(text: str) -> None:
@@ -188,7 +199,7 @@ def run_settings(argv: list[str] | None, mode: str, elapsed: float, load_start: 
 
 
 def write_json(path: Path, results: list[Result], info: dict, settings: dict, markdown: str,
-               memory_result: dict | None = None) -> None:
+               memory_result: dict | None = None, peer_rows: list[dict] | None = None) -> None:
     r"""Write the JSON to ``path``, and ``table.md`` and (if anything was timed) ``plot.png`` beside it."""
     ratio = report.ratios(results)
     measurements = [dict(r.to_dict(), ratio_to_plain=ratio[id(r)]) for r in results]
@@ -196,6 +207,8 @@ def write_json(path: Path, results: list[Result], info: dict, settings: dict, ma
     document = {"machine": info, "settings": settings, "measurements": measurements}
     if memory_result is not None:
         document["memory"] = memory_result
+    if peer_rows is not None:
+        document["peers"] = peer_rows
     path.write_text(json.dumps(document, indent=1))
     (path.parent / "table.md").write_text(markdown)
     if results:
@@ -220,13 +233,17 @@ def main(argv: list[str] | None = None) -> int:
     if any(r.section == surgery.SECTION for r in results):  # its legend builds every shrunk model
         timed = {r.case for r in results if r.section == surgery.SECTION}
         notes["surgery"] = surgery.legend(tuple(arch for arch in surgery.ARCHS if f"{arch} b1" in timed))
+    peer_rows = None
+    if any(r.section == peers.SECTION for r in results):
+        notes[peers.SECTION] = peers.legend(peer_setup(mode))
+        peer_rows = [asdict(row) for row in peers.rows(peer_setup(mode))]
     appendix = memory.markdown(memory_result) if memory_result is not None else []
     settings = settings_line(mode, args.threads) if results else f"Run: `{mode}`, no timings."
     markdown = report.markdown(results, machine.summary(info), settings, notes, appendix)
     print(markdown, end="")
     if args.json is not None:
         write_json(args.json, results, info, run_settings(argv, mode, elapsed, load_start), markdown,
-                   memory_result)
+                   memory_result, peer_rows)
     print(f"done in {elapsed:.1f} s", file=sys.stderr)
     return 0
 

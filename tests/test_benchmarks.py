@@ -151,3 +151,35 @@ def test_compiled_section_times_every_variant_compiled_once():
     ]
     assert all(r.median > 0 for r in results)
     assert len(lines) == 2 * len(names)  # one compile line per variant and task
+
+
+def test_torch_pruning_is_matched_to_the_most_macs_not_above_the_limit():
+    import torch
+
+    from benchmarks import peers
+    from torchconstrain import surgery
+    from torchconstrain.demo.data import make_model
+
+    model, example = make_model(0).eval(), torch.zeros(1, 3, 32, 32)
+    limit = surgery.count_macs(model, example) // 2
+    pruned, ratio = peers.match_macs(model, example, limit, bisections=8)
+    assert surgery.count_macs(pruned, example) <= limit
+    assert surgery.count_macs(peers.prune_torch_pruning(model, example, ratio - 2 ** -8), example) > limit
+    assert surgery.count_params(model) == 1_528_106  # the dense model is left as it was
+    assert pruned.classifier[-1].out_features == 10
+
+
+def test_case_peers_compares_the_three_models_at_the_same_macs(tmp_path):
+    path = tmp_path / "bench.json"
+    assert main(["--quick", "--case", "digits mobilenet_v3_small", "--json", str(path)]) == 0
+    document = json.loads(path.read_text())
+    assert [r["variant"] for r in document["measurements"]] == ["plain", "torchconstrain", "Torch-Pruning"]
+    rows = {r["variant"]: r for r in document["peers"]}
+    assert set(rows) == {"plain", "plain + F epochs", "torchconstrain", "Torch-Pruning"}
+    ours, theirs = rows["torchconstrain"], rows["Torch-Pruning"]
+    assert ours["macs_share"] <= ours["target"] == 0.5
+    assert theirs["macs"] <= ours["macs"] < rows["plain"]["macs"]
+    assert all(0 <= r["accuracy"] <= 1 for r in rows.values())
+    table = (tmp_path / "table.md").read_text()
+    assert "## Against Torch-Pruning at the same MACs" in table
+    assert "| Torch-Pruning |" in table

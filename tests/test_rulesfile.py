@@ -154,6 +154,20 @@ def test_a_mac_budget_for_the_blocks_in_a_file(tmp_path):
         constrain(torchvision.models.mobilenet_v3_small(weights=None), bad)
 
 
+def test_a_mac_budget_in_a_file_is_counted_for_its_input_shape(tmp_path):
+    small = torch.zeros(1, 3, 32, 32)
+    model = torchvision.models.mobilenet_v3_small(weights=None).eval()
+    path = write(tmp_path, "rules.yaml", "rules: []\nblocks: {groups: all, macs: 0.5, input_shape: [1, 3, 32, 32]}\n")
+    constrain(model, path)
+    report = surgery.shrink(model, example=small, measure=False, targets={"macs": 0.5})
+    target, achieved = report.targets["macs"]
+    assert 0.45 < achieved <= target == 0.5  # on 224x224 images the same budget keeps other channels
+    for shape in ("[1, 3, 0, 32]", "32", "[]", "[1, 3, 32.5, 32]"):
+        bad = write(tmp_path, "bad.yaml", f"rules: []\nblocks: {{macs: 0.5, input_shape: {shape}}}\n")
+        with pytest.raises(RulesFileError, match=r"bad.yaml, blocks: expected input_shape as a list of sizes >= 1"):
+            read_rules(bad)
+
+
 def test_rules_constrain_takes_python_rules_and_says_where_files_go(tmp_path):
     model = build()
     before = snapshot(model)

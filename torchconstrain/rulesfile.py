@@ -15,6 +15,8 @@ A rules file is a mapping with a ``rules`` list and an optional ``blocks`` mappi
       learnable: true
       strength: 0.05
 
+``blocks`` takes :func:`~torchconstrain.surgery.mask_blocks`'s options, and ``input_shape``
+(``[1, 3, 32, 32]``), the input a ``macs`` budget is counted for (its ``example``).
 ``apply`` names constraints from :data:`CONSTRAINTS`, each with its keyword arguments
 (or none: ``NonNeg`` alone), or a list of them, or ``null``.
 """
@@ -26,6 +28,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from torch import nn
 
@@ -61,7 +64,7 @@ CONSTRAINTS = {
     "L1": L1,
     "L2": L2,
 }
-BLOCK_OPTIONS = ("groups", "sparsity", "macs", "learnable", "importance", "strength", "hard")
+BLOCK_OPTIONS = ("groups", "sparsity", "macs", "learnable", "importance", "strength", "hard", "input_shape")
 
 
 class RulesFileError(ValueError):
@@ -83,8 +86,11 @@ class RulesFile:
         rules = [(self._key(model, key, index), value) for index, (key, value) in enumerate(self.rules)]
         if self.blocks is None:
             return rules, lambda: None
+        options = dict(self.blocks)
+        if "input_shape" in options:  # the input a MAC budget is counted for
+            options["example"] = torch.zeros(options.pop("input_shape"))
         try:
-            extra, finish = block_rules(model, **self.blocks)
+            extra, finish = block_rules(model, **options)
         except ValueError as error:
             raise RulesFileError(f"{self.path}, blocks: {error}") from None
         return rules + extra, finish
@@ -188,6 +194,10 @@ def _blocks(path: str, blocks) -> dict | None:
     unknown = set(blocks) - set(BLOCK_OPTIONS)
     if unknown:
         raise RulesFileError(f"{path}, blocks: unknown options {sorted(unknown)}. Expected some of {', '.join(BLOCK_OPTIONS)}.")
+    shape = blocks.get("input_shape", [1])
+    if not isinstance(shape, list) or not shape or not all(type(size) is int and size >= 1 for size in shape):
+        raise RulesFileError(f"{path}, blocks: expected input_shape as a list of sizes >= 1, batch included, like "
+                             f"[1, 3, 224, 224]. Got {shape!r}.")
     return dict(blocks)
 
 
