@@ -55,7 +55,7 @@ def test_the_demo_writes_every_artefact(tiny):
                  *PLOTS):
         assert text in report
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"settings", "data", "stages", "history", "constraints", "blocks", "verification", "timing"}
+    assert set(metrics) == {"settings", "data", "stages", "history", "constraints", "blocks", "targets", "verification", "timing"}
     assert set(metrics["stages"]) == {"plain", "constrained", "baked", "shrunk", *PROGRAMS}
     assert set(metrics["timing"]["latency_ms"]) == {*metrics["stages"], "folded"}
     assert [len(metrics["history"][name]) for name in ("plain", "constrained")] == [1, 1]
@@ -73,6 +73,21 @@ def test_the_demo_checks_constraints_and_verifies_the_shrunk_model(tiny):
     assert stages["plain"]["sparsity"] == 0.0 < stages["baked"]["sparsity"]
     assert stages["shrunk"]["params"] <= stages["baked"]["params"] == stages["plain"]["params"]
     assert "shrunk vs plain" in result.summary
+
+
+def test_the_summary_names_what_shrink_removed_and_the_budget_it_met(tiny):
+    from torchconstrain.demo import report
+
+    metrics = json.loads(json.dumps(tiny[1].metrics))
+    metrics["blocks"] = {"features.2": {"before": 72, "after": 30}, "features.3": {"before": 88, "after": 40}}
+    assert "shrink: 2 blocks, expanded channels 160 -> 70;" in report.summary(metrics, [])
+    assert "budget:" not in report.summary(metrics, [])  # the packaged rules set no budget
+    metrics["blocks"] = {"features.0.0:out": {"before": 16, "after": 8}, "features.2": {"before": 72, "after": 30}}
+    metrics["targets"] = {"macs": [0.5, 0.4993]}
+    text = report.summary(metrics, [])
+    assert "shrink: 2 channel groups, channels 88 -> 38;" in text  # not only blocks: no "expanded" claim
+    assert "budget: macs target 0.500, achieved 0.499" in text
+    assert "## Channel groups after `surgery.shrink`" in report.markdown(metrics, [])
 
 
 def test_the_command_line_runs_the_demo_and_the_same_seed_gives_the_same_metrics(tiny, quick_cli, tmp_path, capsys):

@@ -150,6 +150,7 @@ def _metrics(config: DemoConfig, data, models: dict, histories: dict, constraint
         "history": histories,
         "constraints": constraints,
         "blocks": {name: {"before": a, "after": b} for name, (a, b) in shrink_report.channels.items()},
+        "targets": dict(shrink_report.targets),
     }
 
 

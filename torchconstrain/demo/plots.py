@@ -82,7 +82,7 @@ def _gates_panel(axis, epochs, gates, metrics: dict) -> None:
     if metrics["blocks"]:
         before = sum(block["before"] for block in metrics["blocks"].values())
         after = sum(block["after"] for block in metrics["blocks"].values())
-        text += f"\n{after:,} of {before:,} block channels"
+        text += f"\n{after:,} of {before:,} channels"
     axis.annotate(text, (epochs[-1], 100 * gates[-1]), textcoords="offset points", xytext=(0, -12), ha="right",
                   va="top", fontsize=10, color=CONSTRAINED)
     axis.set(title="Pruning: learnable gates kept", xlabel="epoch", ylabel="gates kept (%)", ylim=(0, 105),

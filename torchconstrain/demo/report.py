@@ -134,14 +134,25 @@ def _verdicts(metrics: dict) -> list[str]:
     if metrics["blocks"]:
         before = sum(block["before"] for block in metrics["blocks"].values())
         after = sum(block["after"] for block in metrics["blocks"].values())
-        lines.append(f"shrink: {len(metrics['blocks'])} blocks, expanded channels {before:,} -> {after:,}; "
+        groups, channels = group_nouns(metrics["blocks"])
+        lines.append(f"shrink: {len(metrics['blocks'])} {groups}, {channels} {before:,} -> {after:,}; "
                      f"{check['folded_batchnorms']} BatchNorms folded")
+    lines += [f"budget: {name} target {target:.3f}, achieved {achieved:.3f}"
+              for name, (target, achieved) in metrics.get("targets", {}).items()]
     lines.append(f"baked vs constrained outputs: max |difference| {check['baked_vs_constrained_max_abs_difference']:.2g}")
     verdict = "ok" if check["shrunk_matches_baked"] else "MISMATCH"
     tolerance = ", ".join(f"{key}={value:g}" for key, value in check["tolerance"].items())
     lines.append(f"shrunk + folded vs baked outputs: max |difference| {check['shrunk_vs_baked_max_abs_difference']:.2g} "
                  f"({verdict}, {tolerance})")
     return lines + _program_verdicts(metrics)
+
+
+def group_nouns(groups: dict) -> tuple[str, str]:
+    r"""How to name the shrunk channel groups: ``("blocks", "expanded channels")`` when every
+    group is a block's expanded channels (named after the block), else ``("channel groups", "channels")``."""
+    if all(":" not in name for name in groups):
+        return "blocks", "expanded channels"
+    return "channel groups", "channels"
 
 
 def _count(number: int, noun: str) -> str:
@@ -171,7 +182,9 @@ def markdown(metrics: dict, pictures: list[str]) -> str:
     if metrics["blocks"]:
         rows = [[name, str(b["before"]), f"{b['after']} ({b['after'] / b['before']:.0%})"]
                 for name, b in metrics["blocks"].items()]
-        parts += ["## Block channels after `surgery.shrink`\n", _table(["block", "expanded channels", "kept"], rows)]
+        groups, channels = group_nouns(metrics["blocks"])
+        title = "Block channels" if groups == "blocks" else "Channel groups"
+        parts += [f"## {title} after `surgery.shrink`\n", _table([groups[:-1].split()[-1], channels, "kept"], rows)]
     return "\n".join(parts)
 
 
