@@ -221,6 +221,23 @@ def test_a_learnable_mac_budget_is_met_exactly_at_bake_and_shrinks_to_the_baked_
     assert "macs    target 0.500, achieved" in str(report)
 
 
+def test_hard_gates_under_a_mac_budget_follow_every_step_exactly():
+    model = build("mobilenet_v3_small").train()
+    surgery.mask_blocks(model, groups="all", macs=0.5, learnable=True, hard=True, example=EXAMPLE)
+    x = torch.randn(2, 3, 64, 64)
+    for _ in range(3):
+        train_gates(model, 1)  # Adam moves the scores in place: the allocation the forwards share must follow
+        model.eval()
+        fresh = copy.deepcopy(model)  # a copy computes its allocation anew
+        torch.testing.assert_close(outputs(model, x), outputs(fresh, x), rtol=0, atol=0)
+        budget, _ = leader_budget(model)
+        with torch.no_grad():
+            for group, mask in zip(budget.groups, budget.masks):  # each hard gate is the allocation's
+                open_gates = mask(torch.ones_like(mask.gate())).flatten() != 0
+                assert torch.equal(open_gates, budget.allocation().keep[group.name].to(open_gates.device))
+        model.train()
+
+
 def seeded_importance(seed: int):
     """Random scores per group, the same for a group however often they are asked for."""
     return lambda name, group: torch.rand(group.channels, generator=torch.Generator().manual_seed(seed + zlib.crc32(name.encode())))
