@@ -225,19 +225,19 @@ class UnitNorm(_ChannelNorm):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        norms, exact = self._plain(x)
-        unit = x / norms.clamp_min(torch.finfo(x.dtype).tiny)
-        if exact is None:
-            return unit
-        _, scaled, scaled_norms = self._scaled(x)
-        return torch.where(exact, unit, scaled / scaled_norms.clamp_min(1.0))
+        return self._normalized(x, in_place=False)
 
     def forward_in_place(self, x: Tensor) -> Tensor:
+        return self._normalized(x, in_place=True)
+
+    def _normalized(self, x: Tensor, *, in_place: bool) -> Tensor:
+        """Each slice divided by its norm (in ``x`` itself where allowed and every norm is exact)."""
         norms, exact = self._plain(x)
         divisor = norms.clamp_min(torch.finfo(x.dtype).tiny)
-        if exact is None and writable(x, divisor):
-            return x.div_(divisor)
-        return self.forward(x)
+        if exact is None:
+            return x.div_(divisor) if in_place and writable(x, divisor) else x / divisor
+        _, scaled, scaled_norms = self._scaled(x)
+        return torch.where(exact, x / divisor, scaled / scaled_norms.clamp_min(1.0))
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return self(value)
