@@ -16,6 +16,7 @@ from torchconstrain import (
     constrain,
     penalty,
 )
+from torchconstrain.constraints import masks
 
 
 def test_fixed_mask_zeroes_entries_and_their_gradient():
@@ -281,3 +282,25 @@ def test_check_passes_for_every_constraint_kind():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
     constrain(model, {"0": Clamp(-0.1, 0.1), "1": FixedMask.n_m(2, 4), "2": LearnableMask()})
     assert len(check(model)) == 3
+
+
+@pytest.mark.parametrize("entries", [masks.SAVES_BOOLS_FROM - 1, masks.SAVES_BOOLS_FROM])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_fixed_mask_product_has_the_bits_of_a_float_product_and_saves_bools_unless_small(entries, dtype):
+    # Either side of the size where the product switches from autograd's to a Function.
+    torch.manual_seed(0)
+    original = torch.randn(entries, dtype=dtype)
+    original[:4] = torch.tensor([-0.0, float("nan"), float("-inf"), -1.0])  # masked below: -0.0, nan, nan, -0.0
+    mask = torch.rand(entries) > 0.5
+    mask[:4] = False
+    original.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        effective = FixedMask(mask)(original)
+    expected = original.detach() * mask.to(dtype)
+    assert torch.equal(effective.detach().view(torch.uint8), expected.view(torch.uint8))
+    assert saved == [dtype if entries < masks.SAVES_BOOLS_FROM else torch.bool]
+    upstream = torch.randn(entries, dtype=dtype)
+    upstream[:2] = -1.0
+    effective.backward(upstream)
+    assert torch.equal(original.grad.view(torch.uint8), (upstream * mask.to(dtype)).view(torch.uint8))

@@ -38,7 +38,8 @@ class FixedMask(Constraint):
     tensor is ``original * mask``: masked entries are exactly 0 and their stored originals
     receive exactly 0 gradient, so whatever momentum or weight decay does to the stored
     value, the effective weight stays 0. (No float copy of the mask is kept: each product
-    converts it, and backward saves only the bool mask. Stored values at masked entries are set to 0 when the
+    converts it, and backward saves only the bool mask, or for a mask of fewer than
+    :data:`SAVES_BOOLS_FROM` entries the converted copy. Stored values at masked entries are set to 0 when the
     mask is applied and never receive a gradient, so they stay finite; a NaN or inf
     written there by hand would show through, and :func:`torchconstrain.check` reports it.)
 
@@ -123,17 +124,27 @@ class FixedMask(Constraint):
         """
         return cls(_selector=NM(n, m, dim=dim))
 
-    def reads_values(self) -> bool:
-        return self.selector is not None and self.selector.reads_values
-
     def for_tensors(self, tensors: Mapping[str, Tensor]) -> dict[str, Constraint]:
         if not isinstance(self.selector, GlobalMagnitude):
             return super().for_tensors(tensors)
+        for fqn, tensor in tensors.items():
+            self._refuse_meta(fqn, tensor)
         masks = self.selector.select_all({fqn: t.detach() for fqn, t in tensors.items()})
         return {fqn: FixedMask(masks[fqn]).to(tensors[fqn].device) for fqn in tensors}
 
+    def _refuse_meta(self, fqn: str, tensor: Tensor) -> None:
+        """Refuse to choose a mask from the values of a tensor on the meta device (it has none)."""
+        if tensor.is_meta and self.selector.reads_values:
+            raise ValueError(
+                f"{fqn}: FixedMask({self.extra_repr()}) chooses from the tensor's values, but it is on "
+                "the meta device (no values). Load real weights first (model.to_empty(device=...) and "
+                "load_state_dict), then constrain; or use a constraint that needs no values (Clamp, "
+                "NonNeg, MaxNorm, UnitNorm, FakeQuant, LearnableMask, FixedMask(mask), FixedMask.random)."
+            )
+
     def _bind(self, fqn: str, tensor: Tensor) -> None:
         if self.selector is not None:
+            self._refuse_meta(fqn, tensor)
             self.mask = self.selector.select(fqn, tensor)
             self.selector = None
         elif self.mask.shape != tensor.shape:
@@ -150,6 +161,10 @@ class FixedMask(Constraint):
     def forward(self, x: Tensor) -> Tensor:
         if tracing() or transformed():
             return x * _traced_mask(self.mask).to(x.dtype)
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            return _times_mask(x, self.mask)  # nothing to save for backward
+        if self.mask.numel() < SAVES_BOOLS_FROM:
+            return x * self.mask.view(torch.uint8).to(x.dtype)  # see _MaskProduct
         return _MaskProduct.apply(x, self.mask)
 
     def forward_in_place(self, x: Tensor) -> Tensor:
@@ -207,13 +222,16 @@ def _keeps_every_slice(mask: Tensor, dim: int) -> bool:
 
 
 class _MaskProduct(torch.autograd.Function):
-    """``x * mask`` and its gradient ``grad * mask``, bitwise, saving only the bool mask.
+    """``x * mask`` and its gradient ``grad * mask``, bitwise, saving only the bool mask,
+    for masks of :data:`SAVES_BOOLS_FROM` entries or more.
 
-    Autograd's own product would save a float copy of the mask, the size of the weight,
-    until backward. Each product converts the mask through a ``uint8`` view (on the CPU,
-    converting a bool tensor or multiplying by one takes several times longer) and
-    multiplies into the converted copy in place. (The eager form of a Function: under
-    ``torch.func`` transforms the mask takes autograd's own product instead.)
+    Autograd's own product by a float copy of the mask would save that copy, the size of
+    the weight, until backward; by the bool mask itself it saves the bools, but on the CPU
+    it converts them one entry at a time, several times slower. Each product here
+    converts the mask through a ``uint8`` view into a copy it then multiplies in place.
+    A smaller mask takes autograd's product by such a copy: a Function call's fixed cost
+    weighs more there than the copy saved until backward. (The eager form of a Function:
+    under ``torch.func`` transforms the mask takes autograd's own product instead.)
     """
 
     @staticmethod
@@ -230,6 +248,10 @@ class _MaskProduct(torch.autograd.Function):
 def _times_mask(x: Tensor, mask: Tensor) -> Tensor:
     return mask.view(torch.uint8).to(x.dtype, copy=True).mul_(x)  # (a uint8 x: a copy, not the mask)
 
+
+#: The smallest mask whose eager product saves only its bools (see :class:`_MaskProduct`);
+#: a smaller one saves a float copy until backward (at most 128 KiB in float32).
+SAVES_BOOLS_FROM = 2**15
 
 #: Entries per product when a mask multiplies a tensor in place (:func:`_mask_in_place`).
 IN_PLACE_CHUNK = 2**16
