@@ -204,7 +204,6 @@ def _bind(rule: _Rule, group: dict[str, Slot]) -> dict[str, list[Constraint]]:
         return {fqn: _call_factory(rule, fqn, value) for fqn, value in values.items()}
     bound = {fqn: [] for fqn in group}
     for template in _as_list(rule.value):
-        _refuse_meta_values(rule, template, values)
         with _rule_named(rule):
             for fqn, constraint in template.for_tensors(values).items():
                 bound[fqn].append(constraint)
@@ -218,17 +217,6 @@ def _rule_named(rule: _Rule):
         yield
     except ValueError as error:
         raise ValueError(f"{rule}: {error}") from None
-
-
-def _refuse_meta_values(rule: _Rule, template: Constraint, values: dict[str, Tensor]) -> None:
-    meta = [fqn for fqn, value in values.items() if value.is_meta]
-    if meta and template.reads_values():
-        raise ValueError(
-            f"{meta[0]}: {rule}: {describe(template)} chooses from the tensor's values, but it is on "
-            "the meta device (no values). Load real weights first (model.to_empty(device=...) and "
-            "load_state_dict), then constrain; or use a constraint that needs no values "
-            "(Clamp, NonNeg, MaxNorm, UnitNorm, FakeQuant, LearnableMask, FixedMask(mask), FixedMask.random)."
-        )
 
 
 def _is_constraint_list(value) -> bool:
@@ -253,11 +241,8 @@ def _call_factory(rule: _Rule, fqn: str, value: Tensor) -> list[Constraint]:
             f"{fqn}: {rule} callable must return a Constraint, a list of them or None. "
             f"Got {type(made).__name__}: {made!r}."
         )
-    templates = _as_list(made)
-    for template in templates:
-        _refuse_meta_values(rule, template, {fqn: value})
     with _rule_named(rule):
-        return [template.for_tensor(fqn, value) for template in templates]
+        return [template.for_tensor(fqn, value) for template in _as_list(made)]
 
 
 def _validate(entry: _Planned, existing: str) -> None:

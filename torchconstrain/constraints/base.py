@@ -64,7 +64,9 @@ class Constraint(nn.Module):
     - :meth:`bake`: the value written into the plain weight by :func:`torchconstrain.bake`;
     - :meth:`state_problem`: refuse checkpoint state that would break the constraint;
     - :meth:`stacking`: what it does to its input and promises about its output, with
-      which :func:`torchconstrain.constrain` refuses stacks that cannot always hold.
+      which :func:`torchconstrain.constrain` refuses stacks that cannot always hold;
+    - :meth:`forward_in_place`: ``forward``, computed in its input where that gives the
+      same bits (see ``returns_new`` below).
 
     ``cacheable = True`` on a class lets :mod:`torchconstrain.fastpath` evaluate it without
     ``parametrize``'s per-access call chain and, with gradients off, reuse its value until
@@ -149,9 +151,8 @@ class Constraint(nn.Module):
     def for_tensor(self, fqn: str, tensor: Tensor) -> "Constraint":
         r"""Return a fresh copy of this template bound to ``tensor``.
 
-        A tensor on the meta device has no values: a template that reads them
-        (:meth:`reads_values`) cannot bind to it. The others bind from its shape and dtype;
-        the copy then keeps its own tensors' values on the CPU until ``to_empty`` gives it
+        A tensor on the meta device has no values: a template that reads them refuses it
+        in :meth:`_bind`. The others bind from its shape and dtype; the copy then keeps its own tensors' values on the CPU until ``to_empty`` gives it
         real memory, and writes them there (see :meth:`with_values`).
 
         Args:
@@ -167,11 +168,6 @@ class Constraint(nn.Module):
         if tensor.is_meta:
             bound._remember_bound_values(fqn)
         return bound.to(device=tensor.device)
-
-    def reads_values(self) -> bool:
-        r"""Whether binding this template reads the tensor's values, not only its shape and
-        dtype (a mask chosen by magnitude): it cannot bind to a tensor on the meta device."""
-        return False
 
     def with_values(self) -> "Constraint":
         r"""This constraint, or, while it is bound to a meta tensor, a CPU copy holding the
