@@ -1,47 +1,37 @@
 r"""The fast path: constrained tensors at close to plain speed, with parametrize's results.
 
-``torch.nn.utils.parametrize`` evaluates a tensor's parametrizations through a chain of
-Python calls on every access (the property, the ``ParametrizationList`` module, each
-constraint module's ``__call__``). For the tensors torchconstrain constrains, the property
-that ``parametrize`` installs is replaced by one that runs the same computation with less
-work: each tensor's *evaluator* calls its constraints' ``forward`` methods in order on the
-stored original, which is what ``parametrize`` does once the module calls are stripped,
-so values and gradients are bitwise the plain path's.
+``parametrize`` evaluates a tensor's chain through the property, the
+``ParametrizationList`` module and each constraint's ``__call__`` on every access. The
+property installed here calls the constraints' ``forward`` methods in order on the stored
+original instead, which is what ``parametrize`` does without the module calls, so values
+and gradients are bitwise the plain path's.
 
-- **With gradients on**, the effective tensor is computed anew on every access, as
-  ``parametrize`` does: nothing is kept between accesses, so nothing can go stale, and
-  ``torch.utils.checkpoint`` recomputes exactly what the first forward computed.
-- **With gradients off** (``torch.no_grad()``, ``torch.inference_mode()``) the effective
-  tensor is computed once and returned again until something it is computed from
-  changes: the stored original or a constraint's tensor (its identity or version
-  counter: ``optimizer.step()``, ``load_state_dict``, in-place edits), the stored
-  original's storage (``.to()``), a constraint's attributes or tensors being set or
-  replaced or a forward hook added (each constraint's revision number), or the chain of
-  parametrizations. An in-place edit of the returned tensor
-  also recomputes it. Checking all of that costs a few C-level walks of tuples per
-  access (see ``_Kept``).
+- **With gradients on** the effective tensor is computed on every access: nothing is kept,
+  nothing goes stale, and ``torch.utils.checkpoint`` recomputes what the forward computed.
+- **With gradients off** it is computed once and returned again until something it is
+  computed from changes: the chain, the stored original or a constraint's tensor (its
+  identity or version counter: ``optimizer.step()``, ``load_state_dict``, in-place edits),
+  the original's storage (``.to()``), a constraint's revision number (attributes set,
+  tensors replaced, hooks added), or the returned tensor itself (edited in place).
+  Checking costs a few C-level walks of tuples per access (see ``_Kept``).
 
-Memory: the value kept for reuse is the one weight-sized tensor the fast path holds per
-constrained tensor, and only between accesses with gradients off: the next access with
-gradients on drops it, so training keeps none (the constraints keep none either: a
-``FixedMask`` holds its bool mask only). While it computes that value, a constraint whose
-input the previous constraint of the chain made (``Constraint.returns_new``) computes in
-that tensor (``Constraint.forward_in_place``), so a chain holds one weight-sized temporary,
-never the stored original.
+Memory: that value is the one weight-sized tensor kept per constrained tensor, and only
+between accesses with gradients off (training keeps none, and a ``FixedMask`` keeps only
+its bools). While computing it, each constraint whose input the previous one made
+(``Constraint.returns_new``) computes in that tensor (``Constraint.forward_in_place``):
+one weight-sized temporary per chain, and the stored original is never written.
 
-The plain ``parametrize`` evaluation runs instead under ``torch.compile``/``torch.export``
-tracing, ``torch.jit.trace``, ``parametrize.cached()``, ``torch.func`` transforms, for
-stored originals that are not plain tensors (FSDP2 shards), for chains holding a
+The plain ``parametrize`` property runs instead under ``torch.compile``/``torch.export``
+tracing, ``torch.jit.trace``, ``parametrize.cached()`` and ``torch.func`` transforms, for
+stored originals that are not plain tensors (FSDP2 shards), for chains with a
 parametrization that is not a cacheable torchconstrain constraint (see
-:class:`~torchconstrain.Constraint`), and when a constraint module has hooks (or global
-module hooks are registered). Under autocast the value is computed on every access.
+:class:`~torchconstrain.Constraint`) or with hooks, and while global module hooks are
+registered. Under autocast the value is computed on every access.
 
-What it cannot see: writing through ``.data`` (``weight.data.copy_(...)``) bypasses
-version counters, so a value reused under ``no_grad`` would be stale; edit stored tensors
-in place under ``torch.no_grad()`` instead, or turn the fast path off.
-
-Switch: :func:`set_fast_path` works like :func:`torch.set_grad_enabled`, as a call or as
-a context manager, and like grad mode it holds for the calling thread only.
+What it cannot see: a write through ``.data`` bypasses version counters, so a value reused
+under ``no_grad`` would be stale; edit stored tensors in place under ``torch.no_grad()``
+instead, or turn the fast path off with :func:`set_fast_path`, which works like
+:func:`torch.set_grad_enabled` (a call or a context manager, for the calling thread only).
 
 Example:
     >>> import torch
@@ -147,50 +137,37 @@ def _usable() -> bool:
 
 def install(module: nn.Module, tensor_name: str) -> None:
     r"""Put the fast property for ``tensor_name`` on ``module``'s own parametrized class,
-    and drop any value kept while the chain was being built (``parametrize`` reads the
-    tensor when it stacks a parametrization)."""
-    setattr(type(module), tensor_name, property(_getter(tensor_name), _setter(tensor_name)))
+    around the property ``parametrize`` puts there (its getter is the plain evaluation,
+    its setter the assignment), and drop any value kept while the chain was being built
+    (``parametrize`` reads the tensor when it stacks a parametrization)."""
+    cls = type(module)
+    if tensor_name not in cls.__dict__:  # a class made on unpickling, or a tied name's
+        parametrize._inject_property(module, tensor_name)
+    plain = cls.__dict__[tensor_name]
+    plain = getattr(plain.fget, "plain", plain)  # stacking: the property is already ours
+    setattr(cls, tensor_name, property(_getter(tensor_name, plain), plain.fset))
     module._modules["parametrizations"]._modules[tensor_name].__dict__.pop(_KEY, None)
 
 
-def _getter(tensor_name: str):
+def _getter(tensor_name: str, plain: property):
+    plain_get = plain.fget
+
     def get(module: nn.Module) -> Tensor:
         plist = module._modules["parametrizations"]._modules[tensor_name]
         evaluator = plist.__dict__.get(_KEY)
         if evaluator is None:
             evaluator = plist.__dict__[_KEY] = _Evaluator()
         if not _usable():
-            return _plain(module, tensor_name, plist)
+            return plain_get(module)
         kept = evaluator.kept
         if kept is not None and not torch.is_grad_enabled() and kept.holds():  # the common no-grad access
             return kept.value
         del kept  # a stale value is freed before its replacement is computed
         value = evaluator.value(plist)
-        return _plain(module, tensor_name, plist) if value is None else value
+        return plain_get(module) if value is None else value
 
+    get.plain = plain
     return get
-
-
-def _setter(tensor_name: str):
-    def set_original(module: nn.Module, value: Tensor) -> None:
-        module._modules["parametrizations"]._modules[tensor_name].right_inverse(value)
-
-    return set_original
-
-
-def _plain(module: nn.Module, tensor_name: str, plist: nn.Module) -> Tensor:
-    """What ``parametrize``'s own property returns."""
-    if torch.jit.is_scripting():
-        raise RuntimeError("Parametrization is not working with scripting.")
-    if not parametrize._cache_enabled:
-        return plist()
-    if _tracing_state() is not None:
-        raise RuntimeError("Cannot trace a model while caching parametrizations.")
-    key = (id(module), tensor_name)
-    tensor = parametrize._cache.get(key)
-    if tensor is None:
-        tensor = parametrize._cache[key] = plist()
-    return tensor
 
 
 # --- one tensor ---------------------------------------------------------------------------
@@ -223,9 +200,7 @@ class _Evaluator:
         if type(original) not in _PLAIN_TYPES or not plist.is_tensor or not all(map(_cacheable, chain)):
             return None
         self.kept = None  # training: do not hold a copy of the weight meanwhile; else stale
-        if torch.is_grad_enabled():
-            return _evaluate(original, chain)
-        if _autocast() or original.is_inference():
+        if torch.is_grad_enabled() or _autocast() or original.is_inference():
             return _evaluate(original, chain)
         kept = _Kept(plist)  # what the value is computed from, read before it is
         with torch.inference_mode(False), torch.no_grad():  # a tensor with a version counter
@@ -246,8 +221,8 @@ class _Kept:
     it was then: the chain, the stored original and every constraint's tensors (their
     identities in the dicts that hold them, and their version counters), the original's
     storage, and each constraint's revision number (set anew by every change its tensors'
-    versions do not show: attributes, tensors set or moved, hooks and submodules added). It holds the objects
-    it names, so that their identities cannot be taken by others while it is kept.
+    versions do not show). It holds the objects it names, so that their identities cannot
+    be taken by others while it is kept.
 
     :meth:`holds` checks all of it in a few calls that each walk a whole tuple in C, and
     reads as few objects as it can: between accesses the model's kernels have pushed
@@ -315,12 +290,11 @@ def _shares_memory(a: Tensor, b: Tensor) -> bool:
 
 def _cacheable(constraint: nn.Module) -> bool:
     """A constraint class that declares it, without submodules or hooks of its own."""
+    hooks = (constraint._forward_hooks, constraint._forward_pre_hooks, constraint._backward_hooks,
+             constraint._backward_pre_hooks)  # fmt: skip
     return (
         getattr(type(constraint), "cacheable", False)
         and constraint.__dict__.get("cacheable", True)  # an instance may opt out
         and not constraint._modules
-        and not constraint._forward_hooks
-        and not constraint._forward_pre_hooks
-        and not constraint._backward_hooks
-        and not constraint._backward_pre_hooks
+        and not any(hooks)
     )
