@@ -159,13 +159,14 @@ class FixedMask(Constraint):
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        mask = self.mask
         if tracing() or transformed():
-            return x * _traced_mask(self.mask).to(x.dtype)
+            return x * _traced_mask(mask).to(x.dtype)
         if not (x.requires_grad and torch.is_grad_enabled()):
-            return _times_mask(x, self.mask)  # nothing to save for backward
-        if self.mask.numel() < SAVES_BOOLS_FROM:
-            return x * self.mask.view(torch.uint8).to(x.dtype)  # see _MaskProduct
-        return _MaskProduct.apply(x, self.mask)
+            return _times_mask(x, mask)  # nothing to save for backward
+        if mask.numel() < SAVES_BOOLS_FROM:
+            return x * mask.view(torch.uint8).to(x.dtype)  # see _MaskProduct
+        return _MaskProduct.apply(x, mask)
 
     def forward_in_place(self, x: Tensor) -> Tensor:
         mask = self.mask
