@@ -492,8 +492,9 @@ def test_a_replica_sharing_the_class_uses_its_own_tensors():
     assert same_bits(_reused(replica), _plain_value(replica))
     assert torch.equal(_reused(replica), 0.5 * _reused(layer))
     assert same_bits(_reused(layer), _plain_value(layer))
-
-
+    with parametrize.cached():  # each replica's own value, not the first one's
+        assert torch.equal(replica.weight, 0.5 * layer.weight)
+        assert same_bits(replica.weight, replica.parametrizations.weight())
 
 
 class _Unrecoverable(Constraint):

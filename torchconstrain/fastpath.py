@@ -137,37 +137,52 @@ def _usable() -> bool:
 
 def install(module: nn.Module, tensor_name: str) -> None:
     r"""Put the fast property for ``tensor_name`` on ``module``'s own parametrized class,
-    around the property ``parametrize`` puts there (its getter is the plain evaluation,
-    its setter the assignment), and drop any value kept while the chain was being built
-    (``parametrize`` reads the tensor when it stacks a parametrization)."""
-    cls = type(module)
-    if tensor_name not in cls.__dict__:  # a class made on unpickling, or a tied name's
-        parametrize._inject_property(module, tensor_name)
-    plain = cls.__dict__[tensor_name]
-    plain = getattr(plain.fget, "plain", plain)  # stacking: the property is already ours
-    setattr(cls, tensor_name, property(_getter(tensor_name, plain), plain.fset))
+    and drop any value kept while the chain was being built (``parametrize`` reads the
+    tensor when it stacks a parametrization)."""
+    setattr(type(module), tensor_name, property(_getter(tensor_name), _setter(tensor_name)))
     module._modules["parametrizations"]._modules[tensor_name].__dict__.pop(_KEY, None)
 
 
-def _getter(tensor_name: str, plain: property):
-    plain_get = plain.fget
-
+def _getter(tensor_name: str):
     def get(module: nn.Module) -> Tensor:
         plist = module._modules["parametrizations"]._modules[tensor_name]
         evaluator = plist.__dict__.get(_KEY)
         if evaluator is None:
             evaluator = plist.__dict__[_KEY] = _Evaluator()
         if not _usable():
-            return plain_get(module)
+            return _plain(module, tensor_name, plist)
         kept = evaluator.kept
         if kept is not None and not torch.is_grad_enabled() and kept.holds():  # the common no-grad access
             return kept.value
         del kept  # a stale value is freed before its replacement is computed
         value = evaluator.value(plist)
-        return plain_get(module) if value is None else value
+        return _plain(module, tensor_name, plist) if value is None else value
 
-    get.plain = plain
     return get
+
+
+def _setter(tensor_name: str):
+    def set_original(module: nn.Module, value: Tensor) -> None:
+        module._modules["parametrizations"]._modules[tensor_name].right_inverse(value)
+
+    return set_original
+
+
+def _plain(module: nn.Module, tensor_name: str, plist: nn.Module) -> Tensor:
+    """What ``parametrize``'s own property returns, except that ``parametrize.cached()``
+    keys the module it is called on, not the one its property was made for: replicas that
+    share the class (``nn.DataParallel``'s) each get their own value."""
+    if torch.jit.is_scripting():
+        raise RuntimeError("Parametrization is not working with scripting.")
+    if not parametrize._cache_enabled:
+        return plist()
+    if _tracing_state() is not None:
+        raise RuntimeError("Cannot trace a model while caching parametrizations.")
+    key = (id(module), tensor_name)
+    tensor = parametrize._cache.get(key)
+    if tensor is None:
+        tensor = parametrize._cache[key] = plist()
+    return tensor
 
 
 # --- one tensor ---------------------------------------------------------------------------
