@@ -152,8 +152,9 @@ class Constraint(nn.Module):
         r"""Return a fresh copy of this template bound to ``tensor``.
 
         A tensor on the meta device has no values: a template that reads them refuses it
-        in :meth:`_bind`. The others bind from its shape and dtype; the copy then keeps its own tensors' values on the CPU until ``to_empty`` gives it
-        real memory, and writes them there (see :meth:`with_values`).
+        in :meth:`_bind`. The others bind from its shape and dtype; the copy then keeps its
+        own tensors' values on the CPU until ``to_empty`` gives it real memory, and writes
+        them there (see :meth:`with_values`).
 
         Args:
             fqn: the tensor's dotted name in the model, used in error messages.
