@@ -305,11 +305,12 @@ def _shares_memory(a: Tensor, b: Tensor) -> bool:
 
 def _cacheable(constraint: nn.Module) -> bool:
     """A constraint class that declares it, without submodules or hooks of its own."""
-    hooks = (constraint._forward_hooks, constraint._forward_pre_hooks, constraint._backward_hooks,
-             constraint._backward_pre_hooks)  # fmt: skip
     return (
         getattr(type(constraint), "cacheable", False)
         and constraint.__dict__.get("cacheable", True)  # an instance may opt out
         and not constraint._modules
-        and not any(hooks)
+        and not constraint._forward_hooks
+        and not constraint._forward_pre_hooks
+        and not constraint._backward_hooks
+        and not constraint._backward_pre_hooks
     )
