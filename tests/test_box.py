@@ -7,7 +7,7 @@ import torch
 from conftest import assert_unchanged, snapshot
 from torch import nn
 
-from torchconstrain import Clamp, check, constrain, set_fast_path
+from torchconstrain import CheckpointMismatch, Clamp, check, constrain, set_fast_path
 
 
 def test_clamp_holds_and_bounds_are_buffers():
@@ -31,6 +31,37 @@ def test_clamp_one_sided_bound():
     constrain(layer, {"weight": Clamp(min=0)})
     assert layer.weight.min() >= 0
     assert "min=0, max=None" in repr(layer.parametrizations.weight[0])
+
+
+@pytest.mark.parametrize("low, high", [(0.0, None), (None, 1.0), (-math.inf, 0.5), (None, None), (-math.inf, math.inf)])
+def test_an_absent_bound_is_a_none_buffer_out_of_state_dict_and_buffers(low, high):
+    layer = nn.Linear(4, 4)
+    stored = layer.weight.detach().clone()
+    constrain(layer, {"weight": Clamp(low, high)})
+    clamp = layer.parametrizations.weight[0]
+    absent = {name for name, bound in (("min", low), ("max", high)) if bound is None or math.isinf(bound)}
+    assert {name for name in ("min", "max") if getattr(clamp, name) is None} == absent
+    assert {key.rpartition(".")[2] for key in clamp.state_dict()} == {"min", "max"} - absent
+    assert len(list(clamp.buffers())) == 2 - len(absent)
+    with torch.no_grad():
+        expected = stored.clamp(low, high) if len(absent) < 2 else stored
+    assert torch.equal(layer.weight, expected)
+    assert torch.equal(layer.parametrizations.weight.original, expected)  # stored clamped, as before
+    layer.weight.sum().backward()  # inside the box: the gradient passes
+    assert torch.equal(layer.parametrizations.weight.original.grad, torch.ones_like(stored))
+
+
+def test_a_checkpoint_holding_infinities_for_absent_bounds_loads_and_others_are_refused():
+    layer = nn.Linear(4, 4)
+    constrain(layer, {"weight": Clamp(min=0)})
+    state = layer.state_dict()
+    legacy = {**state, "parametrizations.weight.0.max": torch.tensor(math.inf)}  # how absent bounds were saved
+    layer.load_state_dict(legacy)
+    assert layer.parametrizations.weight[0].max is None
+    before = snapshot(layer)
+    with pytest.raises(CheckpointMismatch, match=r"weight: the checkpoint has constraint state .*'0.max'"):
+        layer.load_state_dict({**state, "parametrizations.weight.0.max": torch.tensor(0.5)})
+    assert_unchanged(layer, before)
 
 
 def test_clamp_follows_dtype_and_device_moves():
@@ -88,8 +119,8 @@ def test_float64_bounds_are_exact_in_float64_as_torch_clamp_has_them(low, high, 
     with set_fast_path(fast), torch.set_grad_enabled(grad):
         assert torch.equal(layer.weight, expected)
     constraint = layer.parametrizations.weight[0]
-    assert constraint.min.item() == (-math.inf if low is None else low)
-    assert constraint.max.item() == (math.inf if high is None else high)
+    assert (constraint.min is None) if low is None else constraint.min.item() == low
+    assert (constraint.max is None) if high is None else constraint.max.item() == high
     check(layer)
 
 

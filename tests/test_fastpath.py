@@ -82,7 +82,7 @@ def constrained_pair(make_rule):
     rule = make_rule()
     if isinstance(rule, dict):
         constrain(model, rule)
-    elif isinstance(rule, Clamp) and rule.min.dim():  # per-channel bounds: the middle layer only
+    elif isinstance(rule, Clamp) and rule.bound("min").dim():  # per-channel bounds: the middle layer only
         constrain(model, {"2.weight": rule})
     else:
         constrain(model, {nn.Linear: rule})
@@ -544,7 +544,7 @@ def test_activation_checkpointing_gives_the_bits_of_the_plain_path(name, reentra
     rule = RULES[name]()
     if isinstance(rule, dict):
         rule = {f"layers.{key}": value for key, value in rule.items()}
-    elif isinstance(rule, Clamp) and rule.min.dim():
+    elif isinstance(rule, Clamp) and rule.bound("min").dim():
         rule = {"layers.2.weight": rule}
     else:
         rule = {nn.Linear: rule}

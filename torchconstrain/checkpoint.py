@@ -153,6 +153,7 @@ def _check_checkpoint(root, state_dict, prefix, local_metadata, strict, missing,
     for module_prefix, module in modules.items():
         if parametrize.is_parametrized(module):
             problems += _adapt(module, state_dict, module_prefix)
+    _drop_absent_state(modules, state_dict)
     problems += _foreign_state(modules, state_dict)
     problems += _tie_problems(modules, state_dict)
     for module_prefix, module in modules.items():
@@ -192,6 +193,16 @@ def _assign_in_constraint_dtypes(modules: dict[str, nn.Module], state_dict: dict
 
 def _prefix(prefix: str, name: str) -> str:
     return f"{prefix}{name}." if name else prefix
+
+
+def _drop_absent_state(modules: dict[str, nn.Module], state_dict: dict) -> None:
+    """Drop keys that hold, for a tensor a constraint leaves out as ``None``, the value that
+    stands for its absence (``Constraint.absent_state``: checkpoints of earlier versions)."""
+    for module_prefix, module in modules.items():
+        for name, fill in getattr(module, "absent_state", {}).items():
+            value = state_dict.get(module_prefix + name)
+            if module._buffers.get(name) is None and isinstance(value, Tensor) and bool((value == fill).all()):
+                del state_dict[module_prefix + name]
 
 
 def _foreign_state(modules: dict[str, nn.Module], state_dict: dict) -> list[str]:

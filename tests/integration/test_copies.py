@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
-from torchconstrain import Clamp, FixedMask, LearnableMask, bake, check, constrain
+from torchconstrain import Clamp, FixedMask, LearnableMask, NonNeg, PruningSchedule, bake, check, constrain
 
 RULES = {nn.Linear: [FixedMask.random(sparsity=0.5, seed=0), Clamp(-0.3, 0.3)], "2": LearnableMask()}
 
@@ -55,6 +55,42 @@ def test_swa_and_ema_averages_stay_feasible_and_bake():
         assert -bound <= report["0.weight"]["min"] and report["0.weight"]["max"] <= bound
     bake(swa.module)
     assert len(check(model)) == 2
+
+
+def test_an_average_over_buffers_keeps_one_sided_bounds():
+    """``use_buffers=True`` interpolates every floating-point buffer: an infinite bound would become NaN."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    constrain(model, {"0.weight": NonNeg(), "2.weight": [Clamp(max=0.1), LearnableMask()]})
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 8)).square().mean().backward()
+        optimizer.step()
+        ema.update_parameters(model)
+    report = check(ema.module)
+    assert report["0.weight"]["min"] >= 0 and report["2.weight"]["max"] <= torch.tensor(0.1).item()
+    assert ema.module[0].parametrizations.weight[0].max is None
+
+
+def test_an_average_follows_masks_that_grow_during_training():
+    """The default ``use_buffers=False`` copies the model's buffers at every update."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    constrain(model, {nn.Linear: FixedMask.magnitude(sparsity=0.0)})
+    schedule = PruningSchedule(model, final_sparsity=0.5, end=3)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(4):
+        optimizer.zero_grad()
+        model(torch.randn(4, 8)).square().mean().backward()
+        optimizer.step()
+        schedule.step()
+        ema.update_parameters(model)
+    for index in (0, 2):
+        live, averaged = model[index].parametrizations.weight[0], ema.module[index].parametrizations.weight[0]
+        assert torch.equal(averaged.mask, live.mask) and (~live.mask).float().mean() == 0.5
 
 
 def test_update_bn_recomputes_batch_norm_statistics_of_a_constrained_average():

@@ -904,7 +904,7 @@ def _assert_on_grid(value: torch.Tensor, quant: FakeQuant) -> None:
 def _assert_holds(constraint, value: torch.Tensor) -> None:
     """Whether ``value`` satisfies ``constraint``, tested directly (not through ``violation``)."""
     if isinstance(constraint, Clamp):
-        assert bool((value >= constraint.min).all() and (value <= constraint.max).all()), f"{constraint}: outside the box"
+        assert bool((value >= constraint.bound("min")).all() and (value <= constraint.bound("max")).all()), f"{constraint}: outside the box"
     elif isinstance(constraint, FixedMask):
         assert bool((value[~constraint.mask] == 0).all()), "a masked entry is not zero"
     elif isinstance(constraint, MaxNorm):

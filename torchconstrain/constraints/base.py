@@ -81,10 +81,15 @@ class Constraint(nn.Module):
     :meth:`forward_in_place`, which may overwrite it. A subclass that defines ``forward``
     gets neither the flag nor its parent's :meth:`forward_in_place` unless its own class
     body defines them again.
+
+    ``absent_state`` maps the names of tensors that a constraint may hold as ``None`` (an
+    absent ``Clamp`` bound) to the value that checkpoints of earlier versions held for them:
+    such a key loads when every entry equals it.
     """
 
     cacheable = False
     returns_new = False
+    absent_state: Mapping[str, float] = {}
     _revision = 0  # see _changed
 
     def __init_subclass__(cls, **kwargs) -> None:

@@ -23,6 +23,11 @@ from torchconstrain.constraints.stacking import (
 __all__ = ["Clamp"]
 
 GRADIENTS = ("pull_back", "straight_through", "clamp")
+# What an absent bound stands for. Absent bounds are ``None`` buffers, so that they are
+# not in ``state_dict`` or ``buffers()``: averages over a model's buffers (EMA models)
+# would turn an infinite bound into NaN (inf - inf). Checkpoints that hold these values
+# for an absent bound load (see ``Constraint.absent_state``).
+OPEN = {"min": -math.inf, "max": math.inf}
 
 
 class _PullBackClamp(torch.autograd.Function):
@@ -133,11 +138,12 @@ class _StraightThroughClampFunc(_ClampFunc):
     backward = staticmethod(_pass_through)
 
 
-def _as_bound(value, default: float, name: str) -> Tensor:
-    """The bound as a tensor: a float tensor as given, anything else in float64 (exact for
-    every Python float); :meth:`Clamp._bind` rounds it once, to the weight's dtype."""
+def _as_bound(value, name: str) -> Tensor | None:
+    """The bound as a tensor (a float tensor as given, anything else in float64, exact for
+    every Python float; :meth:`Clamp._bind` rounds it once, to the weight's dtype), or
+    ``None`` for no bound: ``None`` itself, or a number at the open side's infinity."""
     if value is None:
-        return torch.tensor(default)
+        return None
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
         raise TypeError(
             f"Clamp: expected {name} to be a number, a tensor or None. "
@@ -150,6 +156,13 @@ def _as_bound(value, default: float, name: str) -> Tensor:
     problem = _bound_problem(bound, name)
     if problem:
         raise ValueError(f"Clamp: {problem}")
+    return _open_as_none(bound, name)
+
+
+def _open_as_none(bound: Tensor, name: str) -> Tensor | None:
+    """``None`` for a scalar bound at the open side's infinity (no bound), else ``bound``."""
+    if bound.dim() == 0 and not bound.is_meta and bound.item() == OPEN[name]:
+        return None
     return bound
 
 
@@ -181,8 +194,10 @@ class Clamp(Constraint):
     Bounds are numbers (one box for the whole tensor) or tensors. A 1-D bound tensor must
     have the length of the tensor's first dimension and gives one box per output channel;
     any other bound tensor must have the tensor's number of dimensions and broadcast to it.
-    Bounds live in buffers named ``min`` and ``max`` (``None`` is stored as an infinite
-    bound), so ``.to()`` and ``state_dict`` carry them. A bound is rounded once, when the
+    Bounds live in buffers named ``min`` and ``max``, so ``.to()`` and ``state_dict`` carry
+    them; an absent bound (``None``, or a number at the open side's infinity) is a ``None``
+    buffer, so that ``state_dict`` leaves it out and averages over the model's buffers
+    (EMA models) cannot turn it into NaN. A bound is rounded once, when the
     constraint is bound to its tensor, to the nearest value of the tensor's dtype (as torch
     compares a tensor with a Python number): ``Clamp(-0.1, 0.1)`` on a float64 weight is
     exactly ``[-0.1, 0.1]`` in float64.
@@ -222,13 +237,13 @@ class Clamp(Constraint):
 
     cacheable = True  # see Constraint
     returns_new = True  # torch.clamp and the clamp Functions make a new tensor
+    absent_state = OPEN  # see Constraint
 
     def __init__(self, min=None, max=None, *, gradient: str = "pull_back") -> None:
         super().__init__()
         choice("Clamp", "gradient", gradient, GRADIENTS)
-        lower = _as_bound(min, -math.inf, "min")
-        upper = _as_bound(max, math.inf, "max")
-        _check_order(lower, upper, where="Clamp")
+        lower, upper = _as_bound(min, "min"), _as_bound(max, "max")
+        _check_order(_or_open(lower, "min"), _or_open(upper, "max"), where="Clamp")
         self.gradient = gradient
         self.register_buffer("min", lower)
         self.register_buffer("max", upper)
@@ -238,16 +253,21 @@ class Clamp(Constraint):
             raise ValueError(f"{fqn}: Clamp needs a floating-point tensor. Got {tensor.dtype}.")
         bounds = {}
         for name in ("min", "max"):
-            given = _broadcast_bound(getattr(self, name), tensor, fqn, name)
-            bounds[name] = given.to(tensor.dtype)  # rounded once, to the nearest value
-            if _bound_problem(bounds[name], name):  # a finite bound beyond the dtype's range
+            given = self._buffers[name]
+            if given is None:
+                bounds[name] = None
+                continue
+            given = _broadcast_bound(given, tensor, fqn, name)
+            rounded = given.to(tensor.dtype)  # rounded once, to the nearest value
+            if _bound_problem(rounded, name):  # a finite bound beyond the dtype's range
                 raise ValueError(
                     f"{fqn}: Clamp {name}={_describe(given)} is beyond the range of {tensor.dtype}: it "
-                    f"rounds to {math.inf if name == 'min' else -math.inf} there, which would make every "
-                    f"entry infinite. Expected a {name} within the range of {tensor.dtype}."
+                    f"rounds to {-OPEN[name]} there, which would make every entry infinite. "
+                    f"Expected a {name} within the range of {tensor.dtype}."
                 )
+            bounds[name] = _open_as_none(rounded, name)  # above every value of the dtype: no bound
         self.min, self.max = bounds["min"], bounds["max"]
-        _check_order(self.min, self.max, where=f"{fqn}: Clamp")
+        _check_order(self.bound("min"), self.bound("max"), where=f"{fqn}: Clamp")
 
     def forward(self, x: Tensor) -> Tensor:
         lower, upper = self._bounds(x)
@@ -255,9 +275,13 @@ class Clamp(Constraint):
 
     def forward_in_place(self, x: Tensor) -> Tensor:
         lower, upper = self._bounds(x)
+        if lower is None and upper is None:
+            return x
         return x.clamp_(lower, upper) if writable(x, lower, upper) else self._clamp(x, lower, upper)
 
     def _clamp(self, x: Tensor, lower, upper) -> Tensor:
+        if lower is None and upper is None:  # no bound at all: a copy, with the gradient of one
+            return x.clone()
         if self.gradient == "clamp" or not (x.requires_grad and torch.is_grad_enabled()):
             return torch.clamp(x, lower, upper)
         if self.gradient == "pull_back":
@@ -267,31 +291,44 @@ class Clamp(Constraint):
         return function.apply(x, lower, upper)
 
     def _bounds(self, x: Tensor):
-        """The bounds as Python floats when they are scalars (a much faster clamp), else tensors."""
+        """The bounds as Python floats when they are scalars (a much faster clamp), else
+        tensors; ``None`` where there is none."""
         lower, upper = self._buffers["min"], self._buffers["max"]
-        if lower.dim() or upper.dim() or lower.is_meta or tracing() or transformed():
+        given = [bound for bound in (lower, upper) if bound is not None]
+        if any(bound.dim() or bound.is_meta for bound in given) or tracing() or transformed():
             return lower, upper
-        low = self._derived("min", lower, lower.item)
-        high = self._derived("max", upper, upper.item)
-        if math.isinf(low) and math.isinf(high):
-            return lower, upper
-        return (None if math.isinf(low) else low), (None if math.isinf(high) else high)
+        return self._float_bound("min", lower), self._float_bound("max", upper)
+
+    def _float_bound(self, name: str, bound: Tensor | None) -> float | None:
+        if bound is None:
+            return None
+        value = self._derived(name, bound, bound.item)
+        return None if value == OPEN[name] else value  # edited in place to no bound
+
+    def bound(self, name: str) -> Tensor:
+        r"""The bound ``"min"`` or ``"max"`` as a tensor: an absent one as its infinity."""
+        return _or_open(self._buffers[name], name)
 
     def right_inverse(self, value: Tensor) -> Tensor:
-        return torch.clamp(value, self.min, self.max)
+        lower, upper = self.min, self.max
+        return value.clone() if lower is None and upper is None else torch.clamp(value, lower, upper)
 
     def violation(self, value: Tensor) -> str | None:
-        outside = (value < self.min) | (value > self.max)
+        lower, upper = self.bound("min"), self.bound("max")
+        problem = _bound_problem(lower, "min") or _bound_problem(upper, "max")
+        if problem:  # a bound edited in place, or averaged from an infinite entry
+            return problem
+        outside = (value < lower) | (value > upper)
         count = int(outside.sum())
         if count == 0:
             return None
         return (
-            f"{count} entries outside [{_describe(self.min)}, {_describe(self.max)}] "
+            f"{count} entries outside [{_describe(lower)}, {_describe(upper)}] "
             f"(values from {value.min().item():.6g} to {value.max().item():.6g})"
         )
 
     def state_problem(self, state: dict) -> str | None:
-        lower, upper = state.get("min", self.min), state.get("max", self.max)
+        lower, upper = state.get("min", self.bound("min")), state.get("max", self.bound("max"))
         if lower.is_meta or upper.is_meta:
             return None
         problem = _bound_problem(lower, "min") or _bound_problem(upper, "max")
@@ -304,8 +341,9 @@ class Clamp(Constraint):
         # A box that contains zero is kept by any map that moves entries towards zero, a box
         # whose only finite bounds are 0 (NonNeg) by any that keeps signs, any box by a clamp
         # (one that does not intersect it fails the check on the current weights).
-        contains_zero = bool(((self.min <= 0) & (self.max >= 0)).all())
-        finite = torch.cat([self.min[self.min.isfinite()], self.max[self.max.isfinite()]])
+        lower, upper = self.bound("min"), self.bound("max")
+        contains_zero = bool(((lower <= 0) & (upper >= 0)).all())
+        finite = torch.cat([lower[lower.isfinite()], upper[upper.isfinite()]])
         zero_bound = bool((finite == 0).any())
         does = [CLAMPS] + ([MOVES_TO_ZERO, KEEPS_SIGNS] if contains_zero else [])
         if not zero_bound:  # clamp(x) == 0 only where x == 0 or a bound is 0
@@ -315,15 +353,19 @@ class Clamp(Constraint):
         kept_by = [CLAMPS] + ([MOVES_TO_ZERO] if contains_zero else [])
         if bool((finite == 0).all()):
             kept_by.append(KEEPS_SIGNS)
-        if self.min.dim() == self.max.dim() == 0 and contains_zero and _symmetric_or_one_sided(self.min, self.max):
+        if lower.dim() == upper.dim() == 0 and contains_zero and _symmetric_or_one_sided(lower, upper):
             kept_by.append(WITHIN_LARGEST)
-        return declare(does, f"every entry in [{_end(self.min, '-inf')}, {_end(self.max, 'inf')}]", kept_by)
+        return declare(does, f"every entry in [{_end(lower, '-inf')}, {_end(upper, 'inf')}]", kept_by)
 
     def extra_repr(self) -> str:
-        text = f"min={_describe(self.min)}, max={_describe(self.max)}"
+        text = f"min={_describe(self.bound('min'))}, max={_describe(self.bound('max'))}"
         if self.gradient != "pull_back":
             text += f", gradient={self.gradient!r}"
         return text
+
+
+def _or_open(bound: Tensor | None, name: str) -> Tensor:
+    return torch.tensor(OPEN[name]) if bound is None else bound
 
 
 def _check_order(lower: Tensor, upper: Tensor, *, where: str) -> None:
