@@ -174,6 +174,7 @@ def test_gate_budget_reuses_its_allocation_only_while_the_gates_and_budget_are_u
         assert budget.allocation().keep["hidden1"].any() and counted.call_count == 1
         changes = [
             lambda: masks[1].scores.detach().mul_(-1),                # in place (as an optimizer step)
+            lambda: masks[0].scores.data.mul_(-1),                    # through .data (Lightning's weight averaging)
             lambda: setattr(masks[0].scores, "data", masks[0].scores.data.flip(-1).contiguous()),
             lambda: masks[0].temperature.fill_(0.5),                  # a temperature schedule
             lambda: setattr(budget, "keep", 0.3),

@@ -20,6 +20,7 @@ from torchconstrain import (
     MaxNorm,
     NonNeg,
     UnitNorm,
+    bake,
     check,
     constrain,
     fast_path_enabled,
@@ -219,6 +220,32 @@ def test_reuse_is_never_stale_after_data_assignment_or_an_assigned_checkpoint():
     model.load_state_dict(other.state_dict(), assign=True)  # new tensors, set as attributes
     assert not _reused(layer).any()
     assert same_bits(_reused(layer), _plain_value(layer))
+
+
+def test_reuse_is_never_stale_after_writes_through_data():
+    model, _ = constrained_pair(RULES["Clamp + FixedMask"])
+    layer = model[0]
+    before = _reused(layer).clone()
+    original = layer.parametrizations.weight.original
+    original.data.copy_(torch.randn_like(original))  # as Lightning's weight averaging swaps weights
+    assert same_bits(_reused(layer), _plain_value(layer)) and not torch.equal(_reused(layer), before)
+    before = _reused(layer).clone()
+    original.data.mul_(0.5)  # as code written for plain parameters scales or clamps
+    assert same_bits(_reused(layer), _plain_value(layer)) and not torch.equal(_reused(layer), before)
+    assert isinstance(original, nn.Parameter) and original.requires_grad and original.data.requires_grad is False
+
+
+def test_a_tracked_original_is_a_plain_parameter_again_once_baked():
+    model, _ = constrained_pair(RULES["Clamp + FixedMask"])
+    _reused(model[0])
+    original = model[0].parametrizations.weight.original
+    assert type(original) is not nn.Parameter  # tracked: its .data writes show in its version
+    copy.deepcopy(model)  # copies keep working
+    expected = model(torch.ones(2, 6))
+    bake(model)
+    assert model[0].weight is original and type(original) is nn.Parameter
+    program = torch.export.export(model, (torch.ones(2, 6),))
+    assert torch.equal(program.module()(torch.ones(2, 6)), expected)
 
 
 def test_reuse_follows_tensors_and_constraints_swapped_into_their_dicts():

@@ -28,10 +28,15 @@ parametrization that is not a cacheable torchconstrain constraint (see
 :class:`~torchconstrain.Constraint`) or with hooks, and while global module hooks are
 registered. Under autocast the value is computed on every access.
 
-What it cannot see: a write through ``.data`` bypasses version counters, so a value reused
-under ``no_grad`` would be stale; edit stored tensors in place under ``torch.no_grad()``
-instead, or turn the fast path off with :func:`set_fast_path`, which works like
-:func:`torch.set_grad_enabled` (a call or a context manager, for the calling thread only).
+A write through ``.data`` bypasses a plain tensor's version counter. So that such writes
+(Lightning's weight averaging swaps weights through ``.data``, as does much code written
+for plain parameters) still make a kept value stale, the stored original and the
+constraints' ``Parameter`` objects (a ``LearnableMask``'s ``scores``) become
+:class:`Tracked` ones, whose ``.data`` shares their version counter (it is ``detach()``),
+until the parametrizations are removed. What it cannot see is a ``.data`` write to a
+buffer (a mask, a bound, or a constrained buffer's original); turn the fast path off with
+:func:`set_fast_path` there, which works like :func:`torch.set_grad_enabled` (a call or a
+context manager, for the calling thread only).
 
 Example:
     >>> import torch
@@ -63,9 +68,50 @@ from torchconstrain.constraints.base import Constraint, tracing
 __all__ = ["fast_path_enabled", "set_fast_path"]
 
 _KEY = "_torchconstrain_fast"
+_DATA = torch._C.TensorBase.data
+
+
+class Tracked(nn.Parameter):
+    r"""A ``Parameter`` that a constrained tensor is computed from: its ``.data`` is
+    ``detach()``, which shares the version counter, so that an in-place write through
+    ``.data`` shows there as any other in-place write does. Assigning ``.data`` replaces the
+    storage, which :class:`_Kept` sees too. It is a ``Parameter`` in every other respect."""
+
+    @property
+    def data(self) -> Tensor:
+        return self.detach()
+
+    @data.setter
+    def data(self, value: Tensor) -> None:
+        _DATA.__set__(self, value)
+
+
+def track(tensor) -> None:
+    r"""Make a ``Parameter`` that kept values are computed from a :class:`Tracked` one, so
+    that writes through its ``.data`` show in its version counter."""
+    if type(tensor) is nn.Parameter:
+        tensor.__class__ = Tracked
+
+
+def _track_chain(plist: nn.Module) -> None:
+    """Track the stored original and the parameters of every torchconstrain constraint."""
+    track(plist._parameters.get("original"))
+    for constraint in plist._modules.values():
+        if isinstance(constraint, Constraint):
+            for parameter in constraint._parameters.values():
+                track(parameter)
+
+
+def untrack(tensor) -> None:
+    r"""Make a stored original that the fast path tracked (:class:`Tracked`) a plain
+    ``Parameter`` again: its parametrizations are gone."""
+    if type(tensor) is Tracked:
+        tensor.__class__ = nn.Parameter
+
+
 # Stored originals of other types (DTensor shards under FSDP2, functorch wrappers) take the
 # plain path.
-_PLAIN_TYPES = (nn.Parameter, Tensor)
+_PLAIN_TYPES = (nn.Parameter, Tracked, Tensor)
 
 
 class _Switch(threading.local):
@@ -137,10 +183,12 @@ def _usable() -> bool:
 
 def install(module: nn.Module, tensor_name: str) -> None:
     r"""Put the fast property for ``tensor_name`` on ``module``'s own parametrized class,
-    and drop any value kept while the chain was being built (``parametrize`` reads the
-    tensor when it stacks a parametrization)."""
+    drop any value kept while the chain was being built (``parametrize`` reads the tensor
+    when it stacks a parametrization) and track the chain's parameters (:func:`track`)."""
     setattr(type(module), tensor_name, property(_getter(tensor_name), _setter(tensor_name)))
-    module._modules["parametrizations"]._modules[tensor_name].__dict__.pop(_KEY, None)
+    plist = module._modules["parametrizations"]._modules[tensor_name]
+    plist.__dict__.pop(_KEY, None)
+    _track_chain(plist)  # now, so that compiled code sees the same types from the start
 
 
 def _getter(tensor_name: str):
@@ -217,6 +265,7 @@ class _Evaluator:
         self.kept = None  # training: do not hold a copy of the weight meanwhile; else stale
         if torch.is_grad_enabled() or _autocast() or original.is_inference():
             return _evaluate(original, chain)
+        _track_chain(plist)  # tensors put in since install: .data writes show in their versions
         kept = _Kept(plist)  # what the value is computed from, read before it is
         with torch.inference_mode(False), torch.no_grad():  # a tensor with a version counter
             value = _evaluate_in_place(original, chain)

@@ -113,6 +113,7 @@ def _unparametrize(slot: Slot) -> None:
     _own_class(slot.module)
     order = getattr(slot.module.parametrizations, "plain_order", None)
     parametrize.remove_parametrizations(slot.module, slot.tensor_name, leave_parametrized=False)
+    fastpath.untrack(slot.module._parameters.get(slot.tensor_name))
     if order is not None:
         _restore_order(slot.module._parameters, order)
 

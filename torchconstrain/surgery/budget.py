@@ -37,6 +37,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+import torchconstrain.fastpath as fastpath
 from torchconstrain._distributed import whole
 from torchconstrain.constraints.base import tracing, transformed
 
@@ -366,6 +367,8 @@ class GateBudget:
         return allocate(groups, keep=self.keep, cost=self.cost, normalize=False, what=self.what)
 
     def _gate_sources(self) -> tuple:
+        for mask in self.masks:
+            fastpath.track(mask.scores)  # writes through .data show in the version counter too
         tensors = tuple((t, t._version, t.data_ptr()) for mask in self.masks for t in (mask.scores, mask.temperature))
         return ((self.cost, self.keep), *tensors)
 
