@@ -294,8 +294,7 @@ class Clamp(Constraint):
         """The bounds as Python floats when they are scalars (a much faster clamp), else
         tensors; ``None`` where there is none."""
         lower, upper = self._buffers["min"], self._buffers["max"]
-        given = [bound for bound in (lower, upper) if bound is not None]
-        if any(bound.dim() or bound.is_meta for bound in given) or tracing() or transformed():
+        if _tensor_bound(lower) or _tensor_bound(upper) or tracing() or transformed():
             return lower, upper
         return self._float_bound("min", lower), self._float_bound("max", upper)
 
@@ -362,6 +361,11 @@ class Clamp(Constraint):
         if self.gradient != "pull_back":
             text += f", gradient={self.gradient!r}"
         return text
+
+
+def _tensor_bound(bound: Tensor | None) -> bool:
+    """Whether ``bound`` must be passed to the clamp as a tensor (not a scalar, or on the meta device)."""
+    return bound is not None and bool(bound.dim() or bound.is_meta)
 
 
 def _or_open(bound: Tensor | None, name: str) -> Tensor:
