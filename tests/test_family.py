@@ -199,8 +199,10 @@ def leader_budget(model: nn.Module):
 def test_a_learnable_mac_budget_is_met_exactly_at_bake_and_shrinks_to_the_baked_model(arch):
     model = build(arch).train()
     dense = surgery.count_macs(model, EXAMPLE)
-    surgery.mask_blocks(model, groups="all", macs=0.5, learnable=True, example=EXAMPLE)
+    report = surgery.mask_blocks(model, groups="all", macs=0.5, learnable=True, example=EXAMPLE)
     budget, leader = leader_budget(model)
+    described = {c for row in report for c in row["constraints"]}  # as they are once the budget is attached
+    assert described and all("budget=surgery.mask_blocks macs" in c and "strength" not in c for c in described)
     assert {m.budget for m in model.modules() if getattr(m, "budget", None) is not None} == {budget}  # one budget
     assert len(budget.masks) == len(surgery.channel_groups(model, example=EXAMPLE))  # a member per group
     train_gates(model, 3)

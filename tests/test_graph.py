@@ -55,6 +55,7 @@ def test_resnet18_pruned_to_half_its_macs_with_a_learnable_budget():
     model = resnet18()
     dense = count_macs(model, SMALL)
     masks = graph.mask_groups(model, SMALL, macs=0.5, learnable=True, hard=True)
+    assert all("budget=surgery.mask_groups macs" in c for row in masks.report for c in row["constraints"])
     assert len(masks.masked) == 12  # the stem + four residual streams + each block's inner channels; not fc's outputs
     leader = masks.budget.masks[0]
     train(model)

@@ -119,4 +119,4 @@ def _constrain_from_file(model: nn.Module, path: str | os.PathLike, *, strict: b
     rules, finish = parsed.to_rules(model)
     report = _rules.constrain(model, rules, strict=strict, existing=existing, rule_names=parsed.rule_name)
     finish()
-    return report
+    return _rules.described_again(model, report)

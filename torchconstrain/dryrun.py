@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from torchconstrain.keys import label, match
-from torchconstrain.rules import constrain
+from torchconstrain.rules import constrain, described_again
 from torchconstrain.rulesfile import read_rules
 
 __all__ = ["dry_run", "load_model"]
@@ -76,6 +76,7 @@ def dry_run(model: nn.Module, path) -> tuple[str, bool]:
         lines += [f"  {name}" for name in block_names]
     report = constrain(work, rules, strict=False, rule_names=rules_file.rule_name)
     finish()
+    report = described_again(work, report)
     lines += ["", str(report)]
     return "\n".join(lines), ok
 

@@ -356,6 +356,16 @@ def _register(plan: list[_Planned]) -> None:
         raise
 
 
+def described_again(model: nn.Module, report: Report) -> Report:
+    r"""``report`` (of :func:`constrain` on ``model``) with each tensor's constraints
+    described as they are now: after a step that finishes the rules (learnable gates
+    sharing scores or a budget) changed them."""
+    slots = parameter_slots(model)
+    for row in report.rows:
+        row["constraints"] = [describe(c) for c in slots[row["tensor"]].everything()]
+    return report
+
+
 def _report(plan: list[_Planned]) -> Report:
     """One row per name: a tied tensor's names each get its row."""
     rows = [

@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from torchconstrain._tensors import parameter_slots
 from torchconstrain.bake import bake
 from torchconstrain.constraints import LearnableMask
-from torchconstrain.rules import constrain
+from torchconstrain.rules import constrain, described_again
 from torchconstrain.surgery import efficientnet, mnasnet, mobilenetv2, mobilenetv3
 from torchconstrain.surgery.budget import ChannelGroup, GateBudget, LayerCost, allocate
 from torchconstrain.surgery.measure import count_macs, count_params, layer_macs, measure_latency
@@ -299,7 +299,7 @@ def mask_blocks(
                                 importance=importance, strength=strength, hard=hard, example=example)
     report = constrain(model, rules)
     finish()
-    return report
+    return described_again(model, report)
 
 
 def block_rules(model: nn.Module, *, groups="expanded", sparsity: float | None = None, macs: float | None = None,

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from torchconstrain.bake import bake
 from torchconstrain.constraints import FixedMask, LearnableMask
-from torchconstrain.rules import constrain
+from torchconstrain.rules import constrain, described_again
 from torchconstrain.surgery.budget import Allocation, ChannelGroup, GateBudget, LayerCost, allocate
 from torchconstrain.surgery.measure import count_params, layer_macs, measure_latency
 from torchconstrain.surgery.family import ShrinkReport
@@ -346,6 +346,7 @@ def mask_groups(model: nn.Module, example: Tensor, *, sparsity: float | None = N
             budget = GateBudget(list(zip(described, leaders)), keep=macs, cost=cost, rate=rate,
                                 what="surgery.mask_groups macs")
             result.budget = budget.attach(followers)
+        described_again(model, result.report)
         return result
     keeps = _fixed_keeps(model, example, groups, chosen, sparsity, macs, importance, minimums, result)
     result.report = constrain(model, _fixed_rules(chosen, keeps))
