@@ -199,8 +199,9 @@ def leader_budget(model: nn.Module):
 def test_a_learnable_mac_budget_is_met_exactly_at_bake_and_shrinks_to_the_baked_model(arch):
     model = build(arch).train()
     dense = surgery.count_macs(model, EXAMPLE)
-    report = surgery.mask_blocks(model, groups="all", macs=0.5, learnable=True, example=EXAMPLE)
+    report = surgery.mask_blocks(model, groups="all", macs=0.5, learnable=True, rate=0.1, example=EXAMPLE)
     budget, leader = leader_budget(model)
+    assert budget.rate == 0.1
     described = {c for row in report for c in row["constraints"]}  # as they are once the budget is attached
     assert described and all("budget=surgery.mask_blocks macs" in c and "strength" not in c for c in described)
     assert {m.budget for m in model.modules() if getattr(m, "budget", None) is not None} == {budget}  # one budget
@@ -296,6 +297,8 @@ def test_a_mac_budget_over_fewer_groups_cannot_go_as_low_and_says_how_low_it_can
     ({"macs": "half"}, r"in \(0, 1\]. Got 'half'"),
     ({"macs": 0.5, "groups": "hidden"}, "has no channel group of the kinds asked for"),
     ({"macs": 0.5, "importance": lambda name, group: -torch.ones(group.channels)}, "non-negative importance"),
+    ({"macs": 0.5, "learnable": True, "rate": -1.0}, r"expected rate, the budget multiplier's step, .* Got -1.0"),
+    ({"sparsity": 0.5, "learnable": True, "rate": float("nan")}, "Got nan"),
 ])
 def test_bad_mac_budgets_are_refused_before_the_model_changes(options, message):
     model = build("mobilenet_v2")

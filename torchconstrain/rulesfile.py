@@ -64,7 +64,7 @@ CONSTRAINTS = {
     "L1": L1,
     "L2": L2,
 }
-BLOCK_OPTIONS = ("groups", "sparsity", "macs", "learnable", "importance", "strength", "hard", "input_shape")
+BLOCK_OPTIONS = ("groups", "sparsity", "macs", "learnable", "importance", "strength", "hard", "rate", "input_shape")
 
 
 class RulesFileError(ValueError):

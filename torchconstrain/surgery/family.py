@@ -231,6 +231,7 @@ def mask_blocks(
     importance="l1",
     strength: float = 1e-2,
     hard: bool = False,
+    rate: float = 0.05,
     example: Tensor | None = None,
 ):
     r"""Put one channel mask on every channel group of the kinds ``groups`` (default: the blocks' expanded channels).
@@ -253,8 +254,10 @@ def mask_blocks(
       channel's contributions. Its penalty is ``strength * mean(gate)`` per group;
       ``hard=True`` trains with the binary gate. With ``sparsity=`` it is a budget instead:
       baking closes exactly that share of each group's lowest gates (at least one stays
-      open), and the penalty is a Lagrange term that steers the gates to it (see
-      :class:`~torchconstrain.LearnableMask`); ``strength`` is not used.
+      open), and the penalty is a Lagrange term that steers the gates to it, its
+      multiplier rising by ``rate`` times the excess at each call of
+      :func:`~torchconstrain.penalty` (see :class:`~torchconstrain.LearnableMask`);
+      ``strength`` is not used.
     - A MAC budget (``macs=``, instead of ``sparsity=``): keep that share of the model's
       MACs for ``example`` (default: one 224x224 RGB image), choosing channels across all
       the chosen groups at once by importance per MAC, each group keeping its ``minimum``
@@ -262,7 +265,8 @@ def mask_blocks(
       costs the product of its kept expanded and stream widths). Fixed masks are chosen
       now, by ``importance``; learnable gates share one
       :class:`~torchconstrain.surgery.budget.GateBudget`, met exactly at bake with the gates
-      as importance and steered by a Lagrange term while training (``strength`` is not used).
+      as importance and steered by a Lagrange term while training (its ``rate`` as above;
+      ``strength`` is not used).
 
     Masking the readers is what removes a channel: zeroing only a writer's filter leaves
     BatchNorm's shift and the activation, a nonzero constant that would still reach them.
@@ -296,7 +300,7 @@ def mask_blocks(
         0.5
     """
     rules, finish = block_rules(model, groups=groups, sparsity=sparsity, macs=macs, learnable=learnable,
-                                importance=importance, strength=strength, hard=hard, example=example)
+                                importance=importance, strength=strength, hard=hard, rate=rate, example=example)
     report = constrain(model, rules)
     finish()
     return described_again(model, report)
@@ -304,7 +308,7 @@ def mask_blocks(
 
 def block_rules(model: nn.Module, *, groups="expanded", sparsity: float | None = None, macs: float | None = None,
                 learnable: bool = False, importance="l1", strength: float = 1e-2, hard: bool = False,
-                example: Tensor | None = None):
+                rate: float = 0.05, example: Tensor | None = None):
     r"""The rules :func:`mask_blocks` applies, without applying them.
 
     Every argument is validated here (a MAC budget is allocated now), so a call that
@@ -316,13 +320,13 @@ def block_rules(model: nn.Module, *, groups="expanded", sparsity: float | None =
         call once they are applied (it makes each group's learnable gates share scores, and
         a MAC budget's gates share the budget).
     """
-    _check_budget(sparsity, macs, learnable)
+    _check_budget(sparsity, macs, learnable, rate)
     found = _groups(model, groups, "surgery.mask_blocks")
     if macs is not None:
         return _mac_rules(model, found, macs, learnable=learnable, importance=importance, strength=strength,
-                          hard=hard, example=example)
+                          hard=hard, rate=rate, example=example)
     if learnable:
-        return learnable_rules(found, strength=strength, hard=hard, sparsity=sparsity)
+        return learnable_rules(found, strength=strength, hard=hard, sparsity=sparsity, rate=rate)
     keeps = [(group, keep_share(group, sparsity, importance_of(group, importance))) for group in found]
     untouched = [group.label for group, keep in keeps if keep.all()]
     if sparsity > 0 and untouched:
@@ -331,7 +335,10 @@ def block_rules(model: nn.Module, *, groups="expanded", sparsity: float | None =
     return fixed_rules(keeps), lambda: None
 
 
-def _check_budget(sparsity, macs, learnable: bool) -> None:
+def _check_budget(sparsity, macs, learnable: bool, rate) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < math.inf:
+        raise ValueError(f"surgery.mask_blocks: expected rate, the budget multiplier's step, to be a finite "
+                         f"number >= 0. Got {rate!r}.")
     if sparsity is not None and macs is not None:
         raise ValueError("surgery.mask_blocks: pass sparsity= (a share of each group's channels) or macs= "
                          f"(a share of the model's MACs), not both. Got sparsity={sparsity!r}, macs={macs!r}.")
@@ -348,7 +355,7 @@ def _check_budget(sparsity, macs, learnable: bool) -> None:
 
 
 def _mac_rules(model: nn.Module, found: list[Group], macs: float, *, learnable: bool, importance, strength: float,
-               hard: bool, example: Tensor | None):
+               hard: bool, rate: float, example: Tensor | None):
     """The rules of a MAC budget over the groups ``found``: allocated now (fixed masks) or at bake (learnable)."""
     if not found:
         raise ValueError(f"surgery.mask_blocks: {type(model).__name__} has no channel group of the kinds asked for "
@@ -366,7 +373,7 @@ def _mac_rules(model: nn.Module, found: list[Group], macs: float, *, learnable: 
         share()
         leaders = [gate_of(group.readers[0]) for group in found]
         followers = [gate_of(slot) for group in found for slot in group.readers[1:]]
-        GateBudget(list(zip(described, leaders)), keep=macs, cost=cost, what=what).attach(followers)
+        GateBudget(list(zip(described, leaders)), keep=macs, cost=cost, rate=rate, what=what).attach(followers)
 
     return rules, finish
 

@@ -359,8 +359,8 @@ def fixed_rules(keeps: list[tuple[Group, Tensor]]) -> list[tuple[str, FixedMask]
     return [(name, FixedMask(mask)) for name, mask in masks.items()]
 
 
-def learnable_rules(groups: list[Group], *, strength: float, hard: bool,
-                    sparsity: float | None = None) -> tuple[list, Callable[[], None]]:
+def learnable_rules(groups: list[Group], *, strength: float, hard: bool, sparsity: float | None = None,
+                    rate: float = 0.05) -> tuple[list, Callable[[], None]]:
     r"""A :class:`~torchconstrain.LearnableMask` gate per channel on every reader of ``groups``, and the
     function that makes each group's readers share one set of scores once the rules are applied.
     With ``sparsity`` each group's gates carry that budget (one penalty per group: the leader's)."""
@@ -368,7 +368,8 @@ def learnable_rules(groups: list[Group], *, strength: float, hard: bool,
         if len({slot.module.weight.dim() for slot in group.readers}) != 1:
             raise ValueError(f"surgery.mask_blocks: the readers of {group.label} mix layer kinds; "
                              "one gate cannot be shared by them.")
-    rules = [(f"{slot.fqn}.weight", LearnableMask(per="channel", dim=1, strength=strength, hard=hard, sparsity=sparsity))
+    rules = [(f"{slot.fqn}.weight", LearnableMask(per="channel", dim=1, strength=strength, hard=hard, sparsity=sparsity,
+                                                  rate=rate))
              for group in groups for slot in group.readers]
 
     def share() -> None:
