@@ -202,7 +202,9 @@ def _drop_absent_state(modules: dict[str, nn.Module], state_dict: dict) -> None:
     for module_prefix, module in modules.items():
         for name, fill in getattr(module, "absent_state", {}).items():
             value = state_dict.get(module_prefix + name)
-            if module._buffers.get(name) is None and isinstance(value, Tensor) and bool((value == fill).all()):
+            if module._buffers.get(name) is not None or not isinstance(value, Tensor) or value.is_meta:
+                continue
+            if bool((value == fill).all()):
                 del state_dict[module_prefix + name]
 
 
