@@ -117,6 +117,5 @@ def _constrain_from_file(model: nn.Module, path: str | os.PathLike, *, strict: b
 
     parsed = read_rules(path)
     rules, finish = parsed.to_rules(model)
-    report = _rules.constrain(model, rules, strict=strict, existing=existing, rule_names=parsed.rule_name)
-    finish()
-    return _rules.described_again(model, report)
+    return _rules.constrain_and_finish(model, rules, finish, strict=strict, existing=existing,
+                                       rule_names=parsed.rule_name)

@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from torchconstrain.keys import label, match
-from torchconstrain.rules import constrain, described_again
+from torchconstrain.rules import constrain_and_finish
 from torchconstrain.rulesfile import read_rules
 
 __all__ = ["dry_run", "load_model"]
@@ -74,9 +74,7 @@ def dry_run(model: nn.Module, path) -> tuple[str, bool]:
     if rules_file.blocks is not None:
         lines.append(f"blocks (surgery.mask_blocks {rules_file.blocks}): {len(block_names)} tensors")
         lines += [f"  {name}" for name in block_names]
-    report = constrain(work, rules, strict=False, rule_names=rules_file.rule_name)
-    finish()
-    report = described_again(work, report)
+    report = constrain_and_finish(work, rules, finish, strict=False, rule_names=rules_file.rule_name)
     lines += ["", str(report)]
     return "\n".join(lines), ok
 

@@ -356,6 +356,15 @@ def _register(plan: list[_Planned]) -> None:
         raise
 
 
+def constrain_and_finish(model: nn.Module, rules, finish: Callable[[], None], **options) -> Report:
+    r""":func:`constrain`, then ``finish()`` (the step that makes learnable gates share scores
+    or a budget, see :func:`~torchconstrain.surgery.block_rules`), returning the report
+    with the constraints as they are then."""
+    report = constrain(model, rules, **options)
+    finish()
+    return described_again(model, report)
+
+
 def described_again(model: nn.Module, report: Report) -> Report:
     r"""``report`` (of :func:`constrain` on ``model``) with each tensor's constraints
     described as they are now: after a step that finishes the rules (learnable gates

@@ -19,7 +19,8 @@ from torch.nn.utils import parametrize
 from torchconstrain._tensors import parameter_slots
 from torchconstrain.bake import bake
 from torchconstrain.constraints import LearnableMask
-from torchconstrain.rules import constrain, described_again
+from torchconstrain.constraints.arguments import number
+from torchconstrain.rules import constrain_and_finish
 from torchconstrain.surgery import efficientnet, mnasnet, mobilenetv2, mobilenetv3
 from torchconstrain.surgery.budget import ChannelGroup, GateBudget, LayerCost, allocate
 from torchconstrain.surgery.measure import count_macs, count_params, layer_macs, measure_latency
@@ -301,9 +302,7 @@ def mask_blocks(
     """
     rules, finish = block_rules(model, groups=groups, sparsity=sparsity, macs=macs, learnable=learnable,
                                 importance=importance, strength=strength, hard=hard, rate=rate, example=example)
-    report = constrain(model, rules)
-    finish()
-    return described_again(model, report)
+    return constrain_and_finish(model, rules, finish)
 
 
 def block_rules(model: nn.Module, *, groups="expanded", sparsity: float | None = None, macs: float | None = None,
@@ -336,9 +335,7 @@ def block_rules(model: nn.Module, *, groups="expanded", sparsity: float | None =
 
 
 def _check_budget(sparsity, macs, learnable: bool, rate) -> None:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < math.inf:
-        raise ValueError(f"surgery.mask_blocks: expected rate, the budget multiplier's step, to be a finite "
-                         f"number >= 0. Got {rate!r}.")
+    number("surgery.mask_blocks", "rate", rate, low=0)
     if sparsity is not None and macs is not None:
         raise ValueError("surgery.mask_blocks: pass sparsity= (a share of each group's channels) or macs= "
                          f"(a share of the model's MACs), not both. Got sparsity={sparsity!r}, macs={macs!r}.")
