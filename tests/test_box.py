@@ -225,3 +225,43 @@ def test_non_floating_tensor_is_refused():
     module.count = nn.Parameter(torch.ones(3, dtype=torch.int64), requires_grad=False)
     with pytest.raises(ValueError, match="count: rule 0 .* floating-point tensors. Got torch.int64"):
         constrain(module, {"count": Clamp(0, 1)})
+
+
+def _saved_by_clamp(layer):
+    """The tensors the weight's clamp saves for its backward."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer.weight
+    return saved
+
+
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _next_up(value: float, dtype: torch.dtype) -> float:
+    """The next number of ``dtype`` above ``value`` (a number of ``dtype``, >= +0.0)."""
+    bits = torch.tensor([value], dtype=dtype).view(_BITS[dtype]) + 1
+    return bits.view(dtype).item()
+
+
+@pytest.mark.parametrize("dtype", list(_BITS))
+@pytest.mark.parametrize("low, high", [(-0.1, 0.1), (-1 / 3, None), (None, 2 / 3), (0.0, 0.0)])
+def test_the_pull_back_saves_nothing_exactly_when_every_entry_is_inside(dtype, low, high):
+    # Inside means the clamp changes no entry; the entries tried sit on the bound as the
+    # dtype rounds it and on the next number of the dtype beyond it.
+    layer = nn.Linear(3, 4).to(dtype)
+    constrain(layer, {"weight": Clamp(low, high)})
+    original = layer.parametrizations.weight.original
+    rounded = float(torch.tensor(high if high is not None else low, dtype=dtype))
+    cases = {"on the bound": (rounded, True), "a NaN": (math.nan, False)}
+    if high is not None:
+        cases["just above"] = (_next_up(rounded, dtype), False)
+        cases["infinite"] = (math.inf, False)
+    else:
+        cases["below"] = (rounded - 1.0, False)
+    for name, (entry, inside) in cases.items():
+        with torch.no_grad():
+            original.copy_(layer.parametrizations.weight[0](original)).view(-1)[1] = entry
+            with set_fast_path(False):
+                assert torch.equal(original, layer.weight) == inside, name
+        assert (_saved_by_clamp(layer) == []) == inside, name

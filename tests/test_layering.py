@@ -15,7 +15,7 @@ ROOT = pathlib.Path(torchconstrain.__file__).resolve().parent
 LAYERS = [
     ("foundations", ["torchconstrain.errors", "torchconstrain.report", "torchconstrain._distributed"]),
     ("constraints", ["torchconstrain.constraints", "torchconstrain.constraints.*"]),
-    ("tensors", ["torchconstrain._tensors", "torchconstrain.fastpath"]),
+    ("tensors", ["torchconstrain._tensors", "torchconstrain._tracked", "torchconstrain.fastpath"]),
     ("rule keys", ["torchconstrain.keys"]),
     ("registration", ["torchconstrain.checkpoint", "torchconstrain.registration"]),
     ("rules", ["torchconstrain.optim", "torchconstrain.rules", "torchconstrain.schedules"]),

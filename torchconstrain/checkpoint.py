@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-import torchconstrain.fastpath as fastpath
+import torchconstrain._tracked as _tracked
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import CheckpointMismatch
 
@@ -255,7 +255,7 @@ def _tie_problems(modules: dict[str, nn.Module], state_dict: dict) -> list[str]:
 def _same_value(a, b) -> bool:
     if a is b:
         return True
-    plain = (Tensor, nn.Parameter, fastpath.Tracked)
+    plain = (Tensor, nn.Parameter, _tracked.Tracked)
     if type(a) not in plain or type(b) not in plain or a.shape != b.shape or torch.strided not in (a.layout, b.layout):
         return True  # reported as a shape or type problem, or not comparable here (shards)
     if a.is_meta or b.is_meta:

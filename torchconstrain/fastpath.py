@@ -3,40 +3,25 @@ r"""The fast path: constrained tensors at close to plain speed, with parametrize
 ``parametrize`` evaluates a tensor's chain through the property, the
 ``ParametrizationList`` module and each constraint's ``__call__`` on every access. The
 property installed here calls the constraints' ``forward`` methods in order on the stored
-original instead, which is what ``parametrize`` does without the module calls, so values
-and gradients are bitwise the plain path's.
+original instead: the same operations without the module calls, so values and gradients
+are bitwise the plain path's.
 
 - **With gradients on** the effective tensor is computed on every access: nothing is kept,
   nothing goes stale, and ``torch.utils.checkpoint`` recomputes what the forward computed.
-- **With gradients off** it is computed once and returned again until something it is
-  computed from changes: the chain, the stored original or a constraint's tensor (its
-  identity or version counter: ``optimizer.step()``, ``load_state_dict``, in-place edits),
-  the original's storage (``.to()``), a constraint's revision number (attributes set,
-  tensors replaced, hooks added), or the returned tensor itself (edited in place).
-  Checking costs a few C-level walks of tuples per access (see ``_Kept``).
-
-Memory: that value is the one weight-sized tensor kept per constrained tensor, and only
-between accesses with gradients off (training keeps none, and a ``FixedMask`` keeps only
-its bools). While computing it, each constraint whose input the previous one made
-(``Constraint.returns_new``) computes in that tensor (``Constraint.forward_in_place``):
-one weight-sized temporary per chain, and the stored original is never written.
+- **With gradients off** it is computed once, each constraint after the first computing in
+  the tensor the one before made (``Constraint.returns_new``), and returned again until
+  something it is computed from changes (see :class:`_Kept`). That value is the one
+  weight-sized tensor kept per constrained tensor, dropped at the next access with
+  gradients on.
 
 The plain ``parametrize`` property runs instead under ``torch.compile``/``torch.export``
 tracing, ``torch.jit.trace``, ``parametrize.cached()`` and ``torch.func`` transforms, for
 stored originals that are not plain tensors (FSDP2 shards), for chains with a
 parametrization that is not a cacheable torchconstrain constraint (see
-:class:`~torchconstrain.Constraint`) or with hooks, and while global module hooks are
-registered. Under autocast the value is computed on every access.
-
-A write through ``.data`` bypasses a plain tensor's version counter. So that such writes
-(Lightning's weight averaging swaps weights through ``.data``, as does much code written
-for plain parameters) still make a kept value stale, the stored original and the
-constraints' ``Parameter`` objects (a ``LearnableMask``'s ``scores``) become
-:class:`Tracked` ones, whose ``.data`` shares their version counter (it is ``detach()``),
-until the parametrizations are removed. What it cannot see is a ``.data`` write to a
-buffer (a mask, a bound, or a constrained buffer's original); turn the fast path off with
-:func:`set_fast_path` there, which works like :func:`torch.set_grad_enabled` (a call or a
-context manager, for the calling thread only).
+:class:`~torchconstrain.Constraint`) or with hooks, while global module hooks are
+registered, and where :func:`set_fast_path` turned it off for the calling thread. Under
+autocast the value is computed on every access. Writes through a parameter's ``.data``
+are seen (:mod:`torchconstrain._tracked`); writes through a buffer's are not.
 
 Example:
     >>> import torch
@@ -63,50 +48,12 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
+from torchconstrain._tracked import Tracked, track_chain
 from torchconstrain.constraints.base import Constraint, tracing
 
 __all__ = ["fast_path_enabled", "set_fast_path"]
 
-_KEY = "_torchconstrain_fast"
-_DATA = torch._C.TensorBase.data
-
-
-class Tracked(nn.Parameter):
-    r"""A ``Parameter`` that a constrained tensor is computed from: its ``.data`` is
-    ``detach()``, which shares the version counter, so that an in-place write through
-    ``.data`` shows there as any other in-place write does. Assigning ``.data`` replaces the
-    storage, which :class:`_Kept` sees too. It is a ``Parameter`` in every other respect."""
-
-    @property
-    def data(self) -> Tensor:
-        return self.detach()
-
-    @data.setter
-    def data(self, value: Tensor) -> None:
-        _DATA.__set__(self, value)
-
-
-def track(tensor) -> None:
-    r"""Make a ``Parameter`` that kept values are computed from a :class:`Tracked` one, so
-    that writes through its ``.data`` show in its version counter."""
-    if type(tensor) is nn.Parameter:
-        tensor.__class__ = Tracked
-
-
-def _track_chain(plist: nn.Module) -> None:
-    """Track the stored original and the parameters of every torchconstrain constraint."""
-    track(plist._parameters.get("original"))
-    for constraint in plist._modules.values():
-        if isinstance(constraint, Constraint):
-            for parameter in constraint._parameters.values():
-                track(parameter)
-
-
-def untrack(tensor) -> None:
-    r"""Make a stored original that the fast path tracked (:class:`Tracked`) a plain
-    ``Parameter`` again: its parametrizations are gone."""
-    if type(tensor) is Tracked:
-        tensor.__class__ = nn.Parameter
+_KEY = "_torchconstrain_kept"  # a ParametrizationList's _Kept, while it holds one
 
 
 # Stored originals of other types (DTensor shards under FSDP2, functorch wrappers) take the
@@ -184,26 +131,24 @@ def _usable() -> bool:
 def install(module: nn.Module, tensor_name: str) -> None:
     r"""Put the fast property for ``tensor_name`` on ``module``'s own parametrized class,
     drop any value kept while the chain was being built (``parametrize`` reads the tensor
-    when it stacks a parametrization) and track the chain's parameters (:func:`track`)."""
+    when it stacks a parametrization) and track the chain's parameters (:mod:`._tracked`)."""
     setattr(type(module), tensor_name, property(_getter(tensor_name), _setter(tensor_name)))
     plist = module._modules["parametrizations"]._modules[tensor_name]
     plist.__dict__.pop(_KEY, None)
-    _track_chain(plist)  # now, so that compiled code sees the same types from the start
+    track_chain(plist)  # now, so that compiled code sees the same types from the start
 
 
 def _getter(tensor_name: str):
     def get(module: nn.Module) -> Tensor:
         plist = module._modules["parametrizations"]._modules[tensor_name]
-        evaluator = plist.__dict__.get(_KEY)
-        if evaluator is None:
-            evaluator = plist.__dict__[_KEY] = _Evaluator()
         if not _usable():
             return _plain(module, tensor_name, plist)
-        kept = evaluator.kept
-        if kept is not None and not torch.is_grad_enabled() and kept.holds():  # the common no-grad access
-            return kept.value
-        del kept  # a stale value is freed before its replacement is computed
-        value = evaluator.value(plist)
+        kept = plist.__dict__.get(_KEY)
+        if kept is not None:
+            if not torch.is_grad_enabled() and kept.holds():  # the common no-grad access
+                return kept.value
+            del plist.__dict__[_KEY], kept  # training holds no copy; a stale one is freed first
+        value = _value(plist)
         return _plain(module, tensor_name, plist) if value is None else value
 
     return get
@@ -236,41 +181,22 @@ def _plain(module: nn.Module, tensor_name: str, plist: nn.Module) -> Tensor:
 # --- one tensor ---------------------------------------------------------------------------
 
 
-class _Evaluator:
-    """Evaluates one parametrized tensor and keeps its value for reuse with gradients off.
-
-    It reads the chain and the stored original from the ``ParametrizationList`` on every
-    access, so it never holds on to a replaced one. Deep copies and pickles of a model
-    carry ``None`` instead: the copy gets its own.
-    """
-
-    __slots__ = ("kept",)
-
-    def __init__(self) -> None:
-        self.kept = None  # a _Kept, while gradients are off
-
-    def __deepcopy__(self, memo):
+def _value(plist: nn.Module) -> Tensor | None:
+    """The effective tensor, kept in ``plist`` for reuse when computed with gradients off;
+    ``None`` when the plain evaluation must run. It reads the chain and the stored original
+    from ``plist`` on every call, so it never holds on to a replaced one."""
+    original = plist._parameters.get("original")
+    chain = plist._modules.values()
+    if type(original) not in _PLAIN_TYPES or not plist.is_tensor or not all(map(_cacheable, chain)):
         return None
-
-    def __reduce__(self):
-        return type(None), ()  # unpickles as None
-
-    def value(self, plist: nn.Module) -> Tensor | None:
-        """The effective tensor, or ``None`` when the plain evaluation must run (a value
-        kept for reuse is returned by the property itself, once :meth:`_Kept.holds`)."""
-        original = plist._parameters.get("original")
-        chain = plist._modules.values()
-        if type(original) not in _PLAIN_TYPES or not plist.is_tensor or not all(map(_cacheable, chain)):
-            return None
-        self.kept = None  # training: do not hold a copy of the weight meanwhile; else stale
-        if torch.is_grad_enabled() or _autocast() or original.is_inference():
-            return _evaluate(original, chain)
-        _track_chain(plist)  # tensors put in since install: .data writes show in their versions
-        kept = _Kept(plist)  # what the value is computed from, read before it is
-        with torch.inference_mode(False), torch.no_grad():  # a tensor with a version counter
-            value = _evaluate_in_place(original, chain)
-        self.kept = kept.keep(value)
-        return value
+    if torch.is_grad_enabled() or _autocast() or original.is_inference():
+        return _evaluate(original, chain)
+    track_chain(plist)  # tensors put in since install: .data writes show in their versions
+    kept = _Kept(plist)  # what the value is computed from, read before it is
+    with torch.inference_mode(False), torch.no_grad():  # a tensor with a version counter
+        value = _evaluate_in_place(original, chain)
+    plist.__dict__[_KEY] = kept.keep(value)
+    return value
 
 
 _VERSION = operator.attrgetter("_version")
@@ -283,14 +209,15 @@ _chained = itertools.chain.from_iterable
 class _Kept:
     """A value kept for reuse with gradients off, and everything it is computed from as
     it was then: the chain, the stored original and every constraint's tensors (their
-    identities in the dicts that hold them, and their version counters), the original's
-    storage, and each constraint's revision number (set anew by every change its tensors'
-    versions do not show). It holds the objects it names, so that their identities cannot
-    be taken by others while it is kept.
+    identities in the dicts that hold them and their version counters: ``optimizer.step()``,
+    ``load_state_dict``, in-place edits, tensors swapped in by ``functional_call``), the
+    original's storage (``.data`` assigned), each constraint's revision number (attributes
+    set, tensors replaced, hooks added, ``.to()``), and the value's own version (edited in
+    place). It holds the objects it names, so that their identities cannot be taken by
+    others while it is kept. Deep copies and pickles of a model carry ``None`` instead.
 
-    :meth:`holds` checks all of it in a few calls that each walk a whole tuple in C, and
-    reads as few objects as it can: between accesses the model's kernels have pushed
-    them out of the CPU caches.
+    :meth:`holds` checks all of it in a few calls that each walk a whole tuple in C: between
+    accesses the model's kernels have pushed these objects out of the CPU caches.
     """
 
     __slots__ = ("chain", "revisions", "views", "held", "tensors", "versions", "original", "pointer", "value")
@@ -308,6 +235,12 @@ class _Kept:
         self.original = plist._parameters["original"]
         self.pointer = self.original.data_ptr()
         self.value = None
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return type(None), ()  # unpickles as None
 
     def keep(self, value: Tensor) -> "_Kept":
         self.value = value

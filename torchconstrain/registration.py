@@ -29,6 +29,7 @@ import copy
 from torch import nn
 from torch.nn.utils import parametrize
 
+import torchconstrain._tracked as _tracked
 import torchconstrain.fastpath as fastpath
 from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot
 from torchconstrain.checkpoint import load_plain_keys
@@ -113,7 +114,7 @@ def _unparametrize(slot: Slot) -> None:
     _own_class(slot.module)
     order = getattr(slot.module.parametrizations, "plain_order", None)
     parametrize.remove_parametrizations(slot.module, slot.tensor_name, leave_parametrized=False)
-    fastpath.untrack(slot.module._parameters.get(slot.tensor_name))
+    _tracked.untrack(slot.module._parameters.get(slot.tensor_name))
     if order is not None:
         _restore_order(slot.module._parameters, order)
 

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-import torchconstrain.fastpath as fastpath
+import torchconstrain._tracked as _tracked
 from torchconstrain._distributed import whole
 from torchconstrain.constraints.base import tracing, transformed
 
@@ -368,7 +368,7 @@ class GateBudget:
 
     def _gate_sources(self) -> tuple:
         for mask in self.masks:
-            fastpath.track(mask.scores)  # writes through .data show in the version counter too
+            _tracked.track(mask.scores)  # writes through .data show in the version counter too
         tensors = tuple((t, t._version, t.data_ptr()) for mask in self.masks for t in (mask.scores, mask.temperature))
         return ((self.cost, self.keep), *tensors)
 
