@@ -147,7 +147,8 @@ def _getter(tensor_name: str):
         if kept is not None:
             if not torch.is_grad_enabled() and kept.holds():  # the common no-grad access
                 return kept.value
-            del plist.__dict__[_KEY], kept  # training holds no copy; a stale one is freed first
+            del kept  # training holds no copy; a stale one is freed before its replacement
+            plist.__dict__.pop(_KEY, None)  # (another thread may have dropped it already)
         value = _value(plist)
         return _plain(module, tensor_name, plist) if value is None else value
 
