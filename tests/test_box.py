@@ -235,7 +235,9 @@ def _saved_by_clamp(layer):
     return saved
 
 
-_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_BITS = {  # each float dtype's integer of the same width
+    torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+}
 
 
 def _next_up(value: float, dtype: torch.dtype) -> float:

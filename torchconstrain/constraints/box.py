@@ -33,9 +33,9 @@ OPEN = {"min": -math.inf, "max": math.inf}
 class _PullBackClamp(torch.autograd.Function):
     """Clamp forward; backward keeps an outside entry's gradient only if it points back in.
 
-    On the CPU the forward tests whether every entry is inside the box (see
-    :func:`_inside`): then the gradient passes as it is, which is what :func:`_pull_back` would
-    give it, and nothing is saved. Otherwise (and on other devices, where the test would
+    On the CPU the forward tests whether every entry is inside the box (:func:`_inside`):
+    then the gradient passes as it is, which is what :func:`_pull_back` would give it, and
+    nothing is saved. Otherwise (and on other devices, where the test would
     wait for the device, and in traced or transformed code, which cannot branch on data)
     it saves its input and its output: the stored original, which exists anyway, and the
     clamped tensor, which is the effective weight itself unless another constraint follows.

@@ -2,8 +2,6 @@ r"""Fake quantization: weights on an integer grid, for quantization-aware traini
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
