@@ -310,7 +310,7 @@ def _dry_run(entry: _Planned, earlier: list[Constraint], labels: list[str]) -> N
         if value.is_meta:
             return
         stack = earlier + entry.constraints
-        for position, (constraint, label) in enumerate(zip(stack, labels)):
+        for position, (constraint, origin) in enumerate(zip(stack, labels)):
             reason = constraint.violation(value)
             if reason is not None:
                 culprit = _first_breaking(constraint, position - len(earlier), values)
@@ -319,7 +319,7 @@ def _dry_run(entry: _Planned, earlier: list[Constraint], labels: list[str]) -> N
                 )
                 raise ValueError(
                     f"{entry.name}: the constraints contradict each other: after applying them "
-                    f"all, {describe(constraint)} from {label} is broken{by}: {reason}."
+                    f"all, {describe(constraint)} from {origin} is broken{by}: {reason}."
                 )
 
 
