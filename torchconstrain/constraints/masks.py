@@ -39,9 +39,10 @@ class FixedMask(Constraint):
     receive exactly 0 gradient, so whatever momentum or weight decay does to the stored
     value, the effective weight stays 0. (No float copy of the mask is kept: each product
     converts it, and backward saves only the bool mask, or for a mask of fewer than
-    :data:`SAVES_BOOLS_FROM` entries the converted copy. Stored values at masked entries are set to 0 when the
-    mask is applied and never receive a gradient, so they stay finite; a NaN or inf
-    written there by hand would show through, and :func:`torchconstrain.check` reports it.)
+    :data:`SAVES_BOOLS_FROM` entries the converted copy. Stored values at masked entries
+    are set to 0 when the mask is applied and never receive a gradient, so they stay
+    finite; a NaN or inf written there by hand would show through, and
+    :func:`torchconstrain.check` reports it.)
 
     ``FixedMask(mask)`` takes a concrete mask. The class methods build templates that
     choose each tensor's mask when :func:`torchconstrain.constrain` applies them:
