@@ -1,6 +1,7 @@
 """The fast path gives bitwise what parametrize gives, and never a stale value."""
 
 import copy
+import io
 import pickle
 import threading
 import weakref
@@ -284,6 +285,75 @@ def test_editing_the_returned_tensor_does_not_poison_the_reuse():
     with torch.inference_mode():
         layer.weight.fill_(7.0)
     assert same_bits(_reused(layer), _plain_value(layer))
+
+
+def test_writes_through_data_or_numpy_of_the_returned_tensor_do_not_poison_the_reuse():
+    model, _ = constrained_pair(RULES["Clamp + FixedMask"])
+    layer = model[0]
+    expected = _plain_value(layer)
+    with torch.no_grad():
+        layer.weight.data.normal_(0.0, 3.0)  # a DCGAN-style init, a habit from plain layers
+        assert same_bits(layer.weight, expected)
+        layer.weight.data = torch.full_like(expected, 3.0)
+        assert same_bits(layer.weight, expected)
+        layer.weight.numpy()[:] = 3.0
+        assert same_bits(layer.weight, expected)
+        assert same_bits(model(torch.ones(2, 6)), _plain_outputs(model, torch.ones(2, 6)))
+
+
+def _plain_outputs(model, x):
+    with torch.no_grad(), set_fast_path(False):
+        return model(x)
+
+
+def test_a_reused_tensor_is_a_plain_tensor_to_whoever_copies_saves_or_prints_it():
+    model, _ = constrained_pair(RULES["FixedMask"])
+    value = _reused(model[0])
+    assert isinstance(value, torch.Tensor) and type(value * 1) is torch.Tensor
+    assert type(copy.deepcopy(value)) is torch.Tensor and torch.equal(copy.deepcopy(value), value)
+    buffer = io.BytesIO()
+    torch.save({"weight": value}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)["weight"]
+    assert type(loaded) is torch.Tensor and torch.equal(loaded, value)
+    assert repr(value) == repr(value.clone())
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_hooks_on_the_parametrization_list_run(grad):
+    model, _ = constrained_pair(RULES["Clamp pull_back"])
+    layer = model[0]
+    _reused(layer)  # kept before the hooks exist
+    calls = []
+    plist = layer.parametrizations.weight
+    plist.register_forward_pre_hook(lambda module, args: calls.append("pre"))
+    plist.register_forward_hook(lambda module, args, out: out * 0.5)
+    with torch.set_grad_enabled(grad):
+        fast = layer.weight
+        with set_fast_path(False):
+            plain = layer.weight
+    assert calls == ["pre", "pre"] and same_bits(fast, plain) and fast.abs().max() <= 0.1
+
+
+def test_weights_in_shared_memory_are_not_reused_as_other_processes_train_them():
+    # Hogwild training: nn.Module.share_memory(), then worker processes write the weights.
+    model, _ = constrained_pair(RULES["Clamp pull_back"])
+    model.share_memory()
+    before = _reused(model[0]).clone()
+    worker = torch.multiprocessing.get_context("fork").Process(target=_train_in_place, args=(model,))
+    worker.start()
+    worker.join(timeout=60)
+    assert worker.exitcode == 0
+    assert not torch.equal(_reused(model[0]), before)
+    assert same_bits(_reused(model[0]), _plain_value(model[0]))
+
+
+def _train_in_place(model):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 6)).pow(2).sum().backward()
+        optimizer.step()
 
 
 def test_reuse_follows_to():

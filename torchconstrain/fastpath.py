@@ -20,8 +20,9 @@ stored originals that are not plain tensors (FSDP2 shards), for chains with a
 parametrization that is not a cacheable torchconstrain constraint (see
 :class:`~torchconstrain.Constraint`) or with hooks, while global module hooks are
 registered, and where :func:`set_fast_path` turned it off for the calling thread. Under
-autocast the value is computed on every access. Writes through a parameter's ``.data``
-are seen (:mod:`torchconstrain._tracked`); writes through a buffer's are not.
+autocast, and for stored originals in shared memory, the value is computed on every
+access. Writes through a parameter's or a kept value's ``.data`` are seen
+(:mod:`torchconstrain._tracked`); writes through a buffer's are not.
 
 Example:
     >>> import torch
@@ -48,7 +49,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
-from torchconstrain._tracked import Tracked, track_chain
+from torchconstrain._tracked import Tracked, track_chain, track_value
 from torchconstrain.constraints.base import Constraint, tracing
 
 __all__ = ["fast_path_enabled", "set_fast_path"]
@@ -188,9 +189,9 @@ def _value(plist: nn.Module) -> Tensor | None:
     from ``plist`` on every call, so it never holds on to a replaced one."""
     original = plist._parameters.get("original")
     chain = plist._modules.values()
-    if type(original) not in _PLAIN_TYPES or not plist.is_tensor or not all(map(_cacheable, chain)):
+    if type(original) not in _PLAIN_TYPES or not plist.is_tensor or _hooked(plist) or not all(map(_cacheable, chain)):
         return None
-    if torch.is_grad_enabled() or _autocast() or original.is_inference():
+    if torch.is_grad_enabled() or _autocast() or original.is_inference() or _shared(original):
         return _evaluate(original, chain)
     track_chain(plist)  # tensors put in since install: .data writes show in their versions
     kept = _Kept(plist)  # what the value is computed from, read before it is
@@ -227,11 +228,12 @@ class _Kept:
         chain = self.chain = tuple(plist._modules.values())
         self.revisions = tuple(map(_REVISION, chain))
         dicts = (plist._modules, plist._parameters) + tuple(d for c in chain for d in (c._buffers, c._parameters))
+        dicts += _hooks(plist)  # a hook on the list: the plain path runs
         # Live views of the dicts, then an end mark: walking them beside ``held`` in step
         # finds a value replaced, added or removed (the end marks no longer meet).
         self.views = tuple(d.values() for d in dicts) + ((_END,),)
         self.held = tuple(_chained(self.views))
-        self.tensors = tuple(t for d in dicts[1:] for t in d.values() if t is not None)
+        self.tensors = tuple(t for d in dicts[1:-4] for t in d.values() if t is not None)
         self.versions = tuple(map(_VERSION, self.tensors))
         self.original = plist._parameters["original"]
         self.pointer = self.original.data_ptr()
@@ -244,6 +246,7 @@ class _Kept:
         return type(None), ()  # unpickles as None
 
     def keep(self, value: Tensor) -> "_Kept":
+        track_value(value)  # a write through its .data shows in its version too
         self.value = value
         self.tensors += (value,)  # an in-place edit of the value itself makes it stale too
         self.versions += (value._version,)
@@ -280,6 +283,12 @@ def _evaluate_in_place(x: Tensor, chain) -> Tensor:
     return x
 
 
+def _shared(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is in the CPU's shared memory (``share_memory()``), which other
+    processes write without moving this process's version counters (Hogwild training)."""
+    return tensor.device.type == "cpu" and tensor.untyped_storage().is_shared()
+
+
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
     """Whether ``a`` and ``b`` may share memory (the same storage, or either has none)."""
     pointer = a.untyped_storage().data_ptr()
@@ -292,8 +301,14 @@ def _cacheable(constraint: nn.Module) -> bool:
         getattr(type(constraint), "cacheable", False)
         and constraint.__dict__.get("cacheable", True)  # an instance may opt out
         and not constraint._modules
-        and not constraint._forward_hooks
-        and not constraint._forward_pre_hooks
-        and not constraint._backward_hooks
-        and not constraint._backward_pre_hooks
+        and not _hooked(constraint)
     )
+
+
+def _hooks(module: nn.Module) -> tuple[dict, ...]:
+    """The dicts that hold ``module``'s own forward and backward hooks."""
+    return (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return any(_hooks(module))
