@@ -97,6 +97,10 @@ def test_every_registered_constraint_builds_from_a_file(tmp_path):
         ("rules: []\nblock: {}\n", r"unknown top-level keys \['block'\]"),
         ("rules: []\nblocks: {sparsity: 0.5, learn: true}\n", r"blocks: unknown options \['learn'\]"),
         ("rules: [\n", "not valid YAML"),
+        ("rules:\n  - match: a\n    apply: NonNeg\nrules:\n  - match: b\n    apply: NonNeg\n",
+         r"rules.yaml, line 4: the key 'rules' is given twice"),  # YAML would keep the second only
+        ("rules:\n  - match: a\n    match: b\n    apply: NonNeg\n", r"line 3: the key 'match' is given twice"),
+        ("rules:\n  - match: a\n    apply: {Clamp: {min: -1, max: 1, min: -5}}\n", r"line 3: the key 'min' is given twice"),
     ],
 )
 def test_bad_yaml_files_name_the_file_rule_and_line(tmp_path, text, message):
@@ -109,6 +113,9 @@ def test_bad_json_and_paths(tmp_path):
         read_rules(write(tmp_path, "rules.json", '{"rules": [{"match": "a", "apply": "Nope"}]}'))
     with pytest.raises(RulesFileError, match="not valid JSON"):
         read_rules(write(tmp_path, "broken.json", "{"))
+    twice = '{"rules": [{"match": "a", "apply": {"Clamp": {"min": -1, "max": 1, "min": -5}}}]}'
+    with pytest.raises(RulesFileError, match=r"rules.json: the key 'min' is given twice in one object"):
+        read_rules(write(tmp_path, "rules.json", twice))
     with pytest.raises(RulesFileError, match="expected a .yaml, .yml or .json rules file. Got .txt"):
         read_rules(write(tmp_path, "rules.txt", "rules: []"))
     with pytest.raises(RulesFileError, match="missing.yaml: no such rules file"):

@@ -154,7 +154,26 @@ def _load_yaml(path: Path, text: str) -> tuple[object, list[int]]:
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise RulesFileError(f"{path}: not valid YAML: {error}") from None
+    _refuse_duplicate_yaml_keys(path, root)
     return document, _rule_lines(root)
+
+
+def _refuse_duplicate_yaml_keys(path: Path, node) -> None:
+    """Raise on a key given twice in one mapping (YAML keeps the last one silently)."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key in (key for key, _ in node.value if isinstance(key, yaml.ScalarNode)):
+            if key.value in seen:
+                raise RulesFileError(f"{path}, line {key.start_mark.line + 1}: the key {key.value!r} is given twice.")
+            seen.add(key.value)
+    for child in _children(node):
+        _refuse_duplicate_yaml_keys(path, child)
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
 
 
 def _rule_lines(root) -> list[int]:
@@ -168,8 +187,15 @@ def _rule_lines(root) -> list[int]:
 
 
 def _load_json(path: Path, text: str) -> object:
+    def refuse_duplicates(pairs: list) -> dict:
+        keys = [key for key, _ in pairs]
+        twice = sorted({key for key in keys if keys.count(key) > 1})
+        if twice:
+            raise RulesFileError(f"{path}: the key {twice[0]!r} is given twice in one object.")
+        return dict(pairs)
+
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=refuse_duplicates)
     except json.JSONDecodeError as error:
         raise RulesFileError(f"{path}: not valid JSON: {error}") from None
 
