@@ -153,3 +153,12 @@ def test_random_mask_is_reproducible_with_seed():
 def test_degenerate_sparsity_warns():
     with pytest.warns(UserWarning, match="prunes no slice along dim 0 of 1"):
         constrain(nn.Linear(4, 1), {"weight": FixedMask.structured(sparsity=0.3)})
+
+
+def test_global_magnitude_warns_about_a_tensor_it_prunes_whole():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with torch.no_grad():
+        model[1].weight.mul_(1e-6)  # far smaller than the first layer's: the global share takes all of it
+    with pytest.warns(UserWarning, match=r"1.weight: sparsity 0.5 prunes all 64 entries; the tensor is all zeros"):
+        constrain(model, {"*.weight": FixedMask.global_magnitude(sparsity=0.5)})
+    assert not model[1].weight.any() and model[0].weight.all()

@@ -37,6 +37,13 @@ def _keep_largest(scores: Tensor, sparsity: float) -> Tensor:
     return keep.view_as(scores)
 
 
+def _plural(unit: str) -> str:
+    """``entry`` -> ``entries``, ``slice along dim 0`` -> ``slices along dim 0``."""
+    noun, _, rest = unit.partition(" ")
+    noun = noun[:-1] + "ies" if noun.endswith("y") else noun + "s"
+    return f"{noun} {rest}".strip()
+
+
 def _warn_if_degenerate(fqn: str, sparsity: float, keep: Tensor, unit: str) -> None:
     kept, total = int(keep.sum()), keep.numel()
     if total == 0:
@@ -48,7 +55,7 @@ def _warn_if_degenerate(fqn: str, sparsity: float, keep: Tensor, unit: str) -> N
         )
     elif kept == 0:
         warnings.warn(
-            f"{fqn}: sparsity {sparsity} prunes all {total} {unit}s; the tensor is all zeros.",
+            f"{fqn}: sparsity {sparsity} prunes all {total} {_plural(unit)}; the tensor is all zeros.",
             stacklevel=4,
         )
 
@@ -123,6 +130,8 @@ class GlobalMagnitude:
             stop = start + tensor.numel()
             masks[fqn] = keep[start:stop].view(tensor.shape).to(tensor.device)
             start = stop
+            if tensor.numel() and not masks[fqn].any():  # the others' magnitudes took its share
+                _warn_if_degenerate(fqn, self.sparsity, masks[fqn], "entry")
         return masks
 
     def __repr__(self) -> str:
