@@ -7,7 +7,7 @@ from torch import nn
 from conftest import assert_unchanged, snapshot, tokens
 from torch.nn.utils import parametrizations, parametrize, prune
 
-from torchconstrain import Clamp, FixedMask, LearnableMask, NonNeg, check, constrain, match
+from torchconstrain import Clamp, Constraint, FixedMask, LearnableMask, NonNeg, check, constrain, match
 
 
 def constrained_names(model: nn.Module) -> list[str]:
@@ -310,3 +310,43 @@ def test_a_failure_while_sharing_rolls_a_tie_back(tied, monkeypatch):
         constrain(tied, {"body": Clamp(-0.01, 0.01), "head": Clamp(-0.01, 0.01)})
     assert_unchanged(tied, before)
     assert tied.head.weight is tied.emb.weight is stored
+
+
+class _Raises(Constraint):
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+class _HalvesInPlace(Constraint):  # a careless custom constraint: writes its input
+    def forward(self, x):
+        return x.mul_(0.5)
+
+
+class _ViolationRaises(Clamp):
+    def violation(self, value):
+        raise KeyError("no such bound")
+
+
+@pytest.mark.parametrize(
+    "constraint, message",
+    [
+        (_Raises(), r"^head.weight: _Raises\(\) from rule 0 \(head.weight\) raised RuntimeError: boom$"),
+        (_ViolationRaises(-1, 1), r"^head.weight: _ViolationRaises\(min=-1, max=1\).violation from rule 0 \(head.weight\) raised KeyError"),
+        (_HalvesInPlace(), r"^head.weight: registering _HalvesInPlace\(\) from rule 0 \(head.weight\) raised RuntimeError: a leaf Variable"),
+    ],
+)
+def test_errors_from_a_custom_constraint_name_the_tensor_and_rule_and_leave_the_model_as_it_was(net, constraint, message):
+    before = snapshot(net)
+    with pytest.raises(Exception, match=message):
+        constrain(net, {"head.weight": constraint})
+    assert_unchanged(net, before)
+
+
+def test_a_rule_whose_every_match_is_excluded_is_an_error_when_strict(net):
+    names = [name for name, p in net.named_parameters() if name.startswith("features")]
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"rule 0 \(features\.\*\.weight\) matches only tensors that a None rule excludes .*excluded by rule 1 \(features\.\*\)"):
+        constrain(net, {"features.*.weight": Clamp(-1, 1), "features.*": None})
+    assert_unchanged(net, before)
+    report = constrain(net, {"features.*.weight": Clamp(-1, 1), "features.*": None}, strict=False)
+    assert names and not report.names()

@@ -168,7 +168,11 @@ def _plan(
     plan: dict[str, _Planned] = {}
     for rule in rules:
         group = _distinct(matched[id(rule)], tied, excluded)
-        if rule.value is None or not group:
+        if rule.value is None:
+            continue
+        if not group:
+            if strict:
+                raise ValueError(_all_excluded_message(rule, matched[id(rule)], rules))
             continue
         for fqn, constraints in _bind(rule, group).items():
             if not constraints:
@@ -193,6 +197,18 @@ def _distinct(matched: list[Slot], tied: dict[str, tuple[Slot, ...]], excluded: 
             seen.add(first)
             group[slot.fqn] = slot
     return group
+
+
+def _all_excluded_message(rule: _Rule, matched: list[Slot], rules: list[_Rule]) -> str:
+    names = [slot.fqn for slot in matched]
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    excluding = ", ".join(str(other) for other in rules if other.value is None and any(map(other.matches, matched)))
+    excluding = excluding or "a None rule, under another name of the same Parameter"
+    return (
+        f"{rule} matches only tensors that a None rule excludes ({shown}; excluded by {excluding}), so it "
+        "would constrain nothing. Expected a rule that leaves a tensor to constrain: narrow the None "
+        "rule, or pass strict=False."
+    )
 
 
 def _bind(rule: _Rule, group: dict[str, Slot]) -> dict[str, list[Constraint]]:
@@ -294,12 +310,14 @@ def _refuse_contradictions(fqn: str, stack: list[Constraint], labels: list[str],
 def _dry_run(entry: _Planned, earlier: list[Constraint], labels: list[str]) -> None:
     """Run the new constraints on the current value and check every constraint holds after.
 
-    On the meta device there are no values: only shapes and dtypes are checked."""
-    value = entry.slot.value()
+    On the meta device there are no values: only shapes and dtypes are checked. It runs on
+    a copy, so that a forward that writes its input in place leaves the model as it was."""
+    value = entry.slot.value().clone()
     values = [value]  # after the earlier constraints, then after each new one
     with torch.no_grad():
-        for constraint in entry.constraints:
-            result = constraint(value)
+        for constraint, rule in zip(entry.constraints, entry.rules):
+            with origin_named(f"{entry.name}: {describe(constraint)} from {rule}"):
+                result = constraint(value)
             if result.shape != value.shape or result.dtype != value.dtype:
                 raise ValueError(
                     f"{entry.name}: {describe(constraint)} turns a {value.dtype} tensor of shape "
@@ -311,7 +329,8 @@ def _dry_run(entry: _Planned, earlier: list[Constraint], labels: list[str]) -> N
             return
         stack = earlier + entry.constraints
         for position, (constraint, origin) in enumerate(zip(stack, labels)):
-            reason = constraint.violation(value)
+            with origin_named(f"{entry.name}: {describe(constraint)}.violation from {origin}"):
+                reason = constraint.violation(value)
             if reason is not None:
                 culprit = _first_breaking(constraint, position - len(earlier), values)
                 by = "" if culprit is None else (
@@ -340,8 +359,9 @@ def _register(plan: list[_Planned]) -> None:
     ]
     try:
         for entry in plan:
-            for constraint in entry.constraints:
-                register(entry.slot, constraint)
+            for constraint, rule in zip(entry.constraints, entry.rules):
+                with origin_named(f"{entry.name}: registering {describe(constraint)} from {rule}"):
+                    register(entry.slot, constraint)
             for alias in entry.aliases:
                 if entry.slot.chain() and not shares(entry.slot, alias):
                     share(entry.slot, alias)
