@@ -284,3 +284,18 @@ def test_unit_norm_on_slices_without_entries_is_refused():
     assert_unchanged(model, before)
     constrain(model, {"weight": UnitNorm(dim=1)})  # no slices along dim 1: nothing to normalize
     check(model)
+
+
+def test_a_tie_split_by_constraining_one_of_its_modules_is_refused_by_check_and_bake():
+    torch.manual_seed(0)
+    model = TiedNet()
+    constrain(model.head, {"weight": Clamp(-0.1, 0.1)})  # emb.weight, the same Parameter, is outside
+    before = snapshot(model)
+    for call in (check, bake):
+        with pytest.raises(ValueError, match=r"head.weight: its Parameter is also emb.weight, which reads it without the constraints"):
+            call(model)
+    assert_unchanged(model, before)
+    bake(model.head)  # as the message says: bake what was constrained, then constrain the whole model
+    assert model.head.weight is model.emb.weight and model.head.weight.abs().max() <= 0.1
+    constrain(model, {"head.weight": Clamp(-0.1, 0.1)})
+    assert check(model).names() == ["emb.weight", "head.weight"]

@@ -130,7 +130,24 @@ def constrained_groups(model: nn.Module) -> list[tuple[Slot, ...]]:
     r"""Return the stored tensors of ``model`` that carry torchconstrain constraints, one
     group of names per tensor (see :func:`tied_slots`), in model order."""
     groups = dict.fromkeys(tied_slots(parameter_slots(model).values()).values())
-    return [group for group in groups if group[0].everything()]
+    constrained = [group for group in groups if any(slot.everything() for slot in group)]
+    for group in constrained:
+        _refuse_split_tie(group)
+    return constrained
+
+
+def _refuse_split_tie(group: tuple[Slot, ...]) -> None:
+    """Raise where some names of one tied ``Parameter`` carry its constraints and others read
+    it without them (``constrain`` was given a module that holds only some of its names)."""
+    bare = [slot.fqn for slot in group if not slot.constraints()]
+    held = [slot.fqn for slot in group if slot.constraints()]
+    if bare and held:
+        raise ValueError(
+            f"{held[0]}: its Parameter is also {', '.join(bare)}, which reads it without the "
+            f"constraints: constrain() was given a module that holds only some of its names. "
+            f"Expected the constraints under every name: bake the module that was constrained, "
+            f"then constrain the model that holds all of them."
+        )
 
 
 def constrained_slots(model: nn.Module) -> list[Slot]:
