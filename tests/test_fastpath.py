@@ -4,6 +4,7 @@ import copy
 import io
 import pickle
 import threading
+import warnings
 import weakref
 
 import pytest
@@ -715,6 +716,26 @@ def test_torch_func_vmap_over_inputs_and_over_an_ensemble(name):
     ensemble = torch.func.vmap(one, in_dims=(0, 0, None))(stacked, buffers, x[0])
     with torch.no_grad():
         torch.testing.assert_close(ensemble, torch.stack([m(x[0]) for m in models]))
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_per_sample_gradients_with_vmap_over_grad_are_each_samples_gradient(name):
+    # The usual recipe (vmap over grad of functional_call): the weights are shared, each
+    # sample's gradient is batched; stored weights outside a box take the pull-back there.
+    model, _ = constrained_pair(RULES[name])
+    x, target = torch.randn(4, 6), torch.randn(4, 3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi, ti):
+        return (torch.func.functional_call(model, p, (xi[None],)) - ti).pow(2).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no slow batching fallback either
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, target)
+    for i in range(len(x)):
+        one = torch.func.grad(loss)(params, x[i], target[i])
+        for k in params:
+            torch.testing.assert_close(per_sample[k][i], one[k], rtol=1e-5, atol=1e-6)
 
 
 def test_functional_call_with_gradients_gives_the_bits_of_the_plain_path():

@@ -119,9 +119,12 @@ def _pull_back(x: Tensor, clamped: Tensor, grad: Tensor) -> Tensor:
     Gradient descent moves x by -grad, so an entry above the box (``x > clamped``) keeps a
     gradient >= 0 and one below a gradient <= 0; inside, every finite or infinite gradient
     passes. The 0/1 factor is ``(x - clamped) * sign(grad) >= 0``, in float operations
-    (on the CPU, comparisons into bool tensors cost several times more).
+    (on the CPU, comparisons into bool tensors cost several times more), computed in the
+    sign of ``grad``: under ``vmap`` (per-sample gradients) that is the batched tensor.
     """
-    return torch.sub(x, clamped).mul_(torch.sign(grad)).ge_(0).mul_(grad)
+    factor = torch.sign(grad).mul_(torch.sub(x, clamped))
+    factor = factor.ge(0).to(grad.dtype) if transformed() else factor.ge_(0)  # (vmap has no ge_ rule)
+    return factor.mul_(grad)
 
 
 def _pass_through(ctx, grad: Tensor):
