@@ -222,3 +222,17 @@ def test_min_scale_floors_the_grid_like_torch_fake_quantize_with_a_floored_scale
 def test_a_bad_min_scale_is_refused(value, error, message):
     with pytest.raises(error, match=message):
         FakeQuant(8, min_scale=value)
+
+
+def test_a_scale_floor_that_rounds_a_whole_tensor_to_zero_is_refused_and_one_that_zeroes_slices_warns():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)  # |w| <= 0.125
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"weight: FakeQuant min_scale=1 rounds every entry to 0 \(the largest \|w\| is 0.12"):
+        constrain(layer, {"weight": FakeQuant(8, min_scale=1.0)})
+    assert torch.equal(layer.weight, before) and not hasattr(layer, "parametrizations")
+    with torch.no_grad():
+        layer.weight[:3] *= 1e-3  # three rows far below the floor's half step
+    with pytest.warns(UserWarning, match=r"weight: FakeQuant min_scale=0.001 rounds every entry of 3 of its 32 slices to 0"):
+        constrain(layer, {"weight": FakeQuant(8, min_scale=1e-3)})
+    constrain(nn.Linear(64, 32), {"weight": FakeQuant.xnnpack()})  # the usual floor: no warning

@@ -2,6 +2,8 @@ r"""Fake quantization: weights on an integer grid, for quantization-aware traini
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -60,7 +62,9 @@ class FakeQuant(Constraint):
         symmetric: symmetric grid around 0, or affine with a zero point.
         dim: the channel dimension when ``per_channel``.
         min_scale: the smallest scale a slice gets (default 0: no floor, and an all-zero
-            slice gets scale 1).
+            slice gets scale 1). When applied, a floor that rounds every entry of a nonzero
+            tensor to 0 is refused (ValueError), one that rounds whole nonzero slices to 0
+            warns.
 
     Example:
         >>> import torch
@@ -107,6 +111,28 @@ class FakeQuant(Constraint):
         if self.per_channel and not -tensor.dim() <= self.dim < tensor.dim():
             raise ValueError(
                 f"{fqn}: FakeQuant dim={self.dim} is out of range for a tensor of shape {tuple(tensor.shape)}."
+            )
+        if self.min_scale and not tensor.is_meta:
+            self._refuse_a_floor_that_zeroes(fqn, tensor)
+
+    def _refuse_a_floor_that_zeroes(self, fqn: str, tensor: Tensor) -> None:
+        """Raise where ``min_scale`` rounds every entry of a nonzero tensor to 0; warn where
+        it does so to whole nonzero slices."""
+        dims = self._dims(tensor)
+        zeroed = _extreme(self.quantize(tensor).abs(), dims, torch.amax) == 0
+        lost = int((zeroed & (_extreme(tensor.abs(), dims, torch.amax) > 0)).sum())
+        largest = tensor.abs().max().item() if tensor.numel() else 0.0
+        if lost and bool(zeroed.all()):
+            raise ValueError(
+                f"{fqn}: FakeQuant min_scale={self.min_scale:g} rounds every entry to 0 (the largest "
+                f"|w| is {largest:.6g}): the tensor would be all zeros. Expected a min_scale below "
+                f"2 * max|w| (XNNPACK's floor is 2**-12, FakeQuant.xnnpack())."
+            )
+        if lost:
+            warnings.warn(
+                f"{fqn}: FakeQuant min_scale={self.min_scale:g} rounds every entry of {lost} of its "
+                f"{zeroed.numel()} slices to 0.",
+                stacklevel=4,
             )
 
     def grid(self, x: Tensor) -> tuple[Tensor, Tensor, int, int]:
