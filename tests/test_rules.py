@@ -126,15 +126,24 @@ def test_contradiction_between_mask_and_box_is_refused(net):
 
 def test_disjoint_boxes_are_refused_naming_both_rules(net):
     before = snapshot(net)
-    with pytest.raises(ValueError, match=r"contradict each other.*Clamp\(min=0, max=1\) from rule 0 \(head\) is broken "
-                       r"by Clamp\(min=2, max=3\) from rule 1 \(Linear\), applied after it"):
+    with pytest.raises(ValueError, match=r"head.weight: Clamp\(min=2, max=3\) from rule 1 \(Linear\) cannot follow "
+                       r"Clamp\(min=0, max=1\) from rule 0 \(head\): the boxes .* do not intersect"):
         constrain(net, [("head", Clamp(0, 1)), (nn.Linear, Clamp(2, 3))])
-    with pytest.raises(ValueError, match=r"Clamp\(min=0, max=1\) from rule 0 \(head\) is broken by Clamp\(min=-3, max=-2\) from rule 2"):
+    with pytest.raises(ValueError, match=r"Clamp\(min=-3, max=-2\) from rule 2 \(head\) cannot follow Clamp\(min=0, max=1\) from rule 0"):
         constrain(net, [("head", Clamp(0, 1)), ("head", Clamp(-5, 5)), ("head", Clamp(-3, -2))])
     assert_unchanged(net, before)
     constrain(net, {"head": Clamp(0, 1)})
-    with pytest.raises(ValueError, match=r"Clamp\(min=0, max=1\) from already there is broken by Clamp\(min=2, max=3\) from rule 0"):
+    with pytest.raises(ValueError, match=r"Clamp\(min=2, max=3\) from rule 0 \(head\) cannot follow Clamp\(min=0, max=1\) from already there"):
         constrain(net, {"head": Clamp(2, 3)}, existing="stack")
+    with torch.device("meta"):  # no weights to try the stack on: the boxes alone refuse it
+        meta = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"the boxes .* do not intersect"):
+        constrain(meta, [("weight", Clamp(0, 1)), ("weight", Clamp(2, 3))])
+    assert not hasattr(meta, "parametrizations")
+    per_channel = Clamp(torch.tensor([[0.0], [5.0], [0.0], [0.0]]), 6.0)
+    with pytest.raises(ValueError, match=r"the boxes .* do not intersect"):  # row 1: [5, 6] against [0, 1]
+        constrain(nn.Linear(4, 4), [("weight", Clamp(0, 1)), ("weight", per_channel)])
+    constrain(nn.Linear(4, 4), [("weight", Clamp(0, 2)), ("weight", Clamp(1, 3))])  # they intersect: accepted
 
 
 def test_errors_of_a_callable_value_name_the_rule(net):
@@ -172,8 +181,8 @@ def test_a_failed_call_leaves_another_librarys_parametrization_state_alone(net):
     assert any(key.endswith("_u") for key in before["state"])
     with pytest.raises(ValueError, match="already constrained"):
         constrain(net, {"head": Clamp(-1, 1)})
-    with pytest.raises(ValueError, match="contradict each other"):
-        constrain(net, {"head": Clamp(5, 6)}, existing="stack")
+    with pytest.raises(ValueError, match="contradict each other"):  # found on the weights' values
+        constrain(net, {"head": _TimesTen()}, existing="stack")
     assert_unchanged(net, before)
     check(net)
     assert_unchanged(net, before)
@@ -310,6 +319,11 @@ def test_a_failure_while_sharing_rolls_a_tie_back(tied, monkeypatch):
         constrain(tied, {"body": Clamp(-0.01, 0.01), "head": Clamp(-0.01, 0.01)})
     assert_unchanged(tied, before)
     assert tied.head.weight is tied.emb.weight is stored
+
+
+class _TimesTen(Constraint):  # declares nothing for stacks: only the dry run can refuse it
+    def forward(self, x):
+        return x * 10
 
 
 class _Raises(Constraint):

@@ -352,7 +352,7 @@ class Clamp(Constraint):
     def stacking(self) -> Stacking:
         # A box that contains zero is kept by any map that moves entries towards zero, a box
         # whose only finite bounds are 0 (NonNeg) by any that keeps signs, any box by a clamp
-        # (one that does not intersect it fails the check on the current weights).
+        # into a box that intersects it (see Stacking.box).
         lower, upper = self.bound("min"), self.bound("max")
         contains_zero = bool(((lower <= 0) & (upper >= 0)).all())
         finite = torch.cat([lower[lower.isfinite()], upper[upper.isfinite()]])
@@ -361,13 +361,13 @@ class Clamp(Constraint):
         if not zero_bound:  # clamp(x) == 0 only where x == 0 or a bound is 0
             does.append(keeps_nonzero_slices(None))
         if finite.numel() == 0:
-            return declare(does)
+            return declare(does, box=(lower, upper))
         kept_by = [CLAMPS] + ([MOVES_TO_ZERO] if contains_zero else [])
         if bool((finite == 0).all()):
             kept_by.append(KEEPS_SIGNS)
         if lower.dim() == upper.dim() == 0 and contains_zero and _symmetric_or_one_sided(lower, upper):
             kept_by.append(WITHIN_LARGEST)
-        return declare(does, f"every entry in [{_end(lower, '-inf')}, {_end(upper, 'inf')}]", kept_by)
+        return declare(does, f"every entry in [{_end(lower, '-inf')}, {_end(upper, 'inf')}]", kept_by, box=(lower, upper))
 
     def extra_repr(self) -> str:
         text = f"min={_describe(self.bound('min'))}, max={_describe(self.bound('max'))}"

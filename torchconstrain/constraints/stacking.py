@@ -24,6 +24,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 __all__ = ["Fact", "Stacking", "conflict", "declare"]
 
 
@@ -82,12 +85,16 @@ class Stacking:
         promise: what its output satisfies, in words; ``None``: nothing a later one can break.
         kept_by: facts of which any one keeps ``promise``; empty: none does.
         needs: facts every constraint before it must have.
+        box: for a map that :data:`CLAMPS`, the ``(lower, upper)`` bounds it clamps into
+            (tensors that broadcast against each other): a clamp keeps another's box only
+            where the two intersect.
     """
 
     does: frozenset[Fact] | None = None
     promise: str | None = None
     kept_by: frozenset[Fact] = frozenset()
     needs: frozenset[Fact] = frozenset()
+    box: tuple[Tensor, Tensor] | None = None
 
 
 def declare(
@@ -95,9 +102,10 @@ def declare(
     promise: str | None = None,
     kept_by: Iterable[Fact] = (),
     needs: Iterable[Fact] = (),
+    box: tuple[Tensor, Tensor] | None = None,
 ) -> Stacking:
     r"""A :class:`Stacking` from any iterables of facts."""
-    return Stacking(frozenset(does), promise, frozenset(kept_by), frozenset(needs))
+    return Stacking(frozenset(does), promise, frozenset(kept_by), frozenset(needs), box)
 
 
 def conflict(earlier: Stacking, later: Stacking, ndim: int, names: tuple[str, str]) -> str | None:
@@ -107,6 +115,8 @@ def conflict(earlier: Stacking, later: Stacking, ndim: int, names: tuple[str, st
     if earlier.does is None or later.does is None:
         return None
     first, second = names
+    if earlier.box is not None and later.box is not None and not _intersect(earlier.box, later.box):
+        return f"the boxes {first} and {second} clamp into do not intersect"
     if earlier.promise is not None:
         kept_by = sorted((fact.along(ndim) for fact in earlier.kept_by), key=str)
         if not _gives(later.does, kept_by, ndim):
@@ -122,3 +132,8 @@ def conflict(earlier: Stacking, later: Stacking, ndim: int, names: tuple[str, st
 def _gives(does: frozenset[Fact], wanted: list[Fact], ndim: int) -> bool:
     """Whether the facts ``does`` give one of ``wanted``."""
     return any(fact.along(ndim).covers(one) for fact in does for one in wanted)
+
+
+def _intersect(box: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor]) -> bool:
+    """Whether two boxes intersect at every entry."""
+    return bool((torch.maximum(box[0], other[0]) <= torch.minimum(box[1], other[1])).all())
