@@ -7,7 +7,7 @@ import torch
 from conftest import TiedNet
 from torch import nn
 
-from torchconstrain import FixedMask, LearnableMask, PruningSchedule, TemperatureSchedule, constrain
+from torchconstrain import Clamp, FixedMask, LearnableMask, PruningSchedule, TemperatureSchedule, UnitNorm, check, constrain
 
 
 def cubic(step, initial, final, start, end):
@@ -154,3 +154,18 @@ def test_a_global_pruning_schedule_counts_a_tied_parameter_once():
     schedule.step()
     zeros = int((model.emb.weight == 0).sum()) + int((model.body.weight == 0).sum())
     assert zeros == round(0.5 * (12 * 6 + 6 * 6))
+
+
+def test_a_stack_that_a_grown_mask_could_break_is_refused_before_any_mask_changes():
+    layer = nn.Linear(16, 8)
+    constrain(layer, {"weight": [FixedMask.n_m(2, 4), UnitNorm()]})  # n:m keeps an entry in every row
+    mask = layer.parametrizations.weight[0].mask.clone()
+    with pytest.raises(ValueError, match=r"PruningSchedule: weight: UnitNorm\(dim=0\) from constrain cannot follow "
+                       r"FixedMask.* from PruningSchedule, which grows it: .*keeps every nonzero slice nonzero"):
+        PruningSchedule(layer, final_sparsity=0.8, end=1)
+    assert torch.equal(layer.parametrizations.weight[0].mask, mask)
+    plain = nn.Linear(16, 8)
+    constrain(plain, {"weight": [FixedMask.magnitude(sparsity=0.0), Clamp(-0.1, 0.1)]})  # needs no slice: fine
+    schedule = PruningSchedule(plain, final_sparsity=0.5, end=1)
+    schedule.step()
+    check(plain)

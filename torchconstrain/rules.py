@@ -271,7 +271,7 @@ def _validate(entry: _Planned, existing: str) -> None:
             "Pass existing='stack' to add the new constraints on top, or bake(model) first."
         )
     labels = ["already there"] * len(earlier) + [str(rule) for rule in entry.rules]
-    _refuse_contradictions(entry.name, earlier + entry.constraints, labels, slot.value().shape)
+    refuse_contradictions(entry.name, earlier + entry.constraints, labels, slot.value().shape)
     _dry_run(entry, earlier, labels)
 
 
@@ -290,10 +290,12 @@ def _refuse_split_ties(entry: _Planned) -> None:
             )
 
 
-def _refuse_contradictions(fqn: str, stack: list[Constraint], labels: list[str], shape) -> None:
-    """Refuse a stack that cannot always hold: each pair in order, by what each constraint
-    declares (:mod:`torchconstrain.constraints.stacking`)."""
-    declared = [constraint.with_values().stacking() for constraint in stack]  # CPU copies on a meta model
+def refuse_contradictions(fqn: str, stack: list[Constraint], labels: list[str], shape, declared=None) -> None:
+    r"""Refuse a stack that cannot always hold: each pair in order, by what each constraint
+    declares (:mod:`torchconstrain.constraints.stacking`; ``declared``, when given, in
+    place of their own declarations). ``labels`` name where each constraint comes from."""
+    if declared is None:
+        declared = [constraint.with_values().stacking() for constraint in stack]  # CPU copies on a meta model
     names = [f"{describe(constraint)} from {label}" for constraint, label in zip(stack, labels)]
     for j in range(len(stack)):
         for i in range(j):

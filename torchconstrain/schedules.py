@@ -18,6 +18,7 @@ from torchconstrain.constraints.arguments import choice, integer, number
 from torchconstrain.constraints.masks import FixedMask, LearnableMask
 from torchconstrain.constraints.selection import GlobalMagnitude, _check_sparsity, _keep_largest
 from torchconstrain.keys import match
+from torchconstrain.rules import refuse_contradictions
 
 __all__ = ["PruningSchedule", "TemperatureSchedule"]
 
@@ -89,7 +90,9 @@ class PruningSchedule(_Schedule):
         key: a rule key picking the tensors to prune (default: every tensor with a FixedMask).
 
     Raises:
-        ValueError: bad settings, or no tensor with a FixedMask to drive.
+        ValueError: bad settings, no tensor with a FixedMask to drive, or a stack that a
+            grown mask could break (a ``UnitNorm`` after the mask needs every slice to keep
+            an entry, which the mask as applied did but a grown one need not).
 
     Example:
         >>> from torch import nn
@@ -117,6 +120,8 @@ class PruningSchedule(_Schedule):
         self.every = integer("PruningSchedule", "every", every, low=1)
         self.scope = choice("PruningSchedule", "scope", scope, ("tensor", "global"))
         self.targets = _targets(model, key, FixedMask, "PruningSchedule")
+        for slot, mask in self.targets:
+            _refuse_stacks_a_grown_mask_breaks(slot, mask)
         self._apply()
 
     def sparsity(self, step: int | None = None) -> float:
@@ -138,6 +143,19 @@ class PruningSchedule(_Schedule):
         with torch.no_grad():
             for slot, mask in self.targets:
                 mask.mask.logical_and_(keeps[slot.fqn])
+
+
+def _refuse_stacks_a_grown_mask_breaks(slot: Slot, mask: FixedMask) -> None:
+    """Refuse a stack that holds with ``mask`` as it is but not with any mask it may grow
+    into (one that empties a slice a ``UnitNorm`` after it normalizes): checked as if the
+    mask kept nothing, which declares only what every mask does."""
+    chain = slot.constraints()
+    declared = [(FixedMask(torch.zeros_like(c.mask)) if c is mask else c).with_values().stacking() for c in chain]
+    labels = ["PruningSchedule, which grows it" if c is mask else "constrain" for c in chain]
+    try:
+        refuse_contradictions(slot.fqn, chain, labels, mask.mask.shape, declared)
+    except ValueError as error:
+        raise ValueError(f"PruningSchedule: {error}") from None
 
 
 def _temperature(name: str, value) -> float:
