@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -214,12 +215,31 @@ def test_indexed_masks_share_gates_across_differently_laid_out_tensors():
     [
         (torch.tensor([0, 2]), 2, r"index entries in \[-1, 2\). Got 0..2"),
         (torch.tensor([0, -2]), 2, r"index entries in \[-1, 2\). Got -2..0"),
-        (torch.tensor([0, 1]), 0, "expected gates >= 1. Got 0"),
+        (torch.tensor([0, 1]), 0, "expected gates to be an integer >= 1. Got 0"),
     ],
 )
 def test_indexed_mask_refuses_bad_indices(index, gates, message):
     with pytest.raises(ValueError, match=message):
         LearnableMask.indexed(index, gates, dim=1)
+
+
+@pytest.mark.parametrize(
+    "index, gates, message",
+    [
+        (torch.tensor([0.0, 0.9]), 2, "expected an integer index .* Got torch.float32"),  # would truncate 0.9 to gate 0
+        (torch.tensor([0.0, float("nan")]), 2, "expected an integer index"),
+        (torch.tensor([True, False]), 2, "expected an integer index"),
+        (torch.tensor([0, 1]), 2.0, "expected gates to be an integer. Got float"),
+    ],
+)
+def test_indexed_mask_refuses_indices_and_counts_that_are_not_integers(index, gates, message):
+    with pytest.raises(TypeError, match=message):
+        LearnableMask.indexed(index, gates, dim=1)
+
+
+def test_indexed_mask_takes_numpy_integers():
+    mask = LearnableMask.indexed(np.array([0, 1, 1]), np.int64(2), dim=1)
+    assert mask.gate_count == 2 and type(mask.gate_count) is int
 
 
 def test_indexed_mask_must_cover_every_slice():

@@ -479,7 +479,8 @@ class LearnableMask(Constraint):
         flattened ``channels x positions`` inputs) can share one set of gates: give every
         mask the same ``scores`` parameter once they are applied. ``scores`` has one entry
         per gate; :meth:`gates` returns them, :meth:`gate` the per-slice view. Keyword
-        arguments are :class:`LearnableMask`'s, with ``per="channel"``.
+        arguments are :class:`LearnableMask`'s, with ``per="channel"``. ``index`` holds
+        integers (a float index is refused, not truncated), ``gates`` is an integer >= 1.
 
         Example:
             >>> import torch
@@ -491,9 +492,11 @@ class LearnableMask(Constraint):
             >>> tuple(mask.scores.shape), tuple(mask.gate().shape)
             ((2,), (1, 6))
         """
-        index = torch.as_tensor(index, dtype=torch.long).flatten()
-        if isinstance(gates, bool) or not isinstance(gates, int) or gates < 1:
-            raise ValueError(f"LearnableMask.indexed: expected gates >= 1. Got {gates!r}.")
+        gates = integer("LearnableMask.indexed", "gates", gates, low=1)
+        given = torch.as_tensor(index)
+        if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:
+            raise TypeError(f"LearnableMask.indexed: expected an integer index (one gate per slice). Got {given.dtype}.")
+        index = given.to(torch.long).flatten()
         if index.numel() and (int(index.min()) < -1 or int(index.max()) >= gates):
             raise ValueError(f"LearnableMask.indexed: expected index entries in [-1, {gates}). "
                              f"Got {int(index.min())}..{int(index.max())}.")
