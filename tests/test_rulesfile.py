@@ -20,7 +20,7 @@ rules:
     apply: [NonNeg, {FixedMask.magnitude: {sparsity: 0.5}}]
   - match: "re:features\\\\.3\\\\.weight"
     apply: {LearnableMask: {per: channel}}
-  - match: head
+  - match: head.bias
     apply: null
 """
 
@@ -28,7 +28,7 @@ PYTHON_RULES = [
     ("features.0", Clamp(-0.5, 0.5)),
     (nn.Linear, [NonNeg(), FixedMask.magnitude(sparsity=0.5)]),
     (r"re:features\.3\.weight", LearnableMask(per="channel")),
-    ("head", None),
+    ("head.bias", None),
 ]
 
 
@@ -37,7 +37,7 @@ def as_json() -> str:
         {"match": "features.0", "apply": {"Clamp": {"min": -0.5, "max": 0.5}}},
         {"match": {"type": "Linear"}, "apply": ["NonNeg", {"FixedMask.magnitude": {"sparsity": 0.5}}]},
         {"match": r"re:features\.3\.weight", "apply": {"LearnableMask": {"per": "channel"}}},
-        {"match": "head", "apply": None},
+        {"match": "head.bias", "apply": None},
     ]})
 
 
@@ -142,6 +142,9 @@ def test_blocks_and_roles_in_a_file(tmp_path):
     bad = write(tmp_path, "bad.yaml", "rules: []\nblocks: {sparsity: 2}\n")
     with pytest.raises(RulesFileError, match=r"bad.yaml, blocks: surgery.mask_blocks: expected sparsity in \[0, 1\)"):
         constrain(torchvision.models.mobilenet_v3_small(weights=None), bad)
+    quoted = write(tmp_path, "quoted.yaml", 'rules: []\nblocks: {learnable: "false"}\n')  # a truthy string
+    with pytest.raises(RulesFileError, match=r"quoted.yaml, blocks: surgery.mask_blocks: expected learnable to be True or False. Got str"):
+        constrain(torchvision.models.mobilenet_v3_small(weights=None), quoted)
     role = write(tmp_path, "role.yaml", "rules:\n  - match: {role: dw}\n    apply: NonNeg\n")
     with pytest.raises(RulesFileError, match=r"role.yaml, rule 0 \(line 2\): surgery.role: unknown role 'dw'"):
         constrain(torchvision.models.mobilenet_v3_small(weights=None), role)
@@ -242,8 +245,8 @@ def test_inspect_loads_a_saved_model(tmp_path, capsys):
         ("  - match: features.0\n    apply: FixedMask.n_m\n",
          r"rules.yaml, rule 1 \(line 4\) \(features.0\): features.0.weight: 2:4 sparsity needs dim 1 to be divisible by 4"),
         ("  - match: {type: Linear}\n    apply: {Clamp: {min: 2, max: 3}}\n",
-         r"Clamp\(min=0, max=1\) from .*rules.yaml, rule 0 \(line 2\) \(head\) is broken by Clamp\(min=2, max=3\) from "
-         r".*rules.yaml, rule 1 \(line 4\) \(Linear\)"),
+         r"Clamp\(min=2, max=3\) from .*rules.yaml, rule 1 \(line 4\) \(Linear\) cannot follow Clamp\(min=0, max=1\) from "
+         r".*rules.yaml, rule 0 \(line 2\) \(head\): the boxes"),
     ],
 )
 def test_errors_found_when_the_rules_apply_name_the_file_and_line(tmp_path, rule, message):

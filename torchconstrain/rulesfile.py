@@ -91,7 +91,7 @@ class RulesFile:
             options["example"] = torch.zeros(options.pop("input_shape"))
         try:
             extra, finish = block_rules(model, **options)
-        except ValueError as error:
+        except (TypeError, ValueError) as error:  # an option of the wrong type or value
             raise RulesFileError(f"{self.path}, blocks: {error}") from None
         return rules + extra, finish
 

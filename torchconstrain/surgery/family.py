@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from torchconstrain._tensors import parameter_slots
 from torchconstrain.bake import bake
 from torchconstrain.constraints import LearnableMask
-from torchconstrain.constraints.arguments import number
+from torchconstrain.constraints.arguments import flag, number
 from torchconstrain.rules import constrain_and_finish
 from torchconstrain.surgery import efficientnet, mnasnet, mobilenetv2, mobilenetv3
 from torchconstrain.surgery.budget import ChannelGroup, GateBudget, LayerCost, allocate
@@ -336,6 +336,7 @@ def block_rules(model: nn.Module, *, groups="expanded", sparsity: float | None =
 
 def _check_budget(sparsity, macs, learnable: bool, rate) -> None:
     number("surgery.mask_blocks", "rate", rate, low=0)
+    flag("surgery.mask_blocks", "learnable", learnable)  # "false" from a file would be truthy
     if sparsity is not None and macs is not None:
         raise ValueError("surgery.mask_blocks: pass sparsity= (a share of each group's channels) or macs= "
                          f"(a share of the model's MACs), not both. Got sparsity={sparsity!r}, macs={macs!r}.")
