@@ -227,6 +227,9 @@ def test_inspect_fails_on_a_rule_that_matches_nothing_and_on_bad_models(tmp_path
     torch.save(nn.Linear(2, 2).state_dict(), saved)
     assert main(["inspect", str(saved), "--rules", str(path)]) == 2
     assert "holds a OrderedDict, not a model" in capsys.readouterr().err
+    text = write(tmp_path, "model.pt", "not a checkpoint\n")
+    assert main(["inspect", str(text), "--rules", str(path)]) == 2
+    assert "model.pt: not a file saved with torch.save (UnpicklingError" in capsys.readouterr().err
 
 
 def test_inspect_loads_a_saved_model(tmp_path, capsys):

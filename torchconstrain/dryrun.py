@@ -29,7 +29,10 @@ def load_model(spec: str) -> nn.Module:
             ``nn.Module`` (a ``state_dict`` is not enough: it has no architecture).
     """
     if Path(spec).is_file():
-        loaded = torch.load(spec, map_location="cpu", weights_only=False)
+        try:
+            loaded = torch.load(spec, map_location="cpu", weights_only=False)
+        except Exception as error:  # not a torch.save file: unpickling fails in many ways
+            raise ValueError(f"{spec}: not a file saved with torch.save ({type(error).__name__}: {error}).") from None
         if not isinstance(loaded, nn.Module):
             raise ValueError(
                 f"{spec}: holds a {type(loaded).__name__}, not a model. Save the whole model with "
