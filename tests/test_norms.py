@@ -72,6 +72,7 @@ def test_unit_norm_refuses_masks_that_empty_a_channel_or_come_after_it():
         (lambda: MaxNorm(0), "max_value to be a number > 0. Got 0.0"),
         (lambda: MaxNorm("1"), "MaxNorm: expected max_value to be a number. Got str"),
         (lambda: MaxNorm(1.0, dim="0"), "expected dim to be an int"),
+        (lambda: MaxNorm(1.0, gradient="project"), "MaxNorm: unknown gradient 'project'. Expected one of 'pull_back', 'scale'"),
         (lambda: FakeQuant(bits=1), "bits to be an integer from 2 to 16. Got 1"),
         (lambda: FakeQuant(bits=8.0), "bits to be an integer"),
     ],
@@ -131,3 +132,43 @@ def test_zero_slices_stay_zero_and_check_reports_them():
     y = UnitNorm()(x)
     assert torch.equal(y[0], torch.zeros(4)) and torch.equal(y[1], torch.tensor([1.0, 0, 0, 0]))
     assert "1 slices along dim 0 do not have unit L2 norm" in UnitNorm().violation(y)
+
+
+def _train_towards(layer, targets, steps=300):
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.05)
+    for target in targets:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            (layer.weight - target).pow(2).sum().backward()
+            optimizer.step()
+    return layer.weight.detach()
+
+
+@pytest.mark.parametrize("gradient, comes_back", [("pull_back", True), ("scale", False)])
+def test_a_max_norm_slice_pulled_outside_comes_back_inside_with_the_pull_back_gradient(gradient, comes_back):
+    # The loss first wants the slice at norm 5 (outside the unit ball), then at norm 0.5.
+    layer = nn.Linear(2, 1, bias=False)
+    constrain(layer, {"weight": MaxNorm(1.0, gradient=gradient)})
+    layer.weight = torch.tensor([[0.06, 0.08]])
+    weight = _train_towards(layer, [torch.tensor([[3.0, 4.0]]), torch.tensor([[0.3, 0.4]])])
+    check(layer)
+    reached = torch.allclose(weight, torch.tensor([[0.3, 0.4]]), atol=1e-3)
+    assert reached == comes_back  # the rescaling's own gradient leaves it on the sphere, at [0.6, 0.8]
+
+
+def test_the_pull_back_gradient_is_the_rescalings_where_descent_moves_a_slice_outward():
+    torch.manual_seed(0)
+    original = torch.randn(4, 6) * torch.tensor([[0.1], [3.0], [3.0], [3.0]])  # row 0 inside, the others outside
+    upstream = torch.randn(4, 6)
+    effective = MaxNorm(1.0)(original)
+    upstream[1] = -effective[1].detach()  # w . g < 0: descent moves it out
+    upstream[2] = effective[2].detach() + 0.1 * upstream[2]  # w . g > 0: descent moves it in
+    grads = {}
+    for gradient in ("pull_back", "scale"):
+        x = original.clone().requires_grad_()
+        MaxNorm(1.0, gradient=gradient)(x).backward(upstream)
+        grads[gradient] = x.grad
+    factor = effective.detach().norm(dim=1, keepdim=True) / original.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(grads["pull_back"][[0, 1]], grads["scale"][[0, 1]])  # inside; outward
+    torch.testing.assert_close(grads["pull_back"][2:3], factor[2:3] * upstream[2:3])  # inward: all of factor * g
+    assert not torch.allclose(grads["pull_back"][2:3], grads["scale"][2:3])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchconstrain.constraints.arguments import integer, number
+from torchconstrain.constraints.arguments import choice, integer, number
 from torchconstrain.constraints.base import Constraint, tracing, transformed, writable
 from torchconstrain.constraints.box import Clamp
 from torchconstrain.constraints.stacking import (
@@ -128,9 +128,19 @@ class MaxNorm(_ChannelNorm):
     Zeros stay zeros, so it composes with masks. :func:`torchconstrain.check` allows a
     relative tolerance of ``max(1e-5, 8 * eps)`` of the dtype for the rescaled norms.
 
+    The gradient of a stored slice outside the ball: the rescaling's own (``"scale"``) has
+    no component along the slice, so once a slice has left the ball no loss can bring it
+    back inside, whatever it asks of the norm. ``"pull_back"`` (the default) adds that
+    component back where gradient descent moves the slice towards the ball: it is the
+    rescaling's gradient plus ``factor * max(w . g, 0) / max_value**2 * w`` (``w`` the
+    effective slice, ``g`` its gradient, ``factor`` the rescaling), so the stored slice
+    can return, as a Keras projection after each step lets it. Slices inside the ball get
+    their gradient unchanged either way.
+
     Args:
         max_value: the largest allowed norm, > 0.
         dim: the dimension that indexes the slices (0: output channels).
+        gradient: ``"pull_back"`` or ``"scale"`` (see above).
 
     Example:
         >>> import torch
@@ -145,12 +155,17 @@ class MaxNorm(_ChannelNorm):
     cacheable = True  # see Constraint
     returns_new = True  # a product
 
-    def __init__(self, max_value: float, *, dim: int = 0) -> None:
+    def __init__(self, max_value: float, *, dim: int = 0, gradient: str = "pull_back") -> None:
         super().__init__(dim)
         self.max_value = number("MaxNorm", "max_value", max_value, low=0, low_open=True, finite=False)
+        self.gradient = choice("MaxNorm", "gradient", gradient, ("pull_back", "scale"))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self._factor(x)
+        if self.gradient == "scale" or not (x.requires_grad and torch.is_grad_enabled()):
+            return x * self._factor(x)
+        with torch.no_grad():
+            factor = self._factor(x)
+        return _PullBackRescale.apply(x, factor, self._others(x), self.max_value)
 
     def forward_in_place(self, x: Tensor) -> Tensor:
         factor = self._factor(x)
@@ -185,7 +200,34 @@ class MaxNorm(_ChannelNorm):
         return f"{count} slices along dim {self.dim} have an L2 norm above {self.max_value:g} (largest {norms.max().item():.6g})"
 
     def extra_repr(self) -> str:
-        return f"max_value={self.max_value:g}, dim={self.dim}"
+        text = f"max_value={self.max_value:g}, dim={self.dim}"
+        return text if self.gradient == "pull_back" else f"{text}, gradient={self.gradient!r}"
+
+
+class _PullBackRescale(torch.autograd.Function):
+    """``x * factor`` (each slice's rescaling, computed without gradient) with
+    :class:`MaxNorm`'s pull-back gradient; ``setup_context`` and a generated vmap rule,
+    so that ``torch.func`` transforms take it too."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, factor: Tensor, dims: list[int], max_value: float) -> Tensor:
+        return x * factor
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, factor, ctx.dims, ctx.max_value = inputs
+        ctx.save_for_backward(factor, output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        factor, rescaled = ctx.saved_tensors
+        # factor * g, less its part along a rescaled slice where descent (-g) would move
+        # it outward (w . g < 0); the rescaling's own gradient drops that part everywhere.
+        along = (rescaled * grad).sum(dim=ctx.dims, keepdim=True) / ctx.max_value**2
+        dropped = torch.where(factor < 1, along.clamp_max(0), torch.zeros_like(along))
+        return factor * (grad - dropped * rescaled), None, None, None
 
 
 class UnitNorm(_ChannelNorm):
