@@ -7,7 +7,7 @@ from torch import nn
 from conftest import assert_unchanged, snapshot, tokens
 from torch.nn.utils import parametrizations, parametrize, prune
 
-from torchconstrain import Clamp, Constraint, FixedMask, LearnableMask, NonNeg, check, constrain, match
+from torchconstrain import Clamp, Constraint, FixedMask, LearnableMask, NonNeg, bake, check, constrain, match
 
 
 def constrained_names(model: nn.Module) -> list[str]:
@@ -181,8 +181,8 @@ def test_a_failed_call_leaves_another_librarys_parametrization_state_alone(net):
     assert any(key.endswith("_u") for key in before["state"])
     with pytest.raises(ValueError, match="already constrained"):
         constrain(net, {"head": Clamp(-1, 1)})
-    with pytest.raises(ValueError, match="contradict each other"):  # found on the weights' values
-        constrain(net, {"head": _TimesTen()}, existing="stack")
+    with pytest.raises(ValueError, match="carries _SpectralNorm, which is not a torchconstrain parametrization"):
+        constrain(net, {"head.weight": Clamp(5, 6)}, existing="stack")  # the rule reads the weight first
     assert_unchanged(net, before)
     check(net)
     assert_unchanged(net, before)
@@ -199,6 +199,8 @@ def test_constraining_again_is_refused_unless_stacked(net):
     assert (net.head.weight == 0).float().mean() == 0.5  # the second mask ranks the masked value
     with pytest.raises(ValueError, match="existing must be one of error, stack. Got 'replace'"):
         constrain(net, {"head": Clamp(-1, 1)}, existing="replace")
+    with pytest.raises(TypeError, match="constrain: expected strict to be True or False. Got str: 'no'"):
+        constrain(net, {"head": Clamp(-1, 1)}, strict="no")  # a truthy string
 
 
 def test_constrain_refuses_non_modules():
@@ -321,11 +323,6 @@ def test_a_failure_while_sharing_rolls_a_tie_back(tied, monkeypatch):
     assert tied.head.weight is tied.emb.weight is stored
 
 
-class _TimesTen(Constraint):  # declares nothing for stacks: only the dry run can refuse it
-    def forward(self, x):
-        return x * 10
-
-
 class _Raises(Constraint):
     def forward(self, x):
         raise RuntimeError("boom")
@@ -364,3 +361,18 @@ def test_a_rule_whose_every_match_is_excluded_is_an_error_when_strict(net):
     assert_unchanged(net, before)
     report = constrain(net, {"features.*.weight": Clamp(-1, 1), "features.*": None}, strict=False)
     assert names and not report.names()
+
+
+def test_constraints_after_another_librarys_parametrization_are_refused_as_they_could_never_be_baked():
+    layer = nn.Linear(4, 4)
+    parametrizations.orthogonal(layer)
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match=r"^weight carries _Orthogonal, which is not a torchconstrain parametrization: "
+                       r"constraints registered after it could never be baked .* register _Orthogonal after"):
+        constrain(layer, {"weight": FixedMask.magnitude(sparsity=0.5)})
+    assert_unchanged(layer, before)
+    plain = nn.Linear(4, 4)
+    constrain(plain, {"weight": Clamp(-1, 1)})
+    parametrizations.orthogonal(plain)  # registered after: bake keeps it
+    bake(plain)
+    assert [type(p).__name__ for p in plain.parametrizations.weight] == ["_Orthogonal"]

@@ -101,7 +101,7 @@ def constrain(
         >>> report["0.weight"]["constraints"]
         ['Clamp(min=-0.5, max=0.5)', 'FixedMask(shape=(8, 3, 3, 3), sparsity=0.250)']
     """
-    _rules.check_arguments(model, existing)
+    _rules.check_arguments(model, existing, strict)
     before = {id(p) for p in model.parameters()} if optimizer is not None else set()
     if isinstance(rules, (str, os.PathLike)):
         report = _constrain_from_file(model, rules, strict=strict, existing=existing)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from torchconstrain._tensors import Slot, describe, parameter_slots, tied_slots
 from torchconstrain.checkpoint import watch
+from torchconstrain.constraints.arguments import flag
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.constraints.stacking import conflict
 from torchconstrain.keys import check_arity, label, match, matcher, no_match_message, origin_named
@@ -88,7 +89,7 @@ def constrain(
         TypeError: a key or value of an unsupported type, or the path of a rules file.
         ValueError: as :func:`torchconstrain.constrain`; the model is then unchanged.
     """
-    check_arguments(model, existing)
+    check_arguments(model, existing, strict)
     if isinstance(rules, (str, os.PathLike)):
         raise TypeError(
             "torchconstrain.rules.constrain: expected rules as a dict or a sequence of (key, value) pairs. "
@@ -106,15 +107,17 @@ def constrain(
     return _report(plan)
 
 
-def check_arguments(model: nn.Module, existing: str) -> None:
-    r"""Refuse a ``model`` that is not a module and an unknown ``existing``, before any work.
+def check_arguments(model: nn.Module, existing: str, strict: bool = True) -> None:
+    r"""Refuse a ``model`` that is not a module, an unknown ``existing`` and a ``strict`` that
+    is not a bool (``"no"`` would count as true), before any work.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``, or ``strict`` not a bool.
         ValueError: ``existing`` is not one of :data:`EXISTING`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"constrain: expected an nn.Module. Got {type(model).__name__}.")
+    flag("constrain", "strict", strict)
     if existing not in EXISTING:
         raise ValueError(f"constrain: existing must be one of {', '.join(EXISTING)}. Got {existing!r}.")
 
@@ -270,9 +273,22 @@ def _validate(entry: _Planned, existing: str) -> None:
             f"{entry.name} is already constrained by {', '.join(map(describe, earlier))}. "
             "Pass existing='stack' to add the new constraints on top, or bake(model) first."
         )
+    _refuse_after_foreign(entry)
     labels = ["already there"] * len(earlier) + [str(rule) for rule in entry.rules]
     refuse_contradictions(entry.name, earlier + entry.constraints, labels, slot.value().shape)
     _dry_run(entry, earlier, labels)
+
+
+def _refuse_after_foreign(entry: _Planned) -> None:
+    """Refuse constraints that would follow another library's parametrization: ``bake``
+    removes torchconstrain's alone, so they could never be baked."""
+    foreign = [type(p).__name__ for p in entry.slot.chain() if not isinstance(p, Constraint)]
+    if foreign:
+        raise ValueError(
+            f"{entry.name} carries {', '.join(foreign)}, which is not a torchconstrain parametrization: "
+            f"constraints registered after it could never be baked (bake removes torchconstrain's "
+            f"alone). Constrain first and register {foreign[0]} after, or remove it first."
+        )
 
 
 def _refuse_split_ties(entry: _Planned) -> None:
