@@ -235,8 +235,9 @@ class Clamp(Constraint):
 
     Raises:
         TypeError: a bound is not a number, a real tensor or ``None``; ``gradient`` is not a string.
-        ValueError: ``min > max`` somewhere, a bound is NaN, ``min`` is ``+inf`` or ``max``
-            is ``-inf`` somewhere (every entry would be infinite), or ``gradient`` is unknown.
+        ValueError: no finite bound (``Clamp()`` would change nothing), ``min > max``
+            somewhere, a bound is NaN, ``min`` is ``+inf`` or ``max`` is ``-inf`` somewhere
+            (every entry would be infinite), or ``gradient`` is unknown.
 
     Example:
         >>> import torch
@@ -256,6 +257,11 @@ class Clamp(Constraint):
         super().__init__()
         choice("Clamp", "gradient", gradient, GRADIENTS)
         lower, upper = _as_bound(min, "min"), _as_bound(max, "max")
+        if lower is None and upper is None:
+            raise ValueError(
+                f"Clamp: expected a finite bound. Got min={min!r}, max={max!r}, which would leave every "
+                "entry as it is."
+            )
         _check_order(_or_open(lower, "min"), _or_open(upper, "max"), where="Clamp")
         self.gradient = gradient
         self.register_buffer("min", lower)
