@@ -70,7 +70,7 @@ def test_yaml_json_and_python_rules_give_the_same_model(tmp_path):
 
 
 def test_every_registered_constraint_builds_from_a_file(tmp_path):
-    arguments = {"MaxNorm": {"max_value": 1.0}, "L1": {"weight": 0.1}, "L2": {"weight": 0.1},
+    arguments = {"Clamp": {"max": 1.0}, "MaxNorm": {"max_value": 1.0}, "L1": {"weight": 0.1}, "L2": {"weight": 0.1},
                  "FixedMask.magnitude": {"sparsity": 0.5}, "FixedMask.global_magnitude": {"sparsity": 0.5},
                  "FixedMask.random": {"sparsity": 0.5, "seed": 0}, "FixedMask.structured": {"sparsity": 0.5}}
     items = [{name: arguments.get(name)} for name in CONSTRAINTS]
@@ -274,3 +274,11 @@ def test_inspect_names_the_file_and_line_of_a_bad_regex(tmp_path, capsys):
     path = write(tmp_path, "rules.yaml", "rules:\n  - match: head\n    apply: NonNeg\n  - match: 're:['\n    apply: NonNeg\n")
     assert main(["inspect", "resnet18", "--rules", str(path)]) != 0
     assert "rules.yaml, rule 1 (line 4): key (re:[) is not a valid regex" in capsys.readouterr().err
+
+
+def test_numbers_in_exponent_form_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 reads 1e-2 as a string; JSON and YAML 1.2 read it as a number, as users write it.
+    path = write(tmp_path, "rules.yaml", "rules:\n  - match: head.weight\n    apply: {Clamp: {min: -1e-2, max: 2E-2}}\n")
+    model = build()
+    report = constrain(model, path)
+    assert report["head.weight"]["constraints"] == ["Clamp(min=-0.01, max=0.02)"]

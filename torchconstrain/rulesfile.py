@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,10 +149,22 @@ def read_rules(path: str | os.PathLike) -> RulesFile:
     return _parse(str(path), document, lines)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, reading ``1e-2`` and ``2e3`` as numbers, as YAML 1.2 and JSON
+    do (YAML 1.1 wants a dot, ``1.0e-2``, and reads them as strings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def _load_yaml(path: Path, text: str) -> tuple[object, list[int]]:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        document = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=_Loader)
+        document = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as error:
         raise RulesFileError(f"{path}: not valid YAML: {error}") from None
     _refuse_duplicate_yaml_keys(path, root)
