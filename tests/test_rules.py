@@ -7,7 +7,7 @@ from torch import nn
 from conftest import assert_unchanged, snapshot, tokens
 from torch.nn.utils import parametrizations, parametrize, prune
 
-from torchconstrain import Clamp, Constraint, FixedMask, LearnableMask, NonNeg, bake, check, constrain, match
+from torchconstrain import Clamp, Constraint, FixedMask, LearnableMask, NonNeg, bake, check, constrain
 
 
 def constrained_names(model: nn.Module) -> list[str]:

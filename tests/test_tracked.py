@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from torchconstrain import FixedMask, LearnableMask, bake, constrain
-from torchconstrain._tracked import Tracked, track, untrack
+from torchconstrain._tracked import Tracked, TrackedValue, track, track_value, untrack
 
 
 def test_writes_through_data_move_the_version_counter():
@@ -52,3 +52,22 @@ def test_constrain_tracks_originals_and_constraint_parameters_and_bake_untracks(
     assert type(model[0].bias) is nn.Parameter  # unconstrained tensors stay as they were
     bake(model)
     assert type(model[0].weight) is nn.Parameter and type(model[1].weight) is nn.Parameter
+
+
+def test_a_tracked_value_moves_its_version_on_writes_that_bypass_it_and_is_otherwise_a_plain_tensor():
+    value = torch.arange(4.0)
+    track_value(value)
+    assert type(value) is TrackedValue
+    for write in (lambda: value.data.add_(1), lambda: setattr(value, "data", torch.zeros(4)), lambda: value.numpy()):
+        version = value._version
+        write()
+        assert value._version > version
+    assert type(value + 1) is torch.Tensor and type(copy.deepcopy(value)) is torch.Tensor
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    assert type(torch.load(buffer, weights_only=True)) is torch.Tensor
+    assert repr(value) == repr(value.clone())
+    parameter = nn.Parameter(torch.zeros(2))
+    track_value(parameter)  # only plain tensors
+    assert type(parameter) is nn.Parameter

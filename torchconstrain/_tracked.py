@@ -38,6 +38,15 @@ __all__ = ["Tracked", "TrackedValue", "track", "track_chain", "track_value", "un
 _DATA = torch._C.TensorBase.data
 
 
+def _set_data(tensor: Tensor, value: Tensor) -> None:
+    _DATA.__set__(tensor, value)
+    increment_version(tensor)  # the new storage may sit where the old one was
+
+
+#: ``.data`` as ``detach()``, which shares the version counter; assigning it moves the counter.
+_TRACKED_DATA = property(Tensor.detach, _set_data)
+
+
 class Tracked(nn.Parameter):
     r"""A ``Parameter`` whose ``.data`` is ``detach()``: it shares the version counter, so
     that an in-place write through ``.data`` shows there as any other in-place write does.
@@ -45,14 +54,7 @@ class Tracked(nn.Parameter):
     ``Parameter`` in every other respect (a deep copy is ``Tracked``, a pickle loads as a
     plain ``Parameter``)."""
 
-    @property
-    def data(self) -> Tensor:
-        return self.detach()
-
-    @data.setter
-    def data(self, value: Tensor) -> None:
-        _DATA.__set__(self, value)
-        increment_version(self)  # the new storage may sit where the old one was
+    data = _TRACKED_DATA
 
 
 class TrackedValue(Tensor):
@@ -63,14 +65,7 @@ class TrackedValue(Tensor):
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
-    @property
-    def data(self) -> Tensor:
-        return self.detach()
-
-    @data.setter
-    def data(self, value: Tensor) -> None:
-        _DATA.__set__(self, value)
-        increment_version(self)
+    data = _TRACKED_DATA
 
     def numpy(self, *, force: bool = False):
         increment_version(self)
