@@ -227,13 +227,13 @@ class _Kept:
     def __init__(self, plist: nn.Module) -> None:
         chain = self.chain = tuple(plist._modules.values())
         self.revisions = tuple(map(_REVISION, chain))
-        dicts = (plist._modules, plist._parameters) + tuple(d for c in chain for d in (c._buffers, c._parameters))
-        dicts += _hooks(plist)  # a hook on the list: the plain path runs
+        holding_tensors = (plist._parameters,) + tuple(d for c in chain for d in (c._buffers, c._parameters))
+        dicts = (plist._modules, *holding_tensors, *_hooks(plist))  # a hook on the list: the plain path runs
         # Live views of the dicts, then an end mark: walking them beside ``held`` in step
         # finds a value replaced, added or removed (the end marks no longer meet).
         self.views = tuple(d.values() for d in dicts) + ((_END,),)
         self.held = tuple(_chained(self.views))
-        self.tensors = tuple(t for d in dicts[1:-4] for t in d.values() if t is not None)
+        self.tensors = tuple(t for d in holding_tensors for t in d.values() if t is not None)
         self.versions = tuple(map(_VERSION, self.tensors))
         self.original = plist._parameters["original"]
         self.pointer = self.original.data_ptr()
