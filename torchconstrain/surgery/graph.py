@@ -32,7 +32,7 @@ from torchconstrain.bake import bake
 from torchconstrain.constraints import FixedMask, LearnableMask
 from torchconstrain.rules import constrain, described_again
 from torchconstrain.surgery.budget import Allocation, ChannelGroup, GateBudget, LayerCost, allocate
-from torchconstrain.surgery.measure import count_params, layer_macs, measure_latency
+from torchconstrain.surgery.measure import count_params, evaluating, layer_macs, measure_latency
 from torchconstrain.surgery.family import ShrinkReport
 
 __all__ = ["GraphGroup", "GraphMasks", "find_groups", "mask_groups", "shrink"]
@@ -110,12 +110,8 @@ def find_groups(model: nn.Module, example: Tensor, *, ignored: Sequence = ()) ->
     tp = _torch_pruning()
     names = {module: name for name, module in model.named_modules()}
     ignored = [_module(model, item) for item in ignored] + _output_layers(model, example)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
-    finally:
-        model.train(was_training)
     groups = [_describe(graph, group, names) for group in graph.get_all_groups(ignored_layers=ignored)]
     return graph, groups
 
@@ -134,13 +130,10 @@ def _output_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
     outputs = {}
     hooks = [m.register_forward_hook(lambda m, i, o: outputs.__setitem__(id(o), m))
              for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             result = model(example)
     finally:
-        model.train(was_training)
         for hook in hooks:
             hook.remove()
     results = result if isinstance(result, (tuple, list)) else [result]
@@ -459,8 +452,9 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
         latency, and ``targets`` as ``name -> (target, achieved)``.
 
     Raises:
-        ValueError: a mixing group with unread channels under ``mixing="error"``, or outputs
-            that changed; the model is left baked but unpruned then.
+        ValueError: a mixing group with unread channels under ``mixing="error"``, outputs
+            that changed, or a pruned model that cannot run ``example``; the model is left
+            baked but unpruned then.
     """
     if mixing not in MIXING_CHOICES:
         raise ValueError(f"surgery.graph.shrink: expected mixing in {MIXING_CHOICES}. Got {mixing!r}.")
@@ -485,10 +479,16 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
         plan.append((group, unread.nonzero().flatten().tolist()))
     before = _measured(model, example, measure)
     backup = copy.deepcopy(model)
-    for group, removed in plan:
-        module, handler = group.root
-        graph.get_pruning_group(module, handler, removed).prune()
-    after = _measured(model, example, measure)
+    try:
+        for group, removed in plan:
+            module, handler = group.root
+            graph.get_pruning_group(module, handler, removed).prune()
+        after = _measured(model, example, measure)
+    except Exception as error:  # a layer the graph does not resize (timm's MixedConv2d keeps its split sizes)
+        model.__dict__.update(backup.__dict__)
+        raise ValueError(f"surgery.graph.shrink: the pruned model cannot run the example ({type(error).__name__}: "
+                         f"{error}): a layer keeps channel sizes the dependency graph does not update. The model is "
+                         "left baked and unpruned; pass ignored=[...] with that layer.") from error
     difference = _difference(before["output"], after["output"])
     allowed = atol + rtol * before["output"].nan_to_num(0.0, 0.0, 0.0).abs().max().item()
     if not difference <= allowed and mixing != "approximate":
@@ -513,13 +513,8 @@ def _difference(before: Tensor, after: Tensor) -> float:
 
 
 def _measured(model: nn.Module, example: Tensor, measure: bool) -> dict:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            output = model(example)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        output = model(example)
     output = output[0] if isinstance(output, (tuple, list)) else output
     return {"output": output.detach().clone(), "params": count_params(model),
             "macs": sum(layer_macs(model, example).values()),

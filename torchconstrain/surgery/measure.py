@@ -2,11 +2,13 @@ r"""Size and speed of a model: parameters, multiply-accumulates, batch-1 CPU lat
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.utils.benchmark as benchmark
 from torch import nn
 
-__all__ = ["count_macs", "count_params", "layer_macs", "measure_latency"]
+__all__ = ["count_macs", "count_params", "evaluating", "layer_macs", "measure_latency"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -35,27 +37,32 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, int]:
 
     hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     hooks += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
-    was_training = model.training
-    model.eval()  # a forward in train mode would update BatchNorm's running statistics
     try:
-        with torch.inference_mode():
+        with evaluating(model), torch.inference_mode():  # train mode would update BatchNorm's statistics
             model(example)
     finally:
-        model.train(was_training)
         for hook in hooks:
             hook.remove()
     return macs
 
 
-def measure_latency(model: nn.Module, example: torch.Tensor, *, min_run_time: float = 1.0) -> float:
-    r"""Return the median seconds of one inference of ``example`` (eval mode, ``inference_mode``)."""
-    was_training = model.training
+@contextmanager
+def evaluating(model: nn.Module):
+    r"""Put ``model`` in eval mode for the block, then give every submodule back its own mode
+    (``model.train(was_training)`` would put BatchNorms frozen in eval mode back in training)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with torch.inference_mode():
-            for _ in range(3):  # warm-up
-                model(example)
-            timer = benchmark.Timer("model(example)", globals={"model": model, "example": example})
-            return timer.blocked_autorange(min_run_time=min_run_time).median
+        yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
+
+
+def measure_latency(model: nn.Module, example: torch.Tensor, *, min_run_time: float = 1.0) -> float:
+    r"""Return the median seconds of one inference of ``example`` (eval mode, ``inference_mode``)."""
+    with evaluating(model), torch.inference_mode():
+        for _ in range(3):  # warm-up
+            model(example)
+        timer = benchmark.Timer("model(example)", globals={"model": model, "example": example})
+        return timer.blocked_autorange(min_run_time=min_run_time).median
