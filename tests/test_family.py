@@ -320,3 +320,35 @@ def test_shrink_refuses_bad_targets_before_baking(targets, message):
     with pytest.raises(ValueError, match=message):
         surgery.shrink(model, example=EXAMPLE, measure=False, targets=targets)
     assert_unchanged(model, before)
+
+
+def test_shrink_with_an_example_the_model_cannot_run_changes_nothing():
+    model = build("mobilenet_v3_small")
+    surgery.mask_blocks(model, sparsity=0.5)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"surgery.shrink: the model cannot run the example, a Tensor of shape \(1, 1, 64, 64\)"):
+        surgery.shrink(model, example=torch.zeros(1, 1, 64, 64), measure=False)
+    assert_unchanged(model, before)
+
+
+def test_measuring_and_shrinking_keep_each_modules_own_mode():
+    # Fine-tuning with frozen BatchNorms: the model trains, its BatchNorms stay in eval mode.
+    model = build("mobilenet_v3_small").train()
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for norm in norms:
+        norm.eval()
+    surgery.mask_blocks(model, sparsity=0.5)
+    surgery.count_macs(model, EXAMPLE)
+    surgery.shrink(model, example=EXAMPLE, measure=False)
+    assert model.training and not any(norm.training for norm in model.modules() if isinstance(norm, nn.BatchNorm2d))
+
+
+def test_a_float64_model_shrinks_into_float64_layers():
+    model = build("mobilenet_v3_small").double()
+    surgery.mask_blocks(model, sparsity=0.5)
+    bake(model)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    expected = outputs(model, x)
+    surgery.shrink(model, example=EXAMPLE.double(), measure=False)
+    assert {p.dtype for p in model.state_dict().values() if p.is_floating_point()} == {torch.float64}
+    torch.testing.assert_close(outputs(model, x), expected)

@@ -203,6 +203,30 @@ def test_shrink_restores_the_model_when_removing_channels_would_change_the_outpu
     torch.testing.assert_close(outputs(model), before)
 
 
+class FixedSplit(nn.Module):
+    """Splits its channels at a size it keeps (as timm's MixedConv2d does): pruning the
+    conv before it leaves that size behind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        left, right = self.a(x).split([4, 4], dim=1)
+        return (self.b(left) + self.c(right)).mean(dim=(2, 3))
+
+
+def test_shrink_restores_the_model_when_the_pruned_model_cannot_run():
+    torch.manual_seed(0)
+    model = FixedSplit().eval()
+    masks = graph.mask_groups(model, SMALL, sparsity=0.5)
+    before = outputs(model)
+    with pytest.raises(ValueError, match=r"the pruned model cannot run the example \(RuntimeError.*left baked and unpruned"):
+        masks.shrink(model)
+    assert model.a.out_channels == 8
+    torch.testing.assert_close(outputs(model), before)
+
+
 class SoftmaxOverChannels(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -160,6 +160,15 @@ def channel_groups(model: nn.Module, groups="all", *, importance="l1", example: 
             for g in found]
 
 
+def _macs_of_example(model: nn.Module, example: Tensor, caller: str) -> int:
+    """The MACs of ``model`` on ``example``; a ValueError where the model cannot run it."""
+    try:
+        return count_macs(model, example)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(f"{caller}: the model cannot run the example, a {type(example).__name__} of shape "
+                         f"{tuple(getattr(example, 'shape', ()))}: {type(error).__name__}: {error}") from None
+
+
 def _example(model: nn.Module, example: Tensor | None) -> Tensor:
     """The input MACs are counted for: ``example``, or one 224x224 RGB image, on the model's device."""
     example = torch.zeros(1, 3, 224, 224) if example is None else example
@@ -440,8 +449,8 @@ def shrink(model: nn.Module, *, example: Tensor | None = None, measure: bool = T
         before and after, and the budgets' targets.
 
     Raises:
-        ValueError: a block the surgery does not understand, or bad ``targets``; nothing
-            is changed then.
+        ValueError: a block the surgery does not understand, bad ``targets``, or an
+            ``example`` the model cannot run; nothing is changed then.
 
     Example:
         >>> import torch, torchvision
@@ -464,8 +473,9 @@ def shrink(model: nn.Module, *, example: Tensor | None = None, measure: bool = T
     example = _example(model, example)
     budgets = _sparsity_budgets(groups)
     mac_target = asked.get("macs", _mac_budget(groups))
+    macs_before = _macs_of_example(model, example, "surgery.shrink")  # before anything changes
     bake(model, key=_group_tensors(model, groups))
-    before = (count_params(model), count_macs(model, example))
+    before = (count_params(model), macs_before)
     latency_before = measure_latency(model, example) if measure else None
     channels = shrink_groups(groups)
     latency = (latency_before, measure_latency(model, example)) if measure else None

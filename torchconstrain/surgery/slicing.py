@@ -90,8 +90,9 @@ def _sliced_weight_and_bias(module: nn.Module, rows: Tensor | None, columns: Ten
 
 def sliced_bn(bn: nn.BatchNorm2d, index: Tensor) -> nn.BatchNorm2d:
     r"""Return a new ``BatchNorm2d`` with only the channels ``index``: affine parameters and running statistics."""
-    new = nn.BatchNorm2d(len(index), bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                         device=bn.weight.device if bn.affine else None)
+    like = next((t for t in (bn.weight, bn.running_mean) if t is not None), None)  # its device and dtype
+    factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
+    new = nn.BatchNorm2d(len(index), bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **factory)
     state = {name: value.index_select(0, index.to(value.device)) if value.dim() else value
              for name, value in bn.state_dict().items()}
     new.load_state_dict(state)
