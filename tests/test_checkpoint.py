@@ -18,6 +18,7 @@ from torchconstrain import (
     MaxNorm,
     NonNeg,
     PruningSchedule,
+    UnitNorm,
     bake,
     check,
     constrain,
@@ -403,3 +404,25 @@ def test_bad_constraint_state_under_the_second_name_of_a_tied_tensor_is_refused(
     with pytest.raises(CheckpointMismatch, match=r"head.weight: FixedMask .*expected a mask of 0s and 1s"):
         model.load_state_dict(checkpoint, strict=True)
     assert_same_state(state(model), before)
+
+
+def test_a_plain_checkpoint_whose_weights_break_the_constraints_is_refused_as_constrain_refuses_them():
+    weight = torch.randn(3, 4)
+    weight[1] = 0.0  # a pruned output row: UnitNorm cannot normalize it
+    state = {"weight": weight, "bias": torch.zeros(3)}
+    plain = nn.Linear(4, 3)
+    plain.load_state_dict(state)
+    with pytest.raises(ValueError):
+        constrain(plain, {"weight": UnitNorm()})  # load, then constrain: refused
+    model = nn.Linear(4, 3)
+    constrain(model, {"weight": UnitNorm()})
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CheckpointMismatch, match=r"weight: with the checkpoint's values UnitNorm\(dim=0\) cannot hold: "
+                       r"1 slices along dim 0 do not have unit L2 norm"):
+        model.load_state_dict(state)  # constrain, then load: refused too
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    wrapped = nn.Sequential(model, nn.Linear(3, 3))
+    constrain(wrapped, {"1.weight": Clamp(-1, 1)})  # the outer model is watched now: it checks first
+    with pytest.raises(CheckpointMismatch, match=r"(?s)Nothing was loaded.*0.weight: with the checkpoint.s values UnitNorm"):
+        wrapped.load_state_dict({"0.weight": weight, "0.bias": torch.zeros(3), "1.weight": torch.zeros(3, 3), "1.bias": torch.ones(3)})
+    assert not torch.equal(wrapped[1].bias, torch.ones(3))

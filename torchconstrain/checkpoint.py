@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import torchconstrain._tracked as _tracked
+from torchconstrain._tensors import describe
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import CheckpointMismatch
 
@@ -111,10 +112,34 @@ def _adapt(module: nn.Module, state_dict: dict, prefix: str) -> list[str]:
         if problem:
             problems.append(f"{plain}: {problem}")
             continue
-        state_dict[inner + "original"] = _stored_value(plist, state_dict.pop(plain))
+        stored = _stored_value(plist, state_dict[plain])
+        problem = _broken_by(plist, stored)
+        if problem:
+            problems.append(f"{plain}: {problem}")
+            continue
+        del state_dict[plain]
+        state_dict[inner + "original"] = stored
         for key, tensor in _constraint_state(plist).items():
             state_dict.setdefault(inner + key, tensor)
     return problems
+
+
+def _broken_by(plist: nn.Module, stored: Tensor) -> str | None:
+    """Why the chain cannot hold on the effective tensor of ``stored`` (a plain value sent
+    through ``right_inverse``), which :func:`torchconstrain.constrain` refuses for the same
+    weights (a zero slice under ``UnitNorm``); ``None`` when it holds."""
+    if stored.is_meta:
+        return None
+    chain = [p.with_values() if isinstance(p, Constraint) else p for p in plist]
+    with torch.no_grad():
+        value = stored
+        for parametrization in chain:
+            value = parametrization(value)
+        for constraint in (p for p in chain if isinstance(p, Constraint)):
+            reason = constraint.violation(value)
+            if reason:
+                return f"with the checkpoint's values {describe(constraint)} cannot hold: {reason}."
+    return None
 
 
 def _constraint_state(plist: nn.Module) -> dict[str, Tensor]:
