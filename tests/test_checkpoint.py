@@ -426,3 +426,36 @@ def test_a_plain_checkpoint_whose_weights_break_the_constraints_is_refused_as_co
     with pytest.raises(CheckpointMismatch, match=r"(?s)Nothing was loaded.*0.weight: with the checkpoint.s values UnitNorm"):
         wrapped.load_state_dict({"0.weight": weight, "0.bias": torch.zeros(3), "1.weight": torch.zeros(3, 3), "1.bias": torch.ones(3)})
     assert not torch.equal(wrapped[1].bias, torch.ones(3))
+
+
+@pytest.mark.parametrize("device, budget", [("cpu", {"macs": 0.5, "hard": True}), ("meta", {})])
+def test_assign_keeps_the_scores_that_learnable_gates_share_shared(device, budget):
+    # The meta-device flow: build on meta, load with assign=True. A MAC budget's gates look
+    # their shared scores up, so a hard forward and bake need them shared.
+    from torchconstrain import surgery
+
+    def gated(device):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10)
+        surgery.mask_blocks(model, groups="all", learnable=True, example=torch.zeros(1, 3, 32, 32), **budget)
+        return model.eval()
+
+    def sharing(model):
+        places = {}
+        for name, module in model.named_modules():
+            if isinstance(module, LearnableMask):
+                places.setdefault(id(module.scores), []).append(name)
+        return sorted(places.values())
+
+    source = gated("cpu")
+    expected = sharing(source)
+    assert any(len(names) > 1 for names in expected)
+    model = gated(device)
+    model.load_state_dict(source.state_dict(), assign=True)
+    assert sharing(model) == expected
+    assert len(list(model.parameters())) == len(list(source.parameters()))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+    bake(model)

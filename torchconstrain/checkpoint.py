@@ -15,7 +15,9 @@ constraints do not have, and different values for names that are one tensor in t
 ``load_state_dict(..., assign=True)`` check the same things. A checkpoint that does not fit
 raises :class:`~torchconstrain.CheckpointMismatch` naming every tensor, and the model is
 left unchanged. With ``assign=True`` the constraints' state is assigned in the dtypes the
-constraints hold it in (a mask of 0s and 1s becomes a bool mask), as a copying load stores it.
+constraints hold it in (a mask of 0s and 1s becomes a bool mask), as a copying load stores it,
+and a parameter that several constraints share (learnable gates' ``scores``) is one
+parameter again after the load (a ``load_state_dict`` post-hook).
 
 Example:
     >>> import torch
@@ -62,6 +64,7 @@ def watch(model: nn.Module) -> None:
     for module in _holders(model):
         if not _watched(module):
             module.register_load_state_dict_pre_hook(_check_checkpoint)
+            module.register_load_state_dict_post_hook(_share_again)
 
 
 def _holders(model: nn.Module) -> list[nn.Module]:
@@ -81,6 +84,9 @@ def unwatch(model: nn.Module) -> None:
         hooks = module._load_state_dict_pre_hooks
         for handle_id in [i for i, hook in hooks.items() if getattr(hook, "hook", None) is _check_checkpoint]:
             del hooks[handle_id]
+        post = module._load_state_dict_post_hooks
+        for handle_id in [i for i, hook in post.items() if hook is _share_again]:
+            del post[handle_id]
 
 
 def _watched(module: nn.Module) -> bool:
@@ -188,7 +194,32 @@ def _check_checkpoint(root, state_dict, prefix, local_metadata, strict, missing,
         raise CheckpointMismatch(problems, loaded=False)
     if local_metadata.get("assign_to_params_buffers", False):
         _assign_in_constraint_dtypes(modules, state_dict)
+        _checked.shared = (weakref.ref(root), _shared_parameters(modules))
     _checked.last = (lists, weakref.WeakValueDictionary(modules))
+
+
+def _shared_parameters(modules: dict[str, nn.Module]) -> list[list[tuple[nn.Module, str]]]:
+    """The constraints' parameters held by several constraints (learnable gates that share
+    ``scores``), each as the places that hold it."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in dict.fromkeys(modules.values()):
+        if isinstance(module, Constraint):
+            for name, parameter in module._parameters.items():
+                if parameter is not None:
+                    places.setdefault(id(parameter), []).append((module, name))
+    return [group for group in places.values() if len(group) > 1]
+
+
+def _share_again(module: nn.Module, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: after ``assign=True`` put one Parameter back in every
+    place that shared one before (assigning gives each place a Parameter of its own)."""
+    shared = getattr(_checked, "shared", None)
+    if shared is None or shared[0]() is not module:
+        return
+    del _checked.shared
+    for (first, first_name), *others in shared[1]:
+        for holder, name in others:
+            setattr(holder, name, first._parameters[first_name])
 
 
 # The modules the last check covered, by prefix, and the lists of the load call that ran
