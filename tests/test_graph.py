@@ -270,3 +270,17 @@ def test_missing_torch_pruning_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_pruning", None)
     with pytest.raises(ImportError, match=r"pip install 'torchconstrain\[graph\]'"):
         graph.mask_groups(resnet18(), SMALL, sparsity=0.5)
+
+
+def test_a_mac_budget_counts_the_depthwise_convs_a_group_passes_through():
+    # MobileNetV3's depthwise convs are sliced with their group: the allocator's promise is the shrunk model's MACs.
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10).eval()
+    example = torch.zeros(1, 3, 64, 64)
+    dense = count_macs(model, example)
+    masks = graph.mask_groups(model, example, macs=0.3, mixing="skip")
+    group = next(g for g in masks.groups if any(layer.name == "features.2.block.0.0" for layer in g.writers))
+    assert [layer.name for layer in group.through] == ["features.2.block.1.0"]
+    report = masks.shrink(model)
+    assert report.macs[1] == masks.allocation.achieved
+    assert 0.29 < report.macs[1] / dense <= 0.3

@@ -75,6 +75,8 @@ class GraphGroup:
         writers: the conv and linear layers writing them (their output rows).
         mixing: the layer through which the channels mix, when removing them is not exact.
         grouped: a grouped conv the group passes through (the group is never pruned).
+        through: the depthwise convs the channels pass through, one filter each: neither
+            masked nor read, but sliced with the group (so counted in a MAC budget).
     """
 
     name: str
@@ -84,6 +86,7 @@ class GraphGroup:
     mixing: str | None = None
     grouped: str | None = None
     root: object = field(default=None, repr=False)  # (module, pruning function) for Torch-Pruning
+    through: list[Layer] = field(default_factory=list)
 
     def prunable(self, mixing: str) -> bool:
         r"""Whether the group is masked and shrunk under the ``mixing`` policy."""
@@ -147,7 +150,7 @@ def _describe(graph, group, names: dict) -> GraphGroup:
     root_dep = items[0].dep
     root = root_dep.target.module
     channels = len(items[0].idxs)
-    readers, writers, mixing, grouped = [], [], None, None
+    readers, writers, through, mixing, grouped = [], [], [], None, None
     for item in items:
         module, handler = item.dep.target.module, item.dep.handler
         name = names.get(module, str(module)) if isinstance(module, nn.Module) else "a parameter"
@@ -158,16 +161,15 @@ def _describe(graph, group, names: dict) -> GraphGroup:
                 grouped = grouped or f"{name} (groups={conv_groups})"
                 continue
             inputs = graph.is_in_channel_pruning_fn(handler)
-            if inputs and depthwise:
-                continue
-            size = module.weight.shape[1] if inputs else module.weight.shape[0]
+            size = module.weight.shape[1] if inputs and not depthwise else module.weight.shape[0]
             index = torch.full((size,), -1, dtype=torch.long)
             index[torch.tensor([int(i) for i in item.idxs], dtype=torch.long)] = torch.tensor(
                 [int(i) for i in item.root_idxs], dtype=torch.long)
-            (readers if inputs else writers).append(Layer(name, module, index))
+            (through if inputs and depthwise else readers if inputs else writers).append(Layer(name, module, index))
         elif mixing is None:
             mixing = _mixing(tp, module, name)
-    return GraphGroup(names.get(root, str(root)), channels, readers, writers, mixing, grouped, (root, root_dep.handler))
+    return GraphGroup(names.get(root, str(root)), channels, readers, writers, mixing, grouped,
+                      (root, root_dep.handler), through)
 
 
 def _mixing(tp, module, name: str) -> str | None:
@@ -193,7 +195,9 @@ def _cost(model: nn.Module, example: Tensor, groups: list[GraphGroup]) -> LayerC
     """The exact MACs of ``model`` on ``example`` as a function of the groups' kept channels."""
     reads, writes = {}, {}
     for group in groups:
-        for sides, layers in ((reads, group.readers), (writes, group.writers)):
+        written = {layer.module for layer in group.writers}
+        rows = group.writers + [layer for layer in group.through if layer.module not in written]
+        for sides, layers in ((reads, group.readers), (writes, rows)):
             for layer in layers:
                 per_channel = int((layer.index >= 0).sum()) / group.channels
                 sides.setdefault(layer.module, []).append((group.name, per_channel))
