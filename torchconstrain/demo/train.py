@@ -14,6 +14,7 @@ from torchconstrain.demo.config import DemoConfig
 from torchconstrain.demo.data import Digits
 from torchconstrain.optim import param_groups
 from torchconstrain.schedules import TemperatureSchedule
+from torchconstrain.surgery.measure import evaluating
 
 __all__ = ["evaluate", "gates_kept", "make_optimizer", "train"]
 
@@ -55,12 +56,10 @@ def gates_kept(model: nn.Module) -> float | None:
 @torch.no_grad()
 def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, batch_size: int = 500) -> tuple[float, float]:
     r"""Return the mean cross-entropy and the accuracy of ``model`` on ``images``, in eval mode."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)
-    logits = torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-    model.train(was_training)
+    with evaluating(model):
+        logits = torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
     loss = nn.functional.cross_entropy(logits, labels).item()
     return loss, (logits.argmax(dim=1) == labels).float().mean().item()
 
