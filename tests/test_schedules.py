@@ -169,3 +169,21 @@ def test_a_stack_that_a_grown_mask_could_break_is_refused_before_any_mask_change
     schedule = PruningSchedule(plain, final_sparsity=0.5, end=1)
     schedule.step()
     check(plain)
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_pruning_schedule_masks_exactly_its_target_when_zeros_tie(scope):
+    # Masked entries are zeros, like the tensor's own exact zeros: ranked as equals, the
+    # new mask could keep an entry the old one masked and prune a live one in its place.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    with torch.no_grad():
+        model[0].weight.view(-1)[::2] = 0.0  # half the entries are exact zeros
+    keep = torch.ones(2048, dtype=torch.bool)
+    keep[torch.randperm(1024)[:205] * 2] = False  # 10% masked, scattered among the zeros
+    constrain(model, {nn.Linear: FixedMask(keep.view(32, 64))})
+    schedule = PruningSchedule(model, final_sparsity=0.4, initial_sparsity=0.1, end=4, scope=scope)
+    for _ in range(5):
+        masked = int((~model[0].parametrizations.weight[0].mask).sum())
+        assert masked == round(schedule.sparsity() * 2048)
+        schedule.step()

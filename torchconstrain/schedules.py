@@ -76,7 +76,9 @@ class PruningSchedule(_Schedule):
     steps in that window, and at ``end``, each target's mask is recomputed by magnitude
     of its effective tensor (``scope="tensor"``) or with one threshold across all targets
     (``scope="global"``). Masks only grow: an entry once masked stays masked, so a mask
-    that starts sparser than the schedule keeps its sparsity until the schedule passes it.
+    that starts sparser than the schedule keeps its sparsity until the schedule passes it;
+    masked entries count towards each target, so a mask then masks exactly its share (ties
+    among zeros, such as the tensor's own exact zeros, never push it past).
 
     Args:
         model: a model constrained with FixedMask templates on the tensors to prune, for
@@ -135,14 +137,21 @@ class PruningSchedule(_Schedule):
         due = step == self.end or (self.start <= step < self.end and (step - self.start) % self.every == 0)
         if not due:
             return
-        values = {slot.fqn: slot.value() for slot, _ in self.targets}
+        scores = {slot.fqn: _magnitudes_masked_last(slot.value(), mask) for slot, mask in self.targets}
         if self.scope == "global":
-            keeps = GlobalMagnitude(sparsity=self.sparsity()).select_all(values)
+            keeps = GlobalMagnitude(sparsity=self.sparsity()).keep_largest(scores)
         else:
-            keeps = {fqn: _keep_largest(value.abs(), self.sparsity()) for fqn, value in values.items()}
+            keeps = {fqn: _keep_largest(score, self.sparsity()) for fqn, score in scores.items()}
         with torch.no_grad():
             for slot, mask in self.targets:
                 mask.mask.logical_and_(keeps[slot.fqn])
+
+
+def _magnitudes_masked_last(value: torch.Tensor, mask: FixedMask) -> torch.Tensor:
+    """``|value|``, with the entries ``mask`` masks ranked below every other: they are zeros
+    like the tensor's own exact zeros, and ranked as their equals a new mask could keep a
+    masked entry (which stays masked) and prune a live one in its place."""
+    return torch.where(mask.mask, value.detach().abs(), -1)
 
 
 def _refuse_stacks_a_grown_mask_breaks(slot: Slot, mask: FixedMask) -> None:

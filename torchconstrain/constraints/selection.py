@@ -121,16 +121,19 @@ class GlobalMagnitude:
         return self.select_all({fqn: tensor})[fqn]
 
     def select_all(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        # Ranked in the tensors' own (promoted) dtype: a float32 copy would tie float64
+        return self.keep_largest({fqn: tensor.detach().abs() for fqn, tensor in tensors.items()})
+
+    def keep_largest(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Bool masks keeping the ``1 - sparsity`` share of the largest ``scores`` across all tensors."""
+        # Ranked in the scores' own (promoted) dtype: a float32 copy would tie float64
         # magnitudes that differ past float32's precision.
-        scores = torch.cat([t.detach().abs().flatten().cpu() for t in tensors.values()])
-        keep = _keep_largest(scores, self.sparsity)
+        keep = _keep_largest(torch.cat([score.flatten().cpu() for score in scores.values()]), self.sparsity)
         masks, start = {}, 0
-        for fqn, tensor in tensors.items():
-            stop = start + tensor.numel()
-            masks[fqn] = keep[start:stop].view(tensor.shape).to(tensor.device)
+        for fqn, score in scores.items():
+            stop = start + score.numel()
+            masks[fqn] = keep[start:stop].view(score.shape).to(score.device)
             start = stop
-            if tensor.numel() and not masks[fqn].any():  # the others' magnitudes took its share
+            if score.numel() and not masks[fqn].any():  # the others' magnitudes took its share
                 _warn_if_degenerate(fqn, self.sparsity, masks[fqn], "entry")
         return masks
 
