@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from torchconstrain import (
     Clamp,
@@ -121,6 +122,16 @@ def test_learnable_mask_bake_binarizes_and_reports_sparsity():
     assert torch.all(layer.weight[0] == 0)
     assert torch.equal(layer.weight[1], expected_kept)
     assert report["weight"]["sparsity"] == 0.5
+
+
+def test_learnable_mask_bake_refuses_a_temperature_that_makes_nan_gates():
+    layer = nn.Linear(4, 2, bias=False)
+    constrain(layer, {"weight": LearnableMask()})
+    with torch.no_grad():
+        layer.parametrizations.weight[0].temperature.fill_(0.0)  # every gate sigmoid(x / 0): NaN at 0
+    with pytest.raises(ValueError, match=r"cannot bake: expected temperature to be a finite number > 0. Got 0"):
+        bake(layer)
+    assert parametrize.is_parametrized(layer, "weight")
 
 
 def test_learnable_mask_penalty_is_mean_gate_times_strength():

@@ -187,3 +187,16 @@ def test_pruning_schedule_masks_exactly_its_target_when_zeros_tie(scope):
         masked = int((~model[0].parametrizations.weight[0].mask).sum())
         assert masked == round(schedule.sparsity() * 2048)
         schedule.step()
+
+
+def test_temperature_schedule_refuses_a_temperature_the_cast_buffer_cannot_hold():
+    model = nn.Linear(4, 4)
+    constrain(model, {"weight": LearnableMask()})
+    model.half()  # the temperature buffer is float16 now: 1e-8 is 0 there
+    schedule = TemperatureSchedule(model, final_temperature=1e-8, steps=2)
+    schedule.step()  # 1e-4 holds
+    held = model.parametrizations.weight[0].temperature.clone()
+    with pytest.raises(ValueError, match=r"weight: the temperature of step 2, 1e-08, is 0 in torch.float16"):
+        schedule.step()
+    assert schedule.last_step == 1
+    assert torch.equal(model.parametrizations.weight[0].temperature, held)

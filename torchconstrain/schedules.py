@@ -15,7 +15,7 @@ from torch import nn
 
 from torchconstrain._tensors import Slot, parameter_slots
 from torchconstrain.constraints.arguments import choice, integer, number
-from torchconstrain.constraints.masks import FixedMask, LearnableMask
+from torchconstrain.constraints.masks import FixedMask, LearnableMask, _temperature_problem
 from torchconstrain.constraints.selection import GlobalMagnitude, _check_sparsity, _keep_largest
 from torchconstrain.keys import match
 from torchconstrain.rules import refuse_contradictions
@@ -32,9 +32,13 @@ class _Schedule:
         self.last_step = 0
 
     def step(self) -> None:
-        r"""Advance one training step and apply that step's value."""
+        r"""Advance one training step and apply that step's value (neither, if that raises)."""
         self.last_step += 1
-        self._apply()
+        try:
+            self._apply()
+        except Exception:
+            self.last_step -= 1
+            raise
 
     def state_dict(self) -> dict:
         r"""The position and settings of the schedule (the constraints' state is the model's)."""
@@ -227,6 +231,22 @@ class TemperatureSchedule(_Schedule):
         self._apply()
 
     def _apply(self) -> None:
+        value = self.temperature()
+        for slot, mask in self.targets:  # all checked before any is set
+            _refuse_unheld_temperature(slot.fqn, mask.temperature, value, self.last_step)
         with torch.no_grad():
             for _, mask in self.targets:
-                mask.temperature.fill_(self.temperature())
+                mask.temperature.fill_(value)
+
+
+def _refuse_unheld_temperature(fqn: str, buffer: torch.Tensor, value: float, step: int) -> None:
+    """Refuse a temperature ``buffer`` (float32 unless the model was cast after
+    :func:`constrain`) would hold as 0 or infinity: its gates would be NaN."""
+    stored = torch.tensor(value, dtype=buffer.dtype)
+    if _temperature_problem(stored):
+        raise ValueError(
+            f"TemperatureSchedule: {fqn}: the temperature of step {step}, {value:g}, is "
+            f"{stored.item():g} in {buffer.dtype} (its LearnableMask's temperature buffer), which "
+            "would make NaN gates. Expected a final_temperature that dtype holds, or keep the "
+            "model in float32 and use torch.autocast for low-precision compute."
+        )

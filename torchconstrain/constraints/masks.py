@@ -541,7 +541,7 @@ class LearnableMask(Constraint):
         return gate
 
     def bake(self, value: Tensor) -> Tensor:
-        problem = _scores_problem(self.scores)
+        problem = self.state_problem({"temperature": self.temperature, "scores": self.scores})
         if problem:
             raise ValueError(f"{type(self).__name__}: cannot bake: {problem}")
         gates = self.gates()
