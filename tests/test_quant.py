@@ -236,3 +236,54 @@ def test_a_scale_floor_that_rounds_a_whole_tensor_to_zero_is_refused_and_one_tha
     with pytest.warns(UserWarning, match=r"weight: FakeQuant min_scale=0.001 rounds every entry of 3 of its 32 slices to 0"):
         constrain(layer, {"weight": FakeQuant(8, min_scale=1e-3)})
     constrain(nn.Linear(64, 32), {"weight": FakeQuant.xnnpack()})  # the usual floor: no warning
+
+
+NARROW_LIMITS = [(torch.float16, True, 9), (torch.float16, False, 8), (torch.bfloat16, True, 6), (torch.bfloat16, False, 5)]
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("dtype, symmetric, bits", NARROW_LIMITS)
+def test_narrow_dtypes_land_on_the_nearest_level_of_the_exact_grid(dtype, symmetric, bits, per_channel):
+    # Quotients in float16 or bfloat16 land entries a level off, and a float16 grid whose
+    # step is below its smallest normal number (a slice with max|w| < 0.008) rounded to 0.
+    torch.manual_seed(bits)
+    weight = torch.randn(64, 128) * torch.logspace(-3, 0, 64).unsqueeze(1) + (0.0 if symmetric else 0.05)
+    weight = weight.to(dtype)
+    layer = nn.Linear(128, 64, bias=False).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    constrain(layer, {"weight": FakeQuant(bits, per_channel=per_channel, symmetric=symmetric)})
+    exact = FakeQuant(bits, per_channel=per_channel, symmetric=symmetric)
+    scale, zero_point, _, _ = exact.grid(weight.double())
+    steps = weight.double() / scale + zero_point
+    tie = ((steps - steps.floor()) - 0.5).abs() < 1e-4  # both levels as near: either is right
+    with torch.no_grad():
+        effective = layer.weight.double()
+    assert layer.weight.dtype == dtype
+    level_off = (effective - exact.quantize(weight.double())).abs() > 0.25 * scale
+    assert not bool((level_off & ~tie).any())
+    check(layer)
+    baked = layer.weight.detach().clone()
+    bake(layer)
+    assert torch.equal(layer.weight, baked)
+
+
+@pytest.mark.parametrize("dtype, symmetric, bits", NARROW_LIMITS)
+def test_a_grid_the_dtype_cannot_hold_is_refused_before_and_after_constrain(dtype, symmetric, bits):
+    layer = nn.Linear(8, 4).to(dtype)
+    before = {name: value.clone() for name, value in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"weight: FakeQuant\(bits={bits + 1}, .*Expected bits <= {bits} for {dtype}"):
+        constrain(layer, {"weight": FakeQuant(bits + 1, symmetric=symmetric)})
+    assert not hasattr(layer, "parametrizations")
+    assert all(torch.equal(layer.state_dict()[name], value) for name, value in before.items())
+    cast_later = nn.Linear(8, 4)
+    constrain(cast_later, {"weight": FakeQuant(bits + 1, symmetric=symmetric)})
+    cast_later.to(dtype)
+    with pytest.raises(ValueError, match=rf"keeps levels apart only up to"):
+        cast_later(torch.randn(2, 8, dtype=dtype))
+
+
+def test_the_affine_grid_rounds_just_below_a_half_down():
+    # floor(q + 0.5) rounds 0.49999997 + 0.5 to 1.0 in float32: a level off.
+    x = torch.tensor([0.0, 255.0, 0.49999997, 0.5, 1.4999999])
+    assert torch.equal(FakeQuant(8, per_channel=False, symmetric=False).quantize(x), torch.tensor([0.0, 255.0, 0.0, 1.0, 1.0]))

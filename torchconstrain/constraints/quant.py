@@ -2,6 +2,7 @@ r"""Fake quantization: weights on an integer grid, for quantization-aware traini
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -50,6 +51,13 @@ class FakeQuant(Constraint):
     float32 holds the grid's top levels only to about 1/128 of a step); for the affine grid
     it also accepts a range of ``2**bits - 2`` steps (a rounding tie can leave one end a
     level short).
+
+    Float16 and bfloat16 tensors are rounded in float32 and stored back in their dtype,
+    which must keep the levels apart (``qmax <= 2**(significand bits - 3)``: float16 at most
+    9 bits symmetric, 8 affine; bfloat16 6 and 5); a wider grid raises ValueError, when
+    applied and at the forward of a model cast after :func:`torchconstrain.constrain`.
+    Their check allows 2 float steps of the entry, and their smallest step is 8 subnormal
+    steps of the dtype (float16's grid steps go down to about 5e-7).
 
     Rounding is to the nearest level: half to even on the symmetric grid, half up on the
     affine one. :func:`torch.fake_quantize_per_tensor_affine` and ``_per_channel_affine``
@@ -108,6 +116,9 @@ class FakeQuant(Constraint):
     def _bind(self, fqn: str, tensor: Tensor) -> None:
         if not tensor.is_floating_point():
             raise ValueError(f"{fqn}: FakeQuant needs a floating-point tensor. Got {tensor.dtype}.")
+        problem = self._dtype_problem(tensor.dtype)
+        if problem:
+            raise ValueError(f"{fqn}: {problem}")
         if self.per_channel and not -tensor.dim() <= self.dim < tensor.dim():
             raise ValueError(
                 f"{fqn}: FakeQuant dim={self.dim} is out of range for a tensor of shape {tuple(tensor.shape)}."
@@ -135,6 +146,22 @@ class FakeQuant(Constraint):
                 stacklevel=4,
             )
 
+    def _dtype_problem(self, dtype: torch.dtype) -> str | None:
+        """Why ``dtype`` cannot hold this grid (its levels stored apart, with room for the
+        rounding of ``scale * q``), or ``None``: it needs ``qmax <= 2**(significand - 3)``,
+        so that neighbouring top levels are 8 float steps apart."""
+        significand = round(-math.log2(torch.finfo(dtype).eps)) + 1  # bits, the implicit one included
+        most = 2 ** (significand - 3)
+        qmax = 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+        if qmax <= most:
+            return None
+        fits = next(b for b in range(self.bits, 1, -1) if (2 ** (b - 1) - 1 if self.symmetric else 2**b - 1) <= most)
+        return (
+            f"FakeQuant(bits={self.bits}, symmetric={self.symmetric}) needs integer levels up to {qmax}: "
+            f"{dtype} (a {significand}-bit significand) keeps levels apart only up to {most}. Expected bits <= "
+            f"{fits} for {dtype}, or float32 weights (torch.autocast computes in {dtype} from them)."
+        )
+
     def grid(self, x: Tensor) -> tuple[Tensor, Tensor, int, int]:
         r"""Return ``(scale, zero_point, qmin, qmax)`` for ``x``, broadcastable against it."""
         dims = self._dims(x)
@@ -151,18 +178,23 @@ class FakeQuant(Constraint):
         return scale, torch.ceil(-low / scale - 0.5).clamp(0, qmax), 0, qmax
 
     def quantize(self, x: Tensor) -> Tensor:
-        r"""Return ``x`` rounded onto its grid (no gradient)."""
-        scale, zero_point, qmin, qmax = self.grid(x)
-        q = _levels(x.detach(), scale, zero_point, qmin, qmax, symmetric=self.symmetric).mul_(scale)
-        # A grid whose step is a subnormal number cannot be represented: such a slice
-        # (all its entries below qmax times the smallest normal number) rounds to zero.
-        q = q.masked_fill_(scale < torch.finfo(x.dtype).tiny, 0.0)
-        if not self.symmetric or self.min_scale:
-            return q  # (a floored grid's top level can exceed max|w| by design: left on the grid)
-        # qmax * scale can round an ulp above the largest magnitude: clamped back, so that
-        # a box [-a, a] before FakeQuant still holds after it.
-        largest = _extreme(x.detach().abs(), self._dims(x), torch.amax)
-        return torch.clamp(q, -largest, largest)  # (clamp_ with tensor bounds has no vmap rule)
+        r"""Return ``x`` rounded onto its grid (no gradient); float16 and bfloat16 are rounded
+        in float32 (their own quotients land entries a level off)."""
+        problem = self._dtype_problem(x.dtype)
+        if problem:
+            raise ValueError(problem)
+        work = _at_least_float32(x.detach())
+        scale, zero_point, qmin, qmax = self.grid(work)
+        q = _levels(work, scale, zero_point, qmin, qmax, symmetric=self.symmetric).mul_(scale)
+        # A grid whose step the dtype cannot resolve cannot be represented: such a slice
+        # (all its entries below qmax times that step) rounds to zero.
+        q = q.masked_fill_(scale < _smallest_step(x.dtype), 0.0)
+        if self.symmetric and not self.min_scale:  # (a floored grid's top level can exceed max|w|)
+            # qmax * scale can round an ulp above the largest magnitude: clamped back, so
+            # that a box [-a, a] before FakeQuant still holds after it.
+            largest = _extreme(work.abs(), self._dims(x), torch.amax)
+            q = torch.clamp(q, -largest, largest)  # (clamp_ with tensor bounds has no vmap rule)
+        return q.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.quantize(x).sub_(x.detach())
@@ -175,6 +207,9 @@ class FakeQuant(Constraint):
         return self.quantize(value)
 
     def violation(self, value: Tensor) -> str | None:
+        problem = self._dtype_problem(value.dtype)  # a model cast after constrain
+        if problem:
+            return problem
         off = self._off_grid(value, levels=None)
         if not self.symmetric:  # a rounding tie can leave an end one level short of qmax
             off = off & self._off_grid(value, levels=2**self.bits - 2)
@@ -183,16 +218,20 @@ class FakeQuant(Constraint):
 
     def _off_grid(self, value: Tensor, *, levels: int | None) -> Tensor:
         """Per slice: whether quantizing ``value`` again on its own grid moves an entry."""
-        scale, zero_point, qmin, qmax = self.grid(value)
+        work = _at_least_float32(value.detach())
+        scale, zero_point, qmin, qmax = self.grid(work)
         if levels is not None:
             scale = _positive(scale * qmax / levels)
-            low = _extreme(value.detach(), self._dims(value), torch.amin).clamp_max(0)
+            low = _extreme(work, self._dims(value), torch.amin).clamp_max(0)
             zero_point = torch.ceil(-low / scale - 0.5)
-        steps = _levels(value.detach(), scale, zero_point, qmin, qmax, symmetric=self.symmetric)
+        steps = _levels(work, scale, zero_point, qmin, qmax, symmetric=self.symmetric)
         # float32 holds the top levels of a 16-bit grid only to about 1/128 of a step, and a
-        # grid recomputed from quantized values has a scale a few float steps off its own
-        tolerance = 1e-3 * scale + 8 * torch.finfo(value.dtype).eps * value.detach().abs()
-        moved = (steps * scale - value).abs() > tolerance
+        # grid recomputed from quantized values has a scale a few float steps off its own;
+        # float16 and bfloat16 round each level (computed in float32) to half a float step
+        info = torch.finfo(value.dtype)
+        narrow = value.dtype != work.dtype  # and half a subnormal step below its normal numbers
+        floats = 2 * info.eps * work.abs() + info.tiny * info.eps if narrow else 8 * info.eps * work.abs()
+        moved = (steps * scale - work).abs() > 1e-3 * scale + floats
         return _extreme(moved, self._dims(value), torch.amax).expand_as(value)
 
     def stacking(self) -> Stacking:
@@ -232,10 +271,25 @@ def _levels(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, 
     grid's range. The integer zero point is never added to the fraction before rounding:
     at 12 or 16 bits that sum would lose the fraction's low bits and land some entries a
     level off the nearest."""
-    q = torch.div(x, scale)  # in place from here: one temporary
+    q = torch.div(x, scale)  # in place from here: one temporary (two for half up)
     if symmetric:
         return q.round_().clamp_min_(qmin).clamp_max_(qmax)
-    return q.add_(0.5).floor_().clamp_(qmin - zero_point, qmax - zero_point)
+    # half up as floor + (fraction >= 0.5): floor(q + 0.5) would round 0.49999997 + 0.5 up to 1
+    low = torch.floor(q)
+    return q.sub_(low).ge_(0.5).add_(low).clamp_(qmin - zero_point, qmax - zero_point)
+
+
+def _smallest_step(dtype: torch.dtype) -> float:
+    """The smallest grid step ``dtype`` holds: its smallest normal number (a subnormal step
+    loses the scale's precision), or for float16 and bfloat16, whose grids are computed in
+    float32, 8 subnormal steps (each level then rounds by at most 1/16 of the step)."""
+    info = torch.finfo(dtype)
+    return info.tiny if info.bits >= 32 else 8 * info.tiny * info.eps
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 when its dtype is narrower (float16, bfloat16), else ``x`` itself."""
+    return x.float() if torch.finfo(x.dtype).bits < 32 else x
 
 
 def _positive(scale: Tensor) -> Tensor:
