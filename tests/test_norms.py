@@ -172,3 +172,57 @@ def test_the_pull_back_gradient_is_the_rescalings_where_descent_moves_a_slice_ou
     torch.testing.assert_close(grads["pull_back"][[0, 1]], grads["scale"][[0, 1]])  # inside; outward
     torch.testing.assert_close(grads["pull_back"][2:3], factor[2:3] * upstream[2:3])  # inward: all of factor * g
     assert not torch.allclose(grads["pull_back"][2:3], grads["scale"][2:3])
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_each_entry_of_a_1d_tensor_is_its_own_slice():
+    # vector_norm(dim=[]) reduces over every dim: a bias was normalized as one vector.
+    layer = nn.Linear(2, 4)
+    constrain(layer, {"bias": MaxNorm(1.0)})
+    with torch.no_grad():
+        layer.parametrizations.bias.original.copy_(torch.tensor([3.0, -0.5, 0.2, 4.0]))
+    assert torch.equal(layer.bias, torch.tensor([1.0, -0.5, 0.2, 1.0]))
+    unit = nn.Linear(2, 4)
+    constrain(unit, {"bias": UnitNorm()})
+    assert torch.equal(unit.bias.abs(), torch.ones(4))
+    check(layer), check(unit)
+    empty = nn.Linear(2, 0)
+    constrain(empty, {"bias": UnitNorm()})  # no slices: nothing to hold
+    check(empty)
+
+
+@pytest.mark.parametrize("gradient", ["scale", "pull_back"])
+@pytest.mark.parametrize("size, max_value", [(1e-21, 1.0), (3e-30, 1e-30), (1.0, 1e-30), (1.0, 0.5)])
+def test_gradients_of_tiny_slices_and_bounds_are_the_float64_ones(gradient, size, max_value):
+    # Differentiated through max_value / norm, intermediate derivatives overflowed float32:
+    # NaN for a slice of norm 1e-21 inside the ball, or for a max_value of 1e-30.
+    torch.manual_seed(0)
+    stored = torch.randn(4, 8) * size
+    upstream = torch.randn(4, 8)
+    original = stored.clone().requires_grad_()
+    (MaxNorm(max_value, gradient=gradient)(original) * upstream).sum().backward()
+    exact = stored.double().requires_grad_()
+    rescaled = exact * (max_value / exact.norm(dim=1, keepdim=True)).clamp_max(1)
+    (rescaled * upstream.double()).sum().backward()
+    assert original.grad.isfinite().all()
+    if gradient == "scale":
+        torch.testing.assert_close(original.grad.double(), exact.grad, rtol=1e-5, atol=0)
+    else:  # factor * (g - min(u . g, 0) u) outside the ball, u the unit slice: g inside
+        norms = stored.double().norm(dim=1, keepdim=True)
+        unit, g = stored.double() / norms, upstream.double()
+        outward = ((unit * g).sum(dim=1, keepdim=True).clamp_max(0) * unit).where(norms > max_value, 0.0)
+        expected = (max_value / norms).clamp_max(1) * (g - outward)
+        torch.testing.assert_close(original.grad.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_the_pull_back_gradient_does_not_overflow_float16():
+    torch.manual_seed(0)
+    stored = torch.randn(4, 64)
+    upstream = torch.randn(4, 64) * 1000  # a scaled loss (GradScaler)
+    grads = {}
+    for dtype in (torch.float16, torch.float32):
+        original = stored.to(dtype).requires_grad_()
+        (MaxNorm(0.01)(original) * upstream.to(dtype)).sum().backward()
+        grads[dtype] = original.grad
+    assert grads[torch.float16].isfinite().all()
+    torch.testing.assert_close(grads[torch.float16].float(), grads[torch.float32], rtol=2e-3, atol=1e-2)

@@ -65,7 +65,8 @@ _SMALLEST_PLAIN_NORM = {
 
 
 class _ChannelNorm(Constraint):
-    """Shared by the norm constraints: the L2 norm of each slice along ``dim``.
+    """Shared by the norm constraints: the L2 norm of each slice along ``dim`` (of each
+    entry, its magnitude, for a 1-D tensor such as a bias).
 
     The plain norm squares the entries, so in float32 a slice of entries around 1e-21
     underflows and one around 1e20 overflows. Such slices are divided by their largest
@@ -92,7 +93,7 @@ class _ChannelNorm(Constraint):
     def _plain(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """The plain norms of the slices, and which of them are exact (``None``: all are,
         as tested on the CPU outside traced or transformed code; elsewhere never assumed)."""
-        norms = torch.linalg.vector_norm(x, dim=self._others(x), keepdim=True)
+        norms = _per_slice(torch.linalg.vector_norm, x, self._others(x), each=torch.abs)
         if x.numel() == 0:  # no entries, nothing to scale
             return norms, None
         smallest = _SMALLEST_PLAIN_NORM.get(x.dtype) or _smallest_plain_norm(x.dtype)
@@ -105,10 +106,10 @@ class _ChannelNorm(Constraint):
         """``(largest, scaled, norms)``: each slice's largest magnitude (1 for a zero slice; it
         may be subnormal), the slices divided by it, and their norms (from 1 to the square
         root of the slice's size, or 0 for a zero slice)."""
-        largest = x.abs().amax(dim=self._others(x), keepdim=True)
+        largest = _per_slice(torch.amax, x.abs(), self._others(x))
         largest = torch.where(largest > 0, largest, torch.ones_like(largest))
         scaled = x / largest
-        return largest, scaled, torch.linalg.vector_norm(scaled, dim=self._others(x), keepdim=True)
+        return largest, scaled, _per_slice(torch.linalg.vector_norm, scaled, self._others(x), each=torch.abs)
 
     def norms(self, x: Tensor) -> Tensor:
         r"""The L2 norm of every slice along ``dim``, kept broadcastable against ``x``
@@ -120,12 +121,22 @@ class _ChannelNorm(Constraint):
         return torch.where(exact, norms, largest * scaled_norms)
 
 
+def _per_slice(reduce, x: Tensor, dims: list[int], each=None) -> Tensor:
+    """``reduce(x, dim=dims, keepdim=True)``; for a 1-D tensor, whose slices are single
+    entries (no ``dims``, where torch would reduce over everything), ``each(x)`` (``x``
+    itself by default)."""
+    if dims:
+        return reduce(x, dim=dims, keepdim=True)
+    return x if each is None else each(x)
+
+
 class MaxNorm(_ChannelNorm):
     r"""Keep the L2 norm of every slice along ``dim`` (every output channel) at most ``max_value``.
 
     Like Keras's ``MaxNorm``: a slice whose norm exceeds ``max_value`` is scaled back onto
     the sphere of radius ``max_value``; slices inside the ball are left exactly as they are.
-    Zeros stay zeros, so it composes with masks. :func:`torchconstrain.check` allows a
+    Zeros stay zeros, so it composes with masks. On a 1-D tensor (a bias) each entry is
+    a slice: magnitudes above ``max_value`` are brought back to it. :func:`torchconstrain.check` allows a
     relative tolerance of ``max(1e-5, 8 * eps)`` of the dtype for the rescaled norms.
 
     The gradient of a stored slice outside the ball: the rescaling's own (``"scale"``) has
@@ -161,11 +172,11 @@ class MaxNorm(_ChannelNorm):
         self.gradient = choice("MaxNorm", "gradient", gradient, ("pull_back", "scale"))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gradient == "scale" or not (x.requires_grad and torch.is_grad_enabled()):
+        if not (x.requires_grad and torch.is_grad_enabled()):
             return x * self._factor(x)
         with torch.no_grad():
             factor = self._factor(x)
-        return _PullBackRescale.apply(x, factor, self._others(x), self.max_value)
+        return _Rescale.apply(x, factor, self._others(x), self.max_value, self.gradient == "pull_back")
 
     def forward_in_place(self, x: Tensor) -> Tensor:
         factor = self._factor(x)
@@ -204,30 +215,38 @@ class MaxNorm(_ChannelNorm):
         return text if self.gradient == "pull_back" else f"{text}, gradient={self.gradient!r}"
 
 
-class _PullBackRescale(torch.autograd.Function):
+class _Rescale(torch.autograd.Function):
     """``x * factor`` (each slice's rescaling, computed without gradient) with
-    :class:`MaxNorm`'s pull-back gradient; ``setup_context`` and a generated vmap rule,
-    so that ``torch.func`` transforms take it too."""
+    :class:`MaxNorm`'s gradient, the rescaling's own or the pull-back; ``setup_context``
+    and a generated vmap rule, so that ``torch.func`` transforms take it too.
+
+    Written out rather than left to autograd: differentiated through ``max_value / norm``,
+    a slice of norm 1e-21 (or a ``max_value`` of 1e-30) overflows the intermediate
+    derivatives in float32, and a slice inside the ball got ``0 * inf = NaN``."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, factor: Tensor, dims: list[int], max_value: float) -> Tensor:
+    def forward(x: Tensor, factor: Tensor, dims: list[int], max_value: float, pull_back: bool) -> Tensor:
         return x * factor
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _, factor, ctx.dims, ctx.max_value = inputs
+        _, factor, ctx.dims, ctx.max_value, ctx.pull_back = inputs
         ctx.save_for_backward(factor, output)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         factor, rescaled = ctx.saved_tensors
-        # factor * g, less its part along a rescaled slice where descent (-g) would move
-        # it outward (w . g < 0); the rescaling's own gradient drops that part everywhere.
-        along = (rescaled * grad).sum(dim=ctx.dims, keepdim=True) / ctx.max_value**2
-        dropped = torch.where(factor < 1, along.clamp_max(0), torch.zeros_like(along))
-        return factor * (grad - dropped * rescaled), None, None, None
+        # factor * g, less its part along a rescaled slice (the rescaling's own gradient);
+        # the pull-back drops it only where descent (-g) would move it outward (w . g < 0).
+        # With u = w / max_value (norm at most 1) and the sum in float32 or wider, neither
+        # a tiny max_value nor a float16 gradient overflows.
+        unit = rescaled / ctx.max_value
+        along = _per_slice(torch.sum, unit * grad, ctx.dims)
+        along = along.to(torch.promote_types(along.dtype, torch.float32))
+        dropped = torch.where(factor < 1, along.clamp_max(0) if ctx.pull_back else along, torch.zeros_like(along))
+        return (factor * (grad - dropped * unit)).to(grad.dtype), None, None, None, None
 
 
 class UnitNorm(_ChannelNorm):
@@ -237,7 +256,8 @@ class UnitNorm(_ChannelNorm):
     zero cannot be normalized and stays zero, which :func:`torchconstrain.check` reports:
     so a mask that removes whole slices along ``dim`` contradicts ``UnitNorm`` and is
     refused by :func:`torchconstrain.constrain`; masks that leave every slice some entry
-    compose with it. ``check`` allows a relative tolerance of ``max(1e-5, 8 * eps)``.
+    compose with it. On a 1-D tensor each entry is a slice (its sign remains). ``check``
+    allows a relative tolerance of ``max(1e-5, 8 * eps)``.
 
     Args:
         dim: the dimension that indexes the slices (0: output channels).
