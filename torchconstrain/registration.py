@@ -25,9 +25,10 @@ removing the last constraint gives every owner the original ``Parameter`` object
 from __future__ import annotations
 
 import copy
+import sys
 
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import _named_member_accessor, parametrize
 
 import torchconstrain._tracked as _tracked
 import torchconstrain.fastpath as fastpath
@@ -74,10 +75,40 @@ def share(slot: Slot, alias: Slot) -> None:
         module.parametrizations = nn.ModuleDict()
     module.parametrizations[name] = plist
     plist.__dict__[_OWNERS] = owners(plist) + 1
+    if not isinstance(plist._parameters, _TiedOriginal):
+        plist.__dict__["_parameters"] = _TiedOriginal(plist._parameters)
     fastpath.install(module, name)
     if order is not None:
         module.parametrizations.plain_order = order
         _own_class(module)
+
+
+class _TiedOriginal(dict):
+    """The ``_parameters`` of a ``ParametrizationList`` several names share: refuses the
+    second swap ``torch.func.functional_call(..., tie_weights=True)`` (its default) makes.
+
+    That call swaps the tensor it is given in under every tied name in turn, and puts back
+    what each name held: through one shared list, the second name held the tensor just
+    swapped in, which it would put back last, leaving the model holding it for good (and
+    the optimizer's ``Parameter`` out of the model). Refused there, torch swaps the first
+    name back, so the model is as it was."""
+
+    def __init__(self, parameters: dict) -> None:
+        super().__init__(parameters)
+        self.settled = parameters.get("original")  # the last value not swapped in by torch.func
+
+    def __setitem__(self, name: str, value) -> None:
+        swapping = sys._getframe(1).f_code is _named_member_accessor.swap_tensor.__code__
+        if swapping and name == "original" and value is self.get(name) and value is not self.settled:
+            raise RuntimeError(
+                "functional_call: this model's tied tensor reads through one chain of constraints "
+                "under all its names, so tie_weights=True (the default) would swap it in twice and "
+                "leave the model holding the tensor given. Pass tie_weights=False: every tied name "
+                "reads the tensor given for any of them."
+            )
+        if not swapping:
+            self.settled = value
+        super().__setitem__(name, value)
 
 
 def owners(plist: nn.Module) -> int:
