@@ -155,3 +155,27 @@ def test_contradictions_are_refused_on_the_meta_device_too():
     with pytest.raises(ValueError, match=r"fc.weight: Clamp\(min=0.1, max=1\) from rule 0 \(fc\) cannot follow LearnableMask"):
         constrain(model, {"fc": [LearnableMask(), Clamp(0.1, 1.0)]})
     assert_unchanged(model, before)
+
+
+def test_a_tied_tensor_gets_its_constraints_values_once_through_both_names():
+    # to_empty reaches a tied tensor's one chain under each name: the second visit emptied
+    # the mask and bounds the first had just restored.
+    from conftest import TiedNet, tokens
+
+    torch.manual_seed(0)
+    state = TiedNet().state_dict()
+    rules = lambda: {"head": [FixedMask.random(sparsity=0.5, seed=0), Clamp(-0.05, 0.05)]}
+    loaded_first = TiedNet()
+    loaded_first.load_state_dict(state)
+    constrain(loaded_first, rules())
+    with torch.device("meta"):
+        model = TiedNet()
+    constrain(model, rules())
+    model.to_empty(device="cpu")
+    model.load_state_dict(state)
+    check(model)
+    assert torch.equal(model.state_dict()["head.parametrizations.weight.0.mask"],
+                       loaded_first.state_dict()["head.parametrizations.weight.0.mask"])
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded_first(x))

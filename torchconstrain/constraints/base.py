@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -146,12 +147,27 @@ class Constraint(nn.Module):
         self._changed()
         return super().register_forward_hook(*args, **kwargs)
 
-    def _apply(self, *args, **kwargs):
+    def _apply(self, fn, *args, **kwargs):
+        if self._applied_already(fn):
+            return self
         self._changed()
         was_meta = {name for name, t in {**self._parameters, **self._buffers}.items() if t is not None and t.is_meta}
-        result = super()._apply(*args, **kwargs)
+        result = super()._apply(fn, *args, **kwargs)
         self._restore_bound_values(was_meta)
         return result
+
+    def _applied_already(self, fn) -> bool:
+        """Whether this ``_apply`` call reaches the constraint a second time with the same
+        ``fn``: a tied tensor's one chain sits under each of its names, and ``to_empty``
+        applied again would empty the values it has just restored."""
+        last = self.__dict__.get("_last_apply")
+        if last is not None and last() is fn:
+            return True
+        try:
+            self.__dict__["_last_apply"] = weakref.ref(fn)
+        except TypeError:  # not weakly referable (a bound method is a new object anyway)
+            self.__dict__.pop("_last_apply", None)
+        return False
 
     def for_tensor(self, fqn: str, tensor: Tensor) -> "Constraint":
         r"""Return a fresh copy of this template bound to ``tensor``.
@@ -243,6 +259,7 @@ class Constraint(nn.Module):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state.pop("_derived_cache", None)  # rebuilt on the next forward
+        state.pop("_last_apply", None)
         return state
 
     def _bind(self, fqn: str, tensor: Tensor) -> None:
