@@ -189,6 +189,23 @@ def test_learnable_mask_budget_multiplier_rises_until_the_gates_meet_the_target(
         assert torch.equal(mask.multiplier, before)
 
 
+def test_two_penalties_before_one_backward_each_use_the_multiplier_they_read():
+    # Each penalty() raises the multiplier in place: the first term's backward read it.
+    layer = nn.Linear(4, 2, bias=False)
+    constrain(layer, {"weight": LearnableMask(sparsity=0.5)})
+    mask = layer.parametrizations.weight[0]
+    first = penalty(layer)
+    read_by_first = mask.multiplier.clone()
+    second = penalty(layer)
+    read_by_second = mask.multiplier.clone()
+    assert read_by_second > read_by_first
+    (first + second).backward()
+    scores = mask.scores.grad.clone()
+    mask.scores.grad = None
+    ((mask.gate().mean() - 0.5) * (read_by_first + read_by_second)).backward()
+    torch.testing.assert_close(scores, mask.scores.grad)
+
+
 def test_learnable_mask_budget_multiplier_is_saved_with_the_model():
     layer = nn.Linear(4, 2)
     constrain(layer, {"weight": LearnableMask(sparsity=0.5)})

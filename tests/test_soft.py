@@ -97,3 +97,17 @@ def test_soft_registration_is_rolled_back_on_failure(net, monkeypatch):
 def test_soft_weight_must_be_a_finite_non_negative_number(make, error, message):
     with pytest.raises(error, match=message):
         make()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_penalties_of_narrow_dtypes_are_summed_in_float32(dtype):
+    # A float16 sum of 16M magnitudes passes 65504: the penalty was inf.
+    torch.manual_seed(0)
+    layer = nn.Linear(4096, 4096, bias=False).to(dtype)
+    with torch.no_grad():
+        layer.weight.mul_(20)  # squares up to ~0.1, sum far above float16's range
+    constrain(layer, {"weight": [L1(1e-5), L2(1e-4)]})
+    exact = layer.weight.detach().double()
+    expected = 1e-5 * exact.abs().sum() + 1e-4 / 2 * exact.square().sum()
+    assert penalty(layer).dtype == torch.float32
+    torch.testing.assert_close(penalty(layer).double(), expected, rtol=1e-5, atol=0)

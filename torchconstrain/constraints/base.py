@@ -28,6 +28,11 @@ _interpreters = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: N
 _REVISIONS = itertools.count(1)  # each change of a constraint takes the next number: none is written twice
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    r"""``x`` in float32 when its dtype is narrower (float16, bfloat16), else ``x`` itself."""
+    return x.float() if torch.finfo(x.dtype).bits < 32 else x
+
+
 def writable(x: Tensor, *others) -> bool:
     r"""Whether an elementwise operation of ``x`` with ``others`` (tensors, numbers or
     ``None``) may be written into ``x`` with the bits and layout of the operation's new

@@ -575,7 +575,8 @@ class LearnableMask(Constraint):
         if torch.is_grad_enabled():
             with torch.no_grad():
                 self.multiplier.add_(self.rate * excess.detach())
-        return self.multiplier * excess
+        # A copy: the next penalty() edits the multiplier, which this term's backward reads.
+        return self.multiplier.clone() * excess
 
     def state_problem(self, state: Mapping[str, Tensor]) -> str | None:
         temperature = state.get("temperature")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from torchconstrain.constraints.arguments import flag, integer, number
-from torchconstrain.constraints.base import Constraint, writable
+from torchconstrain.constraints.base import Constraint, at_least_float32, writable
 from torchconstrain.constraints.stacking import (
     KEEPS_SIGNS,
     WITHIN_LARGEST,
@@ -183,7 +183,7 @@ class FakeQuant(Constraint):
         problem = self._dtype_problem(x.dtype)
         if problem:
             raise ValueError(problem)
-        work = _at_least_float32(x.detach())
+        work = at_least_float32(x.detach())
         scale, zero_point, qmin, qmax = self.grid(work)
         q = _levels(work, scale, zero_point, qmin, qmax, symmetric=self.symmetric).mul_(scale)
         # A grid whose step the dtype cannot resolve cannot be represented: such a slice
@@ -218,7 +218,7 @@ class FakeQuant(Constraint):
 
     def _off_grid(self, value: Tensor, *, levels: int | None) -> Tensor:
         """Per slice: whether quantizing ``value`` again on its own grid moves an entry."""
-        work = _at_least_float32(value.detach())
+        work = at_least_float32(value.detach())
         scale, zero_point, qmin, qmax = self.grid(work)
         if levels is not None:
             scale = _positive(scale * qmax / levels)
@@ -285,11 +285,6 @@ def _smallest_step(dtype: torch.dtype) -> float:
     float32, 8 subnormal steps (each level then rounds by at most 1/16 of the step)."""
     info = torch.finfo(dtype)
     return info.tiny if info.bits >= 32 else 8 * info.tiny * info.eps
-
-
-def _at_least_float32(x: Tensor) -> Tensor:
-    """``x`` in float32 when its dtype is narrower (float16, bfloat16), else ``x`` itself."""
-    return x.float() if torch.finfo(x.dtype).bits < 32 else x
 
 
 def _positive(scale: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from torchconstrain.constraints.arguments import number
-from torchconstrain.constraints.base import Constraint
+from torchconstrain.constraints.base import Constraint, at_least_float32
 
 __all__ = ["SoftConstraint", "L1", "L2"]
 
@@ -39,6 +39,8 @@ class SoftConstraint(Constraint):
 class L1(SoftConstraint):
     r"""Penalty ``weight * sum(|w|)`` on the matched tensors: pushes entries to exactly zero.
 
+    Summed in float32 for float16 and bfloat16 tensors (their own sums overflow or round).
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -50,11 +52,12 @@ class L1(SoftConstraint):
     """
 
     def penalty_of(self, value: Tensor) -> Tensor:
-        return self.weight * value.abs().sum()
+        return self.weight * at_least_float32(value).abs().sum()
 
 
 class L2(SoftConstraint):
-    r"""Penalty ``weight / 2 * sum(w ** 2)`` on the matched tensors.
+    r"""Penalty ``weight / 2 * sum(w ** 2)`` on the matched tensors (in float32 for float16
+    and bfloat16 tensors, like :class:`L1`).
 
     Its gradient is ``weight * w``, so with plain SGD, ``L2(wd)`` on some tensors is exactly
     ``weight_decay=wd`` in a param group holding those tensors (see the README section on
@@ -72,4 +75,4 @@ class L2(SoftConstraint):
     """
 
     def penalty_of(self, value: Tensor) -> Tensor:
-        return self.weight / 2 * value.square().sum()
+        return self.weight / 2 * at_least_float32(value).square().sum()
