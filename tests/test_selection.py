@@ -150,6 +150,17 @@ def test_random_mask_is_reproducible_with_seed():
     assert int((a.weight == 0).sum()) == 32
 
 
+def test_a_seeded_random_mask_differs_between_tensors_of_one_shape():
+    # One generator per tensor, seeded with the seed alone, gave them all one mask.
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+    constrain(model, {nn.Linear: FixedMask.random(sparsity=0.5, seed=0)})
+    masks = [layer.parametrizations.weight[0].mask for layer in model]
+    assert all(not torch.equal(masks[0], other) for other in masks[1:])
+    again = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+    constrain(again, {nn.Linear: FixedMask.random(sparsity=0.5, seed=0)})
+    assert all(torch.equal(mask, layer.parametrizations.weight[0].mask) for mask, layer in zip(masks, again))
+
+
 def test_degenerate_sparsity_warns():
     with pytest.warns(UserWarning, match="prunes no slice along dim 0 of 1"):
         constrain(nn.Linear(4, 1), {"weight": FixedMask.structured(sparsity=0.3)})

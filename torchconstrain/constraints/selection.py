@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
+import zlib
 from collections.abc import Mapping
 
 import torch
@@ -144,7 +145,9 @@ class GlobalMagnitude:
 class RandomSelection:
     """Keep a random ``1 - sparsity`` share of the entries.
 
-    With ``seed`` the choice uses its own generator; without, it draws from torch's global
+    With ``seed`` the choice uses its own generator, seeded from ``seed`` and the tensor's
+    name (so two tensors of one shape get different masks, and a tensor the same mask
+    whenever it is constrained under that name); without, it draws from torch's global
     generator (so ``torch.manual_seed`` makes it reproducible, like any initialization).
     """
 
@@ -157,11 +160,15 @@ class RandomSelection:
         self.seed = seed
 
     def select(self, fqn: str, tensor: Tensor) -> Tensor:
-        generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+        generator = None if self.seed is None else torch.Generator().manual_seed(self._seed_for(fqn))
         scores = torch.rand(tensor.shape, generator=generator)
         keep = _keep_largest(scores, self.sparsity)  # on the CPU: for_tensor moves it
         _warn_if_degenerate(fqn, self.sparsity, keep, "entry")
         return keep
+
+    def _seed_for(self, fqn: str) -> int:
+        """``seed`` combined with a stable hash of the tensor's name, in the generator's range."""
+        return (self.seed + zlib.crc32(fqn.encode())) % 2**64
 
     def __repr__(self) -> str:
         return f"random(sparsity={self.sparsity:g}, seed={self.seed})"
