@@ -200,3 +200,40 @@ def test_temperature_schedule_refuses_a_temperature_the_cast_buffer_cannot_hold(
         schedule.step()
     assert schedule.last_step == 1
     assert torch.equal(model.parametrizations.weight[0].temperature, held)
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    ({"final_sparsity": 1.5}, ValueError, "final_sparsity"),
+    ({"initial_sparsity": 0.9}, ValueError, r"expected initial_sparsity <= final_sparsity \(masks only grow\)"),
+    ({"every": 0}, ValueError, "every to be an integer >= 1"),
+    ({"scope": "layer"}, ValueError, "scope"),
+    ({"last_step": -1}, ValueError, "last_step to be an integer >= 0"),
+    ({"end": "10"}, TypeError, "end to be an integer"),
+])
+def test_load_state_dict_checks_settings_as_the_constructor_does_and_changes_nothing_when_it_refuses(bad, error, message):
+    model = nn.Sequential(nn.Linear(8, 8))
+    constrain(model, {nn.Linear: FixedMask.magnitude(sparsity=0.0)})
+    schedule = PruningSchedule(model, final_sparsity=0.5, end=10)
+    schedule.step()
+    before = schedule.state_dict()
+    with pytest.raises(error, match=message):
+        schedule.load_state_dict({**before, **bad})
+    assert schedule.state_dict() == before
+
+
+def test_a_pruning_schedule_that_would_shrink_its_masks_is_refused():
+    model = nn.Sequential(nn.Linear(8, 8))
+    constrain(model, {nn.Linear: FixedMask.magnitude(sparsity=0.0)})
+    with pytest.raises(ValueError, match="masks only grow"):
+        PruningSchedule(model, final_sparsity=0.2, initial_sparsity=0.6, end=10)
+
+
+def test_a_temperature_checkpoint_the_masks_cannot_hold_is_refused_and_changes_nothing():
+    model = nn.Linear(4, 4)
+    constrain(model, {"weight": LearnableMask()})
+    model.half()
+    schedule = TemperatureSchedule(model, final_temperature=0.01, steps=4)
+    before = schedule.state_dict()
+    with pytest.raises(ValueError, match="is 0 in torch.float16"):
+        schedule.load_state_dict({**before, "final_temperature": 1e-9, "last_step": 4})
+    assert schedule.state_dict() == before

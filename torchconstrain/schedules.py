@@ -45,12 +45,29 @@ class _Schedule:
         return {"last_step": self.last_step, **{name: getattr(self, name) for name in self._settings}}
 
     def load_state_dict(self, state: dict) -> None:
-        r"""Resume from :meth:`state_dict`; the model's own ``state_dict`` holds the masks."""
+        r"""Resume from :meth:`state_dict`; the model's own ``state_dict`` holds the masks.
+        Its settings are checked as the constructor checks them, all before any is set."""
+        where = f"{type(self).__name__}.load_state_dict"
         missing = {"last_step", *self._settings} - set(state)
         if missing:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: missing keys {sorted(missing)}.")
-        for name in ("last_step", *self._settings):
-            setattr(self, name, state[name])
+            raise ValueError(f"{where}: missing keys {sorted(missing)}.")
+        last_step = integer(where, "last_step", state["last_step"], low=0)
+        previous = self.state_dict()
+        self._configure(**{name: state[name] for name in self._settings})
+        self.last_step = last_step
+        try:
+            self._resumed()
+        except Exception:
+            self._configure(**{name: previous[name] for name in self._settings})
+            self.last_step = previous["last_step"]
+            raise
+
+    def _resumed(self) -> None:
+        """After :meth:`load_state_dict`: apply what the restored step needs applied now."""
+
+    def _configure(self, **settings) -> None:
+        """Check ``settings`` (those named in ``_settings``) and set them, all or none."""
+        raise NotImplementedError
 
     def _apply(self) -> None:
         raise NotImplementedError
@@ -117,18 +134,28 @@ class PruningSchedule(_Schedule):
     def __init__(self, model: nn.Module, *, final_sparsity: float, end: int, start: int = 0,
                  every: int = 1, initial_sparsity: float = 0.0, scope: str = "tensor", key=None) -> None:
         super().__init__()
-        self.final_sparsity = _check_sparsity(final_sparsity, "PruningSchedule final_sparsity")
-        self.initial_sparsity = _check_sparsity(initial_sparsity, "PruningSchedule initial_sparsity")
-        start, end = integer("PruningSchedule", "start", start), integer("PruningSchedule", "end", end)
-        if not 0 <= start < end:
-            raise ValueError(f"PruningSchedule: expected integers 0 <= start < end. Got start={start!r}, end={end!r}.")
-        self.start, self.end = start, end
-        self.every = integer("PruningSchedule", "every", every, low=1)
-        self.scope = choice("PruningSchedule", "scope", scope, ("tensor", "global"))
+        self._configure(final_sparsity=final_sparsity, initial_sparsity=initial_sparsity, start=start,
+                        end=end, every=every, scope=scope)
         self.targets = _targets(model, key, FixedMask, "PruningSchedule")
         for slot, mask in self.targets:
             _refuse_stacks_a_grown_mask_breaks(slot, mask)
         self._apply()
+
+    def _configure(self, *, final_sparsity, initial_sparsity, start, end, every, scope) -> None:
+        final = _check_sparsity(final_sparsity, "PruningSchedule final_sparsity")
+        initial = _check_sparsity(initial_sparsity, "PruningSchedule initial_sparsity")
+        if initial > final:
+            raise ValueError(
+                f"PruningSchedule: expected initial_sparsity <= final_sparsity (masks only grow). "
+                f"Got initial_sparsity={initial!r}, final_sparsity={final!r}."
+            )
+        start, end = integer("PruningSchedule", "start", start), integer("PruningSchedule", "end", end)
+        if not 0 <= start < end:
+            raise ValueError(f"PruningSchedule: expected integers 0 <= start < end. Got start={start!r}, end={end!r}.")
+        every = integer("PruningSchedule", "every", every, low=1)
+        scope = choice("PruningSchedule", "scope", scope, ("tensor", "global"))
+        self.final_sparsity, self.initial_sparsity, self.start, self.end = final, initial, start, end
+        self.every, self.scope = every, scope
 
     def sparsity(self, step: int | None = None) -> float:
         r"""The target sparsity at ``step`` (default: the current step)."""
@@ -213,11 +240,15 @@ class TemperatureSchedule(_Schedule):
     def __init__(self, model: nn.Module, *, final_temperature: float, steps: int,
                  initial_temperature: float = 1.0, key=None) -> None:
         super().__init__()
-        self.initial_temperature = _temperature("initial_temperature", initial_temperature)
-        self.final_temperature = _temperature("final_temperature", final_temperature)
-        self.steps = integer("TemperatureSchedule", "steps", steps, low=1)
+        self._configure(initial_temperature=initial_temperature, final_temperature=final_temperature, steps=steps)
         self.targets = _targets(model, key, LearnableMask, "TemperatureSchedule")
         self._apply()
+
+    def _configure(self, *, initial_temperature, final_temperature, steps) -> None:
+        initial = _temperature("initial_temperature", initial_temperature)
+        final = _temperature("final_temperature", final_temperature)
+        steps = integer("TemperatureSchedule", "steps", steps, low=1)
+        self.initial_temperature, self.final_temperature, self.steps = initial, final, steps
 
     def temperature(self, step: int | None = None) -> float:
         r"""The temperature at ``step`` (default: the current step)."""
@@ -225,10 +256,8 @@ class TemperatureSchedule(_Schedule):
         ratio = self.final_temperature / self.initial_temperature
         return self.initial_temperature * math.pow(ratio, min(step / self.steps, 1.0))
 
-    def load_state_dict(self, state: dict) -> None:
-        r"""Resume from :meth:`state_dict` and set the masks' temperature of the restored step."""
-        super().load_state_dict(state)
-        self._apply()
+    def _resumed(self) -> None:
+        self._apply()  # the masks' temperature of the restored step
 
     def _apply(self) -> None:
         value = self.temperature()
