@@ -13,6 +13,7 @@ from torchconstrain import (
     ConstraintViolation,
     FixedMask,
     LearnableMask,
+    NonNeg,
     bake,
     check,
     constrain,
@@ -352,3 +353,20 @@ def test_fixed_mask_product_has_the_bits_of_a_float_product_and_saves_bools_unle
     upstream[:2] = -1.0
     effective.backward(upstream)
     assert torch.equal(original.grad.view(torch.uint8), (upstream * mask.to(dtype)).view(torch.uint8))
+
+
+def test_a_fixed_mask_over_a_masked_inf_stores_zero_as_registration_does():
+    # The trial run multiplied the inf by 0 (NaN) and refused a constraint that holds.
+    layer = nn.Linear(4, 2)
+    with torch.no_grad():
+        layer.weight[0, 0] = float("inf")
+    keep = torch.ones(2, 4, dtype=torch.bool)
+    keep[0, 0] = False
+    constrain(layer, {"weight": FixedMask(keep)})
+    assert layer.weight[0, 0] == 0 and layer.parametrizations.weight.original[0, 0] == 0
+    check(layer)
+    after_an_unbounded_box = nn.Linear(4, 2)
+    with torch.no_grad():
+        after_an_unbounded_box.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"1 masked entries are not zero \(1 NaN: an inf or NaN that reached the mask"):
+        constrain(after_an_unbounded_box, {"weight": [NonNeg(), FixedMask(keep)]})

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from torchconstrain._tensors import Slot, describe, parameter_slots, tied_slots
 from torchconstrain.checkpoint import watch
@@ -331,6 +332,8 @@ def _dry_run(entry: _Planned, earlier: list[Constraint], labels: list[str]) -> N
     On the meta device there are no values: only shapes and dtypes are checked. It runs on
     a copy, so that a forward that writes its input in place leaves the model as it was."""
     value = entry.slot.value().clone()
+    with torch.no_grad():
+        value = _as_registration_stores(entry, value)
     values = [value]  # after the earlier constraints, then after each new one
     with torch.no_grad():
         for constraint, rule in zip(entry.constraints, entry.rules):
@@ -358,6 +361,18 @@ def _dry_run(entry: _Planned, earlier: list[Constraint], labels: list[str]) -> N
                     f"{entry.name}: the constraints contradict each other: after applying them "
                     f"all, {describe(constraint)} from {origin} is broken{by}: {reason}."
                 )
+
+
+def _as_registration_stores(entry: _Planned, value: Tensor) -> Tensor:
+    """``value`` as registering ``entry`` stores it: through the first parametrization's
+    ``right_inverse`` on a tensor without one yet (a ``FixedMask`` stores masked entries as
+    0, so a masked ``inf`` is not multiplied by 0 into NaN), else as it is."""
+    first = next((c for c in entry.constraints if not getattr(c, "soft", False)), None)
+    slot = entry.slot
+    if first is None or parametrize.is_parametrized(slot.module, slot.tensor_name) or not hasattr(first, "right_inverse"):
+        return value
+    with origin_named(f"{entry.name}: {describe(first)}.right_inverse from {entry.rules[entry.constraints.index(first)]}"):
+        return first.right_inverse(value)
 
 
 def _first_breaking(constraint: Constraint, position: int, values: list[Tensor]) -> int | None:

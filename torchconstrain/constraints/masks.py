@@ -178,8 +178,13 @@ class FixedMask(Constraint):
         return torch.where(self.mask, value, 0.0)
 
     def violation(self, value: Tensor) -> str | None:
-        leaks = int(((value != 0) & ~self.mask).sum())
-        return f"{leaks} masked entries are not zero" if leaks else None
+        leaks = (value != 0) & ~self.mask
+        count = int(leaks.sum())
+        if not count:
+            return None
+        nan = int((leaks & value.isnan()).sum())
+        why = f" ({nan} NaN: an inf or NaN that reached the mask, times 0)" if nan else ""
+        return f"{count} masked entries are not zero{why}"
 
     def state_problem(self, state: Mapping[str, Tensor]) -> str | None:
         mask = state.get("mask")
