@@ -7,7 +7,7 @@ from torch import nn
 from conftest import assert_unchanged, snapshot, tokens
 from torch.nn.utils import parametrizations, parametrize, prune
 
-from torchconstrain import Clamp, Constraint, FixedMask, LearnableMask, NonNeg, bake, check, constrain
+from torchconstrain import Clamp, Constraint, FakeQuant, FixedMask, LearnableMask, MaxNorm, NonNeg, UnitNorm, bake, check, constrain
 
 
 def constrained_names(model: nn.Module) -> list[str]:
@@ -376,3 +376,26 @@ def test_constraints_after_another_librarys_parametrization_are_refused_as_they_
     parametrizations.orthogonal(plain)  # registered after: bake keeps it
     bake(plain)
     assert [type(p).__name__ for p in plain.parametrizations.weight] == ["_Orthogonal"]
+
+
+@pytest.mark.parametrize("make", [lambda: LearnableMask(), lambda: MaxNorm(1.0), lambda: UnitNorm()])
+def test_a_constraint_needing_dense_gradients_is_refused_on_a_sparse_embedding(make):
+    embedding = nn.Embedding(10, 4, sparse=True)
+    with pytest.raises(ValueError, match=r"weight: .* from rule 0 \(weight\) needs a dense gradient, but Embedding\(sparse=True\)"):
+        constrain(embedding, {"weight": [FixedMask.random(sparsity=0.5, seed=0), make()]})
+    assert not hasattr(embedding, "parametrizations")
+
+
+def test_masks_boxes_and_grids_train_a_sparse_embedding_as_a_dense_one():
+    grads = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        embedding = nn.Embedding(10, 4, sparse=sparse)
+        with torch.no_grad():
+            embedding.weight.mul_(3)  # entries outside the box: the pull-back gradient works
+        constrain(embedding, {"weight": [FixedMask.random(sparsity=0.5, seed=0), Clamp(-0.5, 0.5), FakeQuant(8)]})
+        (embedding(torch.tensor([1, 2, 2])) * torch.arange(4.0)).sum().backward()
+        grad = embedding.parametrizations.weight.original.grad
+        assert grad.is_sparse == sparse
+        grads.append(grad.to_dense())
+    assert torch.equal(*grads)

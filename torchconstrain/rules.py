@@ -275,9 +275,26 @@ def _validate(entry: _Planned, existing: str) -> None:
             "Pass existing='stack' to add the new constraints on top, or bake(model) first."
         )
     _refuse_after_foreign(entry)
+    _refuse_dense_backward_on_sparse_gradients(entry)
     labels = ["already there"] * len(earlier) + [str(rule) for rule in entry.rules]
     refuse_contradictions(entry.name, earlier + entry.constraints, labels, slot.value().shape)
     _dry_run(entry, earlier, labels)
+
+
+def _refuse_dense_backward_on_sparse_gradients(entry: _Planned) -> None:
+    """Refuse a constraint whose backward needs a dense gradient on the weight of an
+    embedding with ``sparse=True``: it would fail at the first ``backward``."""
+    module = entry.slot.module
+    if not (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and entry.slot.tensor_name == "weight"):
+        return
+    for constraint, rule in zip(entry.constraints, entry.rules):
+        if not constraint.sparse_gradients:
+            raise ValueError(
+                f"{entry.name}: {describe(constraint)} from {rule} needs a dense gradient, but "
+                f"{type(module).__name__}(sparse=True) gives its weight a sparse one. Expected "
+                "sparse=False, or constraints whose backward takes sparse gradients (FixedMask, "
+                "Clamp, NonNeg, FakeQuant)."
+            )
 
 
 def _refuse_after_foreign(entry: _Planned) -> None:

@@ -91,10 +91,16 @@ class Constraint(nn.Module):
     ``absent_state`` maps the names of tensors that a constraint may hold as ``None`` (an
     absent ``Clamp`` bound) to the value that checkpoints of earlier versions held for them:
     such a key loads when every entry equals it.
+
+    ``sparse_gradients = False`` declares that the constraint's backward needs a dense
+    gradient: :func:`torchconstrain.constrain` then refuses it on the weight of an
+    ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``sparse=True`` (whose gradient is sparse),
+    which would otherwise fail at the first ``backward``.
     """
 
     cacheable = False
     returns_new = False
+    sparse_gradients = True
     absent_state: Mapping[str, float] = {}
     _revision = 0  # see _changed
 

@@ -122,6 +122,8 @@ def _pull_back(x: Tensor, clamped: Tensor, grad: Tensor) -> Tensor:
     (on the CPU, comparisons into bool tensors cost several times more), computed in the
     sign of ``grad``: under ``vmap`` (per-sample gradients) that is the batched tensor.
     """
+    if grad.is_sparse:  # an embedding's sparse=True gradient: kept sparse, for sparse optimizers
+        return _pull_back(x, clamped, grad.to_dense()).sparse_mask(grad.coalesce())
     factor = torch.sign(grad).mul_(torch.sub(x, clamped))
     factor = factor.ge(0).to(grad.dtype) if transformed() else factor.ge_(0)  # (vmap has no ge_ rule)
     return factor.mul_(grad)

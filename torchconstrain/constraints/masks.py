@@ -409,6 +409,7 @@ class LearnableMask(Constraint):
     """
 
     cacheable = True  # see Constraint
+    sparse_gradients = False  # sigmoid_backward has no sparse kernel
     returns_new = True  # a product
 
     def __init__(

@@ -74,6 +74,8 @@ class _ChannelNorm(Constraint):
     bitwise as before.
     """
 
+    sparse_gradients = False  # divisions by per-slice norms: no sparse kernels
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dim = integer(type(self).__name__, "dim", dim)
