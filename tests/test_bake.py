@@ -299,3 +299,20 @@ def test_a_tie_split_by_constraining_one_of_its_modules_is_refused_by_check_and_
     assert model.head.weight is model.emb.weight and model.head.weight.abs().max() <= 0.1
     constrain(model, {"head.weight": Clamp(-0.1, 0.1)})
     assert check(model).names() == ["emb.weight", "head.weight"]
+
+
+@pytest.mark.parametrize("make", [lambda: Clamp(-0.3, 0.3), lambda: FixedMask.random(sparsity=0.5, seed=0)])
+def test_a_baked_channels_last_1x1_conv_computes_what_the_constrained_one_did(make):
+    # Its size-1 dims let the stored original and the effective weight differ in strides,
+    # and conv kernels choose by strides: copied into the original's, outputs moved 1e-6.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(480, 20, 1)).to(memory_format=torch.channels_last).eval()
+    constrain(model, {"0": make()})
+    x = torch.randn(4, 480, 1, 1).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        constrained = model(x)
+    parameter = model[0].parametrizations.weight.original
+    bake(model)
+    assert model[0].weight is parameter  # the optimizer's Parameter, with the effective strides
+    with torch.no_grad():
+        assert torch.equal(model(x), constrained)

@@ -73,14 +73,25 @@ def bake(model: nn.Module, key=None) -> Report:
     rows = []
     for (slot, *aliases), value in baked:
         rows += [_bake_row(name.fqn, slot, value) for name in (slot, *aliases)]
-        with torch.no_grad():
-            slot.stored().copy_(value)
+        _store(slot.stored(), value)
         if slot.constraints():
             drop_entries(slot, list(range(len(slot.constraints()))), tuple(aliases))
         drop_soft(slot)
     if not constrained_groups(model):
         unwatch(model)
     return Report("baked tensors", rows)
+
+
+def _store(stored: torch.Tensor, value: torch.Tensor) -> None:
+    """Write the baked ``value`` into the ``Parameter`` ``stored``, with ``value``'s strides
+    where they differ (a channels-last 1x1 conv's size-1 dims): kernels choose by strides,
+    so the plain model then computes what the constrained one did, bitwise."""
+    with torch.no_grad():
+        if stored.stride() == value.stride():
+            stored.copy_(value)
+        else:
+            stored.data = torch.empty_strided(value.shape, value.stride(), dtype=stored.dtype,
+                                              device=stored.device).copy_(value)
 
 
 def check(model: nn.Module) -> Report:
