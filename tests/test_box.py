@@ -92,6 +92,7 @@ def test_clamp_refuses_min_above_max(low, high):
         (lambda: Clamp(torch.tensor([True]), None), TypeError, "expected min to be a real tensor. Got a torch.bool tensor"),
         (lambda: Clamp(0, 1, gradient="sign"), ValueError, "unknown gradient 'sign'.*pull_back"),
         (lambda: Clamp(0, 1, gradient=None), TypeError, "Clamp: expected gradient to be one of 'pull_back'.*Got NoneType"),
+        (lambda: Clamp(max=10**400), ValueError, "Clamp: expected max to be a number float64 holds. Got an integer of 401 digits"),
     ],
 )
 def test_clamp_refuses_bad_arguments(make, error, message):
@@ -270,3 +271,11 @@ def test_the_pull_back_saves_nothing_exactly_when_every_entry_is_inside(dtype, l
             with set_fast_path(False):
                 assert torch.equal(original, layer.weight) == inside, name
         assert (_saved_by_clamp(layer) == []) == inside, name
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_a_bound_per_channel_of_a_tensor_without_channels_constrains_it():
+    layer = nn.Linear(4, 0)
+    constrain(layer, {"weight": Clamp(min=torch.empty(0), max=1.0)})
+    assert repr(layer.parametrizations.weight[0]) == "Clamp(min=tensor(0,)[], max=1)"
+    check(layer)

@@ -92,6 +92,7 @@ def test_soft_registration_is_rolled_back_on_failure(net, monkeypatch):
         (lambda: L1(math.inf), ValueError, "L1: expected weight to be a finite number >= 0. Got inf"),
         (lambda: L2("0.1"), TypeError, "L2: expected weight to be a number. Got str: '0.1'"),
         (lambda: L1(torch.tensor(0.1)), TypeError, "L1: expected weight to be a number. Got Tensor"),
+        (lambda: L1(10**400), ValueError, "L1: expected weight to be a finite number >= 0. Got an integer of 401 digits, beyond float64"),
     ],
 )
 def test_soft_weight_must_be_a_finite_non_negative_number(make, error, message):

@@ -45,7 +45,11 @@ def number(
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where}: expected {name} to be a number. {_got(value)}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float64
+        raise ValueError(f"{where}: expected {name} to be {_range(low, high, low_open, high_open, finite)}. "
+                         f"Got an integer of {len(str(abs(int(value))))} digits, beyond float64.") from None
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and (value >= high if high_open else value > high)
     if math.isnan(value) or below or above or (finite and math.isinf(value)):

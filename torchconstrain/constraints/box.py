@@ -167,7 +167,11 @@ def _as_bound(value, name: str) -> Tensor | None:
     if isinstance(value, Tensor) and (value.is_complex() or value.dtype == torch.bool):
         raise TypeError(f"Clamp: expected {name} to be a real tensor. Got a {value.dtype} tensor.")
     dtype = value.dtype if isinstance(value, Tensor) and value.is_floating_point() else torch.float64
-    bound = torch.as_tensor(value, dtype=dtype).detach().clone()
+    try:
+        bound = torch.as_tensor(value, dtype=dtype).detach().clone()
+    except (OverflowError, RuntimeError):  # an int beyond float64
+        raise ValueError(f"Clamp: expected {name} to be a number float64 holds. "
+                         f"Got an integer of {len(str(abs(int(value))))} digits.") from None
     problem = _bound_problem(bound, name)
     if problem:
         raise ValueError(f"Clamp: {problem}")
@@ -445,4 +449,6 @@ def _describe(bound: Tensor) -> str:
     if bound.numel() == 1:
         value = bound.item()
         return "None" if math.isinf(value) else f"{value:g}"
+    if bound.numel() == 0:  # a bound per channel of a tensor without channels
+        return f"tensor{tuple(bound.shape)}[]"
     return f"tensor{tuple(bound.shape)}[{bound.min().item():g}..{bound.max().item():g}]"
