@@ -277,5 +277,5 @@ def test_the_pull_back_saves_nothing_exactly_when_every_entry_is_inside(dtype, l
 def test_a_bound_per_channel_of_a_tensor_without_channels_constrains_it():
     layer = nn.Linear(4, 0)
     constrain(layer, {"weight": Clamp(min=torch.empty(0), max=1.0)})
-    assert repr(layer.parametrizations.weight[0]) == "Clamp(min=tensor(0,)[], max=1)"
+    assert repr(layer.parametrizations.weight[0]) == "Clamp(min=tensor(0, 1)[], max=1)"
     check(layer)
