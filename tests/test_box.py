@@ -279,3 +279,16 @@ def test_a_bound_per_channel_of_a_tensor_without_channels_constrains_it():
     constrain(layer, {"weight": Clamp(min=torch.empty(0), max=1.0)})
     assert repr(layer.parametrizations.weight[0]) == "Clamp(min=tensor(0, 1)[], max=1)"
     check(layer)
+
+
+def test_a_bound_per_channel_and_one_per_entry_are_ordered_once_laid_out():
+    # Before bind, a 1-D min broadcasts along the last dim: (4,) against (4, 3) was refused
+    # as not broadcasting, and on a square weight a valid box as min > max.
+    layer = nn.Linear(3, 4)
+    constrain(layer, {"weight": Clamp(min=torch.tensor([-1.0, -1.0, 2.0, -1.0]), max=torch.full((4, 3), 3.0))})
+    check(layer)
+    square = nn.Linear(3, 3)
+    constrain(square, {"weight": Clamp(min=torch.tensor([0.0, 0.0, 2.0]), max=torch.tensor([[1.0, 1.0, 1.0]] * 2 + [[3.0, 3.0, 3.0]]))})
+    assert bool((square.weight[2] >= 2).all() and (square.weight[2] <= 3).all())
+    with pytest.raises(ValueError, match=r"weight: Clamp: expected min <= max"):
+        constrain(nn.Linear(3, 3), {"weight": Clamp(min=torch.tensor([0.0, 0.0, 2.0]), max=torch.ones(3, 3))})

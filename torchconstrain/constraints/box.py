@@ -268,7 +268,8 @@ class Clamp(Constraint):
                 f"Clamp: expected a finite bound. Got min={min!r}, max={max!r}, which would leave every "
                 "entry as it is."
             )
-        _check_order(_or_open(lower, "min"), _or_open(upper, "max"), where="Clamp")
+        if not _one_per_channel_and_one_per_entry(lower, upper):  # (their shapes meet at bind)
+            _check_order(_or_open(lower, "min"), _or_open(upper, "max"), where="Clamp")
         self.gradient = gradient
         self.register_buffer("min", lower)
         self.register_buffer("max", upper)
@@ -395,6 +396,13 @@ def _tensor_bound(bound: Tensor | None) -> bool:
 
 def _or_open(bound: Tensor | None, name: str) -> Tensor:
     return torch.tensor(OPEN[name]) if bound is None else bound
+
+
+def _one_per_channel_and_one_per_entry(lower: Tensor | None, upper: Tensor | None) -> bool:
+    """Whether one bound is 1-D (a bound per output channel, laid along dim 0 at bind) and
+    the other has more dims: they broadcast along different dims until then."""
+    dims = sorted(bound.dim() for bound in (lower, upper) if bound is not None)
+    return len(dims) == 2 and dims[0] == 1 and dims[1] > 1
 
 
 def _check_order(lower: Tensor, upper: Tensor, *, where: str) -> None:
