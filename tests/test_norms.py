@@ -226,3 +226,13 @@ def test_the_pull_back_gradient_does_not_overflow_float16():
         grads[dtype] = original.grad
     assert grads[torch.float16].isfinite().all()
     torch.testing.assert_close(grads[torch.float16].float(), grads[torch.float32], rtol=2e-3, atol=1e-2)
+
+
+def test_a_max_norm_below_the_dtypes_normal_numbers_is_refused():
+    # In float16, slices rescaled to norm 1e-7 are subnormal: 46% over, and check, which
+    # rounds norm and bound alike, passed them.
+    layer = nn.Linear(8, 4).half()
+    with pytest.raises(ValueError, match=r"weight: MaxNorm max_value=1e-07 is below the smallest normal torch.float16"):
+        constrain(layer, {"weight": MaxNorm(1e-7)})
+    assert not hasattr(layer, "parametrizations")
+    constrain(nn.Linear(8, 4), {"weight": MaxNorm(1e-7)})  # a float32 normal number

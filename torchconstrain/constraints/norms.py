@@ -151,7 +151,8 @@ class MaxNorm(_ChannelNorm):
     their gradient unchanged either way.
 
     Args:
-        max_value: the largest allowed norm, > 0.
+        max_value: the largest allowed norm, > 0, and at least the smallest normal number
+            of the tensor's dtype (refused when applied: float16's is 6.1e-5).
         dim: the dimension that indexes the slices (0: output channels).
         gradient: ``"pull_back"`` or ``"scale"`` (see above).
 
@@ -172,6 +173,16 @@ class MaxNorm(_ChannelNorm):
         super().__init__(dim)
         self.max_value = number("MaxNorm", "max_value", max_value, low=0, low_open=True, finite=False)
         self.gradient = choice("MaxNorm", "gradient", gradient, ("pull_back", "scale"))
+
+    def _bind(self, fqn: str, tensor: Tensor) -> None:
+        super()._bind(fqn, tensor)
+        smallest = torch.finfo(tensor.dtype).tiny
+        if self.max_value < smallest:
+            raise ValueError(
+                f"{fqn}: MaxNorm max_value={self.max_value:g} is below the smallest normal "
+                f"{tensor.dtype} number ({smallest:g}): slices rescaled to it would be subnormal, "
+                f"too imprecise to hold the bound. Expected max_value >= {smallest:g}, or a wider dtype."
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         if not (x.requires_grad and torch.is_grad_enabled()):
