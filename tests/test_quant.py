@@ -287,3 +287,10 @@ def test_the_affine_grid_rounds_just_below_a_half_down():
     # floor(q + 0.5) rounds 0.49999997 + 0.5 to 1.0 in float32: a level off.
     x = torch.tensor([0.0, 255.0, 0.49999997, 0.5, 1.4999999])
     assert torch.equal(FakeQuant(8, per_channel=False, symmetric=False).quantize(x), torch.tensor([0.0, 255.0, 0.0, 1.0, 1.0]))
+
+
+def test_a_per_channel_grid_on_a_1d_tensor_is_one_grid_for_the_tensor():
+    bias = torch.tensor([0.3, -0.71, 0.05, 1.0])
+    per_tensor = FakeQuant(2, per_channel=False).quantize(bias)
+    assert torch.equal(FakeQuant(2, per_channel=True).quantize(bias), per_tensor)
+    assert torch.equal(per_tensor, torch.tensor([0.0, -1.0, 0.0, 1.0]))

@@ -35,7 +35,8 @@ class FakeQuant(Constraint):
       integers in ``[0, 2**bits - 1]``, effective ``w_q = scale * (q - zero_point)``.
 
     With ``per_channel=True`` each slice along ``dim`` (each output channel) has its own
-    scale. ``min_scale`` floors every scale: a slice whose range would give a smaller one
+    scale; a 1-D tensor (a bias) gets one scale (a grid per entry would keep every entry
+    as it is). ``min_scale`` floors every scale: a slice whose range would give a smaller one
     gets ``min_scale`` instead. Int8 backends floor their scales too (XNNPACK's quantizer at
     ``2**-12``); train with the backend's floor and its quantization leaves the baked
     weights as they are: :meth:`FakeQuant.xnnpack` is that grid for ExecuTorch's XNNPACK.
