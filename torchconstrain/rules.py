@@ -285,7 +285,8 @@ def _refuse_dense_backward_on_sparse_gradients(entry: _Planned) -> None:
     """Refuse a constraint whose backward needs a dense gradient on the weight of an
     embedding with ``sparse=True``: it would fail at the first ``backward``."""
     module = entry.slot.module
-    if not (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and entry.slot.tensor_name == "weight"):
+    embedding = isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+    if not (embedding and module.sparse and entry.slot.tensor_name == "weight"):
         return
     for constraint, rule in zip(entry.constraints, entry.rules):
         if not constraint.sparse_gradients:
@@ -384,11 +385,14 @@ def _as_registration_stores(entry: _Planned, value: Tensor) -> Tensor:
     """``value`` as registering ``entry`` stores it: through the first parametrization's
     ``right_inverse`` on a tensor without one yet (a ``FixedMask`` stores masked entries as
     0, so a masked ``inf`` is not multiplied by 0 into NaN), else as it is."""
-    first = next((c for c in entry.constraints if not getattr(c, "soft", False)), None)
+    index = next((i for i, c in enumerate(entry.constraints) if not getattr(c, "soft", False)), None)
     slot = entry.slot
-    if first is None or parametrize.is_parametrized(slot.module, slot.tensor_name) or not hasattr(first, "right_inverse"):
+    if index is None or parametrize.is_parametrized(slot.module, slot.tensor_name):
         return value
-    with origin_named(f"{entry.name}: {describe(first)}.right_inverse from {entry.rules[entry.constraints.index(first)]}"):
+    first = entry.constraints[index]
+    if not hasattr(first, "right_inverse"):
+        return value
+    with origin_named(f"{entry.name}: {describe(first)}.right_inverse from {entry.rules[index]}"):
         return first.right_inverse(value)
 
 
