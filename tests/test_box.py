@@ -292,3 +292,13 @@ def test_a_bound_per_channel_and_one_per_entry_are_ordered_once_laid_out():
     assert bool((square.weight[2] >= 2).all() and (square.weight[2] <= 3).all())
     with pytest.raises(ValueError, match=r"weight: Clamp: expected min <= max"):
         constrain(nn.Linear(3, 3), {"weight": Clamp(min=torch.tensor([0.0, 0.0, 2.0]), max=torch.ones(3, 3))})
+
+
+def test_a_bound_with_dims_on_a_0d_tensor_is_refused_saying_what_fits():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.tensor(0.5))
+
+    with pytest.raises(ValueError, match=r"weight: Clamp min of shape \(1,\) does not fit a 0-D tensor \(no channels\)\. Expected a number or a 0-D tensor"):
+        constrain(Scale(), {"weight": Clamp(min=torch.tensor([-1.0]))})

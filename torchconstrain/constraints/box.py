@@ -430,12 +430,17 @@ def _broadcast_bound(bound: Tensor, tensor: Tensor, fqn: str, name: str) -> Tens
     if bound.dim() == 1 and tensor.dim() >= 1 and bound.numel() == tensor.shape[0]:
         return bound.reshape(-1, *([1] * (tensor.dim() - 1)))
     fits = bound.dim() == tensor.dim() and all(b in (1, t) for b, t in zip(bound.shape, tensor.shape))
+    if not fits and tensor.dim() == 0:
+        raise ValueError(
+            f"{fqn}: Clamp {name} of shape {tuple(bound.shape)} does not fit a 0-D tensor (no "
+            "channels). Expected a number or a 0-D tensor."
+        )
     if not fits:
         raise ValueError(
             f"{fqn}: Clamp {name} of shape {tuple(bound.shape)} does not fit a tensor of shape "
-            f"{tuple(tensor.shape)}. Expected a number, a 1-D tensor of length "
-            f"{tensor.shape[0] if tensor.dim() else 1} (one bound per output channel), "
-            f"or a {tensor.dim()}-D tensor that broadcasts to {tuple(tensor.shape)}."
+            f"{tuple(tensor.shape)}. Expected a number, a 1-D tensor of length {tensor.shape[0]} "
+            f"(one bound per output channel), or a {tensor.dim()}-D tensor that broadcasts to "
+            f"{tuple(tensor.shape)}."
         )
     return bound
 
