@@ -1060,9 +1060,10 @@ def test_a_tied_parameter_keeps_one_value_for_all_its_names_and_follows_steps():
         assert model.emb.weight is model.head.weight
 
 
-def test_functional_call_on_a_tied_model_refuses_the_double_swap_and_keeps_the_model():
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_functional_call_on_a_tied_model_uses_the_tensor_given_and_puts_the_parameter_back(tie_weights):
     # tie_weights=True swaps the given tensor in under both names; through one shared
-    # chain the second name would put that tensor back last, for good.
+    # chain the second name read the tensor just swapped in and put it back last, for good.
     torch.manual_seed(0)
     model = TiedNet()
     constrain(model, {"head.weight": Clamp(-0.1, 0.1)})
@@ -1071,18 +1072,16 @@ def test_functional_call_on_a_tied_model_refuses_the_double_swap_and_keeps_the_m
     with torch.no_grad():
         before = model(x)
     params = {k: v.detach() for k, v in model.named_parameters()}
-    with pytest.raises(RuntimeError, match="Pass tie_weights=False"):
-        torch.func.grad(_loss_of(model, x))(params)
-    assert model.emb.parametrizations.weight.original is stored
-    assert model.head.parametrizations.weight.original is stored
-    with torch.no_grad():
-        assert same_bits(model(x), before)
-    # tie_weights=False: both names read the tensor given; the model keeps its Parameter
-    loss = lambda p: torch.func.functional_call(model, p, (x,), tie_weights=False).pow(2).sum()
-    grads = torch.func.grad(loss)(params)
+    loss = lambda p: torch.func.functional_call(model, p, (x,), tie_weights=tie_weights).pow(2).sum()
+    for _ in range(2):  # twice in a row: nothing of the first call is left for the second
+        grads = torch.func.grad(loss)(params)
+        assert model.emb.parametrizations.weight.original is stored
+        assert model.head.parametrizations.weight.original is stored
     model(x).pow(2).sum().backward()
-    name = "emb.parametrizations.weight.original"
-    torch.testing.assert_close(grads[name], stored.grad, rtol=1e-6, atol=1e-7)
-    assert model.emb.parametrizations.weight.original is stored
-    with torch.no_grad():  # the model's own Parameters, passed back in: nothing swapped
-        assert same_bits(torch.func.functional_call(model, dict(model.named_parameters()), (x,)), before)
+    torch.testing.assert_close(grads["emb.parametrizations.weight.original"], stored.grad, rtol=1e-6, atol=1e-7)
+    zeros = {"emb.parametrizations.weight.original": torch.zeros_like(stored)}
+    with torch.no_grad():
+        given = torch.func.functional_call(model, zeros, (x,), tie_weights=tie_weights)
+        assert same_bits(given, torch.func.functional_call(model, zeros, (x,), tie_weights=tie_weights))
+        assert same_bits(model(x), before)
+    assert not same_bits(given, before) and model.emb.parametrizations.weight.original is stored

@@ -84,31 +84,43 @@ def share(slot: Slot, alias: Slot) -> None:
 
 
 class _TiedOriginal(dict):
-    """The ``_parameters`` of a ``ParametrizationList`` several names share: refuses the
-    second swap ``torch.func.functional_call(..., tie_weights=True)`` (its default) makes.
+    """The ``_parameters`` of a ``ParametrizationList`` several names share, so that torch's
+    swaps of the stored original (``torch.func.functional_call``, ``torch.export``) put back
+    what they found.
 
-    That call swaps the tensor it is given in under every tied name in turn, and puts back
-    what each name held: through one shared list, the second name held the tensor just
-    swapped in, which it would put back last, leaving the model holding it for good (and
-    the optimizer's ``Parameter`` out of the model). Refused there, torch swaps the first
-    name back, so the model is as it was."""
+    With ``tie_weights=True`` (functional_call's default) torch swaps the given tensor in
+    under every tied name in turn, reading what each name holds and writing the tensor.
+    Through one shared dict the second name would read the tensor the first has just
+    written, and put that back last: the model would keep it for good (and the optimizer's
+    ``Parameter`` would be out of the model). So a swap's read that follows a swap's write
+    of a tensor not in the model (the same call's, for the next name) gives the tensor that
+    write replaced. Any other access, and writes of the model's own ``Parameter`` (put back,
+    loaded, converted), forget that write."""
 
     def __init__(self, parameters: dict) -> None:
         super().__init__(parameters)
-        self.settled = parameters.get("original")  # the last value not swapped in by torch.func
+        self.settled = parameters.get("original")  # the last value not written by a swap
+        self.replaced = None  # (written, replaced) by the last swap of a tensor not in the model
+
+    def __getitem__(self, name: str):
+        value = super().__getitem__(name)
+        pair, self.replaced = self.replaced, None
+        if pair is not None and value is pair[0] and _swapping():
+            return pair[1]
+        return value
 
     def __setitem__(self, name: str, value) -> None:
-        swapping = sys._getframe(1).f_code is _named_member_accessor.swap_tensor.__code__
-        if swapping and name == "original" and value is self.get(name) and value is not self.settled:
-            raise RuntimeError(
-                "functional_call: this model's tied tensor reads through one chain of constraints "
-                "under all its names, so tie_weights=True (the default) would swap it in twice and "
-                "leave the model holding the tensor given. Pass tie_weights=False: every tied name "
-                "reads the tensor given for any of them."
-            )
-        if not swapping:
+        current, self.replaced = self.get(name), None
+        if not _swapping():
             self.settled = value
+        elif name == "original" and value is not current and value is not self.settled:
+            self.replaced = (value, current)
         super().__setitem__(name, value)
+
+
+def _swapping() -> bool:
+    """Whether the caller of a ``_TiedOriginal`` method is torch's ``swap_tensor``."""
+    return sys._getframe(2).f_code is _named_member_accessor.swap_tensor.__code__
 
 
 def owners(plist: nn.Module) -> int:

@@ -2,7 +2,7 @@ import io
 
 import pytest
 import torch
-from conftest import SmallNet
+from conftest import SmallNet, TiedNet, tokens
 
 from torchconstrain import Clamp, FixedMask, LearnableMask, bake, constrain
 
@@ -36,6 +36,18 @@ def test_export_before_bake_computes_the_constraints_in_the_graph():
     torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
     with torch.no_grad():
         model.features[0].parametrizations.weight[1].mask.zero_()  # buffers are inputs, not constants
+    torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
+
+
+def test_export_of_a_tied_model_leaves_it_holding_its_parameter():
+    # export swaps fake tensors in under both tied names, and a nested call swaps again.
+    model = TiedNet().eval()
+    constrain(model, {"head": [FixedMask.random(sparsity=0.5, seed=0), Clamp(-0.1, 0.1)]})
+    stored = model.emb.parametrizations.weight.original
+    x = tokens()
+    program = torch.export.export(model, (x,))
+    assert model.emb.parametrizations.weight.original is stored
+    assert model.head.parametrizations.weight.original is stored
     torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
 
 
