@@ -352,3 +352,14 @@ def test_a_float64_model_shrinks_into_float64_layers():
     surgery.shrink(model, example=EXAMPLE.double(), measure=False)
     assert {p.dtype for p in model.state_dict().values() if p.is_floating_point()} == {torch.float64}
     torch.testing.assert_close(outputs(model, x), expected)
+
+
+def test_bn_importance_counts_a_batchnorm_without_affine_parameters_as_gamma_one():
+    model = build("mobilenet_v3_small")
+    block = model.features[2].block[1]
+    block[1] = nn.BatchNorm2d(block[1].num_features, affine=False).eval()
+    surgery.mask_blocks(model, groups="expanded", sparsity=0.5, importance="bn")  # raised AttributeError
+    x = torch.randn(2, 3, 64, 64)
+    masked = outputs(model, x)
+    surgery.shrink(model, measure=False)
+    torch.testing.assert_close(outputs(model, x), masked, rtol=1e-5, atol=1e-6)

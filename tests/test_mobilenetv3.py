@@ -116,6 +116,30 @@ def test_shrink_then_fold_batchnorm_keeps_outputs():
     torch.testing.assert_close(outputs(model, x), masked, rtol=1e-4, atol=1e-5)
 
 
+def test_fold_refuses_a_batchnorm_without_running_statistics_before_folding_any():
+    # It normalizes with each batch's statistics: no affine map to fold. The refusal came
+    # as a TypeError after 33 of the 34 pairs had been folded.
+    model = build("mobilenet_v3_small")
+    model.features[12][1] = nn.BatchNorm2d(model.features[12][1].num_features, track_running_stats=False).eval()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"BatchNorm features.12.1 has no running statistics"):
+        surgery.fold_batchnorm(model)
+    assert_unchanged(model, before)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 34
+
+
+def test_shrink_keeps_frozen_parameters_frozen_and_the_default_example_takes_the_models_dtype():
+    model = build("mobilenet_v3_small").double()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.requires_grad_(False)  # frozen for fine-tuning
+    surgery.mask_blocks(model, groups="all", macs=0.5)  # MACs counted on a float64 example
+    surgery.shrink(model, measure=False)
+    frozen = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert frozen and not any(p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for m in model.modules() if isinstance(m, nn.Conv2d) for p in m.parameters())
+
+
 def test_fold_refuses_parametrized_convs_and_changes_nothing():
     model = build("mobilenet_v3_small")
     constrain(model, {"features.0.0": Clamp(-1, 1)})

@@ -83,3 +83,16 @@ def test_conv_of_names_what_it_got_instead_of_a_conv_sequence():
 def test_input_l1_sums_every_weight_reading_an_input_channel():
     conv = nn.Conv2d(3, 2, 3)
     torch.testing.assert_close(input_l1(conv), conv.weight.detach().abs().sum(dim=(0, 2, 3)))
+
+
+def test_sliced_layers_keep_frozen_parameters_frozen():
+    # Fresh parameters came back trainable: a shrunk model unfroze what fine-tuning froze.
+    conv, bn, linear = nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.Linear(6, 3)
+    for parameter in (conv.weight, bn.weight, bn.bias, linear.bias):
+        parameter.requires_grad_(False)
+    keep = torch.tensor([0, 2, 5])
+    new_conv, new_bn = sliced_conv(conv, rows=keep), sliced_bn(bn, keep)
+    new_linear = sliced_linear(linear, columns=keep)
+    assert [new_conv.weight.requires_grad, new_conv.bias.requires_grad] == [False, True]
+    assert [new_bn.weight.requires_grad, new_bn.bias.requires_grad] == [False, False]
+    assert [new_linear.weight.requires_grad, new_linear.bias.requires_grad] == [True, False]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -155,27 +156,37 @@ def channel_groups(model: nn.Module, groups="all", *, importance="l1", example: 
         [('features.0.0:out', 'stem', 16), ('features.1:se', 'squeeze', 8), ('features.1:out', 'stream', 16), ('features.2', 'expanded', 72)]
     """
     found = _groups(model, groups, "surgery.channel_groups")
-    cost = _mac_cost(model, example, _groups(model, "all", "surgery.channel_groups"))
+    cost = _mac_cost(model, example, _groups(model, "all", "surgery.channel_groups"), "surgery.channel_groups")
     return [GroupCost(g.name, g.kind, g.channels, importance_of(g, importance), cost.per_channel(g.name), g.minimum)
             for g in found]
 
 
 def _macs_of_example(model: nn.Module, example: Tensor, caller: str) -> int:
     """The MACs of ``model`` on ``example``; a ValueError where the model cannot run it."""
-    try:
+    with _running_the_example(example, caller):
         return count_macs(model, example)
+
+
+@contextmanager
+def _running_the_example(example: Tensor, caller: str):
+    """Re-raise what running the model on ``example`` raises as a ValueError naming ``caller``."""
+    try:
+        yield
     except (RuntimeError, TypeError, ValueError) as error:
         raise ValueError(f"{caller}: the model cannot run the example, a {type(example).__name__} of shape "
                          f"{tuple(getattr(example, 'shape', ()))}: {type(error).__name__}: {error}") from None
 
 
 def _example(model: nn.Module, example: Tensor | None) -> Tensor:
-    """The input MACs are counted for: ``example``, or one 224x224 RGB image, on the model's device."""
-    example = torch.zeros(1, 3, 224, 224) if example is None else example
-    return example.to(next(model.parameters()).device)
+    """The input MACs are counted for: ``example``, or one 224x224 RGB image in the model's
+    dtype, on the model's device."""
+    like = next(model.parameters())
+    if example is None:
+        return torch.zeros(1, 3, 224, 224, dtype=like.dtype, device=like.device)
+    return example.to(like.device)
 
 
-def _mac_cost(model: nn.Module, example: Tensor | None, groups: list[Group]) -> LayerCost:
+def _mac_cost(model: nn.Module, example: Tensor | None, groups: list[Group], caller: str) -> LayerCost:
     """The exact MACs of ``model`` on ``example`` as a function of the kept channels of ``groups``
     (every group of the model, so that each layer's columns and rows are known)."""
     reads, writes = {}, {}
@@ -184,7 +195,9 @@ def _mac_cost(model: nn.Module, example: Tensor | None, groups: list[Group]) -> 
             reads.setdefault(slot.module, []).append((group.name, 1.0))
         for slot in (*group.rows, *group.depthwise):
             writes.setdefault(slot.module, []).append((group.name, 1.0))
-    macs = layer_macs(model, _example(model, example))
+    example = _example(model, example)
+    with _running_the_example(example, caller):
+        macs = layer_macs(model, example)
     return LayerCost.of(macs, reads, writes, {group.name: group.channels for group in groups})
 
 
@@ -368,7 +381,7 @@ def _mac_rules(model: nn.Module, found: list[Group], macs: float, *, learnable: 
         raise ValueError(f"surgery.mask_blocks: {type(model).__name__} has no channel group of the kinds asked for "
                          "to keep a share of the MACs with.")
     what = "surgery.mask_blocks macs"
-    cost = _mac_cost(model, example, _groups(model, "all", "surgery.mask_blocks"))
+    cost = _mac_cost(model, example, _groups(model, "all", "surgery.mask_blocks"), "surgery.mask_blocks")
     described = [ChannelGroup(g.name, g.channels, torch.ones(g.channels) if learnable else importance_of(g, importance),
                               cost.per_channel(g.name), g.minimum) for g in found]
     allocation = allocate(described, keep=macs, cost=cost, what=what)  # refuses an unreachable budget now

@@ -309,6 +309,13 @@ def select_kinds(groups, where: str) -> tuple[str, ...]:
 # --- masks --------------------------------------------------------------------------------------------
 
 
+def _gamma_magnitudes(bn: nn.Module) -> Tensor:
+    """``|gamma|`` of a BatchNorm, on the CPU in float32: ones for one with ``affine=False``."""
+    if bn.weight is None:
+        return torch.ones(bn.num_features)
+    return bn.weight.detach().abs().float().cpu()
+
+
 def importance_of(group: Group, importance) -> Tensor:
     r"""One score per channel of ``group``: ``"l1"`` (L1 norm of the readers' weights reading the
     channel), ``"bn"`` (``|gamma|`` of the BatchNorms the readers see, ``"l1"`` where the group
@@ -317,7 +324,7 @@ def importance_of(group: Group, importance) -> Tensor:
         scores = torch.as_tensor(importance(group.name, group))
     elif importance == "bn" and group.gammas:
         with torch.no_grad():
-            scores = sum(slot.module.weight.detach().abs().float().cpu() for slot in group.gammas)
+            scores = sum(_gamma_magnitudes(slot.module) for slot in group.gammas)
     elif importance in ("l1", "bn"):
         scores = sum(input_l1(slot.module).float().cpu() for slot in group.readers)
     else:

@@ -68,11 +68,25 @@ def sliced_conv(conv: nn.Conv2d, *, rows: Tensor | None = None, columns: Tensor 
     new = skip_init(nn.Conv2d, in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                     groups=out_channels if depthwise else conv.groups, bias=bias is not None,
                     padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
+    _copy_parameters(new, weight, bias, conv)
+    return new.train(conv.training)
+
+
+def _copy_parameters(new: nn.Module, weight: Tensor, bias: Tensor | None, old: nn.Module) -> None:
+    """Copy the sliced ``weight`` and ``bias`` into ``new``, frozen where ``old``'s were."""
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:
             new.bias.copy_(bias)
-    return new.train(conv.training)
+    _keep_frozen(new, old)
+
+
+def _keep_frozen(new: nn.Module, old: nn.Module) -> None:
+    """Give ``new``'s parameters the ``requires_grad`` of ``old``'s of the same name."""
+    for name, parameter in new.named_parameters(recurse=False):
+        kept = getattr(old, name, None)
+        if isinstance(kept, Tensor):
+            parameter.requires_grad_(kept.requires_grad)
 
 
 def _sliced_weight_and_bias(module: nn.Module, rows: Tensor | None, columns: Tensor | None):
@@ -96,6 +110,7 @@ def sliced_bn(bn: nn.BatchNorm2d, index: Tensor) -> nn.BatchNorm2d:
     state = {name: value.index_select(0, index.to(value.device)) if value.dim() else value
              for name, value in bn.state_dict().items()}
     new.load_state_dict(state)
+    _keep_frozen(new, bn)
     return new.train(bn.training)
 
 
@@ -114,10 +129,7 @@ def sliced_linear(linear: nn.Linear, *, rows: Tensor | None = None, columns: Ten
     weight, bias = _sliced_weight_and_bias(linear, rows, columns)
     new = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
                     dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
+    _copy_parameters(new, weight, bias, linear)
     return new.train(linear.training)
 
 
@@ -143,8 +155,9 @@ def fold_batchnorm(model: nn.Module) -> int:
         The number of folded pairs.
 
     Raises:
-        ValueError: a conv to fold still carries parametrizations (bake it first); nothing
-            is changed then.
+        ValueError: a conv to fold still carries parametrizations (bake it first), or its
+            BatchNorm keeps no running statistics (it normalizes with each batch's, even in
+            eval mode: no fixed affine map to fold); nothing is changed then.
 
     Example:
         >>> import torch
@@ -161,6 +174,12 @@ def fold_batchnorm(model: nn.Module) -> int:
         if parametrize.is_parametrized(seq[i]):
             name = next(n for n, m in model.named_modules() if m is seq[i])
             raise ValueError(f"surgery.fold_batchnorm: conv {name} still has parametrizations; bake(model) first.")
+        if seq[i + 1].running_mean is None:
+            name = next(n for n, m in model.named_modules() if m is seq[i + 1])
+            raise ValueError(
+                f"surgery.fold_batchnorm: BatchNorm {name} has no running statistics "
+                "(track_running_stats=False): it normalizes with each batch's, so it cannot be folded."
+            )
     for seq, i in pairs:
         conv, bn = seq[i], seq[i + 1]
         weight, bias = nn.utils.fusion.fuse_conv_bn_weights(
