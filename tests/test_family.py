@@ -363,3 +363,4 @@ def test_bn_importance_counts_a_batchnorm_without_affine_parameters_as_gamma_one
     masked = outputs(model, x)
     surgery.shrink(model, measure=False)
     torch.testing.assert_close(outputs(model, x), masked, rtol=1e-5, atol=1e-6)
+

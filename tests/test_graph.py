@@ -284,3 +284,13 @@ def test_a_mac_budget_counts_the_depthwise_convs_a_group_passes_through():
     report = masks.shrink(model)
     assert report.macs[1] == masks.allocation.achieved
     assert 0.29 < report.macs[1] / dense <= 0.3
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_a_groups_minimum_binds_fixed_masks_and_learnable_sparsity_budgets(learnable):
+    # Learnable masks with sparsity= kept 10% of each group, whatever minimum= asked.
+    x = torch.randn(1, 3, 32, 32)
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    masks = graph.mask_groups(model, x, sparsity=0.9, learnable=learnable, minimum=0.5)
+    report = masks.shrink(model)
+    assert min(after / before for before, after in report.channels.values()) == 0.5

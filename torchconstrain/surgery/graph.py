@@ -34,6 +34,7 @@ from torchconstrain.rules import constrain, described_again
 from torchconstrain.surgery.budget import Allocation, ChannelGroup, GateBudget, LayerCost, allocate
 from torchconstrain.surgery.measure import count_params, evaluating, layer_macs, measure_latency
 from torchconstrain.surgery.family import ShrinkReport
+from torchconstrain.surgery.pattern import sparsity_keeping
 
 __all__ = ["GraphGroup", "GraphMasks", "find_groups", "mask_groups", "shrink"]
 
@@ -292,7 +293,9 @@ def mask_groups(model: nn.Module, example: Tensor, *, sparsity: float | None = N
         model: any model Torch-Pruning can trace; modified in place.
         example: an input batch for tracing and counting MACs.
         minimum: the fewest channels a group keeps: a share of its channels (float) or a
-            count (int), at least 1.
+            count (int), at least 1. It binds fixed masks and the budgets of learnable ones
+            (``sparsity=`` or ``macs=``); learnable masks with ``strength=`` alone keep the
+            gates above their threshold, at least one.
         mixing: what to do with a group that passes through a layer mixing its channels:
             ``"error"`` (the default; the message names the layer), ``"skip"`` (leave the
             group whole) or ``"approximate"`` (mask it; the shrunk model then differs).
@@ -337,7 +340,7 @@ def mask_groups(model: nn.Module, example: Tensor, *, sparsity: float | None = N
             described = [ChannelGroup(g.name, g.channels, torch.ones(g.channels), cost.per_channel(g.name),
                                       minimums[g.name]) for g in chosen]
             allocate(described, keep=macs, cost=cost, what="surgery.mask_groups macs")
-        result.report = constrain(model, _learnable_rules(chosen, sparsity, strength, hard, rate))
+        result.report = constrain(model, _learnable_rules(chosen, sparsity, strength, hard, rate, minimums))
         leaders, followers = _share_scores(chosen)
         if macs is not None:
             budget = GateBudget(list(zip(described, leaders)), keep=macs, cost=cost, rate=rate,
@@ -399,9 +402,10 @@ def _fixed_rules(chosen: list[GraphGroup], keeps: dict[str, Tensor]) -> list[tup
     return rules
 
 
-def _learnable_rules(chosen, sparsity, strength, hard, rate) -> list[tuple[str, LearnableMask]]:
+def _learnable_rules(chosen, sparsity, strength, hard, rate, minimums) -> list[tuple[str, LearnableMask]]:
     return [(reader.fqn, LearnableMask.indexed(reader.index, group.channels, dim=1, strength=strength, hard=hard,
-                                               sparsity=sparsity, rate=rate))
+                                               sparsity=sparsity_keeping(sparsity, group.channels, minimums[group.name]),
+                                               rate=rate))
             for group in chosen for reader in group.readers]
 
 

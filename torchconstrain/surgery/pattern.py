@@ -366,6 +366,11 @@ def fixed_rules(keeps: list[tuple[Group, Tensor]]) -> list[tuple[str, FixedMask]
     return [(name, FixedMask(mask)) for name, mask in masks.items()]
 
 
+def sparsity_keeping(sparsity: float | None, channels: int, minimum: int) -> float | None:
+    r"""``sparsity``, lowered where it would keep fewer than ``minimum`` of ``channels``."""
+    return None if sparsity is None else min(sparsity, (channels - minimum) / channels)
+
+
 def learnable_rules(groups: list[Group], *, strength: float, hard: bool, sparsity: float | None = None,
                     rate: float = 0.05) -> tuple[list, Callable[[], None]]:
     r"""A :class:`~torchconstrain.LearnableMask` gate per channel on every reader of ``groups``, and the
@@ -375,7 +380,8 @@ def learnable_rules(groups: list[Group], *, strength: float, hard: bool, sparsit
         if len({slot.module.weight.dim() for slot in group.readers}) != 1:
             raise ValueError(f"surgery.mask_blocks: the readers of {group.label} mix layer kinds; "
                              "one gate cannot be shared by them.")
-    rules = [(f"{slot.fqn}.weight", LearnableMask(per="channel", dim=1, strength=strength, hard=hard, sparsity=sparsity,
+    rules = [(f"{slot.fqn}.weight", LearnableMask(per="channel", dim=1, strength=strength, hard=hard,
+                                                  sparsity=sparsity_keeping(sparsity, group.channels, group.minimum),
                                                   rate=rate))
              for group in groups for slot in group.readers]
 
