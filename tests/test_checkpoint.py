@@ -459,3 +459,25 @@ def test_assign_keeps_the_scores_that_learnable_gates_share_shared(device, budge
     with torch.no_grad():
         assert torch.equal(model(x), source(x))
     bake(model)
+
+
+def test_a_spectral_norm_after_the_constraints_is_neither_run_nor_judged_by_a_plain_load():
+    # The load's trial ran the whole chain: spectral_norm's power iteration moved even when
+    # the load was refused, and the box was judged on spectral_norm's output.
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    model = make()
+    constrain(model, {"0": Clamp(-0.3, 0.3)})
+    spectral_norm(model[0])
+    model.train()
+    power = model[0].parametrizations.weight[1]
+    u, v = power._u.clone(), power._v.clone()
+    bad = make().state_dict()
+    bad["2.weight"] = torch.zeros(2, 4)
+    with pytest.raises(CheckpointMismatch, match="Nothing was loaded"):
+        model.load_state_dict(bad)
+    assert torch.equal(power._u, u) and torch.equal(power._v, v)
+    model.load_state_dict(make().state_dict())  # a box holds on its own output, not spectral_norm's
+    check(model)

@@ -41,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 
@@ -136,12 +137,16 @@ def _broken_by(plist: nn.Module, stored: Tensor) -> str | None:
     weights (a zero slice under ``UnitNorm``); ``None`` when it holds."""
     if stored.is_meta:
         return None
-    chain = [p.with_values() if isinstance(p, Constraint) else p for p in plist]
+    # torchconstrain's constraints only, as bake stores them: another library's
+    # parametrization after them (spectral_norm) would update its buffers, and its output
+    # is not what theirs promise anything about.
+    chain = list(itertools.takewhile(lambda p: isinstance(p, Constraint), plist))
+    chain = [constraint.with_values() for constraint in chain]
     with torch.no_grad():
         value = stored
-        for parametrization in chain:
-            value = parametrization(value)
-        for constraint in (p for p in chain if isinstance(p, Constraint)):
+        for constraint in chain:
+            value = constraint(value)
+        for constraint in chain:
             reason = constraint.violation(value)
             if reason:
                 return f"with the checkpoint's values {describe(constraint)} cannot hold: {reason}."
