@@ -399,3 +399,50 @@ def test_masks_boxes_and_grids_train_a_sparse_embedding_as_a_dense_one():
         assert grad.is_sparse == sparse
         grads.append(grad.to_dense())
     assert torch.equal(*grads)
+
+
+class _Failing(Constraint):
+    """A custom constraint that raises a TypeError from the method named ``where``."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+
+    def _fail(self, where: str) -> None:
+        if self.where == where:
+            raise TypeError("custom failure")
+
+    def _bind(self, fqn, tensor):
+        self._fail("bind")
+
+    def forward(self, x):
+        return x
+
+    def stacking(self):
+        self._fail("stacking")
+        return super().stacking()
+
+    def violation(self, value):
+        self._fail("violation")
+
+    def bake(self, value):
+        self._fail("bake")
+        return value
+
+
+@pytest.mark.parametrize("where, call, message", [
+    ("bind", "constrain", r"rule 0 \(0\): binding _Failing\(\) raised TypeError: custom failure"),
+    ("stacking", "constrain", r"0.weight: _Failing\(\) from rule 0 \(0\): stacking\(\) raised TypeError: custom failure"),
+    ("violation", "check", r"check: 0.weight: _Failing\(\).violation raised TypeError: custom failure"),
+    ("bake", "bake", r"bake: 0.weight: _Failing\(\).bake raised TypeError: custom failure Nothing was baked"),
+])
+def test_a_custom_constraints_errors_keep_their_type_and_name_the_rule_or_tensor(where, call, message):
+    model = nn.Sequential(nn.Linear(3, 3))
+    if call != "constrain":
+        constrain(model, {"0.weight": _Failing("never")})
+        model[0].parametrizations.weight[0].where = where
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=message):
+        {"constrain": lambda: constrain(model, {"0": _Failing(where)}), "check": lambda: check(model),
+         "bake": lambda: bake(model)}[call]()
+    assert_unchanged(model, before)

@@ -10,7 +10,7 @@ from torchconstrain._tensors import SOFT_ATTRIBUTE, Slot, constrained_groups, de
 from torchconstrain.checkpoint import unwatch
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import ConstraintViolation
-from torchconstrain.keys import match, no_match_message
+from torchconstrain.keys import match, no_match_message, origin_named, same_kind
 from torchconstrain.registration import drop_entries, drop_soft, owners
 from torchconstrain.report import Report
 
@@ -209,6 +209,9 @@ def _baked_value(slot: Slot) -> Tensor:
                 value = constraint.bake(value)
             except ValueError as error:
                 raise ValueError(f"bake: {slot.fqn}: {error} Nothing was baked.") from None
+            except Exception as error:  # a custom constraint's bake
+                raise same_kind(error, f"bake: {slot.fqn}: {describe(constraint)}.bake raised "
+                                       f"{type(error).__name__}: {error} Nothing was baked.") from error
     return value
 
 
@@ -219,7 +222,8 @@ def _violations(slot: Slot, value: Tensor) -> list[str]:
         reasons.append(f"{bad} entries are NaN or infinite")
     with torch.no_grad():
         for constraint in slot.constraints():
-            reason = constraint.violation(value)
+            with origin_named(f"check: {slot.fqn}: {describe(constraint)}.violation"):
+                reason = constraint.violation(value)
             if reason is not None:
                 reasons.append(f"{describe(constraint)}: {reason}")
     return reasons

@@ -132,11 +132,11 @@ def origin_named(where: str):
         yield
     except Exception as error:
         message = f"{where} raised {type(error).__name__}: {error}"
-        raise _same_kind(error, message) from error
+        raise same_kind(error, message) from error
 
 
-def _same_kind(error: Exception, message: str) -> Exception:
-    """An exception of ``error``'s type with ``message``, or a RuntimeError where that type
+def same_kind(error: Exception, message: str) -> Exception:
+    r"""An exception of ``error``'s type with ``message``, or a RuntimeError where that type
     does not take a message (or shows it otherwise, as KeyError quotes it)."""
     try:
         made = type(error)(message)

@@ -20,7 +20,7 @@ from torchconstrain.checkpoint import watch
 from torchconstrain.constraints.arguments import flag
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.constraints.stacking import conflict
-from torchconstrain.keys import check_arity, label, match, matcher, no_match_message, origin_named
+from torchconstrain.keys import check_arity, label, match, matcher, no_match_message, origin_named, same_kind
 from torchconstrain.optim import warn_unoptimized
 from torchconstrain.registration import drop_entries, drop_soft, register, share, shares
 from torchconstrain.report import Report
@@ -224,19 +224,23 @@ def _bind(rule: _Rule, group: dict[str, Slot]) -> dict[str, list[Constraint]]:
         return {fqn: _call_factory(rule, fqn, value) for fqn, value in values.items()}
     bound = {fqn: [] for fqn in group}
     for template in _as_list(rule.value):
-        with _rule_named(rule):
+        with _rule_named(rule, template):
             for fqn, constraint in template.for_tensors(values).items():
                 bound[fqn].append(constraint)
     return bound
 
 
 @contextmanager
-def _rule_named(rule: _Rule):
-    """Name ``rule`` in a ValueError raised by binding its constraints (a mask that does not fit)."""
+def _rule_named(rule: _Rule, template: Constraint | None = None):
+    """Name ``rule`` in a ValueError raised by binding its constraints (a mask that does not
+    fit), and ``rule`` and ``template`` in any other exception (a custom constraint's)."""
     try:
         yield
     except ValueError as error:
         raise ValueError(f"{rule}: {error}") from None
+    except Exception as error:
+        what = "binding" if template is None else f"binding {describe(template)}"
+        raise same_kind(error, f"{rule}: {what} raised {type(error).__name__}: {error}") from error
 
 
 def _is_constraint_list(value) -> bool:
@@ -329,9 +333,12 @@ def refuse_contradictions(fqn: str, stack: list[Constraint], labels: list[str], 
     r"""Refuse a stack that cannot always hold: each pair in order, by what each constraint
     declares (:mod:`torchconstrain.constraints.stacking`; ``declared``, when given, in
     place of their own declarations). ``labels`` name where each constraint comes from."""
-    if declared is None:
-        declared = [constraint.with_values().stacking() for constraint in stack]  # CPU copies on a meta model
     names = [f"{describe(constraint)} from {label}" for constraint, label in zip(stack, labels)]
+    if declared is None:
+        declared = []
+        for constraint, name in zip(stack, names):
+            with origin_named(f"{fqn}: {name}: stacking()"):
+                declared.append(constraint.with_values().stacking())  # CPU copies on a meta model
     for j in range(len(stack)):
         for i in range(j):
             short = (type(stack[i]).__name__, type(stack[j]).__name__)
