@@ -282,3 +282,18 @@ def test_numbers_in_exponent_form_without_a_dot_are_numbers(tmp_path):
     model = build()
     report = constrain(model, path)
     assert report["head.weight"]["constraints"] == ["Clamp(min=-0.01, max=0.02)"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('rules:\n  - match: "0"\n    apply: NonNeg\nfoo: 1\n2: 3\n', r"unknown top-level keys \[2, 'foo'\]"),
+    ('rules:\n  - match: "0"\n    apply: NonNeg\n    1: x\n', r"expected a mapping with 'match' and 'apply'. Got \[1, 'apply', 'match'\]"),
+    ('rules:\n  - match: "0"\n    apply: NonNeg\nblocks: {learnable: true, 1: 2}\n', r"blocks: unknown options \[1\]"),
+    ('rules: &a\n  - match: "0"\n    apply: NonNeg\n  - *a\n', r"rule 1 \(line 1\): expected a mapping with 'match' and 'apply'"),
+    ('rules:\n  - match: {role: [depthwise]}\n    apply: NonNeg\n', r"\{role: <surgery role name>\}. Got \{'role': \['depthwise'\]\}"),
+    ("rules: null\n", r"expected a mapping with a 'rules' list. Got 'rules' as NoneType"),
+    ('rules:\n  match: "0"\n  apply: NonNeg\n', r"expected a mapping with a 'rules' list. Got 'rules' as dict"),
+])
+def test_malformed_rules_files_are_refused_with_a_message_not_a_traceback(tmp_path, text, message):
+    # Mixed-type keys crashed sorting them, a recursive alias recursed, a list role was hashed.
+    with pytest.raises(RulesFileError, match=message):
+        read_rules(write(tmp_path, "rules.yaml", text))

@@ -171,8 +171,13 @@ def _load_yaml(path: Path, text: str) -> tuple[object, list[int]]:
     return document, _rule_lines(root)
 
 
-def _refuse_duplicate_yaml_keys(path: Path, node) -> None:
-    """Raise on a key given twice in one mapping (YAML keeps the last one silently)."""
+def _refuse_duplicate_yaml_keys(path: Path, node, visited: set[int] | None = None) -> None:
+    """Raise on a key given twice in one mapping (YAML keeps the last one silently). Each
+    node once: an alias can make the node graph cyclic (``&a [*a]``)."""
+    visited = set() if visited is None else visited
+    if id(node) in visited:
+        return
+    visited.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen = set()
         for key in (key for key, _ in node.value if isinstance(key, yaml.ScalarNode)):
@@ -180,7 +185,7 @@ def _refuse_duplicate_yaml_keys(path: Path, node) -> None:
                 raise RulesFileError(f"{path}, line {key.start_mark.line + 1}: the key {key.value!r} is given twice.")
             seen.add(key.value)
     for child in _children(node):
-        _refuse_duplicate_yaml_keys(path, child)
+        _refuse_duplicate_yaml_keys(path, child, visited)
 
 
 def _children(node) -> list:
@@ -214,11 +219,14 @@ def _load_json(path: Path, text: str) -> object:
 
 
 def _parse(path: str, document, lines: list[int]) -> RulesFile:
-    if not isinstance(document, dict) or not isinstance(document.get("rules"), list):
+    if not isinstance(document, dict):
         raise RulesFileError(f"{path}: expected a mapping with a 'rules' list. Got {type(document).__name__}.")
+    if not isinstance(document.get("rules"), list):
+        got = "no 'rules'" if "rules" not in document else f"'rules' as {type(document['rules']).__name__}"
+        raise RulesFileError(f"{path}: expected a mapping with a 'rules' list. Got {got}.")
     unknown = set(document) - {"rules", "blocks"}
     if unknown:
-        raise RulesFileError(f"{path}: unknown top-level keys {sorted(unknown)}. Expected 'rules' and 'blocks'.")
+        raise RulesFileError(f"{path}: unknown top-level keys {_sorted(unknown)}. Expected 'rules' and 'blocks'.")
     parsed = RulesFile(path, [], _blocks(path, document.get("blocks")), lines)
     for index, rule in enumerate(document["rules"]):
         parsed.rules.append(_rule(parsed.where(index), rule))
@@ -232,7 +240,7 @@ def _blocks(path: str, blocks) -> dict | None:
         raise RulesFileError(f"{path}, blocks: expected a mapping of surgery.mask_blocks options. Got {blocks!r}.")
     unknown = set(blocks) - set(BLOCK_OPTIONS)
     if unknown:
-        raise RulesFileError(f"{path}, blocks: unknown options {sorted(unknown)}. Expected some of {', '.join(BLOCK_OPTIONS)}.")
+        raise RulesFileError(f"{path}, blocks: unknown options {_sorted(unknown)}. Expected some of {', '.join(BLOCK_OPTIONS)}.")
     shape = blocks.get("input_shape", [1])
     if not isinstance(shape, list) or not shape or not all(type(size) is int and size >= 1 for size in shape):
         raise RulesFileError(f"{path}, blocks: expected input_shape as a list of sizes >= 1, batch included, like "
@@ -240,9 +248,14 @@ def _blocks(path: str, blocks) -> dict | None:
     return dict(blocks)
 
 
+def _sorted(keys) -> list:
+    """``keys`` sorted, whatever their types (YAML keys may be numbers next to strings)."""
+    return sorted(keys, key=lambda key: (type(key).__name__, repr(key)))
+
+
 def _rule(where: str, rule) -> tuple[object, object]:
     if not isinstance(rule, dict) or set(rule) != {"match", "apply"}:
-        got = sorted(rule) if isinstance(rule, dict) else repr(rule)
+        got = _sorted(rule) if isinstance(rule, dict) else repr(rule)
         raise RulesFileError(f"{where}: expected a mapping with 'match' and 'apply'. Got {got}.")
     return _match(where, rule["match"]), _apply(where, rule["apply"])
 
@@ -257,11 +270,11 @@ def _match(where: str, match):
             if isinstance(module_type, type) and issubclass(module_type, nn.Module):
                 return module_type
             raise RulesFileError(f"{where}: unknown module type {name!r}: expected a torch.nn class such as Conv2d or Linear.")
-        if kind == "role":
+        if kind == "role" and isinstance(name, str):
             return ("role", name)
     raise RulesFileError(
         f"{where}: 'match' must be a name, glob or 're:' regex, {{type: <torch.nn class>}} or "
-        f"{{role: <surgery role>}}. Got {match!r}."
+        f"{{role: <surgery role name>}}. Got {match!r}."
     )
 
 
