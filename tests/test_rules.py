@@ -446,3 +446,29 @@ def test_a_custom_constraints_errors_keep_their_type_and_name_the_rule_or_tensor
         {"constrain": lambda: constrain(model, {"0": _Failing(where)}), "check": lambda: check(model),
          "bake": lambda: bake(model)}[call]()
     assert_unchanged(model, before)
+
+
+class _RefusesToStore(Constraint):
+    def forward(self, x):
+        return x
+
+    def right_inverse(self, x):
+        raise RuntimeError("boom")
+
+
+def test_a_rolled_back_registration_gives_back_the_storage_and_the_class():
+    # Registration swaps in a storage of its own (set_): rolled back by copying values into
+    # it, an earlier view of the weight no longer aliased it; a stacked module kept a new class.
+    first = nn.Linear(3, 3)
+    view = first.weight.view(-1)
+    with pytest.raises(RuntimeError, match="boom"):
+        constrain(nn.Sequential(first, nn.Linear(3, 3)), {"0": Clamp(-1, 1), "1": [Clamp(-1, 1), _RefusesToStore()]})
+    with torch.no_grad():
+        first.weight.fill_(0.5)
+    assert view[0].item() == 0.5 and type(first) is nn.Linear
+    stacked = nn.Sequential(nn.Linear(4, 4))
+    constrain(stacked, {"0": NonNeg()})
+    cls = type(stacked[0])
+    with pytest.raises(RuntimeError, match="boom"):
+        constrain(stacked, {"0": [Clamp(-1, 1), _RefusesToStore()]}, existing="stack")
+    assert type(stacked[0]) is cls

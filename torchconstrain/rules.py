@@ -415,9 +415,11 @@ def _first_breaking(constraint: Constraint, position: int, values: list[Tensor])
 def _register(plan: list[_Planned]) -> None:
     """Register every planned constraint; on any failure undo everything done so far."""
     saved = [
-        (entry, len(entry.slot.chain()), len(entry.slot.soft()), entry.slot.stored().detach().clone())
+        (entry, len(entry.slot.chain()), len(entry.slot.soft()), entry.slot.stored().detach(),
+         entry.slot.stored().detach().clone())
         for entry in plan
     ]
+    classes = _classes([module for entry in plan for module in (entry.slot.module, *(a.module for a in entry.aliases))])
     try:
         for entry in plan:
             for constraint, rule in zip(entry.constraints, entry.rules):
@@ -427,14 +429,37 @@ def _register(plan: list[_Planned]) -> None:
                 if entry.slot.chain() and not shares(entry.slot, alias):
                     share(entry.slot, alias)
     except Exception:
-        for entry, chain_before, soft_before, original in saved:
+        for entry, chain_before, soft_before, storage, values in saved:
             added = len(entry.slot.chain()) - chain_before
             if added > 0:
                 drop_entries(entry.slot, list(range(chain_before, chain_before + added)), entry.aliases)
             drop_soft(entry.slot, keep=soft_before)
             with torch.no_grad():
-                entry.slot.stored().copy_(original)
+                stored = entry.slot.stored()
+                if stored.data_ptr() != storage.data_ptr():  # registering swapped in its own storage
+                    stored.data = storage  # the one views of the weight still share
+                stored.copy_(values)
+        _restore_classes(classes)
         raise
+
+
+def _classes(modules: list[nn.Module]) -> list[tuple[nn.Module, type, frozenset]]:
+    """Each module once, with its class and the names of its parametrized tensors."""
+    seen = {}
+    for module in modules:
+        seen.setdefault(id(module), (module, type(module), _parametrized_names(module)))
+    return list(seen.values())
+
+
+def _restore_classes(classes: list[tuple[nn.Module, type, frozenset]]) -> None:
+    """Give each module its class back where it has the parametrized tensors it had."""
+    for module, cls, names in classes:
+        if type(module) is not cls and _parametrized_names(module) == names:
+            module.__class__ = cls
+
+
+def _parametrized_names(module: nn.Module) -> frozenset:
+    return frozenset(module.parametrizations) if parametrize.is_parametrized(module) else frozenset()
 
 
 def constrain_and_finish(model: nn.Module, rules, finish: Callable[[], None], **options) -> Report:
