@@ -22,6 +22,15 @@ from torchconstrain.constraints.stacking import (
 __all__ = ["FakeQuant"]
 
 
+def _significand(dtype: torch.dtype) -> int:
+    """The significand bits of a floating-point ``dtype``, the implicit one included."""
+    return round(-math.log2(torch.finfo(dtype).eps)) + 1
+
+
+#: :func:`_significand` of the common dtypes, looked up on every forward.
+_SIGNIFICAND = {dtype: _significand(dtype) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
 class FakeQuant(Constraint):
     r"""Round the effective tensor onto a ``bits``-bit integer grid, with a straight-through gradient.
 
@@ -151,7 +160,7 @@ class FakeQuant(Constraint):
         """Why ``dtype`` cannot hold this grid (its levels stored apart, with room for the
         rounding of ``scale * q``), or ``None``: it needs ``qmax <= 2**(significand - 3)``,
         so that neighbouring top levels are 8 float steps apart."""
-        significand = round(-math.log2(torch.finfo(dtype).eps)) + 1  # bits, the implicit one included
+        significand = _SIGNIFICAND.get(dtype) or _significand(dtype)
         most = 2 ** (significand - 3)
         qmax = 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
         if qmax <= most:
