@@ -44,22 +44,6 @@ class Slot:
                     return self.module.parametrizations[self.tensor_name]().detach()
             return getattr(self.module, self.tensor_name).detach()
 
-    def constrained_value(self) -> Tensor:
-        r"""The value torchconstrain's constraints hold their promises on, detached: the
-        effective value, or where another library's parametrization follows them (a
-        ``spectral_norm`` registered after :func:`constrain`), their output before it, which
-        is what :func:`torchconstrain.bake` stores."""
-        chain = self.chain()
-        if all(isinstance(p, Constraint) for p in chain):
-            return self.value()
-        with torch.no_grad():
-            value = self.stored().detach()
-            for parametrization in chain:
-                if not isinstance(parametrization, Constraint):
-                    break
-                value = parametrization(value)
-        return value.detach()
-
     @contextmanager
     def foreign_buffers_kept(self):
         r"""Restore the buffers of the parametrizations on the tensor that are not

@@ -123,7 +123,7 @@ def check(model: nn.Module) -> Report:
             _refuse_meta(slot, "check")
             value = slot.value()
             fqn = " = ".join(s.fqn for s in (slot, *aliases))
-            violations += [(fqn, reason) for reason in _violations(slot, slot.constrained_value())]
+            violations += [(fqn, reason) for reason in _violations(slot, value)]
             rows += [_check_row(name.fqn, slot, value) for name in (slot, *aliases)]
     if violations:
         raise ConstraintViolation(violations)

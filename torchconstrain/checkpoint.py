@@ -41,7 +41,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import threading
 import weakref
 
@@ -137,16 +136,17 @@ def _broken_by(plist: nn.Module, stored: Tensor) -> str | None:
     weights (a zero slice under ``UnitNorm``); ``None`` when it holds."""
     if stored.is_meta:
         return None
-    # torchconstrain's constraints only, as bake stores them: another library's
-    # parametrization after them (spectral_norm) would update its buffers, and its output
-    # is not what theirs promise anything about.
-    chain = list(itertools.takewhile(lambda p: isinstance(p, Constraint), plist))
-    chain = [constraint.with_values() for constraint in chain]
+    chain = [p.with_values() if isinstance(p, Constraint) else p for p in plist]
+    # Another library's parametrization (spectral_norm's power iteration, in training mode)
+    # updates its buffers when it runs: they are put back, whether the load goes on or not.
+    foreign = [(buffer, buffer.detach().clone()) for p in chain if not isinstance(p, Constraint) for buffer in p.buffers()]
     with torch.no_grad():
         value = stored
-        for constraint in chain:
-            value = constraint(value)
-        for constraint in chain:
+        for parametrization in chain:
+            value = parametrization(value)
+        for buffer, kept in foreign:
+            buffer.copy_(kept)
+        for constraint in (p for p in chain if isinstance(p, Constraint)):
             reason = constraint.violation(value)
             if reason:
                 return f"with the checkpoint's values {describe(constraint)} cannot hold: {reason}."
