@@ -147,3 +147,12 @@ def test_errors_of_a_callable_key_name_the_rule(net):
     with pytest.raises(TypeError, match=r"rule 0 \(<lambda>\) key must return True or False.*Got a tensor of shape \(\) for 'features.0.weight'"):
         constrain(net, {lambda fqn, module: torch.tensor(True): Clamp(-1, 1)})
     assert_unchanged(net, before)
+
+
+@pytest.mark.parametrize("key, first", [("2", "'0'"), ("2.weight", "'0.weight'")])
+def test_a_key_naming_a_reused_module_by_its_second_name_is_told_the_first(key, first):
+    layer = nn.Linear(3, 3)
+    model = nn.Sequential(layer, nn.ReLU(), layer)  # its parameters go by their first name
+    with pytest.raises(ValueError, match=rf"names a module used twice in the model: its tensors go by its first name. Use {first}"):
+        constrain(model, {key: Clamp(-1, 1)})
+    assert not hasattr(layer, "parametrizations")

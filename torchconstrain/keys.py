@@ -163,8 +163,12 @@ def no_match_message(
     names, or, for modules of ``model`` the key names that have no plain ``weight``, what
     their tensors are (an LSTM's ``weight_ih_l0``, another library's parametrization)."""
     message = f"{caller}: {_rule(index)} ({label(key)}) matches no parameter."
+    reused = _first_name_of_a_reused_module(model, key)
     named = _named_modules(model, key)
-    if named:
+    if reused:
+        message += (f" {key!r} names a module used twice in the model: its tensors go by its first "
+                    f"name. Use {reused!r}.")
+    elif named:
         message += " " + _weight_hint(*named[0])
     elif isinstance(key, str):
         candidates = list(slots) + sorted({s.module_name for s in slots.values() if s.module_name})
@@ -175,6 +179,19 @@ def no_match_message(
         kinds = sorted({parametrize.type_before_parametrizations(s.module).__name__ for s in slots.values()})
         message += f" Module types with parameters: {', '.join(kinds)}."
     return message + (" Pass strict=False to allow rules that match nothing." if strict_hint else "")
+
+
+def _first_name_of_a_reused_module(model: nn.Module | None, key) -> str | None:
+    """The first name of the module ``key`` names under a later one (a module used twice,
+    ``Sequential(layer, act, layer)``, whose parameters go by their first name), or None."""
+    if model is None or not isinstance(key, str):
+        return None
+    first = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        first.setdefault(id(module), name)
+        if name in (key, key.rpartition(".")[0]) and first[id(module)] != name:
+            return first[id(module)] + key[len(name):]
+    return None
 
 
 def _named_modules(model: nn.Module | None, key) -> list[tuple[str, nn.Module]]:
