@@ -96,3 +96,12 @@ def test_sliced_layers_keep_frozen_parameters_frozen():
     assert [new_conv.weight.requires_grad, new_conv.bias.requires_grad] == [False, True]
     assert [new_bn.weight.requires_grad, new_bn.bias.requires_grad] == [False, False]
     assert [new_linear.weight.requires_grad, new_linear.bias.requires_grad] == [True, False]
+
+
+def test_a_sliced_channels_last_conv_stays_channels_last():
+    conv = nn.Conv2d(4, 6, 3).to(memory_format=torch.channels_last)
+    new = sliced_conv(conv, rows=torch.tensor([0, 2, 5]), columns=torch.tensor([1, 3]))
+    assert new.weight.is_contiguous(memory_format=torch.channels_last) and not new.weight.is_contiguous()
+    x = torch.randn(2, 2, 5, 5)
+    expected = nn.functional.conv2d(x, conv.weight[[0, 2, 5]][:, [1, 3]], conv.bias[[0, 2, 5]])
+    torch.testing.assert_close(new(x), expected)

@@ -73,12 +73,20 @@ def sliced_conv(conv: nn.Conv2d, *, rows: Tensor | None = None, columns: Tensor 
 
 
 def _copy_parameters(new: nn.Module, weight: Tensor, bias: Tensor | None, old: nn.Module) -> None:
-    """Copy the sliced ``weight`` and ``bias`` into ``new``, frozen where ``old``'s were."""
+    """Copy the sliced ``weight`` and ``bias`` into ``new``, in ``old``'s weight's memory
+    format (channels-last stays) and frozen where ``old``'s were."""
     with torch.no_grad():
+        if _channels_last(old.weight):
+            new.weight.data = new.weight.data.contiguous(memory_format=torch.channels_last)
         new.weight.copy_(weight)
         if bias is not None:
             new.bias.copy_(bias)
     _keep_frozen(new, old)
+
+
+def _channels_last(weight: Tensor) -> bool:
+    """Whether a 4-D ``weight`` is laid out channels-last (and not also plainly contiguous)."""
+    return weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def _keep_frozen(new: nn.Module, old: nn.Module) -> None:
