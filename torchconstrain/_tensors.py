@@ -44,18 +44,10 @@ class Slot:
                     return self.module.parametrizations[self.tensor_name]().detach()
             return getattr(self.module, self.tensor_name).detach()
 
-    @contextmanager
     def foreign_buffers_kept(self):
         r"""Restore the buffers of the parametrizations on the tensor that are not
         torchconstrain's when the block ends, whatever it did to them."""
-        foreign = [p for p in self.chain() if not isinstance(p, Constraint)]
-        saved = [(buffer, buffer.detach().clone()) for p in foreign for buffer in p.buffers()]
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for buffer, value in saved:
-                    buffer.copy_(value)
+        return foreign_buffers_kept(self.chain())
 
     def stored(self) -> Tensor:
         r"""The ``Parameter`` (or buffer) object that holds the tensor's stored original."""
@@ -80,6 +72,20 @@ class Slot:
     def everything(self) -> list[Constraint]:
         r"""Parametrizations then soft constraints: all torchconstrain has on the tensor."""
         return self.constraints() + self.soft()
+
+
+@contextmanager
+def foreign_buffers_kept(chain):
+    r"""Restore the buffers of the parametrizations in ``chain`` that are not torchconstrain's
+    (``spectral_norm``'s power-iteration vectors) when the block ends, whatever it did to them."""
+    foreign = [p for p in chain if not isinstance(p, Constraint)]
+    saved = [(buffer, buffer.detach().clone()) for p in foreign for buffer in p.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 def parameter_slots(model: nn.Module) -> dict[str, Slot]:

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import torchconstrain._tracked as _tracked
-from torchconstrain._tensors import describe
+from torchconstrain._tensors import describe, foreign_buffers_kept
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.errors import CheckpointMismatch
 
@@ -139,13 +139,11 @@ def _broken_by(plist: nn.Module, stored: Tensor) -> str | None:
     chain = [p.with_values() if isinstance(p, Constraint) else p for p in plist]
     # Another library's parametrization (spectral_norm's power iteration, in training mode)
     # updates its buffers when it runs: they are put back, whether the load goes on or not.
-    foreign = [(buffer, buffer.detach().clone()) for p in chain if not isinstance(p, Constraint) for buffer in p.buffers()]
-    with torch.no_grad():
+    with torch.no_grad(), foreign_buffers_kept(chain):
         value = stored
         for parametrization in chain:
             value = parametrization(value)
-        for buffer, kept in foreign:
-            buffer.copy_(kept)
+    with torch.no_grad():
         for constraint in (p for p in chain if isinstance(p, Constraint)):
             reason = constraint.violation(value)
             if reason:

@@ -49,12 +49,17 @@ def number(
         value = float(value)
     except OverflowError:  # an int beyond float64
         raise ValueError(f"{where}: expected {name} to be {_range(low, high, low_open, high_open, finite)}. "
-                         f"Got an integer of {len(str(abs(int(value))))} digits, beyond float64.") from None
+                         f"Got {beyond_float64(value)}.") from None
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and (value >= high if high_open else value > high)
     if math.isnan(value) or below or above or (finite and math.isinf(value)):
         raise ValueError(f"{where}: expected {name} to be {_range(low, high, low_open, high_open, finite)}. Got {value!r}.")
     return value
+
+
+def beyond_float64(value: int) -> str:
+    r"""An integer too large for float64, in words: ``an integer of 401 digits, beyond float64``."""
+    return f"an integer of {len(str(abs(int(value))))} digits, beyond float64"
 
 
 def _range(low, high, low_open: bool, high_open: bool, finite: bool) -> str:

@@ -8,7 +8,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from torchconstrain.constraints.arguments import choice
+from torchconstrain.constraints.arguments import beyond_float64, choice
 from torchconstrain.constraints.base import Constraint, tracing, transformed, writable
 from torchconstrain.constraints.stacking import (
     CLAMPS,
@@ -170,8 +170,7 @@ def _as_bound(value, name: str) -> Tensor | None:
     try:
         bound = torch.as_tensor(value, dtype=dtype).detach().clone()
     except (OverflowError, RuntimeError):  # an int beyond float64
-        raise ValueError(f"Clamp: expected {name} to be a number float64 holds. "
-                         f"Got an integer of {len(str(abs(int(value))))} digits.") from None
+        raise ValueError(f"Clamp: expected {name} to be a number float64 holds. Got {beyond_float64(value)}.") from None
     problem = _bound_problem(bound, name)
     if problem:
         raise ValueError(f"Clamp: {problem}")
