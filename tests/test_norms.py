@@ -228,6 +228,27 @@ def test_the_pull_back_gradient_does_not_overflow_float16():
     torch.testing.assert_close(grads[torch.float16].float(), grads[torch.float32], rtol=2e-3, atol=1e-2)
 
 
+@pytest.mark.parametrize("entry", [5000.0, 60000.0])  # norm 4e4, and above float16's largest number
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_a_float16_slice_far_outside_a_small_ball_is_rescaled_not_zeroed(entry, requires_grad):
+    # The factor 1e-3 / 4e4 is below float16's smallest subnormal: computed in float16 it
+    # was 0, and the zeroed slice (norm 0, inside the ball) passed check.
+    x = torch.full((2, 64), entry, dtype=torch.float16).requires_grad_(requires_grad)
+    y = MaxNorm(1e-3)(x)
+    expected = torch.full((2, 64), 1e-3 / 8, dtype=torch.float64)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-3, atol=0)
+    assert torch.equal(MaxNorm(1e-3).forward_in_place(x.detach().clone()), y.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_rescale_in_place_to_the_bits_of_the_new_tensor(dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(8, 32) * torch.logspace(-2, 3, 8)[:, None]).to(dtype)
+    y = MaxNorm(1.0)(x)
+    assert y.dtype == dtype
+    assert torch.equal(MaxNorm(1.0).forward_in_place(x.clone()), y)
+
+
 def test_a_max_norm_below_the_dtypes_normal_numbers_is_refused():
     # In float16, slices rescaled to norm 1e-7 are subnormal: 46% over, and check, which
     # rounds norm and bound alike, passed them.

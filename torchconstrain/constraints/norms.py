@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from torchconstrain.constraints.arguments import choice, integer, number
-from torchconstrain.constraints.base import Constraint, tracing, transformed, writable
+from torchconstrain.constraints.base import Constraint, at_least_float32, tracing, transformed, writable
 from torchconstrain.constraints.box import Clamp
 from torchconstrain.constraints.stacking import (
     KEEPS_SIGNS,
@@ -148,7 +148,8 @@ class MaxNorm(_ChannelNorm):
     rescaling's gradient plus ``factor * max(w . g, 0) / max_value**2 * w`` (``w`` the
     effective slice, ``g`` its gradient, ``factor`` the rescaling), so the stored slice
     can return, as a Keras projection after each step lets it. Slices inside the ball get
-    their gradient unchanged either way.
+    their gradient unchanged either way. In float16 and bfloat16 the factor is computed in
+    float32 (in float16 it could underflow to 0) and the product rounded once.
 
     Args:
         max_value: the largest allowed norm, > 0, and at least the smallest normal number
@@ -186,22 +187,24 @@ class MaxNorm(_ChannelNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         if not (x.requires_grad and torch.is_grad_enabled()):
-            return x * self._factor(x)
+            return _rescaled(x, self._factor(x))
         with torch.no_grad():
             factor = self._factor(x)
         return _Rescale.apply(x, factor, self._others(x), self.max_value, self.gradient == "pull_back")
 
     def forward_in_place(self, x: Tensor) -> Tensor:
         factor = self._factor(x)
-        return x.mul_(factor) if writable(x, factor) else x * factor
+        return x.mul_(factor) if writable(x) else _rescaled(x, factor)  # mul_ rounds as _rescaled
 
     def _factor(self, x: Tensor) -> Tensor:
-        """What each slice is multiplied by: 1 inside the ball, else ``max_value / norm``."""
+        """What each slice is multiplied by: 1 inside the ball, else ``max_value / norm``; in
+        float32 for the half types, where a factor such as ``1e-3 / 6e4`` underflowed to 0
+        and zeroed the slice."""
         norms, exact = self._plain(x)
-        scale = self.max_value / norms.clamp_min(torch.finfo(x.dtype).tiny)
+        scale = self.max_value / at_least_float32(norms.clamp_min(torch.finfo(x.dtype).tiny))
         if exact is not None:
             largest, _, scaled_norms = self._scaled(x)
-            safe = self.max_value / largest / scaled_norms.clamp_min(1.0)
+            safe = self.max_value / at_least_float32(largest) / at_least_float32(scaled_norms.clamp_min(1.0))
             scale = torch.where(exact, scale, safe)
         return scale.clamp_max(1.0)
 
@@ -228,6 +231,11 @@ class MaxNorm(_ChannelNorm):
         return text if self.gradient == "pull_back" else f"{text}, gradient={self.gradient!r}"
 
 
+def _rescaled(x: Tensor, factor: Tensor) -> Tensor:
+    """``x * factor`` in ``x``'s dtype: one rounding of the product, also for a float32 ``factor``."""
+    return (x * factor).to(x.dtype)
+
+
 class _Rescale(torch.autograd.Function):
     """``x * factor`` (each slice's rescaling, computed without gradient) with
     :class:`MaxNorm`'s gradient, the rescaling's own or the pull-back; ``setup_context``
@@ -241,7 +249,7 @@ class _Rescale(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, factor: Tensor, dims: list[int], max_value: float, pull_back: bool) -> Tensor:
-        return x * factor
+        return _rescaled(x, factor)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
