@@ -331,6 +331,49 @@ def test_shrink_with_an_example_the_model_cannot_run_changes_nothing():
     assert_unchanged(model, before)
 
 
+class _Doubled(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _with_doubled_expand_conv(model, block):
+    conv = model.features[block].block[0][0]
+    doubled = _Doubled(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
+    doubled.load_state_dict(conv.state_dict())
+    model.features[block].block[0][0] = doubled
+    return doubled
+
+
+def test_shrink_keeps_the_layers_a_model_has_with_their_classes_and_hooks():
+    # Layers were replaced by new plain ones: a Conv2d subclass's forward was lost (outputs
+    # changed by half, silently) and the hooks on the layers were dropped.
+    model = randomize_batchnorm(build("mobilenet_v3_small")).eval()
+    doubled = _with_doubled_expand_conv(model, 2)
+    seen = []
+    doubled.register_forward_hook(lambda module, inputs, output: seen.append(output.shape[1]))
+    surgery.mask_blocks(model, sparsity=0.5)
+    bake(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    seen.clear()
+    report = surgery.shrink(model, example=EXAMPLE, measure=False)
+    assert model.features[2].block[0][0] is doubled and report.channels["features.2"] == (72, 36)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    assert seen[-1] == 36
+
+
+def test_a_layer_the_surgery_cannot_resize_is_refused_before_masking():
+    model = build("mobilenet_v3_small")
+    model.features[2].block[0][0].register_buffer("scale", torch.ones(72))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"surgery: block features.2 cannot be resized: layer features.2.block.0.0 "
+                                         r"\(Conv2d\): it also holds scale, which slicing would leave at the old sizes"):
+        surgery.mask_blocks(model, sparsity=0.5)
+    assert_unchanged(model, before)
+
+
 def test_measuring_and_shrinking_keep_each_modules_own_mode():
     # Fine-tuning with frozen BatchNorms: the model trains, its BatchNorms stay in eval mode.
     model = build("mobilenet_v3_small").train()

@@ -3,7 +3,17 @@ import torch
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
-from torchconstrain.surgery.slicing import conv_of, input_l1, slice_outputs, sliced_bn, sliced_conv, sliced_linear
+from torchconstrain import FixedMask, constrain
+from torchconstrain.surgery.slicing import (
+    conv_of,
+    input_l1,
+    not_resizable,
+    resize_like,
+    slice_outputs,
+    sliced_bn,
+    sliced_conv,
+    sliced_linear,
+)
 
 ROWS, COLUMNS = torch.tensor([0, 3, 4]), torch.tensor([1, 2, 5])
 
@@ -105,3 +115,45 @@ def test_a_sliced_channels_last_conv_stays_channels_last():
     x = torch.randn(2, 2, 5, 5)
     expected = nn.functional.conv2d(x, conv.weight[[0, 2, 5]][:, [1, 3]], conv.bias[[0, 2, 5]])
     torch.testing.assert_close(new(x), expected)
+
+
+class _Doubled(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_slicing_resizes_the_layers_themselves_keeping_their_class_and_hooks():
+    # Replaced by new plain layers, a Conv2d subclass lost its forward (outputs halved)
+    # and every forward hook on the layers was dropped.
+    torch.manual_seed(0)
+    layer = nn.Sequential(_Doubled(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU()).eval()
+    conv, bn = layer[0], layer[1]
+    seen = []
+    conv.register_forward_hook(lambda module, inputs, output: seen.append(output.shape[1]))
+    x = torch.randn(2, 4, 7, 7)
+    expected = layer(x)[:, ROWS]
+    slice_outputs(layer, ROWS)
+    assert layer[0] is conv and layer[1] is bn and type(conv) is _Doubled
+    assert (conv.out_channels, bn.num_features) == (len(ROWS), len(ROWS))
+    torch.testing.assert_close(layer(x), expected)
+    assert seen == [6, len(ROWS)]
+
+
+def test_a_layer_holding_more_than_slicing_resizes_is_refused():
+    class Scaled(nn.Linear):
+        def __init__(self):
+            super().__init__(4, 3)
+            self.scale = nn.Parameter(torch.ones(3))
+
+    layer = Scaled()
+    assert not_resizable(layer) == "it also holds scale, which slicing would leave at the old sizes"
+    with pytest.raises(ValueError, match="surgery: cannot resize Scaled in place: it also holds scale"):
+        resize_like(layer, sliced_linear(layer, rows=torch.tensor([0, 1])))
+    assert layer.weight.shape == (3, 4)
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(4, 3))
+    assert "weight is under another library's parametrization" in not_resizable(normed)
+    masked = nn.Linear(4, 3)
+    constrain(masked, {"weight": FixedMask.magnitude(sparsity=0.5)})
+    assert not_resizable(masked) is None  # baked before it is resized
+    with pytest.raises(ValueError, match="its tensors are constrained"):
+        resize_like(masked, sliced_linear(masked, rows=torch.tensor([0])))

@@ -40,7 +40,15 @@ import torch
 from torch import Tensor, nn
 
 from torchconstrain.constraints import FixedMask, LearnableMask
-from torchconstrain.surgery.slicing import conv_of, input_l1, sliced_bn, sliced_conv, sliced_linear
+from torchconstrain.surgery.slicing import (
+    conv_of,
+    input_l1,
+    not_resizable,
+    resize_like,
+    sliced_bn,
+    sliced_conv,
+    sliced_linear,
+)
 
 __all__ = [
     "BLOCK_KINDS", "KINDS", "ROLES", "Block", "ConvUnit", "Group", "Network", "Slot", "build_groups", "fixed_rules",
@@ -65,9 +73,6 @@ class Slot:
     @property
     def module(self) -> nn.Module:
         return self.owner._modules[self.key]
-
-    def set(self, module: nn.Module) -> None:
-        setattr(self.owner, self.key, module)
 
 
 @dataclass(frozen=True)
@@ -209,7 +214,8 @@ class Group:
         return [*self.rows, *self.depthwise, *self.bns, *self.readers]
 
     def check(self) -> None:
-        r"""Raise ``ValueError`` when a layer of the group does not have the group's width."""
+        r"""Raise ``ValueError`` when a layer of the group does not have the group's width, or
+        cannot be resized in place (:func:`~torchconstrain.surgery.slicing.not_resizable`)."""
         channels = self.channels
         sizes = [(slot, _out_size(slot.module)) for slot in self.rows]
         sizes += [(slot, slot.module.num_features) for slot in self.bns]
@@ -219,6 +225,11 @@ class Group:
         wrong = [f"{slot.fqn} has {size}" for slot, size in sizes if size != channels]
         if wrong:
             raise ValueError(f"the layers of {self.label} disagree on its {channels} channels: {', '.join(wrong)}.")
+        for slot in self.slots():
+            reason = not_resizable(slot.module)
+            if reason is not None:
+                raise ValueError(f"{self.label} cannot be resized: layer {slot.fqn} ({type(slot.module).__name__}): "
+                                 f"{reason}.")
 
 
 def _out_size(module: nn.Module) -> int:
@@ -416,16 +427,22 @@ def read_channels(group: Group) -> Tensor:
 
 
 def slice_group(group: Group, index: Tensor) -> None:
-    r"""Keep only the channels ``index`` of ``group`` in every layer of it, in place."""
+    r"""Keep only the channels ``index`` of ``group`` in every layer of it, each resized in place
+    (:func:`~torchconstrain.surgery.slicing.resize_like`: the same module objects)."""
     with torch.no_grad():
-        for slot in group.rows:
-            slot.set(_sliced(slot.module, rows=index))
-        for slot in group.depthwise:
-            slot.set(sliced_conv(slot.module, rows=index, depthwise=True))
-        for slot in group.bns:
-            slot.set(sliced_bn(slot.module, index))
-        for slot in group.readers:
-            slot.set(_sliced(slot.module, columns=index))
+        for layer in _distinct(group.rows):
+            resize_like(layer, _sliced(layer, rows=index))
+        for layer in _distinct(group.depthwise):
+            resize_like(layer, sliced_conv(layer, rows=index, depthwise=True))
+        for layer in _distinct(group.bns):
+            resize_like(layer, sliced_bn(layer, index))
+        for layer in _distinct(group.readers):
+            resize_like(layer, _sliced(layer, columns=index))
+
+
+def _distinct(slots: list[Slot]) -> list[nn.Module]:
+    """The modules at ``slots``, each once (a module at two places is resized once)."""
+    return list({id(slot.module): slot.module for slot in slots}.values())
 
 
 def _sliced(module: nn.Module, **index) -> nn.Module:

@@ -14,7 +14,19 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, skip_init
 
-__all__ = ["conv_of", "fold_batchnorm", "input_l1", "slice_outputs", "sliced_bn", "sliced_conv", "sliced_linear"]
+from torchconstrain.constraints import Constraint
+
+__all__ = [
+    "conv_of", "fold_batchnorm", "input_l1", "not_resizable", "resize_like", "slice_outputs", "sliced_bn", "sliced_conv",
+    "sliced_linear",
+]
+
+#: What slicing changes in each layer type: its size attributes, and the tensors it holds.
+_LAYERS = (
+    (nn.Conv2d, ("in_channels", "out_channels", "groups"), {"weight", "bias"}),
+    (nn.Linear, ("in_features", "out_features"), {"weight", "bias"}),
+    (nn.BatchNorm2d, ("num_features",), {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}),
+)
 
 
 def conv_of(layer: nn.Module) -> nn.Conv2d:
@@ -144,11 +156,70 @@ def sliced_linear(linear: nn.Linear, *, rows: Tensor | None = None, columns: Ten
 def slice_outputs(layer: nn.Sequential, index: Tensor, *, depthwise: bool = False) -> None:
     r"""Keep only the output channels ``index`` of a conv/BN sequence: its conv and its BatchNorm.
 
-    Modifies ``layer`` in place (the activation after them, if any, stays). ``depthwise`` as
-    in :func:`sliced_conv`.
+    Modifies ``layer``'s conv and BatchNorm in place (:func:`resize_like`; the activation
+    after them, if any, stays). ``depthwise`` as in :func:`sliced_conv`.
     """
-    layer[0] = sliced_conv(conv_of(layer), rows=index, depthwise=depthwise)
-    layer[1] = sliced_bn(layer[1], index)
+    conv = conv_of(layer)
+    resize_like(conv, sliced_conv(conv, rows=index, depthwise=depthwise))
+    resize_like(layer[1], sliced_bn(layer[1], index))
+
+
+def resize_like(layer: nn.Module, resized: nn.Module) -> nn.Module:
+    r"""Give ``layer`` the tensors and sizes of ``resized``, its copy from :func:`sliced_conv`,
+    :func:`sliced_bn` or :func:`sliced_linear`; return ``layer``.
+
+    ``layer`` stays the same object: its class (a subclass's ``forward``), hooks and other
+    attributes stay, and every module holding it sees the new sizes. A layer that holds
+    more than the tensors of its type (see :func:`not_resizable`) is refused.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torchconstrain.surgery.slicing import resize_like, sliced_linear
+        >>> layer = nn.Linear(4, 3)
+        >>> handle = layer.register_forward_hook(lambda module, inputs, output: print(tuple(output.shape)))
+        >>> _ = resize_like(layer, sliced_linear(layer, rows=torch.tensor([0, 2])))
+        >>> _ = layer(torch.zeros(1, 4))
+        (1, 2)
+    """
+    reason = not_resizable(layer)
+    if reason is None and parametrize.is_parametrized(layer):
+        reason = "its tensors are constrained (bake them first)"
+    if reason is not None:
+        raise ValueError(f"surgery: cannot resize {type(layer).__name__} in place: {reason}.")
+    sizes, _ = _layer_kind(resized)
+    for name in sizes:
+        setattr(layer, name, getattr(resized, name))
+    layer._parameters.update(resized._parameters)
+    layer._buffers.update(resized._buffers)
+    return layer
+
+
+def not_resizable(layer: nn.Module) -> str | None:
+    r"""Why slicing cannot resize ``layer`` in place (once its constraints are baked), or ``None``.
+
+    Slicing changes a ``Conv2d``'s or ``Linear``'s weight and bias and a ``BatchNorm2d``'s
+    affine parameters and statistics: a layer (a subclass) that also holds other tensors or
+    modules would keep them at their old sizes, and a tensor under another library's
+    parametrization (which :func:`~torchconstrain.bake` leaves) is computed, not stored.
+    """
+    sizes, tensors = _layer_kind(layer)
+    if sizes is None:
+        return f"expected a Conv2d, Linear or BatchNorm2d. Got {type(layer).__name__}"
+    chains = dict(layer.parametrizations.items()) if parametrize.is_parametrized(layer) else {}
+    foreign = [name for name, chain in chains.items() if not all(isinstance(p, Constraint) for p in chain)]
+    if foreign:
+        return f"its {', '.join(foreign)} is under another library's parametrization (remove it first)"
+    held = {name for name, tensor in [*layer._parameters.items(), *layer._buffers.items()] if tensor is not None}
+    extra = sorted((held | set(chains)) - tensors) + sorted(set(layer._modules) - {"parametrizations"})
+    if extra:
+        return f"it also holds {', '.join(extra)}, which slicing would leave at the old sizes"
+    return None
+
+
+def _layer_kind(layer: nn.Module) -> tuple[tuple[str, ...] | None, set[str]]:
+    """The size attributes and tensor names of ``layer``'s type (``(None, set())``: not one slicing knows)."""
+    return next(((sizes, tensors) for kind, sizes, tensors in _LAYERS if isinstance(layer, kind)), (None, set()))
 
 
 def fold_batchnorm(model: nn.Module) -> int:
