@@ -30,6 +30,41 @@ def test_list_value_stacks_in_order(net):
     assert [type(c).__name__ for c in chain] == ["Clamp", "FixedMask"]
 
 
+def _stacked_in_two_calls(layer, first, second):
+    constrain(layer, {"weight": first})
+    constrain(layer, {"weight": second}, existing="stack")
+    return layer.weight.detach()
+
+
+@pytest.mark.parametrize("make_mask", [
+    lambda: FixedMask.magnitude(sparsity=0.5),
+    lambda: FixedMask.structured(sparsity=0.5),
+    lambda: FixedMask.global_magnitude(sparsity=0.5),
+    lambda: FixedMask.magnitude(threshold=0.1),
+])
+@pytest.mark.parametrize("as_rules", [False, True])
+def test_a_mask_later_in_a_stack_chooses_from_the_value_it_masks(make_mask, as_rules):
+    # Bound to the raw weight, the mask kept large negative entries (0 after NonNeg) and
+    # pruned positive ones: 73% of entries zero instead of 50%, unlike the same stack
+    # built in two calls.
+    torch.manual_seed(0)
+    weight = torch.randn(16, 16)
+    one, two = nn.Linear(16, 16), nn.Linear(16, 16)
+    with torch.no_grad():
+        one.weight.copy_(weight), two.weight.copy_(weight)
+    rules = [("weight", NonNeg()), ("w*", make_mask())] if as_rules else {"weight": [NonNeg(), make_mask()]}
+    constrain(one, rules)
+    assert torch.equal(one.weight, _stacked_in_two_calls(two, NonNeg(), make_mask()))
+    kept = weight.clamp_min(0) * one.parametrizations.weight[1].mask
+    assert torch.equal(one.weight, kept)
+
+
+def test_a_callable_later_in_a_stack_sees_the_value_it_constrains(net):
+    seen = []
+    constrain(net, [("head", Clamp(-0.01, 0.01)), ("head", lambda fqn, tensor: seen.append(tensor.abs().max()))])
+    assert seen == [torch.tensor(0.01)]
+
+
 def test_every_matching_rule_applies_in_rule_order(net):
     report = constrain(net, [("head", FixedMask.magnitude(sparsity=0.5)), (nn.Linear, Clamp(-0.2, 0.2))])
     assert [type(c).__name__ for c in net.head.parametrizations.weight] == ["FixedMask", "Clamp"]

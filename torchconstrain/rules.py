@@ -49,6 +49,10 @@ class _Planned:
     constraints: list[Constraint] = field(default_factory=list)
     rules: list[_Rule] = field(default_factory=list)
 
+    def with_more(self, constraints: list[Constraint], rule: _Rule) -> _Planned:
+        """A copy with ``constraints`` from ``rule`` planned after these."""
+        return _Planned(self.slot, self.aliases, self.constraints + constraints, self.rules + [rule] * len(constraints))
+
     @property
     def name(self) -> str:
         """How messages name the tensor: its first name, and its other names if tied."""
@@ -178,7 +182,8 @@ def _plan(
             if strict:
                 raise ValueError(_all_excluded_message(rule, matched[id(rule)], rules))
             continue
-        for fqn, constraints in _bind(rule, group).items():
+        planned = lambda fqn: plan.get(tied[fqn][0].fqn) or _Planned(tied[fqn][0])  # noqa: E731
+        for fqn, constraints in _bind(rule, group, planned).items():
             if not constraints:
                 continue
             first, *aliases = tied[fqn]
@@ -215,19 +220,52 @@ def _all_excluded_message(rule: _Rule, matched: list[Slot], rules: list[_Rule]) 
     )
 
 
-def _bind(rule: _Rule, group: dict[str, Slot]) -> dict[str, list[Constraint]]:
-    values = {fqn: slot.value() for fqn, slot in group.items()}
-    for fqn, value in values.items():
-        if not value.is_floating_point():
-            raise ValueError(f"{fqn}: {rule} can only constrain floating-point tensors. Got {value.dtype}.")
-    if not _is_constraint_list(rule.value):
-        return {fqn: _call_factory(rule, fqn, value) for fqn, value in values.items()}
+def _bind(rule: _Rule, group: dict[str, Slot], planned: Callable[[str], _Planned]) -> dict[str, list[Constraint]]:
+    """Bind ``rule``'s constraints to each tensor of ``group``; each template (or the rule's
+    callable) chooses from the value it will transform: the tensor's value through the
+    constraints ``planned`` on it before, by earlier rules and earlier templates of this one."""
+    for fqn, slot in group.items():
+        if not slot.stored().is_floating_point():
+            raise ValueError(f"{fqn}: {rule} can only constrain floating-point tensors. Got {slot.stored().dtype}.")
     bound = {fqn: [] for fqn in group}
+    seen = _Seen(group, lambda fqn: planned(fqn).with_more(bound[fqn], rule))
+    if not _is_constraint_list(rule.value):
+        return {fqn: _call_factory(rule, fqn, seen[fqn]) for fqn in group}
     for template in _as_list(rule.value):
         with _rule_named(rule, template):
-            for fqn, constraint in template.for_tensors(values).items():
+            for fqn, constraint in template.for_tensors(seen).items():
                 bound[fqn].append(constraint)
     return bound
+
+
+class _Seen(Mapping):
+    """The value the next constraint bound to each tensor of a group transforms, computed
+    when it is read (:func:`_seen_by_next`), so that binding one tensor at a time keeps
+    one value at a time."""
+
+    def __init__(self, group: dict[str, Slot], planned: Callable[[str], _Planned]) -> None:
+        self.group, self.planned = group, planned
+
+    def __getitem__(self, fqn: str) -> Tensor:
+        return _seen_by_next(self.planned(fqn))
+
+    def __iter__(self):
+        return iter(self.group)
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+
+def _seen_by_next(entry: _Planned) -> Tensor:
+    """The tensor's current value as stored by registering ``entry``, through its constraints."""
+    if not entry.constraints:
+        return entry.slot.value()
+    with torch.no_grad():
+        value = _as_registration_stores(entry, entry.slot.value().clone())
+        for constraint, rule in zip(entry.constraints, entry.rules):
+            with origin_named(f"{entry.name}: {describe(constraint)} from {rule}"):
+                value = constraint(value)
+    return value
 
 
 @contextmanager
