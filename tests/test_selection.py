@@ -11,7 +11,8 @@ from conftest import assert_unchanged, snapshot
 from torch import nn
 from torch.nn.utils import prune
 
-from torchconstrain import FixedMask, constrain
+from torchconstrain import FixedMask, check, constrain
+from torchconstrain.errors import ConstraintViolation
 
 
 @pytest.mark.parametrize(
@@ -173,3 +174,16 @@ def test_global_magnitude_warns_about_a_tensor_it_prunes_whole():
     with pytest.warns(UserWarning, match=r"1.weight: sparsity 0.5 prunes all 64 entries; the tensor is all zeros"):
         constrain(model, {"*.weight": FixedMask.global_magnitude(sparsity=0.5)})
     assert not model[1].weight.any() and model[0].weight.all()
+
+
+@pytest.mark.parametrize("make_mask", [lambda: FixedMask.magnitude(threshold=0.1), lambda: FixedMask.magnitude(sparsity=0.5)])
+def test_a_nan_weight_is_kept_for_check_to_report_not_masked_into_a_zero(make_mask):
+    # NaN > threshold is False: the threshold masked the NaN, its stored value became 0,
+    # and check passed without a trace of it.
+    layer = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[math.nan, 0.5, 0.01, -0.7]]))
+    constrain(layer, {"weight": make_mask()})
+    assert layer.weight[0, 0].isnan()
+    with pytest.raises(ConstraintViolation, match="1 entries are NaN or infinite"):
+        check(layer)

@@ -91,7 +91,8 @@ class FixedMask(Constraint):
     def magnitude(cls, *, sparsity: float | None = None, threshold: float | None = None) -> "FixedMask":
         r"""Template: mask the ``sparsity`` share of each tensor's smallest-magnitude entries.
 
-        With ``threshold=`` instead, mask every entry with ``|w| <= threshold``.
+        With ``threshold=`` instead, mask every entry with ``|w| <= threshold``. Either way a
+        NaN entry is kept (it ranks above every number), for :func:`~torchconstrain.check` to report.
         """
         return cls(_selector=Magnitude(sparsity=sparsity, threshold=threshold))
 

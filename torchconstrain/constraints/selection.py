@@ -89,7 +89,7 @@ class Magnitude:
             _warn_if_degenerate(fqn, self.sparsity, keep, "entry")
             return keep
         magnitudes = tensor.abs()
-        keep = magnitudes > self.threshold
+        keep = ~(magnitudes <= self.threshold)  # a NaN stays, as topk keeps it: check reports it
         if tensor.numel() and not keep.any():
             raise ValueError(
                 f"{fqn}: FixedMask.magnitude(threshold={self.threshold:g}) masks all {tensor.numel()} "
