@@ -316,3 +316,21 @@ def test_a_baked_channels_last_1x1_conv_computes_what_the_constrained_one_did(ma
     assert model[0].weight is parameter  # the optimizer's Parameter, with the effective strides
     with torch.no_grad():
         assert torch.equal(model(x), constrained)
+
+
+def test_constrain_and_bake_under_inference_mode_leave_ordinary_tensors_that_train():
+    # Inside inference_mode, constrain failed on its own buffers' version counters, and
+    # bake left a channels-last conv's baked weight an inference tensor: the next
+    # backward raised "Inference tensors cannot be saved for backward".
+    model = nn.Sequential(nn.Conv2d(8, 16, 1), nn.Flatten(), nn.Linear(64, 4)).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        constrain(model, {"0.weight": FixedMask.random(sparsity=0.5, seed=0),
+                          "2.weight": [Clamp(-0.1, 0.1), LearnableMask()]})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 8, 2, 2)).sum().backward()
+    optimizer.step()
+    with torch.inference_mode():
+        bake(model)
+    assert not any(tensor.is_inference() for tensor in model.state_dict().values())
+    model(torch.randn(2, 8, 2, 2)).sum().backward()
+    optimizer.step()

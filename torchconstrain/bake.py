@@ -17,6 +17,7 @@ from torchconstrain.report import Report
 __all__ = ["bake", "check", "penalty"]
 
 
+@torch.inference_mode(False)  # a baked Parameter must stay an ordinary tensor, trainable after
 def bake(model: nn.Module, key=None) -> Report:
     r"""Replace torchconstrain's constraints by their effective values. Modifies ``model`` in place.
 

@@ -61,6 +61,7 @@ class _Planned:
         return f"{self.slot.fqn} (one Parameter with {', '.join(a.fqn for a in self.aliases)})"
 
 
+@torch.inference_mode(False)  # masks and buffers made here must be ordinary tensors, editable later
 def constrain(
     model: nn.Module,
     rules: Mapping | Sequence,
@@ -500,6 +501,7 @@ def _parametrized_names(module: nn.Module) -> frozenset:
     return frozenset(module.parametrizations) if parametrize.is_parametrized(module) else frozenset()
 
 
+@torch.inference_mode(False)
 def constrain_and_finish(model: nn.Module, rules, finish: Callable[[], None], **options) -> Report:
     r""":func:`constrain`, then ``finish()`` (the step that makes learnable gates share scores
     or a budget, see :func:`~torchconstrain.surgery.block_rules`), returning the report
