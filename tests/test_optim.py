@@ -118,3 +118,16 @@ def test_a_tied_parameter_is_one_entry_matched_by_any_of_its_names(key):
     ]
     assert groups[0]["weight_decay"] == 0.1
     assert unoptimized(model, torch.optim.AdamW(groups)) == []
+
+
+def test_rules_reach_the_parameters_another_librarys_parametrization_computes_a_tensor_from():
+    # weight_norm's two originals have no plain name: even "*" missed them, and they got
+    # the optimizer's default weight decay silently.
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    nn.utils.parametrizations.weight_norm(model[0])
+    constrain(model, {"1": Clamp(-0.1, 0.1)})
+    groups = param_groups(model, {"*": {"weight_decay": 0.0}, "0.weight": {"lr": 0.5}})
+    options = {id(p): (g.get("weight_decay"), g.get("lr")) for g in groups for p in g["params"]}
+    normed = model[0].parametrizations.weight
+    assert options[id(normed.original0)] == options[id(normed.original1)] == (0.0, 0.5)
+    assert options[id(model[0].bias)] == options[id(model[1].bias)] == (0.0, None)

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from torchconstrain._tensors import Slot, parameter_slots, tied_slots
 from torchconstrain.constraints.base import Constraint
@@ -28,7 +29,9 @@ def param_groups(model: nn.Module, rules: Mapping | Sequence = (), *, scores: Ma
     own (a :class:`~torchconstrain.LearnableMask`'s ``scores``) are never matched by rules:
     they go into one group with the ``scores`` options, which default to
     ``{"weight_decay": 0.0}`` (decay would pull every gate towards 0.5, fighting the
-    sparsity penalty). Parameters with the same matching rules share a group; groups come
+    sparsity penalty). The parameters inside another library's parametrization (``weight_norm``'s
+    ``original0`` and ``original1``) take the rules for the tensor it computes (``"0.weight"``).
+    Parameters with the same matching rules share a group; groups come
     in model order and options not given fall back to the optimizer's defaults. A tied
     ``Parameter`` (several names, one tensor) appears once, with the rules that match any
     of its names.
@@ -61,6 +64,7 @@ def param_groups(model: nn.Module, rules: Mapping | Sequence = (), *, scores: Ma
     """
     parsed = _parse(rules)
     by_id = {id(group[0].stored()): group for group in tied_slots(parameter_slots(model).values()).values()}
+    by_id = {**_computed_from(model), **by_id}
     owned = {id(p) for m in model.modules() if isinstance(m, Constraint) for p in m.parameters(recurse=False)}
     groups: dict[tuple, dict] = {}
     used = set()
@@ -74,6 +78,21 @@ def param_groups(model: nn.Module, rules: Mapping | Sequence = (), *, scores: Ma
     if strict:
         _refuse_unused(parsed, used, model)
     return list(groups.values())
+
+
+def _computed_from(model: nn.Module) -> dict[int, tuple[Slot, ...]]:
+    """The parameters inside parametrizations, by id, each with the tensor it computes: the
+    rules for that tensor reach them (``weight_norm``'s two originals, or a parametrization's
+    own parameters, which have no name of their own that a rule could use)."""
+    found: dict[int, tuple[Slot, ...]] = {}
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name, chain in module.parametrizations.items():
+            fqn = f"{module_name}.{tensor_name}" if module_name else tensor_name
+            for param in chain.parameters():
+                found.setdefault(id(param), (Slot(fqn, module_name, module, tensor_name),))
+    return found
 
 
 def unoptimized(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

@@ -61,7 +61,6 @@ class _Planned:
         return f"{self.slot.fqn} (one Parameter with {', '.join(a.fqn for a in self.aliases)})"
 
 
-@torch.inference_mode(False)  # masks and buffers made here must be ordinary tensors, editable later
 def constrain(
     model: nn.Module,
     rules: Mapping | Sequence,
@@ -104,8 +103,9 @@ def constrain(
         )
     before = {id(p) for p in model.parameters()} if optimizer is not None else set()
     slots = parameter_slots(model)
-    plan = _plan(slots, _parse_rules(rules, rule_names), strict=strict, existing=existing, model=model)
-    _register(plan)
+    with torch.inference_mode(False):  # masks and buffers made here must be ordinary tensors, editable later
+        plan = _plan(slots, _parse_rules(rules, rule_names), strict=strict, existing=existing, model=model)
+        _register(plan)
     if plan:
         watch(model)
     if optimizer is not None:
@@ -501,13 +501,13 @@ def _parametrized_names(module: nn.Module) -> frozenset:
     return frozenset(module.parametrizations) if parametrize.is_parametrized(module) else frozenset()
 
 
-@torch.inference_mode(False)
 def constrain_and_finish(model: nn.Module, rules, finish: Callable[[], None], **options) -> Report:
     r""":func:`constrain`, then ``finish()`` (the step that makes learnable gates share scores
     or a budget, see :func:`~torchconstrain.surgery.block_rules`), returning the report
     with the constraints as they are then."""
     report = constrain(model, rules, **options)
-    finish()
+    with torch.inference_mode(False):
+        finish()
     return described_again(model, report)
 
 
