@@ -37,6 +37,10 @@ REFUSED = {
         lambda: [FakeQuant(4, per_channel=False), MaxNorm(0.5)],
         "MaxNorm.*cannot follow FakeQuant.*which no later constraint keeps",
     ),
+    "FakeQuant with a scale floor, then MaxNorm": (  # a floored grid does not scale with its slice
+        lambda: [FakeQuant.xnnpack(), MaxNorm(1.0)],
+        "MaxNorm.*cannot follow FakeQuant.*min_scale.*which no later constraint keeps",
+    ),
     "FakeQuant along dim 0, then UnitNorm along dim 1": (lambda: [FakeQuant(4), UnitNorm(dim=1)], "UnitNorm.*cannot follow FakeQuant"),
     "NonNeg, then UnitNorm": (lambda: [NonNeg(), UnitNorm()], r"UnitNorm\(dim=0\) from rule 0 \(weight\) cannot follow NonNeg\(\)"),
     "UnitNorm, then FakeQuant": (lambda: [UnitNorm(), FakeQuant(8)], "FakeQuant.*cannot follow UnitNorm.*unit L2 norm"),
@@ -83,6 +87,19 @@ def test_stacks_that_cannot_always_hold_are_refused_with_the_model_unchanged(nam
         constrain(layer, {"weight": make()})
     assert str(error.value).startswith("weight: ") and "cannot always hold" in str(error.value)
     assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("stack", [lambda: [FakeQuant(4), MaxNorm(0.25)], lambda: [FakeQuant(2), UnitNorm()]])
+def test_per_channel_fake_quant_on_a_bias_is_one_grid_that_scaling_entries_breaks(stack):
+    # On a 1-D tensor FakeQuant has one grid, and MaxNorm and UnitNorm scale each entry on
+    # its own: the stacks were accepted, then broke after a step ([FakeQuant(2), UnitNorm()]
+    # left an entry at 0, [FakeQuant(4), MaxNorm(0.25)] entries off the grid).
+    layer = nn.Linear(4, 4)
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match=r"bias: .* cannot follow FakeQuant.*which no later constraint keeps"):
+        constrain(layer, {"bias": stack()})
+    assert_unchanged(layer, before)
+    constrain(layer, {"weight": stack()})  # a grid per row: scaling a row scales its grid
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

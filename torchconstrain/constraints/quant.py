@@ -135,6 +135,7 @@ class FakeQuant(Constraint):
             )
         if self.min_scale and not tensor.is_meta:
             self._refuse_a_floor_that_zeroes(fqn, tensor)
+        self._slices_own_grids = self.per_channel and tensor.dim() > 1 and not self.min_scale
 
     def _refuse_a_floor_that_zeroes(self, fqn: str, tensor: Tensor) -> None:
         """Raise where ``min_scale`` rounds every entry of a nonzero tensor to 0; warn where
@@ -247,10 +248,12 @@ class FakeQuant(Constraint):
     def stacking(self) -> Stacking:
         # The grid is each slice's own: scaling a slice by one factor scales its grid; moving
         # single entries (a clamp, a mask, rounding again) moves the grid's ends.
-        # A floored scale can put the top level above max|w|: no WITHIN_LARGEST then.
+        # A floored scale can put the top level above max|w|: no WITHIN_LARGEST then; nor
+        # does a floored grid scale with its slice, nor keep it nonzero. On a 1-D tensor
+        # there is one grid (per_channel is per tensor there).
         does = [KEEPS_SIGNS] + ([WITHIN_LARGEST] if self.symmetric and not self.min_scale else [])
         promise = f"every entry on its {self.bits}-bit grid"
-        if not self.per_channel:
+        if not getattr(self, "_slices_own_grids", self.per_channel and not self.min_scale):  # a template: unbound
             return declare(does, promise)
         does.append(keeps_nonzero_slices(self.dim))  # a slice's largest entry stays nonzero
         return declare(does, promise, kept_by=[scales_slices(self.dim)])
