@@ -156,3 +156,16 @@ def test_a_key_naming_a_reused_module_by_its_second_name_is_told_the_first(key, 
     with pytest.raises(ValueError, match=rf"names a module used twice in the model: its tensors go by its first name. Use {first}"):
         constrain(model, {key: Clamp(-1, 1)})
     assert not hasattr(layer, "parametrizations")
+
+
+@pytest.mark.parametrize("rules", [
+    lambda: {lambda fqn, module: next(iter([])): Clamp(-1, 1)},
+    lambda: {"0": lambda fqn, tensor: next(iter([]))},
+])
+def test_a_stop_iteration_from_a_users_callable_comes_back_naming_the_rule(rules):
+    # Leaving the generator-based context manager that names the rule, it escaped as a
+    # bare StopIteration with an empty message.
+    model = nn.Sequential(nn.Linear(3, 3))
+    with pytest.raises(RuntimeError, match=r"rule 0 .* raised StopIteration") as error:
+        constrain(model, rules())
+    assert isinstance(error.value.__cause__, StopIteration)

@@ -14,7 +14,6 @@ import fnmatch
 import inspect
 import re
 from collections.abc import Callable
-from contextlib import contextmanager
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -124,20 +123,42 @@ def check_arity(function: Callable, arguments: tuple[str, ...], where: str) -> N
         ) from None
 
 
-@contextmanager
-def origin_named(where: str):
+class renamed_errors:
+    r"""Context manager: an exception raised in the block is raised again as ``rename(error)``,
+    chained from it (unless the new one suppresses its context: ``raise ... from None``).
+
+    A class, not a ``contextlib.contextmanager`` generator: that one lets an exception
+    chained from a ``StopIteration`` (a user's ``next()`` on an empty iterator) escape as
+    the bare ``StopIteration``, its message lost."""
+
+    def __init__(self, rename: Callable[[Exception], Exception]) -> None:
+        self.rename = rename
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if not isinstance(error, Exception):
+            return False
+        renamed = self.rename(error)
+        if renamed.__suppress_context__:
+            raise renamed
+        raise renamed from error
+
+
+def origin_named(where: str) -> renamed_errors:
     r"""Re-raise an exception raised in the block (a user's callable) as one of the same type
     whose message starts with ``where``, the original as its ``__cause__``."""
-    try:
-        yield
-    except Exception as error:
-        message = f"{where} raised {type(error).__name__}: {error}"
-        raise same_kind(error, message) from error
+    return renamed_errors(lambda error: same_kind(error, f"{where} raised {type(error).__name__}: {error}"))
 
 
 def same_kind(error: Exception, message: str) -> Exception:
     r"""An exception of ``error``'s type with ``message``, or a RuntimeError where that type
-    does not take a message (or shows it otherwise, as KeyError quotes it)."""
+    does not take a message (or shows it otherwise, as KeyError quotes it), or is a
+    ``StopIteration``, which Python turns into "generator raised StopIteration" when it
+    leaves a generator (the context managers that call this are ones)."""
+    if isinstance(error, (StopIteration, StopAsyncIteration)):
+        return RuntimeError(message)
     try:
         made = type(error)(message)
     except Exception:

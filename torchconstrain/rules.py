@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +19,16 @@ from torchconstrain.checkpoint import watch
 from torchconstrain.constraints.arguments import flag
 from torchconstrain.constraints.base import Constraint
 from torchconstrain.constraints.stacking import conflict
-from torchconstrain.keys import check_arity, label, match, matcher, no_match_message, origin_named, same_kind
+from torchconstrain.keys import (
+    check_arity,
+    label,
+    match,
+    matcher,
+    no_match_message,
+    origin_named,
+    renamed_errors,
+    same_kind,
+)
 from torchconstrain.optim import warn_unoptimized
 from torchconstrain.registration import drop_entries, drop_soft, register, share, shares
 from torchconstrain.report import Report
@@ -269,17 +277,19 @@ def _seen_by_next(entry: _Planned) -> Tensor:
     return value
 
 
-@contextmanager
-def _rule_named(rule: _Rule, template: Constraint | None = None):
+def _rule_named(rule: _Rule, template: Constraint | None = None) -> renamed_errors:
     """Name ``rule`` in a ValueError raised by binding its constraints (a mask that does not
     fit), and ``rule`` and ``template`` in any other exception (a custom constraint's)."""
-    try:
-        yield
-    except ValueError as error:
-        raise ValueError(f"{rule}: {error}") from None
-    except Exception as error:
+
+    def rename(error: Exception) -> Exception:
+        if isinstance(error, ValueError):
+            renamed = ValueError(f"{rule}: {error}")
+            renamed.__suppress_context__ = True
+            return renamed
         what = "binding" if template is None else f"binding {describe(template)}"
-        raise same_kind(error, f"{rule}: {what} raised {type(error).__name__}: {error}") from error
+        return same_kind(error, f"{rule}: {what} raised {type(error).__name__}: {error}")
+
+    return renamed_errors(rename)
 
 
 def _is_constraint_list(value) -> bool:
