@@ -507,3 +507,16 @@ def test_a_rolled_back_registration_gives_back_the_storage_and_the_class():
     with pytest.raises(RuntimeError, match="boom"):
         constrain(stacked, {"0": [Clamp(-1, 1), _RefusesToStore()]}, existing="stack")
     assert type(stacked[0]) is cls
+
+
+def test_a_constraint_that_changes_the_dtype_is_refused_naming_its_rule():
+    class ToDouble(Constraint):
+        def forward(self, x):
+            return x.double()
+
+    layer = nn.Linear(3, 3)
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match=r"weight: ToDouble\(\) from rule 0 \(weight\) turns a torch.float32 tensor "
+                                         r"of shape \(3, 3\) into a torch.float64 tensor of shape \(3, 3\)"):
+        constrain(layer, {"weight": ToDouble()})
+    assert_unchanged(layer, before)

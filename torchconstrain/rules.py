@@ -415,7 +415,7 @@ def _dry_run(entry: _Planned, earlier: list[Constraint], labels: list[str]) -> N
                 result = constraint(value)
             if result.shape != value.shape or result.dtype != value.dtype:
                 raise ValueError(
-                    f"{entry.name}: {describe(constraint)} turns a {value.dtype} tensor of shape "
+                    f"{entry.name}: {describe(constraint)} from {rule} turns a {value.dtype} tensor of shape "
                     f"{tuple(value.shape)} into a {result.dtype} tensor of shape {tuple(result.shape)}."
                 )
             value = result
