@@ -232,6 +232,21 @@ def test_inspect_fails_on_a_rule_that_matches_nothing_and_on_bad_models(tmp_path
     assert "model.pt: not a file saved with torch.save (UnpicklingError" in capsys.readouterr().err
 
 
+def test_inspect_fails_on_a_rule_whose_every_match_a_null_rule_excludes(tmp_path, capsys):
+    # constrain refuses such a file; inspect listed the excluded tensors and exited 0.
+    model_path = tmp_path / "model.pt"
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)))
+    torch.save(model, model_path)
+    path = write(tmp_path, "rules.yaml", "rules:\n  - match: '1.*.weight'\n    apply: NonNeg\n"
+                                         "  - match: '1.*'\n    apply: null\n")
+    with pytest.raises(ValueError, match="matches only tensors that a None rule excludes"):
+        constrain(model, str(path))
+    assert main(["inspect", str(model_path), "--rules", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "1.0.weight\n  (every one excluded by a null rule" in captured.out
+    assert "a rule matches nothing, or only tensors a null rule excludes" in captured.err
+
+
 def test_inspect_loads_a_saved_model(tmp_path, capsys):
     model_path = tmp_path / "model.pt"
     torch.save(nn.Sequential(nn.Linear(3, 3)), model_path)

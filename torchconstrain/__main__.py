@@ -23,7 +23,7 @@ def _add_inspect(commands) -> None:
     inspect = commands.add_parser(
         "inspect", help="dry run: which tensors each rule of a rules file matches, and the constraints",
         description="Print which tensors each rule matches and the resulting constraint table. Changes "
-        "nothing; exits with 1 when a rule matches nothing.")
+        "nothing; exits with 1 when a rule matches nothing, or only tensors a null rule excludes.")
     inspect.add_argument("model", metavar="MODEL",
                          help="a torchvision model name (built with weights=None) or a path to a saved model")
     inspect.add_argument("--rules", required=True, metavar="FILE", help="a YAML or JSON rules file")
@@ -39,7 +39,8 @@ def _run_inspect(args) -> int:
         return 2
     print(text)
     if not ok:
-        print("torchconstrain inspect: a rule matches nothing (see above).", file=sys.stderr)
+        print("torchconstrain inspect: a rule matches nothing, or only tensors a null rule excludes (see above).",
+              file=sys.stderr)
     return 0 if ok else 1
 
 

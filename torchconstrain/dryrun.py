@@ -52,7 +52,8 @@ def dry_run(model: nn.Module, path) -> tuple[str, bool]:
 
     Returns:
         ``(text, ok)``: per rule the tensors it matches, then the constraint table; ``ok``
-        is false when a rule matches nothing.
+        is false when a rule matches nothing, or only tensors a null rule excludes (the
+        rules :func:`~torchconstrain.constrain` refuses).
 
     Example:
         >>> import pathlib, tempfile
@@ -67,12 +68,17 @@ def dry_run(model: nn.Module, path) -> tuple[str, bool]:
     rules_file = read_rules(path)
     work = copy.deepcopy(model)
     rules, finish = rules_file.to_rules(work)
+    matched = [match(work, key, caller=rules_file.rule_name(index))
+               for index, (key, _) in enumerate(rules[:len(rules_file.rules)])]
+    excluded = {name for names, (_, value) in zip(matched, rules) if value is None for name in names}
     lines, ok = [], True
-    for index in range(len(rules_file.rules)):
-        names = match(work, rules[index][0], caller=rules_file.rule_name(index))
-        ok = ok and bool(names)
+    for index, names in enumerate(matched):
+        left = [name for name in names if name not in excluded] if rules[index][1] is not None else names
+        ok = ok and bool(left)
         lines.append(_rule_header(rules_file, index, rules[index][0], len(names)))
         lines += [f"  {name}" for name in names] or ["  (nothing: fix the key, or this rule is an error)"]
+        if names and not left:
+            lines.append("  (every one excluded by a null rule: it constrains nothing, so this rule is an error)")
     block_names = [key for key, _ in rules[len(rules_file.rules):]]
     if rules_file.blocks is not None:
         lines.append(f"blocks (surgery.mask_blocks {rules_file.blocks}): {len(block_names)} tensors")
