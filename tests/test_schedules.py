@@ -237,3 +237,20 @@ def test_a_temperature_checkpoint_the_masks_cannot_hold_is_refused_and_changes_n
     with pytest.raises(ValueError, match="is 0 in torch.float16"):
         schedule.load_state_dict({**before, "final_temperature": 1e-9, "last_step": 4})
     assert schedule.state_dict() == before
+
+
+def test_a_temperature_schedule_starts_from_the_masks_own_temperature():
+    # It started from 1.0 whatever the masks had: building it moved gates of a mask made
+    # with temperature=0.2 from 0.98 to 0.69, silently.
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    constrain(model, {"0": LearnableMask(temperature=0.2)})
+    gates = model[0].parametrizations.weight[0].gate().clone()
+    schedule = TemperatureSchedule(model, final_temperature=0.02, steps=2)
+    assert torch.equal(model[0].parametrizations.weight[0].gate(), gates)
+    schedule.step()
+    torch.testing.assert_close(model[0].parametrizations.weight[0].temperature, torch.tensor(0.2 * 0.1**0.5))
+    constrain(model, {"1": LearnableMask(temperature=0.5)})
+    with pytest.raises(ValueError, match=r"the masks have different temperatures \(0.weight 0.0632456, 1.weight 0.5\).*"
+                                         "pass initial_temperature="):
+        TemperatureSchedule(model, final_temperature=0.02, steps=2)
+    TemperatureSchedule(model, final_temperature=0.02, steps=2, initial_temperature=1.0)

@@ -221,7 +221,8 @@ class TemperatureSchedule(_Schedule):
         model: a model constrained with LearnableMask templates.
         final_temperature: the temperature reached after ``steps`` steps, > 0.
         steps: the length of the annealing.
-        initial_temperature: the temperature at step 0, > 0.
+        initial_temperature: the temperature at step 0, > 0 (default: the masks' own, which
+            must then be one temperature; a ``LearnableMask``'s default is 1).
         key: a rule key picking the masks' tensors (default: every tensor with a LearnableMask).
 
     Example:
@@ -238,10 +239,13 @@ class TemperatureSchedule(_Schedule):
     _settings = ("initial_temperature", "final_temperature", "steps")
 
     def __init__(self, model: nn.Module, *, final_temperature: float, steps: int,
-                 initial_temperature: float = 1.0, key=None) -> None:
+                 initial_temperature: float | None = None, key=None) -> None:
         super().__init__()
+        targets = _targets(model, key, LearnableMask, "TemperatureSchedule")
+        if initial_temperature is None:
+            initial_temperature = _one_temperature(targets)
         self._configure(initial_temperature=initial_temperature, final_temperature=final_temperature, steps=steps)
-        self.targets = _targets(model, key, LearnableMask, "TemperatureSchedule")
+        self.targets = targets
         self._apply()
 
     def _configure(self, *, initial_temperature, final_temperature, steps) -> None:
@@ -266,6 +270,19 @@ class TemperatureSchedule(_Schedule):
         with torch.no_grad():
             for _, mask in self.targets:
                 mask.temperature.fill_(value)
+
+
+def _one_temperature(targets) -> float:
+    """The temperature every mask of ``targets`` has (a default ``initial_temperature``)."""
+    if any(mask.temperature.is_meta for _, mask in targets):
+        raise ValueError("TemperatureSchedule: the masks are on the meta device, so their temperature is unknown. "
+                         "Pass initial_temperature=.")
+    found = {float(mask.temperature): slot.fqn for slot, mask in targets}
+    if len(found) > 1:
+        seen = ", ".join(f"{fqn} {value:g}" for value, fqn in found.items())
+        raise ValueError(f"TemperatureSchedule: the masks have different temperatures ({seen}). Expected one "
+                         "temperature to start from: pass initial_temperature=.")
+    return next(iter(found))
 
 
 def _refuse_unheld_temperature(fqn: str, buffer: torch.Tensor, value: float, step: int) -> None:
