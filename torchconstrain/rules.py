@@ -267,14 +267,27 @@ class _Seen(Mapping):
 
 def _seen_by_next(entry: _Planned) -> Tensor:
     """The tensor's current value as stored by registering ``entry``, through its constraints."""
-    if not entry.constraints:
-        return entry.slot.value()
+    return _through(entry)[-1] if entry.constraints else entry.slot.value()
+
+
+def _through(entry: _Planned) -> list[Tensor]:
+    """The tensor's current value as registering ``entry`` stores it, then after each of its
+    constraints, which must keep its shape and dtype. It runs on a copy, so that a forward
+    that writes its input in place leaves the model as it was."""
     with torch.no_grad():
         value = _as_registration_stores(entry, entry.slot.value().clone())
+        values = [value]
         for constraint, rule in zip(entry.constraints, entry.rules):
             with origin_named(f"{entry.name}: {describe(constraint)} from {rule}"):
-                value = constraint(value)
-    return value
+                result = constraint(value)
+            if result.shape != value.shape or result.dtype != value.dtype:
+                raise ValueError(
+                    f"{entry.name}: {describe(constraint)} from {rule} turns a {value.dtype} tensor of shape "
+                    f"{tuple(value.shape)} into a {result.dtype} tensor of shape {tuple(result.shape)}."
+                )
+            value = result
+            values.append(value)
+    return values
 
 
 def _rule_named(rule: _Rule, template: Constraint | None = None) -> renamed_errors:
@@ -403,23 +416,11 @@ def refuse_contradictions(fqn: str, stack: list[Constraint], labels: list[str], 
 def _dry_run(entry: _Planned, earlier: list[Constraint], labels: list[str]) -> None:
     """Run the new constraints on the current value and check every constraint holds after.
 
-    On the meta device there are no values: only shapes and dtypes are checked. It runs on
-    a copy, so that a forward that writes its input in place leaves the model as it was."""
-    value = entry.slot.value().clone()
+    On the meta device there are no values: only shapes and dtypes are checked (see
+    :func:`_through`, which runs on a copy)."""
+    values = _through(entry)  # after the earlier constraints, then after each new one
+    value = values[-1]
     with torch.no_grad():
-        value = _as_registration_stores(entry, value)
-    values = [value]  # after the earlier constraints, then after each new one
-    with torch.no_grad():
-        for constraint, rule in zip(entry.constraints, entry.rules):
-            with origin_named(f"{entry.name}: {describe(constraint)} from {rule}"):
-                result = constraint(value)
-            if result.shape != value.shape or result.dtype != value.dtype:
-                raise ValueError(
-                    f"{entry.name}: {describe(constraint)} from {rule} turns a {value.dtype} tensor of shape "
-                    f"{tuple(value.shape)} into a {result.dtype} tensor of shape {tuple(result.shape)}."
-                )
-            value = result
-            values.append(value)
         if value.is_meta:
             return
         stack = earlier + entry.constraints
