@@ -62,7 +62,7 @@ def test_training_steps_compile_once_and_follow_eager():
     twin = copy.deepcopy(model)
     fast, counter = compiled(model)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, twin)]
-    schedules = [TemperatureSchedule(m, final_temperature=0.1, steps=4) for m in (model, twin)]
+    schedules = [TemperatureSchedule(m, initial_temperature=1.0, final_temperature=0.1, steps=4) for m in (model, twin)]
     for _ in range(4):
         x = torch.randn(5, 8)
         for forward, m, optimizer, schedule in zip((fast, twin), (model, twin), optimizers, schedules):
