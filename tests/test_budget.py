@@ -12,7 +12,7 @@ from torch import nn
 from torchconstrain import LearnableMask, bake, constrain, penalty
 from torchconstrain.surgery import count_macs, layer_macs
 from torchconstrain.surgery import budget as budget_module
-from torchconstrain.surgery.budget import ChannelGroup, GateBudget, LayerCost, allocate, linear_cost
+from torchconstrain.surgery.budget import ChannelGroup, CostLayer, GateBudget, LayerCost, allocate, linear_cost
 
 
 def random_groups(seed: int, count: int = 5) -> list[ChannelGroup]:
@@ -210,3 +210,38 @@ def test_a_copied_model_keeps_its_own_budget():
     bake(twin)
     bake(restored)
     assert torch.equal(twin[2].weight, model[2].weight) and torch.equal(restored[4].weight, model[4].weight)
+
+
+def exact_pair_cost() -> LayerCost:
+    # gated_pair's MACs per sample: Linear(6, a), Linear(a, b) and Linear(b, 2).
+    layers = (CostLayer(48.0, 6, (), 8, (("hidden1", 1.0),)),
+              CostLayer(32.0, 8, (("hidden1", 1.0),), 4, (("hidden2", 1.0),)),
+              CostLayer(8.0, 4, (("hidden2", 1.0),), 2, ()))
+    return LayerCost(layers, {"hidden1": 8, "hidden2": 4})
+
+
+def test_the_multiplier_steers_to_the_cost_that_baking_holds_to_the_budget():
+    # The Lagrange term used a share linear in the gates: a layer between two groups
+    # counted each width once, not their product, so the multiplier settled where the
+    # baked model missed the budget (0.5 linear here, 36/88 of the real MACs).
+    model, masks, groups = gated_pair()
+    budget = GateBudget(list(zip(groups, masks)), keep=0.5, cost=exact_pair_cost()).attach()
+    with torch.no_grad():
+        for mask, open_ in zip(masks, (4, 2)):
+            mask.scores.copy_(torch.tensor([30.0] * open_ + [-30.0] * (mask.scores.numel() - open_)))
+    assert budget.expected_share().item() == pytest.approx((6 * 4 + 4 * 2 + 2 * 2) / 88, rel=1e-6)
+
+
+def test_a_gate_budget_in_half_precision_stays_finite_and_its_multiplier_float32():
+    # macs * sum(gates) overflowed float16 into an inf share and multiplier, and the
+    # multiplier, cast with the model, rounded every rate * excess it was moved by.
+    model, masks, groups = gated_pair()
+    groups = [ChannelGroup(g.name, g.channels, g.importance, macs=1e5) for g in groups]
+    budget = GateBudget(list(zip(groups, masks)), keep=0.5).attach()
+    model.half()
+    assert masks[0].multiplier.dtype == torch.float32
+    first, second = penalty(model), penalty(model)  # twice before backward: the first term still backs up
+    assert first.isfinite() and masks[0].multiplier.isfinite()
+    (first + second).backward()
+    excess = budget.expected_share().item() - 0.5
+    assert masks[0].multiplier.item() == pytest.approx(2 * 0.05 * excess, rel=1e-6)

@@ -370,3 +370,32 @@ def test_a_fixed_mask_over_a_masked_inf_stores_zero_as_registration_does():
         after_an_unbounded_box.weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"1 masked entries are not zero \(1 NaN: an inf or NaN that reached the mask"):
         constrain(after_an_unbounded_box, {"weight": [NonNeg(), FixedMask(keep)]})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_learnable_gates_in_half_precision_decide_as_in_float32(dtype):
+    # sigmoid in float16 rounded small positive scores to a gate of exactly 0.5, the
+    # threshold: hard gates closed (122 of 128 open kept in float16, 78 in bfloat16).
+    layer = nn.Linear(4, 256)
+    constrain(layer, {"weight": LearnableMask(per="channel", hard=True)})
+    mask = layer.parametrizations.weight[0]
+    with torch.no_grad():
+        mask.scores.copy_(torch.linspace(-1e-3, 1e-3, 256).view_as(mask.scores))
+    kept = (layer.weight != 0).any(dim=1)
+    layer.to(dtype)
+    assert layer.weight.dtype == dtype
+    assert torch.equal((layer.weight != 0).any(dim=1), kept) and int(kept.sum()) == 128
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_sparsity_multiplier_stays_float32_in_a_half_precision_model(dtype):
+    # Cast with the model, it rounded each rate * excess: float16 overshot, bfloat16 stalled.
+    layer = nn.Linear(64, 64)
+    constrain(layer, {"weight": LearnableMask(sparsity=0.5, rate=0.0025)})
+    layer.to(dtype)
+    mask = layer.parametrizations.weight[0]
+    assert mask.multiplier.dtype == torch.float32
+    excess = mask.gates().mean().item() - 0.5
+    for _ in range(100):
+        penalty(layer)
+    assert mask.multiplier.item() == pytest.approx(100 * 0.0025 * excess, rel=1e-4)

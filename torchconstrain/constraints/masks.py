@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from torchconstrain._distributed import whole
 from torchconstrain.constraints.arguments import choice, flag, integer, number
-from torchconstrain.constraints.base import Constraint, tracing, transformed, writable
+from torchconstrain.constraints.base import Constraint, at_least_float32, tracing, transformed, writable
 from torchconstrain.constraints.stacking import (
     KEEPS_SIGNS,
     MOVES_TO_ZERO,
@@ -451,6 +451,14 @@ class LearnableMask(Constraint):
         self.register_buffer("gate_index", None)  # see indexed()
         self.register_parameter("scores", None)
 
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        multiplier = self._buffers.get("multiplier")
+        if multiplier is not None and multiplier.is_floating_point():
+            # kept in float32: rate * excess rounded into a float16 multiplier overshot, into bfloat16 it stalled
+            self._buffers["multiplier"] = at_least_float32(multiplier)
+        return result
+
     def _bind(self, fqn: str, tensor: Tensor) -> None:
         if not tensor.is_floating_point():
             raise ValueError(f"{fqn}: LearnableMask needs a floating-point tensor. Got {tensor.dtype}.")
@@ -513,11 +521,14 @@ class LearnableMask(Constraint):
         return mask
 
     def gates(self) -> Tensor:
-        r"""Return the soft gates, one per score: ``sigmoid(scores / temperature)``."""
+        r"""Return the soft gates, one per score: ``sigmoid(scores / temperature)``, in float32
+        for float16 and bfloat16 scores (where a small positive score rounded to a gate of
+        exactly 0.5 and closed at the default threshold; the forward rounds the gate once)."""
+        scores = at_least_float32(self.scores)
         if tracing() or transformed() or self.temperature.is_meta:
-            return torch.sigmoid(self.scores / self.temperature)
+            return torch.sigmoid(scores / self.temperature)
         temperature = self._derived("temperature", self.temperature, self.temperature.item)
-        return torch.sigmoid(self.scores if temperature == 1.0 else self.scores / temperature)
+        return torch.sigmoid(scores if temperature == 1.0 else scores / temperature)
 
     def gate(self) -> Tensor:
         r"""Return the soft gate ``sigmoid(scores / temperature)``, in the shape it multiplies the tensor with."""
@@ -545,7 +556,7 @@ class LearnableMask(Constraint):
         if self.hard:
             binary = self._spread(self._kept_gates(gates), True).to(gate.dtype)
             gate = binary + (gate - gate.detach())
-        return gate
+        return gate.to(self.scores.dtype)
 
     def bake(self, value: Tensor) -> Tensor:
         problem = self.state_problem({"temperature": self.temperature, "scores": self.scores})
@@ -553,7 +564,7 @@ class LearnableMask(Constraint):
             raise ValueError(f"{type(self).__name__}: cannot bake: {problem}")
         gates = self.gates()
         kept = self._spread(self._kept_gates(gates), True)
-        return torch.where(kept, value * (1.0 if self.hard else self._spread(gates, 1.0)), 0.0)
+        return torch.where(kept, value * (1.0 if self.hard else self._spread(gates, 1.0).to(self.scores.dtype)), 0.0)
 
     def _kept_gates(self, gates: Tensor) -> Tensor:
         """Bool, the scores' shape: the gates baking keeps open, given the current ``gates()``."""

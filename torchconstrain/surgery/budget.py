@@ -284,8 +284,9 @@ class GateBudget:
     drops with the gates as importance (lowest gates first, per unit of cost; each group
     keeps its ``minimum``), so the baked model meets the budget exactly whatever the gates
     learned. While training, the first member's penalty is a Lagrange term
-    ``multiplier * (expected share - keep)``, where the expected share is the cost with each
-    channel weighted by its gate; each penalty call computed with gradients on first moves
+    ``multiplier * (expected share - keep)``, where the expected share is ``cost`` of the
+    gates' sums taken as channel counts over the full cost (``cost`` must then take tensor
+    counts, as :func:`linear_cost` and :class:`LayerCost` do); each penalty call computed with gradients on first moves
     the multiplier by ``rate`` times the excess: up while the gates are over budget, down
     (below zero if need be) while they are under it. So the gates are pushed towards the
     budget from both sides as hard as it takes: no strength to tune. Call
@@ -323,7 +324,6 @@ class GateBudget:
         self.keep, self.fixed, self.rate, self.what = keep, fixed, rate, what
         self.cost = linear_cost(self.groups, fixed) if cost is None else cost
         self.total = float(self.cost({g.name: g.channels for g in self.groups}))
-        self._linear = [float(g.macs) for g in self.groups]
         self.allocation()  # validates keep and the minimums now, before anything is attached
 
     def attach(self, followers: Sequence[object] = ()) -> "GateBudget":
@@ -384,10 +384,12 @@ class GateBudget:
         return keep.to(mask.scores.device).view(mask.scores.shape)
 
     def expected_share(self) -> Tensor:
-        r"""The cost share with each channel weighted by its gate (differentiable; linear in the gates)."""
-        terms = [macs * whole(mask.gates().sum()) for macs, mask in zip(self._linear, self.masks)]  # FSDP2: all ranks
-        linear_total = self.fixed + sum(m * g.channels for m, g in zip(self._linear, self.groups))
-        return (self.fixed + sum(terms[1:], terms[0])) / linear_total
+        r"""The budget's cost of the gates' sums as channel counts, over the full cost
+        (differentiable): the cost that baking holds to ``keep``, so the multiplier settles
+        where the baked model meets the budget (layers in no group, and a layer whose inputs
+        and outputs both belong to groups, count as they do there)."""
+        counts = {g.name: whole(mask.gates().sum()) for g, mask in zip(self.groups, self.masks)}  # FSDP2: all ranks
+        return self.cost(counts) / self.total
 
     def penalty_for(self, mask) -> Tensor | None:
         r"""The Lagrange term, for the first member only (``None`` for the others)."""
@@ -398,7 +400,8 @@ class GateBudget:
         if torch.is_grad_enabled():
             with torch.no_grad():
                 multiplier.add_(self.rate * excess.detach())
-        return multiplier * excess
+        # A copy: the next penalty() edits the multiplier, which this term's backward reads.
+        return multiplier.clone() * excess
 
 
 def _same_sources(first: tuple, second: tuple) -> bool:
