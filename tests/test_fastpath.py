@@ -1060,6 +1060,33 @@ def test_a_tied_parameter_keeps_one_value_for_all_its_names_and_follows_steps():
         assert model.emb.weight is model.head.weight
 
 
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("grad", [True, False])
+def test_functional_call_leaves_the_callers_tensors_of_a_tied_model_where_they_were(fast, grad):
+    # With tie_weights=False one name is swapped; the swap's marker for the next tied name
+    # outlived it, and torch's restore read the model's Parameter into the caller's dict:
+    # the next call ran with the model's weights.
+    torch.manual_seed(0)
+    model = TiedNet()
+    constrain(model, {"head.weight": Clamp(-0.1, 0.1)})
+    params = {k: v.detach() * 1.5 for k, v in model.named_parameters()}
+    given = dict(params)
+    x = tokens()
+    with set_fast_path(fast), torch.set_grad_enabled(grad):
+        first = torch.func.functional_call(model, params, (x,), tie_weights=False)
+        second = torch.func.functional_call(model, params, (x,), tie_weights=False)
+    assert all(params[k] is given[k] for k in given)
+    assert same_bits(first, second)
+    stored = model.emb.parametrizations.weight.original
+    both = {"emb.parametrizations.weight.original": params["emb.parametrizations.weight.original"],
+            "head.parametrizations.weight.original": params["emb.parametrizations.weight.original"] * 2}
+    with pytest.raises(ValueError, match="two different tensors for one constrained tensor that several names share"):
+        torch.func.functional_call(model, both, (x,), tie_weights=False)
+    assert model.emb.parametrizations.weight.original is stored and model.head.parametrizations.weight.original is stored
+    same = dict(params, **{"head.parametrizations.weight.original": params["emb.parametrizations.weight.original"]})
+    assert same_bits(torch.func.functional_call(model, same, (x,), tie_weights=False), first)
+
+
 @pytest.mark.parametrize("tie_weights", [True, False])
 def test_functional_call_on_a_tied_model_uses_the_tensor_given_and_puts_the_parameter_back(tie_weights):
     # tie_weights=True swaps the given tensor in under both names; through one shared

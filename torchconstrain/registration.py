@@ -92,35 +92,50 @@ class _TiedOriginal(dict):
     under every tied name in turn, reading what each name holds and writing the tensor.
     Through one shared dict the second name would read the tensor the first has just
     written, and put that back last: the model would keep it for good (and the optimizer's
-    ``Parameter`` would be out of the model). So a swap's read that follows a swap's write
-    of a tensor not in the model (the same call's, for the next name) gives the tensor that
-    write replaced. Any other access, and writes of the model's own ``Parameter`` (put back,
-    loaded, converted), forget that write."""
+    ``Parameter`` would be out of the model). So a read by the same swap call
+    (``swap_tensors_dict``) that wrote a tensor not in the model gives the tensor that write
+    replaced; any other read (a later swap putting things back, the forward) sees what is
+    there. The same swap call writing a different tensor under another of the names
+    (``tie_weights=False`` with a value per name) is refused: one constrained tensor cannot
+    hold two values."""
 
     def __init__(self, parameters: dict) -> None:
         super().__init__(parameters)
         self.settled = parameters.get("original")  # the last value not written by a swap
-        self.replaced = None  # (written, replaced) by the last swap of a tensor not in the model
+        self.replaced = None  # (swap call, written, replaced) by the last swap of a tensor not in the model
 
     def __getitem__(self, name: str):
         value = super().__getitem__(name)
-        pair, self.replaced = self.replaced, None
-        if pair is not None and value is pair[0] and _swapping():
-            return pair[1]
+        call = _swap_call()
+        if self.replaced is not None and self.replaced[0] is call and value is self.replaced[1]:
+            return self.replaced[2]
         return value
 
     def __setitem__(self, name: str, value) -> None:
-        current, self.replaced = self.get(name), None
-        if not _swapping():
-            self.settled = value
+        call, current = _swap_call(), self.get(name)
+        if call is None:
+            self.settled, self.replaced = value, None
         elif name == "original" and value is not current and value is not self.settled:
-            self.replaced = (value, current)
+            if self.replaced is not None and self.replaced[0] is call:
+                raise ValueError(
+                    "swapping tensors into the model (torch.func.functional_call): two different tensors for one "
+                    "constrained tensor that several names share (tied weights). Expected one value for all its "
+                    "names: pass it under one name, or the same tensor under each, or tie_weights=True."
+                )
+            self.replaced = (call, value, current)
+        elif value is self.settled:
+            self.replaced = None  # put back
         super().__setitem__(name, value)
 
 
-def _swapping() -> bool:
-    """Whether the caller of a ``_TiedOriginal`` method is torch's ``swap_tensor``."""
-    return sys._getframe(2).f_code is _named_member_accessor.swap_tensor.__code__
+def _swap_call():
+    """The frame of torch's ``swap_tensors_dict`` call that reaches a ``_TiedOriginal`` method
+    through ``swap_tensor`` (``None`` for any other access)."""
+    frame = sys._getframe(2)
+    if frame.f_code is not _named_member_accessor.swap_tensor.__code__:
+        return None
+    caller = frame.f_back.f_back  # NamedMemberAccessor.swap_tensor, then its caller
+    return caller if caller is not None else frame
 
 
 def owners(plist: nn.Module) -> int:
