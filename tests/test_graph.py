@@ -294,3 +294,54 @@ def test_a_groups_minimum_binds_fixed_masks_and_learnable_sparsity_budgets(learn
     masks = graph.mask_groups(model, x, sparsity=0.9, learnable=learnable, minimum=0.5)
     report = masks.shrink(model)
     assert min(after / before for before, after in report.channels.values()) == 0.5
+
+
+class LogitsAndFeatures(nn.Module):
+    """Returns the classifier's logits and the features it read: the features' channels are outputs too."""
+
+    def __init__(self, as_dict: bool = False) -> None:
+        super().__init__()
+        self.as_dict = as_dict
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        features = torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+        logits = self.fc(features)
+        return {"out": logits, "features": features} if self.as_dict else (logits, features)
+
+
+@pytest.mark.parametrize("as_dict, where", [(False, r"output \[1\]"), (True, r"output \['features'\]")])
+@pytest.mark.parametrize("mixing", ["error", "approximate"])
+def test_shrink_compares_every_output_and_refuses_a_changed_shape(as_dict, where, mixing):
+    # Only the first output was compared: the returned features lost half their channels unseen.
+    torch.manual_seed(0)
+    model = randomized(LogitsAndFeatures(as_dict))
+    masks = graph.mask_groups(model, SMALL, sparsity=0.5)
+    with pytest.raises(ValueError, match=rf"changed the shape of {where} from \(2, 16\) to \(2, 8\).*left baked and unpruned"):
+        graph.shrink(model, SMALL, mixing=mixing)
+    assert model.conv.out_channels == 16 and model.fc.in_features == 16
+    report = graph.shrink(model, SMALL, ignored=["conv"])  # its channels are an output: kept
+    assert report.channels == {}
+
+
+class TwoHeads(nn.Module):
+    """A dict of two outputs; the second mixes the channels the first ignores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        return {"out": self.b(y).mean(dim=(2, 3)), "aux": self.c(y - y.mean(dim=1, keepdim=True)).mean(dim=(2, 3))}
+
+
+def test_shrink_compares_the_values_of_every_output_of_a_dict():
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    masks = graph.mask_groups(model, SMALL, sparsity=0.5)
+    with pytest.raises(ValueError, match=r"changed output \['aux'\] by .* left baked and unpruned"):
+        masks.shrink(model)
+    assert model.a.out_channels == 8
+    report = graph.shrink(model, SMALL, mixing="approximate")  # changed values, same shapes: pruned anyway
+    assert report.channels == {"a": (8, 4)}

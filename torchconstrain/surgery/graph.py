@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 
 from torchconstrain.bake import bake
 from torchconstrain.constraints import FixedMask, LearnableMask
@@ -140,8 +141,7 @@ def _output_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
     finally:
         for hook in hooks:
             hook.remove()
-    results = result if isinstance(result, (tuple, list)) else [result]
-    return [outputs[id(r)] for r in results if id(r) in outputs]
+    return [outputs[id(r)] for r in tree_flatten(result)[0] if id(r) in outputs]
 
 
 def _describe(graph, group, names: dict) -> GraphGroup:
@@ -440,9 +440,11 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
     weights for it (after :func:`~torchconstrain.bake`), whatever made them zero. Each
     group is removed by Torch-Pruning, which rewrites every coupled layer (convs, BatchNorms,
     linears, parameters) in place. In eval mode the outputs on ``example`` are compared
-    before and after: if they differ by more than ``atol + rtol * max|output|`` (a layer
-    that mixes channels in a way the graph does not show), the model is restored and a
-    ``ValueError`` raised, unless ``mixing="approximate"``.
+    before and after, every tensor of them (a tuple, list or dict of outputs too): if one
+    differs by more than ``atol + rtol * max|output|`` (a layer that mixes channels in a
+    way the graph does not show), the model is restored and a ``ValueError`` raised, unless
+    ``mixing="approximate"``. An output whose shape or structure changed (a second output
+    read from pruned channels, such as returned features) is refused under every policy.
 
     Args:
         model: the masked model; modified in place.
@@ -461,8 +463,8 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
 
     Raises:
         ValueError: a mixing group with unread channels under ``mixing="error"``, outputs
-            that changed, or a pruned model that cannot run ``example``; the model is left
-            baked but unpruned then.
+            that changed (the message names which), or a pruned model that cannot run
+            ``example``; the model is left baked but unpruned then.
     """
     if mixing not in MIXING_CHOICES:
         raise ValueError(f"surgery.graph.shrink: expected mixing in {MIXING_CHOICES}. Got {mixing!r}.")
@@ -497,13 +499,13 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
         raise ValueError(f"surgery.graph.shrink: the pruned model cannot run the example ({type(error).__name__}: "
                          f"{error}): a layer keeps channel sizes the dependency graph does not update. The model is "
                          "left baked and unpruned; pass ignored=[...] with that layer.") from error
-    difference = _difference(before["output"], after["output"])
-    allowed = atol + rtol * before["output"].nan_to_num(0.0, 0.0, 0.0).abs().max().item()
-    if not difference <= allowed and mixing != "approximate":
+    changed = _changed(before["output"], after["output"], rtol, atol, mixing == "approximate")
+    if changed is not None:
         model.__dict__.update(backup.__dict__)
-        raise ValueError(f"surgery.graph.shrink: removing the unread channels changed the outputs by {difference:.3g} "
-                         f"(more than {allowed:.3g}, atol={atol:g} + rtol={rtol:g} times the largest output): a layer mixes channels in a way the dependency graph does not show. "
-                         "The model is left baked and unpruned; pass mixing='approximate' to prune anyway.")
+        raise ValueError(f"surgery.graph.shrink: removing the unread channels {changed}: a layer mixes channels in a way "
+                         "the dependency graph does not show. The model is left baked and unpruned; pass "
+                         "mixing='approximate' to prune anyway (it accepts changed values, not changed shapes), or "
+                         "ignored=[...] with the layer writing that output.")
     channels = {group.name: (group.channels, group.channels - len(removed)) for group, removed in plan}
     report = ShrinkReport(channels, (before["params"], after["params"]), (before["macs"], after["macs"]),
                           (before["latency"], after["latency"]) if measure else None, kind="group")
@@ -511,20 +513,53 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
     return report
 
 
+def _changed(before: tuple, after: tuple, rtol: float, atol: float, values_may_change: bool) -> str | None:
+    """How the outputs ``after`` differ from ``before`` (both from :func:`_measured`), or None.
+
+    Every tensor of the outputs counts (tuples, lists, dicts): a changed structure or shape
+    always, a value beyond ``atol + rtol * max|output|`` unless ``values_may_change``.
+    """
+    (before_leaves, before_spec), (after_leaves, after_spec) = before, after
+    if before_spec != after_spec:
+        return f"changed the structure of the outputs (from {before_spec} to {after_spec})"
+    for (path, old), (_, new) in zip(before_leaves, after_leaves):
+        where = f"output {keystr(path)}" if path else "the outputs"
+        if not isinstance(old, Tensor) or not isinstance(new, Tensor):
+            if type(old) is not type(new) or (not values_may_change and old != new):
+                return f"changed {where} from {old!r} to {new!r}"
+            continue
+        if old.shape != new.shape:
+            return f"changed the shape of {where} from {tuple(old.shape)} to {tuple(new.shape)}"
+        if values_may_change:
+            continue
+        difference = _difference(old, new)
+        largest = _real(old).nan_to_num(0.0, 0.0, 0.0).abs().max().item() if old.numel() else 0.0
+        allowed = atol + rtol * largest
+        if not difference <= allowed:
+            return (f"changed {where} by {difference:.3g} (more than {allowed:.3g}, atol={atol:g} + rtol={rtol:g} "
+                    "times the largest output)")
+    return None
+
+
 def _difference(before: Tensor, after: Tensor) -> float:
     """The largest absolute difference; NaN where both are NaN counts as equal, elsewhere as infinite."""
-    if before.shape != after.shape:
-        return math.inf
+    before, after = _real(before), _real(after)
     both = before.isnan() & after.isnan()
     difference = (after - before).abs().masked_fill(both, 0.0).nan_to_num(math.inf, math.inf)
     return difference.max().item() if difference.numel() else 0.0
 
 
+def _real(tensor: Tensor) -> Tensor:
+    """``tensor`` in float64, a complex one as its real and imaginary parts."""
+    return (torch.view_as_real(tensor) if tensor.is_complex() else tensor).double()
+
+
 def _measured(model: nn.Module, example: Tensor, measure: bool) -> dict:
     with evaluating(model), torch.no_grad():
         output = model(example)
-    output = output[0] if isinstance(output, (tuple, list)) else output
-    return {"output": output.detach().clone(), "params": count_params(model),
+    leaves, spec = tree_flatten_with_path(output)
+    leaves = [(path, leaf.detach().clone() if isinstance(leaf, Tensor) else leaf) for path, leaf in leaves]
+    return {"output": (leaves, spec), "params": count_params(model),
             "macs": sum(layer_macs(model, example).values()),
             "latency": measure_latency(model, example) if measure else None}
 
