@@ -8,7 +8,7 @@ import torchvision
 from conftest import assert_unchanged, randomize_batchnorm, snapshot
 from torch import nn
 
-from torchconstrain import LearnableMask, check, penalty
+from torchconstrain import LearnableMask, bake, check, penalty
 from torchconstrain.surgery import count_macs, graph
 
 tp = pytest.importorskip("torch_pruning")
@@ -192,15 +192,6 @@ class MeanCentered(nn.Module):
         return self.b(y - y.mean(dim=1, keepdim=True)).mean(dim=(2, 3))
 
 
-def test_shrink_restores_the_model_when_removing_channels_would_change_the_outputs():
-    torch.manual_seed(0)
-    model = MeanCentered().eval()
-    masks = graph.mask_groups(model, SMALL, sparsity=0.5)
-    before = outputs(model)
-    with pytest.raises(ValueError, match="changed the outputs by .* The model is left baked and unpruned"):
-        masks.shrink(model)
-    assert model.a.out_channels == 8 and model.b.in_channels == 8
-    torch.testing.assert_close(outputs(model), before)
 
 
 class FixedSplit(nn.Module):
@@ -225,6 +216,37 @@ def test_shrink_restores_the_model_when_the_pruned_model_cannot_run():
         masks.shrink(model)
     assert model.a.out_channels == 8
     torch.testing.assert_close(outputs(model), before)
+
+
+def test_shrink_restores_the_model_when_removing_channels_would_change_the_outputs():
+    torch.manual_seed(0)
+    model = MeanCentered().eval()
+    masks = graph.mask_groups(model, SMALL, sparsity=0.5)
+    before = outputs(model)
+    with pytest.raises(ValueError, match="changed the outputs by .* The model is left baked and unpruned"):
+        masks.shrink(model)
+    assert model.a.out_channels == 8 and model.b.in_channels == 8
+    torch.testing.assert_close(outputs(model), before)
+
+
+@pytest.mark.parametrize("model", [MeanCentered, FixedSplit])
+def test_a_refused_shrink_keeps_the_models_own_modules_and_parameters_so_its_optimizer_still_trains_it(model):
+    # The model was restored from a deep copy: every module and Parameter a new object, the
+    # optimizer (and any reference held) left on the pruned ones.
+    torch.manual_seed(0)
+    model = model().eval()
+    masks = graph.mask_groups(model, SMALL, sparsity=0.5)
+    bake(model)
+    modules, before = list(model.modules()), snapshot(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="left baked and unpruned"):
+        masks.shrink(model)
+    assert_unchanged(model, before)  # the same Parameter objects, values and classes
+    assert all(a is b for a, b in zip(model.modules(), modules))
+    weight = model.a.weight.detach().clone()
+    model(SMALL).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(model.a.weight, weight)
 
 
 class SoftmaxOverChannels(nn.Module):

@@ -20,7 +20,6 @@ other than 1 or the channel count) are always left whole.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ __all__ = ["GraphGroup", "GraphMasks", "find_groups", "mask_groups", "shrink"]
 
 MIXING_OPS = ("Softmax", "LayerNorm", "GroupNorm", "LinalgVectorNorm", "NormBackward", "Cumsum", "Sort", "Topk")
 MIXING_CHOICES = ("error", "skip", "approximate")
+SLOTS = ("_parameters", "_buffers", "_modules")  # the dicts of a module that pruning changes in place
 
 
 def _torch_pruning():
@@ -464,7 +464,9 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
     Raises:
         ValueError: a mixing group with unread channels under ``mixing="error"``, outputs
             that changed (the message names which), or a pruned model that cannot run
-            ``example``; the model is left baked but unpruned then.
+            ``example``; the model is left baked but unpruned then, with the same module,
+            Parameter and buffer objects as before the call (an optimizer built on the
+            baked model still trains it).
     """
     if mixing not in MIXING_CHOICES:
         raise ValueError(f"surgery.graph.shrink: expected mixing in {MIXING_CHOICES}. Got {mixing!r}.")
@@ -488,20 +490,20 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
                              "anyway, or mixing='skip'.")
         plan.append((group, unread.nonzero().flatten().tolist()))
     before = _measured(model, example, measure)
-    backup = copy.deepcopy(model)
+    saved = _saved(model)
     try:
         for group, removed in plan:
             module, handler = group.root
             graph.get_pruning_group(module, handler, removed).prune()
         after = _measured(model, example, measure)
     except Exception as error:  # a layer the graph does not resize (timm's MixedConv2d keeps its split sizes)
-        model.__dict__.update(backup.__dict__)
+        _restore(saved)
         raise ValueError(f"surgery.graph.shrink: the pruned model cannot run the example ({type(error).__name__}: "
                          f"{error}): a layer keeps channel sizes the dependency graph does not update. The model is "
                          "left baked and unpruned; pass ignored=[...] with that layer.") from error
     changed = _changed(before["output"], after["output"], rtol, atol, mixing == "approximate")
     if changed is not None:
-        model.__dict__.update(backup.__dict__)
+        _restore(saved)
         raise ValueError(f"surgery.graph.shrink: removing the unread channels {changed}: a layer mixes channels in a way "
                          "the dependency graph does not show. The model is left baked and unpruned; pass "
                          "mixing='approximate' to prune anyway (it accepts changed values, not changed shapes), or "
@@ -511,6 +513,23 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
                           (before["latency"], after["latency"]) if measure else None, kind="group")
     report.targets = _achieved(targets or {}, report, groups, plan, mixing)
     return report
+
+
+def _saved(model: nn.Module) -> list[tuple[nn.Module, dict, dict]]:
+    """What pruning changes in each module: its attributes (channel counts) and the contents
+    of its parameter, buffer and submodule dicts, by reference (no copy of a tensor)."""
+    return [(module, dict(module.__dict__), {key: dict(module.__dict__[key]) for key in SLOTS})
+            for module in model.modules()]
+
+
+def _restore(saved: list[tuple[nn.Module, dict, dict]]) -> None:
+    """Put back what :func:`_saved` saw: the same module, Parameter and buffer objects."""
+    for module, attributes, slots in saved:
+        module.__dict__.clear()
+        module.__dict__.update(attributes)
+        for key, contents in slots.items():
+            module.__dict__[key].clear()
+            module.__dict__[key].update(contents)
 
 
 def _changed(before: tuple, after: tuple, rtol: float, atol: float, values_may_change: bool) -> str | None:
