@@ -1,11 +1,13 @@
 import pytest
 import torch
+from conftest import assert_unchanged, randomize_batchnorm, snapshot
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
 from torchconstrain import FixedMask, constrain
 from torchconstrain.surgery.slicing import (
     conv_of,
+    fold_batchnorm,
     input_l1,
     not_resizable,
     resize_like,
@@ -157,3 +159,45 @@ def test_a_layer_holding_more_than_slicing_resizes_is_refused():
     assert not_resizable(masked) is None  # baked before it is resized
     with pytest.raises(ValueError, match="its tensors are constrained"):
         resize_like(masked, sliced_linear(masked, rows=torch.tensor([0])))
+
+
+class SharedConv(nn.Module):
+    """One conv in two conv/BN sequences (``twice``), or in one and called again outside it."""
+
+    def __init__(self, twice: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.p = nn.Sequential(self.conv, nn.BatchNorm2d(4))
+        self.q = nn.Sequential(self.conv, nn.BatchNorm2d(4)) if twice else nn.Sequential(nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.p(x) + self.q(x if len(self.q) == 2 else self.conv(x))
+
+
+@pytest.mark.parametrize("twice, other", [(True, r"conv, q\.0"), (False, "conv")])
+def test_fold_batchnorm_refuses_a_conv_used_elsewhere_before_changing_anything(twice, other):
+    # The shared conv took both BatchNorms (folded twice): the outputs silently changed.
+    torch.manual_seed(0)
+    model = randomize_batchnorm(SharedConv(twice)).eval()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"conv p\.0 is also used as {other}: folding its BatchNorm into it"):
+        fold_batchnorm(model)
+    assert_unchanged(model, before)
+
+
+def test_fold_batchnorm_folds_a_sequence_reached_under_two_names_once():
+    torch.manual_seed(0)
+    layer = randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+    model = nn.ModuleDict({"first": layer, "again": layer})  # one conv/BN sequence under two names: one fold
+    x = torch.randn(2, 3, 6, 6)
+    expected = layer(x)
+    assert fold_batchnorm(model) == 1
+    torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_fold_batchnorm_gives_a_new_bias_the_weights_requires_grad(trainable):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)).eval()
+    model[0].weight.requires_grad_(trainable)
+    fold_batchnorm(model)
+    assert model[0].bias.requires_grad == model[0].weight.requires_grad == trainable

@@ -226,7 +226,8 @@ def fold_batchnorm(model: nn.Module) -> int:
     r"""Fold every BatchNorm2d that directly follows a Conv2d in a Sequential into that conv.
 
     Modifies ``model`` in place: the conv gets the folded weight and a bias, the BatchNorm
-    becomes ``nn.Identity`` (its ``state_dict`` keys go away). In eval mode the outputs are
+    becomes ``nn.Identity`` (its ``state_dict`` keys go away). A new bias is trainable where
+    the conv's weight is. In eval mode the outputs are
     unchanged to float32 rounding. For deployment: the folded model no longer trains like
     the original.
 
@@ -234,9 +235,11 @@ def fold_batchnorm(model: nn.Module) -> int:
         The number of folded pairs.
 
     Raises:
-        ValueError: a conv to fold still carries parametrizations (bake it first), or its
-            BatchNorm keeps no running statistics (it normalizes with each batch's, even in
-            eval mode: no fixed affine map to fold); nothing is changed then.
+        ValueError: a conv to fold still carries parametrizations (bake it first), is used
+            elsewhere too (in a second conv/BN pair or any other place of the model: the
+            folded weights would be wrong there), or its BatchNorm keeps no running
+            statistics (it normalizes with each batch's, even in eval mode: no fixed affine
+            map to fold); nothing is changed then.
 
     Example:
         >>> import torch
@@ -249,6 +252,7 @@ def fold_batchnorm(model: nn.Module) -> int:
     pairs = [(seq, i) for seq in model.modules() if isinstance(seq, nn.Sequential)
              for i in range(len(seq) - 1)
              if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d)]
+    _refuse_shared_convs(model, pairs)
     for seq, i in pairs:
         if parametrize.is_parametrized(seq[i]):
             name = next(n for n, m in model.named_modules() if m is seq[i])
@@ -263,6 +267,32 @@ def fold_batchnorm(model: nn.Module) -> int:
         conv, bn = seq[i], seq[i + 1]
         weight, bias = nn.utils.fusion.fuse_conv_bn_weights(
             conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        if conv.bias is None:  # a new bias: trainable where the weight is
+            bias.requires_grad_(conv.weight.requires_grad)
         conv.weight, conv.bias = weight, bias
         seq[i + 1] = nn.Identity()
     return len(pairs)
+
+
+def _refuse_shared_convs(model: nn.Module, pairs: list[tuple[nn.Sequential, int]]) -> None:
+    """Raise if a conv to fold is also used elsewhere: in another slot of the model (a second
+    conv/BN pair, or any other place), where the folded weights would be wrong."""
+    names = {module: name for name, module in model.named_modules()}
+    slots = {}  # module -> the (parent, key) slots holding it
+    for parent in model.modules():
+        for key, child in parent._modules.items():
+            if child is not None:
+                slots.setdefault(child, []).append((parent, key))
+    for seq, i in pairs:
+        slot = (seq, str(i))
+        others = [_slot_name(names, parent, key) for parent, key in slots[seq[i]] if (parent, key) != slot]
+        if others:
+            raise ValueError(
+                f"surgery.fold_batchnorm: conv {_slot_name(names, *slot)} is also used as {', '.join(others)}: folding "
+                "its BatchNorm into it would change that use too. Expected each conv to fold used once; give each use "
+                "its own conv."
+            )
+
+
+def _slot_name(names: dict, parent: nn.Module, key: str) -> str:
+    return f"{names[parent]}.{key}" if names[parent] else key
