@@ -367,3 +367,64 @@ def test_shrink_compares_the_values_of_every_output_of_a_dict():
     assert model.a.out_channels == 8
     report = graph.shrink(model, SMALL, mixing="approximate")  # changed values, same shapes: pruned anyway
     assert report.channels == {"a": (8, 4)}
+
+
+def conv_bn_relu(channels_in: int, channels_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(channels_in, channels_out, 3, padding=1), nn.BatchNorm2d(channels_out), nn.ReLU())
+
+
+class Chunked(nn.Module):
+    """Half the channels through a conv, half past it: the graph maps the group beyond the conv's inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = conv_bn_relu(3, 16), conv_bn_relu(8, 8), nn.Linear(16, 5)
+
+    def forward(self, x):
+        left, right = self.a(x).chunk(2, dim=1)
+        return self.fc(torch.cat([self.b(left), right], dim=1).mean(dim=(2, 3)))
+
+
+class ConcatenatedWithItself(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = conv_bn_relu(3, 16), conv_bn_relu(16, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x)] * 2, dim=1)
+        return self.fc(self.b(y[:, :16] + y[:, 16:]).mean(dim=(2, 3)))
+
+
+def shufflenet() -> nn.Module:
+    return torchvision.models.shufflenet_v2_x0_5(weights=None, num_classes=10)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (Chunked, r"maps the 16 channels of group a\.0 onto channel 15 of b\.0, which has 8: Torch-Pruning could not "
+                  r"trace .* ignored=\['a\.0'\]"),
+        (ConcatenatedWithItself, r"maps the 32 channels of group a\.0 onto channel 31 of a\.0, which has 16"),
+        (shufflenet, r"Torch-Pruning could not trace ShuffleNetV2 \(ZeroDivisionError: .*cannot be pruned through "
+                     "the dependency graph"),
+    ],
+)
+def test_a_model_the_dependency_graph_cannot_follow_is_refused_before_it_changes(model, message):
+    # An IndexError or ZeroDivisionError from inside the graph escaped, naming nothing.
+    torch.manual_seed(0)
+    model = model().eval()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        graph.mask_groups(model, SMALL, sparsity=0.5, mixing="skip")
+    assert_unchanged(model, before)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_the_group_the_graph_cannot_follow_can_be_left_whole():
+    torch.manual_seed(0)
+    model = randomized(ConcatenatedWithItself())
+    masks = graph.mask_groups(model, SMALL, sparsity=0.5, ignored=["a.0"])
+    masked = outputs(model)
+    report = masks.shrink(model)
+    torch.testing.assert_close(outputs(model), masked, rtol=1e-5, atol=1e-5)
+    assert report.channels == {"b.0": (8, 4)}

@@ -111,14 +111,28 @@ def find_groups(model: nn.Module, example: Tensor, *, ignored: Sequence = ()) ->
 
     The layers that write the model's outputs are left out (their channels are the
     outputs), and so are the ``ignored`` layers (modules or their names).
+
+    Raises:
+        ValueError: Torch-Pruning cannot trace ``model``, or maps a group's channels
+            beyond a layer's (a chunk of them, a tensor concatenated with itself).
     """
     tp = _torch_pruning()
     names = {module: name for name, module in model.named_modules()}
     ignored = [_module(model, item) for item in ignored] + _output_layers(model, example)
-    with evaluating(model):
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
-    groups = [_describe(graph, group, names) for group in graph.get_all_groups(ignored_layers=ignored)]
-    return graph, groups
+    graph, traced = _traced(tp, model, example, ignored)
+    return graph, [_describe(graph, group, names) for group in traced]
+
+
+def _traced(tp, model: nn.Module, example: Tensor, ignored: list) -> tuple[object, list]:
+    """Torch-Pruning's dependency graph of ``model`` and its groups; a ValueError where it fails."""
+    try:
+        with evaluating(model):
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        return graph, list(graph.get_all_groups(ignored_layers=ignored))
+    except Exception as error:  # its index mapping of a reshape: a channel shuffle (ShuffleNetV2) divides by zero
+        raise ValueError(f"surgery.graph: Torch-Pruning could not trace {type(model).__name__} "
+                         f"({type(error).__name__}: {error}), so its channel groups are unknown: this model cannot "
+                         "be pruned through the dependency graph.") from error
 
 
 def _module(model: nn.Module, item) -> nn.Module:
@@ -163,14 +177,28 @@ def _describe(graph, group, names: dict) -> GraphGroup:
                 continue
             inputs = graph.is_in_channel_pruning_fn(handler)
             size = module.weight.shape[1] if inputs and not depthwise else module.weight.shape[0]
-            index = torch.full((size,), -1, dtype=torch.long)
-            index[torch.tensor([int(i) for i in item.idxs], dtype=torch.long)] = torch.tensor(
-                [int(i) for i in item.root_idxs], dtype=torch.long)
+            index = _index(item, size, channels, name, names.get(root, str(root)))
             (through if inputs and depthwise else readers if inputs else writers).append(Layer(name, module, index))
         elif mixing is None:
             mixing = _mixing(tp, module, name)
     return GraphGroup(names.get(root, str(root)), channels, readers, writers, mixing, grouped,
                       (root, root_dep.handler), through)
+
+
+def _index(item, size: int, channels: int, name: str, root: str) -> Tensor:
+    """``index[i]``: the group channel that slice ``i`` of layer ``name`` (``size`` slices) is, or -1."""
+    slices = torch.tensor([int(i) for i in item.idxs], dtype=torch.long)
+    group_channels = torch.tensor([int(i) for i in item.root_idxs], dtype=torch.long)
+    if slices.numel() and (slices.max() >= size or group_channels.max() >= channels or slices.min() < 0):
+        raise ValueError(
+            f"surgery.graph: the dependency graph maps the {channels} channels of group {root} onto channel "
+            f"{int(slices.max())} of {name}, which has {size}: Torch-Pruning could not trace how the model routes "
+            "these channels (a chunk or split of them, a tensor concatenated with itself). Pass "
+            f"ignored=[{root!r}] to leave that group whole."
+        )
+    index = torch.full((size,), -1, dtype=torch.long)
+    index[slices] = group_channels
+    return index
 
 
 def _mixing(tp, module, name: str) -> str | None:
@@ -306,8 +334,11 @@ def mask_groups(model: nn.Module, example: Tensor, *, sparsity: float | None = N
         A :class:`GraphMasks`; its :meth:`~GraphMasks.shrink` removes the masked channels.
 
     Raises:
-        ValueError: bad arguments, an unreachable budget, or a group that mixes its
-            channels under ``mixing="error"``; nothing is changed then.
+        ValueError: bad arguments, an unreachable budget, a group that mixes its
+            channels under ``mixing="error"``, or a model Torch-Pruning cannot trace or
+            whose channels it maps beyond a layer's (the message names the group and the
+            layer; ``ignored=`` with the group's layer leaves it whole); nothing is changed
+            then.
         ImportError: Torch-Pruning is not installed.
 
     Example:
