@@ -428,3 +428,23 @@ def test_the_group_the_graph_cannot_follow_can_be_left_whole():
     report = masks.shrink(model)
     torch.testing.assert_close(outputs(model), masked, rtol=1e-5, atol=1e-5)
     assert report.channels == {"b.0": (8, 4)}
+
+
+class TwoConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.b(self.a(x)).mean(dim=(2, 3))
+
+
+def test_a_layer_whose_freed_output_shares_an_id_with_the_models_output_is_not_an_output_layer():
+    # The mean's output took the id of a's freed output, so a was taken for an output layer and left whole.
+    torch.manual_seed(0)
+    model = TwoConvs().eval()
+    masks = graph.mask_groups(model, SMALL, sparsity=0.5)
+    assert masks.masked == ["a"]
+    masked = outputs(model)
+    assert masks.shrink(model).channels == {"a": (8, 4)}
+    torch.testing.assert_close(outputs(model), masked, rtol=1e-5, atol=1e-5)

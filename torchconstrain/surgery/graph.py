@@ -21,6 +21,7 @@ other than 1 or the channel count) are always left whole.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -147,7 +148,7 @@ def _module(model: nn.Module, item) -> nn.Module:
 def _output_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
     """The conv and linear layers whose output is one of the model's outputs."""
     outputs = {}
-    hooks = [m.register_forward_hook(lambda m, i, o: outputs.__setitem__(id(o), m))
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.__setitem__(id(o), (weakref.ref(o), m)))
              for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
         with evaluating(model), torch.no_grad():
@@ -155,7 +156,8 @@ def _output_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
     finally:
         for hook in hooks:
             hook.remove()
-    return [outputs[id(r)] for r in tree_flatten(result)[0] if id(r) in outputs]
+    # by identity: a freed layer output's id can come back as the model's output
+    return [outputs[id(r)][1] for r in tree_flatten(result)[0] if id(r) in outputs and outputs[id(r)][0]() is r]
 
 
 def _describe(graph, group, names: dict) -> GraphGroup:
