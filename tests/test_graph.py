@@ -507,3 +507,44 @@ def test_a_transpose_that_keeps_channels_apart_is_pruned():
     masked = outputs(model)
     assert masks.shrink(model).channels == {"patches": (16, 8)}
     torch.testing.assert_close(outputs(model), masked, rtol=1e-5, atol=1e-5)
+
+
+class TiedConvs(nn.Module):
+    """b and c share one weight; their outputs are summed (one group: cut alike) or concatenated (two groups)."""
+
+    def __init__(self, concatenated: bool) -> None:
+        super().__init__()
+        self.concatenated = concatenated
+        self.a, self.b, self.c = conv_bn_relu(3, 16), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1)
+        self.c.weight = self.b.weight
+        self.fc = nn.Linear(32 if concatenated else 16, 5)
+
+    def forward(self, x):
+        y = self.a(x)
+        both = torch.cat([self.b(y), self.c(y)], dim=1) if self.concatenated else self.b(y) + self.c(y)
+        return self.fc(both.mean(dim=(2, 3)))
+
+
+def test_tied_weights_cut_alike_are_tied_again():
+    # Each slot got its own pruned copy: the weights were silently untied.
+    torch.manual_seed(0)
+    model = randomized(TiedConvs(concatenated=False))
+    masks = graph.mask_groups(model, SMALL, sparsity=0.5)
+    masked = outputs(model)
+    report = masks.shrink(model)
+    assert report.channels == {"a.0": (16, 8), "b": (16, 8)}
+    assert model.b.weight is model.c.weight and model.b.weight.shape == (8, 8, 1, 1)
+    torch.testing.assert_close(outputs(model), masked, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_weights_pruning_would_cut_differently_are_refused():
+    torch.manual_seed(0)
+    model = randomized(TiedConvs(concatenated=True))
+    masks = graph.mask_groups(model, SMALL, sparsity=0.5)
+    bake(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"b\.weight and c\.weight are one tied Parameter, which pruning would cut into "
+                                         "different ones.*left baked and unpruned"):
+        masks.shrink(model)
+    assert_unchanged(model, before)
+    assert model.b.weight is model.c.weight

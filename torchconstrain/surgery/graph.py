@@ -543,7 +543,9 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
     Raises:
         ValueError: a mixing group with unread channels under ``mixing="error"``, outputs
             that changed (the message names which), or a pruned model that cannot run
-            ``example``; the model is left baked but unpruned then, with the same module,
+            ``example``, or tied weights that pruning would cut into different shapes or
+            values (tied weights cut alike are tied again); the model is left baked but
+            unpruned then, with the same module,
             Parameter and buffer objects as before the call (an optimizer built on the
             baked model still trains it).
     """
@@ -569,17 +571,23 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
                              "anyway, or mixing='skip'.")
         plan.append((group, unread.nonzero().flatten().tolist()))
     before = _measured(model, example, measure)
-    saved = _saved(model)
+    saved, tied = _saved(model), _tied(model)
     try:
         for group, removed in plan:
             module, handler = group.root
             graph.get_pruning_group(module, handler, removed).prune()
-        after = _measured(model, example, measure)
+        untied = _retie(model, tied)
+        after = None if untied else _measured(model, example, measure)
     except Exception as error:  # a layer the graph does not resize (timm's MixedConv2d keeps its split sizes)
         _restore(saved)
         raise ValueError(f"surgery.graph.shrink: the pruned model cannot run the example ({type(error).__name__}: "
                          f"{error}): a layer keeps channel sizes the dependency graph does not update. The model is "
                          "left baked and unpruned; pass ignored=[...] with that layer.") from error
+    if untied:
+        _restore(saved)
+        raise ValueError(f"surgery.graph.shrink: {untied} are one tied Parameter, which pruning would cut into "
+                         "different ones (other shapes or values). The model is left baked and unpruned; pass "
+                         "ignored=[...] with the layers writing the channels the tied layers would cut differently.")
     changed = _changed(before["output"], after["output"], rtol, atol, mixing == "approximate")
     if changed is not None:
         _restore(saved)
@@ -609,6 +617,29 @@ def _restore(saved: list[tuple[nn.Module, dict, dict]]) -> None:
         for key, contents in slots.items():
             module.__dict__[key].clear()
             module.__dict__[key].update(contents)
+
+
+def _tied(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """The slots ``(module, name)`` of each Parameter that more than one slot holds (tied weights)."""
+    slots = {}
+    for module in model.modules():
+        for name, parameter in module._parameters.items():
+            if parameter is not None:
+                slots.setdefault(id(parameter), []).append((module, name))
+    return [held for held in slots.values() if len(held) > 1]
+
+
+def _retie(model: nn.Module, tied: list[list[tuple[nn.Module, str]]]) -> str | None:
+    """Tie again the Parameters pruning cut into equal copies; name the first slots whose copies differ."""
+    names = {module: name for name, module in model.named_modules()}
+    for held in tied:
+        parameters = [module._parameters[name] for module, name in held]
+        first = parameters[0]
+        if any(p.shape != first.shape or p.dtype != first.dtype or not torch.equal(p, first) for p in parameters[1:]):
+            return " and ".join(".".join(filter(None, (names[module], name))) for module, name in held)
+        for module, name in held[1:]:
+            module._parameters[name] = first
+    return None
 
 
 def _changed(before: tuple, after: tuple, rtol: float, atol: float, values_may_change: bool) -> str | None:
