@@ -545,9 +545,8 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
             that changed (the message names which), or a pruned model that cannot run
             ``example``, or tied weights that pruning would cut into different shapes or
             values (tied weights cut alike are tied again); the model is left baked but
-            unpruned then, with the same module,
-            Parameter and buffer objects as before the call (an optimizer built on the
-            baked model still trains it).
+            unpruned then, with the same module, Parameter and buffer objects as before
+            the call (an optimizer built on the baked model still trains it).
     """
     if mixing not in MIXING_CHOICES:
         raise ValueError(f"surgery.graph.shrink: expected mixing in {MIXING_CHOICES}. Got {mixing!r}.")

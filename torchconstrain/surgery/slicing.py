@@ -226,10 +226,9 @@ def fold_batchnorm(model: nn.Module) -> int:
     r"""Fold every BatchNorm2d that directly follows a Conv2d in a Sequential into that conv.
 
     Modifies ``model`` in place: the conv gets the folded weight and a bias, the BatchNorm
-    becomes ``nn.Identity`` (its ``state_dict`` keys go away). A new bias is trainable where
-    the conv's weight is. In eval mode the outputs are
-    unchanged to float32 rounding. For deployment: the folded model no longer trains like
-    the original.
+    becomes ``nn.Identity`` (its ``state_dict`` keys go away); a new bias is trainable where
+    the conv's weight is. In eval mode the outputs are unchanged to float32 rounding. For
+    deployment: the folded model no longer trains like the original.
 
     Returns:
         The number of folded pairs.
