@@ -338,7 +338,7 @@ def test_shrink_compares_every_output_and_refuses_a_changed_shape(as_dict, where
     # Only the first output was compared: the returned features lost half their channels unseen.
     torch.manual_seed(0)
     model = randomized(LogitsAndFeatures(as_dict))
-    masks = graph.mask_groups(model, SMALL, sparsity=0.5)
+    graph.mask_groups(model, SMALL, sparsity=0.5)
     with pytest.raises(ValueError, match=rf"changed the shape of {where} from \(2, 16\) to \(2, 8\).*left baked and unpruned"):
         graph.shrink(model, SMALL, mixing=mixing)
     assert model.conv.out_channels == 16 and model.fc.in_features == 16
