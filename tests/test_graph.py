@@ -548,3 +548,19 @@ def test_tied_weights_pruning_would_cut_differently_are_refused():
         masks.shrink(model)
     assert_unchanged(model, before)
     assert model.b.weight is model.c.weight
+
+
+def test_shrink_keeps_frozen_layers_frozen():
+    # Torch-Pruning's new Parameters all require gradients: a BatchNorm frozen for
+    # fine-tuning, or a frozen stem, trained again after the shrink.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+    for parameter in [model[0].weight, model[1].weight, model[1].bias]:
+        parameter.requires_grad_(False)
+    graph.mask_groups(model, SMALL, sparsity=0.5)
+    report = graph.shrink(model, SMALL)
+    assert model[0].out_channels == 8 and report.params[1] < report.params[0]
+    assert [p.requires_grad for p in (model[0].weight, model[0].bias, model[1].weight, model[1].bias)] == [
+        False, True, False, False]
+    assert model[3].weight.requires_grad

@@ -575,6 +575,7 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
         for group, removed in plan:
             module, handler = group.root
             graph.get_pruning_group(module, handler, removed).prune()
+        _keep_frozen(saved)
         untied = _retie(model, tied)
         after = None if untied else _measured(model, example, measure)
     except Exception as error:  # a layer the graph does not resize (timm's MixedConv2d keeps its split sizes)
@@ -606,6 +607,16 @@ def _saved(model: nn.Module) -> list[tuple[nn.Module, dict, dict]]:
     of its parameter, buffer and submodule dicts, by reference (no copy of a tensor)."""
     return [(module, dict(module.__dict__), {key: dict(module.__dict__[key]) for key in SLOTS})
             for module in model.modules()]
+
+
+def _keep_frozen(saved: list[tuple[nn.Module, dict, dict]]) -> None:
+    """Give each Parameter pruning made the ``requires_grad`` of the one it replaced
+    (Torch-Pruning's new Parameters all require gradients: frozen layers thawed)."""
+    for module, _, slots in saved:
+        for name, old in slots["_parameters"].items():
+            new = module._parameters.get(name)
+            if old is not None and new is not None and new is not old:
+                new.requires_grad_(old.requires_grad)
 
 
 def _restore(saved: list[tuple[nn.Module, dict, dict]]) -> None:
