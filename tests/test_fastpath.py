@@ -58,6 +58,7 @@ RULES = {
     "FixedMask": lambda: FixedMask.magnitude(sparsity=0.5),
     "LearnableMask": lambda: LearnableMask(temperature=0.5),
     "LearnableMask channel hard": lambda: LearnableMask(per="channel", hard=True, init=0.6),
+    "LearnableMask hard budget": lambda: LearnableMask(hard=True, sparsity=0.5),  # its keep, built out of place
     "MaxNorm": lambda: MaxNorm(0.5),
     "UnitNorm": UnitNorm,
     "FakeQuant": lambda: FakeQuant(bits=4),

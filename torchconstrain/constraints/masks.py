@@ -576,9 +576,8 @@ class LearnableMask(Constraint):
         count = gates.numel()
         kept = max(count - round(self.target_sparsity * count), 1)
         order = torch.sort(gates.flatten(), descending=True, stable=True).indices
-        keep = torch.zeros(count, dtype=torch.bool, device=gates.device)
-        keep[order[:kept]] = True
-        return keep.view(gates.shape)
+        keep = torch.zeros(count, dtype=torch.bool, device=gates.device).index_fill(0, order[:kept], True)
+        return keep.view(gates.shape)  # out of place: vmap over an ensemble batches it
 
     def penalty(self) -> Tensor | None:
         if self.budget is not None:
