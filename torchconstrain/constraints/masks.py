@@ -492,7 +492,9 @@ class LearnableMask(Constraint):
         ``index[i]`` is the gate of slice ``i`` (``-1``: not gated, always kept), so several
         tensors whose slices are laid out differently (a conv's input channels, a linear's
         flattened ``channels x positions`` inputs) can share one set of gates: give every
-        mask the same ``scores`` parameter once they are applied. ``scores`` has one entry
+        mask the same ``scores`` parameter once they are applied (each mask still adds its
+        own penalty: set ``strength`` and ``rate`` to 0 on all but one, as
+        :func:`~torchconstrain.surgery.mask_blocks` does, so the shared gates count once). ``scores`` has one entry
         per gate; :meth:`gates` returns them, :meth:`gate` the per-slice view. Keyword
         arguments are :class:`LearnableMask`'s, with ``per="channel"``. ``index`` holds
         integers (a float index is refused, not truncated), ``gates`` is an integer >= 1.
