@@ -106,9 +106,8 @@ class _TiedOriginal(dict):
 
     def __getitem__(self, name: str):
         value = super().__getitem__(name)
-        call = _swap_call()
-        if self.replaced is not None and self.replaced[0] is call and value is self.replaced[1]:
-            return self.replaced[2]
+        if self.replaced is not None and value is self.replaced[1] and self.replaced[0] is _swap_call():
+            return self.replaced[2]  # (the frame is looked up only then: torch.compile cannot trace it)
         return value
 
     def __setitem__(self, name: str, value) -> None:

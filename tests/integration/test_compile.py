@@ -217,3 +217,17 @@ def test_the_mask_byte_copy_is_a_copy_of_the_bytes_under_vmap_too():
     batch = torch.rand(3, 5, 7) > 0.5
     assert torch.equal(copy_bytes(batch), batch.to(torch.uint8))
     assert torch.equal(torch.func.vmap(copy_bytes, in_dims=2, out_dims=2)(batch), batch.to(torch.uint8))
+
+
+def test_a_constrained_tied_model_compiles_in_one_graph():
+    # Every read of a tied chain's stored original looked up the calling frame
+    # (sys._getframe), which dynamo cannot trace: fullgraph=True raised.
+    from conftest import TiedNet, tokens
+
+    torch.manual_seed(0)
+    model = TiedNet()
+    constrain(model, {"head.weight": Clamp(-0.1, 0.1)})
+    fast, counter = compiled(model)
+    x = tokens()
+    torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+    assert counter.frame_count == 1
