@@ -201,3 +201,17 @@ def test_fold_batchnorm_gives_a_new_bias_the_weights_requires_grad(trainable):
     model[0].weight.requires_grad_(trainable)
     fold_batchnorm(model)
     assert model[0].bias.requires_grad == model[0].weight.requires_grad == trainable
+
+
+def test_fold_batchnorm_folds_a_sequential_with_named_children():
+    # Its slots were named by position ("0"), not by key ("conv"): every such conv was
+    # refused as "also used as" itself (torchvision's densenet too).
+    from collections import OrderedDict
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4), act=nn.ReLU())).eval()
+    model.bn.running_mean.normal_()
+    x = torch.randn(1, 3, 8, 8)
+    expected = model(x)
+    assert fold_batchnorm(model) == 1 and isinstance(model.bn, nn.Identity)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)

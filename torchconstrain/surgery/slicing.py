@@ -283,7 +283,7 @@ def _refuse_shared_convs(model: nn.Module, pairs: list[tuple[nn.Sequential, int]
             if child is not None:
                 slots.setdefault(child, []).append((parent, key))
     for seq, i in pairs:
-        slot = (seq, str(i))
+        slot = (seq, list(seq._modules)[i])  # its key: a name in an OrderedDict Sequential
         others = [_slot_name(names, parent, key) for parent, key in slots[seq[i]] if (parent, key) != slot]
         if others:
             raise ValueError(
