@@ -450,65 +450,6 @@ def test_a_layer_whose_freed_output_shares_an_id_with_the_models_output_is_not_a
     torch.testing.assert_close(outputs(model), masked, rtol=1e-5, atol=1e-5)
 
 
-PERMUTATION = torch.randperm(16, generator=torch.Generator().manual_seed(0))
-REORDERS = {
-    "FlipBackward0": lambda y: y.flip(1),
-    "RollBackward0": lambda y: y.roll(3, dims=1),
-    "IndexBackward0": lambda y: y[:, PERMUTATION],
-    "RepeatBackward0": lambda y: y.repeat(1, 2, 1, 1)[:, 8:24],
-    "TransposeBackward0": lambda y: y.view(len(y), 2, 8, *y.shape[2:]).transpose(1, 2).reshape(y.shape),
-}
-
-
-class Reordered(nn.Module):
-    """Two conv/BN/ReLU layers with an operation on the channels between them."""
-
-    def __init__(self, between) -> None:
-        super().__init__()
-        self.between = between
-        self.a, self.b, self.fc = conv_bn_relu(3, 16), conv_bn_relu(16, 16), nn.Linear(16, 5)
-
-    def forward(self, x):
-        return self.fc(self.b(self.between(self.a(x))).mean(dim=(2, 3)))
-
-
-@pytest.mark.parametrize("op", list(REORDERS))
-def test_an_operation_moving_channels_counts_as_mixing_them(op):
-    # Taken for element-wise: mask_groups masked the group, shrink then refused it (or changed the outputs).
-    torch.manual_seed(0)
-    model = randomized(Reordered(REORDERS[op]))
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=rf"group a\.0 through {op} (\(an operation that may reorder|between two reshapes \(a channel shuffle)"):
-        graph.mask_groups(model, SMALL, sparsity=0.5)
-    assert_unchanged(model, before)
-    masks = graph.mask_groups(model, SMALL, sparsity=0.5, mixing="skip")
-    assert masks.masked == ["b.0"]
-    masked = outputs(model)
-    masks.shrink(model)
-    torch.testing.assert_close(outputs(model), masked, rtol=1e-5, atol=1e-5)
-    assert model.a[0].out_channels == 16
-
-
-class PatchTokens(nn.Module):
-    """A transpose after a reshape that no reshape follows: the channels stay apart (a patch embedding)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.patches, self.fc = nn.Conv2d(3, 16, 4, stride=4), nn.Linear(16, 5)
-
-    def forward(self, x):
-        return self.fc(self.patches(x).flatten(2).transpose(1, 2)).mean(dim=1)
-
-
-def test_a_transpose_that_keeps_channels_apart_is_pruned():
-    torch.manual_seed(0)
-    model = PatchTokens().eval()
-    masks = graph.mask_groups(model, SMALL, sparsity=0.5)
-    masked = outputs(model)
-    assert masks.shrink(model).channels == {"patches": (16, 8)}
-    torch.testing.assert_close(outputs(model), masked, rtol=1e-5, atol=1e-5)
-
-
 class TiedConvs(nn.Module):
     """b and c share one weight; their outputs are summed (one group: cut alike) or concatenated (two groups)."""
 

@@ -12,9 +12,7 @@ computed.
 
 Not every group can be removed exactly. Channels that pass through a layer that mixes them
 (a LayerNorm over channels, GroupNorm, attention, softmax over channels) still change the
-others through that layer while masked: removing them changes the outputs. So do those
-passing through an operation that moves channels (a flip, roll, index or repeat on them,
-a channel shuffle), which the graph takes for element-wise. Such groups are
+others through that layer while masked: removing them changes the outputs. Such groups are
 refused by default, naming the layer (``mixing="error"``), left whole (``"skip"``), or
 pruned anyway (``"approximate"``). Groups read or written by a grouped convolution (groups
 other than 1 or the channel count) are always left whole.
@@ -42,8 +40,6 @@ from torchconstrain.surgery.pattern import sparsity_keeping
 __all__ = ["GraphGroup", "GraphMasks", "find_groups", "mask_groups", "shrink"]
 
 MIXING_OPS = ("Softmax", "LayerNorm", "GroupNorm", "LinalgVectorNorm", "NormBackward", "Cumsum", "Sort", "Topk")
-REORDERING_OPS = ("Flip", "Roll", "Index", "Gather", "Scatter", "Take", "Repeat")  # may move channels elsewhere
-TRANSPOSING_OPS = ("Transpose", "Permute")  # a channel shuffle between two reshapes
 MIXING_CHOICES = ("error", "skip", "approximate")
 SLOTS = ("_parameters", "_buffers", "_modules")  # the dicts of a module that pruning changes in place
 
@@ -186,7 +182,7 @@ def _describe(graph, group, names: dict) -> GraphGroup:
             index = _index(item, size, channels, name, names.get(root, str(root)))
             (through if inputs and depthwise else readers if inputs else writers).append(Layer(name, module, index))
         elif mixing is None:
-            mixing = _mixing(tp, graph, module, name, channels)
+            mixing = _mixing(tp, module, name)
     return GraphGroup(names.get(root, str(root)), channels, readers, writers, mixing, grouped,
                       (root, root_dep.handler), through)
 
@@ -207,12 +203,8 @@ def _index(item, size: int, channels: int, name: str, root: str) -> Tensor:
     return index
 
 
-def _mixing(tp, graph, module, name: str, channels: int) -> str | None:
-    """Why channels passing through ``module`` are not independent, or None.
-
-    The graph takes an op it does not know for element-wise (channel i in, channel i out):
-    those that move channels (flip, roll, indexing, a channel shuffle) are mixing too.
-    """
+def _mixing(tp, module, name: str) -> str | None:
+    """Why channels passing through ``module`` are not independent, or None."""
     if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU,
                            nn.Parameter)):
         return None
@@ -220,10 +212,6 @@ def _mixing(tp, graph, module, name: str, channels: int) -> str | None:
         op = str(module._grad_fn)
         if any(word in op for word in MIXING_OPS) and "BatchNorm" not in op:
             return f"{op} (an operation on the channels together)"
-        if any(word in op for word in REORDERING_OPS):
-            return f"{op} (an operation that may reorder or repeat the channels)"
-        if any(word in op for word in TRANSPOSING_OPS) and _shuffles(tp, graph, module, channels):
-            return f"{op} between two reshapes (a channel shuffle)"
         return None
     if isinstance(module, (tp.ops._ConcatOp, tp.ops._SplitOp, tp.ops._ReshapeOp, tp.ops._UnbindOp,
                            tp.ops._ExpandOp, tp.ops._SliceOp)):
@@ -232,40 +220,6 @@ def _mixing(tp, graph, module, name: str, channels: int) -> str | None:
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention)):
         return f"{kind} {name}"
     return f"{kind} {name} (a layer not known to keep channels apart)"
-
-
-def _shuffles(tp, graph, module, channels: int) -> bool:
-    """Whether ``module``, a transpose or permute, reorders channels a reshape split (view,
-    transpose, view: a channel shuffle): a reshape feeds it, another reads its output (past
-    copies), and no dimension it moves has the group's ``channels``."""
-    node = graph.module2node.get(module)
-    if node is None or not any(isinstance(n.module, tp.ops._ReshapeOp) for n in node.inputs):
-        return False
-    shape = _reshaped_shape(tp, node)
-    if shape is None:
-        return False
-    moved = _moved_dims(node.grad_fn, len(shape))
-    return bool(moved) and all(shape[dim] != channels for dim in moved)
-
-
-def _reshaped_shape(tp, node) -> tuple | None:
-    """The shape of ``node``'s output where a reshape reads it, directly or past copies; None if none does."""
-    following = list(node.outputs)
-    while following:
-        node = following.pop()
-        if isinstance(node.module, tp.ops._ReshapeOp):
-            return tuple(getattr(node.grad_fn, "_saved_self_sym_sizes", None) or ()) or None
-        if isinstance(node.module, tp.ops._ElementWiseOp) and "Clone" in str(node.module._grad_fn):
-            following += node.outputs
-    return None
-
-
-def _moved_dims(grad_fn, rank: int) -> list[int]:
-    """The dimensions a transpose or permute moves (their output positions)."""
-    if hasattr(grad_fn, "_saved_dim0"):
-        return sorted({grad_fn._saved_dim0 % rank, grad_fn._saved_dim1 % rank})
-    dims = getattr(grad_fn, "_saved_dims", None) or ()
-    return [i for i, dim in enumerate(dims) if dim % rank != i]
 
 
 def _cost(model: nn.Module, example: Tensor, groups: list[GraphGroup]) -> LayerCost:
