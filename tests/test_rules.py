@@ -42,8 +42,8 @@ def _stacked_in_two_calls(layer, first, second):
     lambda: FixedMask.global_magnitude(sparsity=0.5),
     lambda: FixedMask.magnitude(threshold=0.1),
 ])
-@pytest.mark.parametrize("as_rules", [False, True])
-def test_a_mask_later_in_a_stack_chooses_from_the_value_it_masks(make_mask, as_rules):
+@pytest.mark.parametrize("form", ["list", "rules", "callable"])
+def test_a_mask_later_in_a_stack_chooses_from_the_value_it_masks(make_mask, form):
     # Bound to the raw weight, the mask kept large negative entries (0 after NonNeg) and
     # pruned positive ones: 73% of entries zero instead of 50%, unlike the same stack
     # built in two calls.
@@ -52,7 +52,11 @@ def test_a_mask_later_in_a_stack_chooses_from_the_value_it_masks(make_mask, as_r
     one, two = nn.Linear(16, 16), nn.Linear(16, 16)
     with torch.no_grad():
         one.weight.copy_(weight), two.weight.copy_(weight)
-    rules = [("weight", NonNeg()), ("w*", make_mask())] if as_rules else {"weight": [NonNeg(), make_mask()]}
+    rules = {
+        "list": {"weight": [NonNeg(), make_mask()]},
+        "rules": [("weight", NonNeg()), ("w*", make_mask())],
+        "callable": {"weight": lambda fqn, tensor: [NonNeg(), make_mask()]},
+    }[form]
     constrain(one, rules)
     assert torch.equal(one.weight, _stacked_in_two_calls(two, NonNeg(), make_mask()))
     kept = weight.clamp_min(0) * one.parametrizations.weight[1].mask

@@ -239,7 +239,7 @@ def _bind(rule: _Rule, group: dict[str, Slot], planned: Callable[[str], _Planned
     bound = {fqn: [] for fqn in group}
     seen = _Seen(group, lambda fqn: planned(fqn).with_more(bound[fqn], rule))
     if not _is_constraint_list(rule.value):
-        return {fqn: _call_factory(rule, fqn, seen[fqn]) for fqn in group}
+        return {fqn: _call_factory(rule, fqn, seen, bound[fqn]) for fqn in group}
     for template in _as_list(rule.value):
         with _rule_named(rule, template):
             for fqn, constraint in template.for_tensors(seen).items():
@@ -317,18 +317,23 @@ def _as_list(value) -> list[Constraint]:
     return [value] if isinstance(value, Constraint) else list(value)
 
 
-def _call_factory(rule: _Rule, fqn: str, value: Tensor) -> list[Constraint]:
+def _call_factory(rule: _Rule, fqn: str, seen: _Seen, bound: list[Constraint]) -> list[Constraint]:
+    """Bind what the rule's callable makes for ``fqn`` into ``bound``, each template to the
+    value it transforms (``seen``, which follows ``bound``)."""
+    value = seen[fqn]
     with origin_named(f"{fqn}: {rule} value (a callable)"):
         made = rule.value(fqn, value)
     if made is None:
-        return []
+        return bound
     if not _is_constraint_list(made):
         raise TypeError(
             f"{fqn}: {rule} callable must return a Constraint, a list of them or None. "
             f"Got {type(made).__name__}: {made!r}."
         )
     with _rule_named(rule):
-        return [template.for_tensor(fqn, value) for template in _as_list(made)]
+        for index, template in enumerate(_as_list(made)):
+            bound.append(template.for_tensor(fqn, value if index == 0 else seen[fqn]))
+    return bound
 
 
 def _validate(entry: _Planned, existing: str) -> None:
