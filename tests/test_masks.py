@@ -399,3 +399,15 @@ def test_a_sparsity_multiplier_stays_float32_in_a_half_precision_model(dtype):
     for _ in range(100):
         penalty(layer)
     assert mask.multiplier.item() == pytest.approx(100 * 0.0025 * excess, rel=1e-4)
+
+
+def test_a_sparsity_multiplier_keeps_its_value_through_a_cast_to_half_precision():
+    # Widened back after the cast, it had been rounded first: 70000 became inf in float16.
+    layer = nn.Linear(4, 4)
+    constrain(layer, {"weight": LearnableMask(sparsity=0.5)})
+    mask = layer.parametrizations.weight[0]
+    mask.multiplier.fill_(70000.0)
+    layer.half()
+    assert mask.multiplier.dtype == torch.float32 and mask.multiplier.item() == 70000.0
+    layer.bfloat16()
+    assert mask.multiplier.item() == 70000.0

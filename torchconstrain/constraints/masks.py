@@ -452,11 +452,14 @@ class LearnableMask(Constraint):
         self.register_parameter("scores", None)
 
     def _apply(self, fn, *args, **kwargs):
+        before = self._buffers.get("multiplier")
         result = super()._apply(fn, *args, **kwargs)
-        multiplier = self._buffers.get("multiplier")
-        if multiplier is not None and multiplier.is_floating_point():
-            # kept in float32: rate * excess rounded into a float16 multiplier overshot, into bfloat16 it stalled
-            self._buffers["multiplier"] = at_least_float32(multiplier)
+        after = self._buffers.get("multiplier")
+        if after is not None and after.is_floating_point() and after.dtype != at_least_float32(after).dtype:
+            # kept in float32: rate * excess rounded into a float16 multiplier overshot, into bfloat16 it
+            # stalled; moved from the value before the cast (1e5 is inf in float16)
+            kept = before is not None and before is not after and not before.is_meta and not after.is_meta
+            self._buffers["multiplier"] = before.to(after.device, torch.float32) if kept else after.float()
         return result
 
     def _bind(self, fqn: str, tensor: Tensor) -> None:
