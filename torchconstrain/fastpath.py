@@ -22,7 +22,9 @@ parametrization that is not a cacheable torchconstrain constraint (see
 registered, and where :func:`set_fast_path` turned it off for the calling thread. Under
 autocast, and for stored originals in shared memory, the value is computed on every
 access. Writes through a parameter's or a kept value's ``.data`` are seen
-(:mod:`torchconstrain._tracked`); writes through a buffer's are not.
+(:mod:`torchconstrain._tracked`); writes through a buffer's are not. Fused optimizer steps,
+which write parameters without moving their version counters, move them (a global
+optimizer step post-hook); collectives such as ``dist.broadcast`` into parameters do not.
 
 Example:
     >>> import torch
@@ -48,6 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from torchconstrain._tracked import Tracked, track_chain, track_value
 from torchconstrain.constraints.base import Constraint, tracing
@@ -126,6 +129,18 @@ def _usable() -> bool:
     )
 
 
+def _fused_steps_seen(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """A fused optimizer step (``fused=True``) writes its parameters without moving their
+    version counters: move them, so that a value kept from before the step is not reused
+    after it (a global step post-hook, registered once when this module is imported)."""
+    written = [p for group in optimizer.param_groups if group.get("fused") for p in group["params"]]
+    if written:
+        torch.autograd.graph.increment_version(written)
+
+
+register_optimizer_step_post_hook(_fused_steps_seen)
+
+
 # --- the property -----------------------------------------------------------------------
 
 
@@ -143,6 +158,8 @@ def _getter(tensor_name: str):
     def get(module: nn.Module) -> Tensor:
         plist = module._modules["parametrizations"]._modules[tensor_name]
         if not _usable():
+            if torch.is_grad_enabled() and not tracing():
+                plist.__dict__.pop(_KEY, None)  # training on the plain path holds no kept value either
             return _plain(module, tensor_name, plist)
         kept = plist.__dict__.get(_KEY)
         if kept is not None:
