@@ -41,7 +41,10 @@ import torchconstrain._tracked as _tracked
 from torchconstrain._distributed import whole
 from torchconstrain.constraints.base import tracing, transformed
 
-__all__ = ["Allocation", "ChannelGroup", "CostLayer", "GateBudget", "LayerCost", "LinearCost", "allocate", "linear_cost"]
+__all__ = [
+    "Allocation", "ChannelGroup", "CostLayer", "CountsCost", "GateBudget", "LayerCost", "LinearCost", "allocate",
+    "linear_cost",
+]
 
 
 @dataclass(frozen=True)
@@ -285,8 +288,8 @@ class GateBudget:
     keeps its ``minimum``), so the baked model meets the budget exactly whatever the gates
     learned. While training, the first member's penalty is a Lagrange term
     ``multiplier * (expected share - keep)``, where the expected share is ``cost`` of the
-    gates' sums taken as channel counts over the full cost (``cost`` must then take tensor
-    counts, as :func:`linear_cost` and :class:`LayerCost` do); each penalty call computed with gradients on first moves
+    gates' sums taken as channel counts over the full cost (:class:`CountsCost`; a cost
+    of your own must then take tensor counts); each penalty call computed with gradients on first moves
     the multiplier by ``rate`` times the excess: up while the gates are over budget, down
     (below zero if need be) while they are under it. So the gates are pushed towards the
     budget from both sides as hard as it takes: no strength to tune. Call
@@ -324,6 +327,7 @@ class GateBudget:
         self.keep, self.fixed, self.rate, self.what = keep, fixed, rate, what
         self.cost = linear_cost(self.groups, fixed) if cost is None else cost
         self.total = float(self.cost({g.name: g.channels for g in self.groups}))
+        self._counts_cost = CountsCost(self.cost, [g.name for g in self.groups])
         self.allocation()  # validates keep and the minimums now, before anything is attached
 
     def attach(self, followers: Sequence[object] = ()) -> "GateBudget":
@@ -388,8 +392,8 @@ class GateBudget:
         (differentiable): the cost that baking holds to ``keep``, so the multiplier settles
         where the baked model meets the budget (layers in no group, and a layer whose inputs
         and outputs both belong to groups, count as they do there)."""
-        counts = {g.name: whole(mask.gates().sum()) for g, mask in zip(self.groups, self.masks)}  # FSDP2: all ranks
-        return self.cost(counts) / self.total
+        counts = torch.stack([whole(mask.gates().sum()) for mask in self.masks])  # FSDP2: all ranks
+        return self._counts_cost(counts) / self.total
 
     def penalty_for(self, mask) -> Tensor | None:
         r"""The Lagrange term, for the first member only (``None`` for the others)."""
@@ -402,6 +406,48 @@ class GateBudget:
                 multiplier.add_(self.rate * excess.detach())
         # A copy: the next penalty() edits the multiplier, which this term's backward reads.
         return multiplier.clone() * excess
+
+
+class CountsCost:
+    r"""``cost`` as a differentiable function of the kept counts in one tensor, one count per
+    group of ``names``: for a :class:`LinearCost` or a :class:`LayerCost` a few operations on
+    the whole vector (a penalty computes it every step; its coefficients are made once per
+    device and dtype), for any other cost a call with a dict of the counts.
+
+    Example:
+        >>> import torch
+        >>> from torchconstrain.surgery.budget import CostLayer, CountsCost, LayerCost
+        >>> cost = LayerCost((CostLayer(100.0, 4, (("a", 1.0),), 10, (("b", 1.0),)),), {"a": 4, "b": 10})
+        >>> CountsCost(cost, ["a", "b"])(torch.tensor([2.0, 5.0])).item()
+        25.0
+    """
+
+    def __init__(self, cost, names: Sequence[str]) -> None:
+        self.cost, self.names, self.made = cost, list(names), {}
+        if isinstance(cost, LinearCost):
+            self.lists = ([cost.per_channel.get(name, 0.0) for name in names],)
+        elif isinstance(cost, LayerCost):
+            layers = cost.layers
+            self.lists = ([float(cost.channels[name]) for name in names],
+                          [[dict(layer.reads).get(name, 0.0) for name in names] for layer in layers],
+                          [[dict(layer.writes).get(name, 0.0) for name in names] for layer in layers],
+                          [float(layer.inputs) for layer in layers], [float(layer.outputs) for layer in layers],
+                          [layer.macs / (layer.inputs * layer.outputs) for layer in layers])
+        else:
+            self.lists = None
+
+    def __call__(self, counts: Tensor) -> Tensor:
+        if self.lists is None:
+            return self.cost(dict(zip(self.names, counts.unbind())))
+        key = (counts.device, counts.dtype)
+        if key not in self.made:
+            self.made[key] = tuple(counts.new_tensor(values) for values in self.lists)
+        if isinstance(self.cost, LinearCost):
+            (per,) = self.made[key]
+            return self.cost.fixed + (per * counts).sum()
+        full, reads, writes, inputs, outputs, scale = self.made[key]
+        drop = full - counts
+        return (scale * (inputs - reads @ drop) * (outputs - writes @ drop)).sum()
 
 
 def _same_sources(first: tuple, second: tuple) -> bool:
