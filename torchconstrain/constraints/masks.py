@@ -129,10 +129,11 @@ class FixedMask(Constraint):
     def for_tensors(self, tensors: Mapping[str, Tensor]) -> dict[str, Constraint]:
         if not isinstance(self.selector, GlobalMagnitude):
             return super().for_tensors(tensors)
-        for fqn, tensor in tensors.items():
+        values = {fqn: tensor.detach() for fqn, tensor in tensors.items()}  # each read once (it may be computed)
+        for fqn, tensor in values.items():
             self._refuse_meta(fqn, tensor)
-        masks = self.selector.select_all({fqn: t.detach() for fqn, t in tensors.items()})
-        return {fqn: FixedMask(masks[fqn]).to(tensors[fqn].device) for fqn in tensors}
+        masks = self.selector.select_all(values)
+        return {fqn: FixedMask(masks[fqn]).to(values[fqn].device) for fqn in values}
 
     def _refuse_meta(self, fqn: str, tensor: Tensor) -> None:
         """Refuse to choose a mask from the values of a tensor on the meta device (it has none)."""
