@@ -456,7 +456,7 @@ class LearnableMask(Constraint):
         before = self._buffers.get("multiplier")
         result = super()._apply(fn, *args, **kwargs)
         after = self._buffers.get("multiplier")
-        if after is not None and after.is_floating_point() and after.dtype != at_least_float32(after).dtype:
+        if after is not None and after.is_floating_point() and torch.finfo(after.dtype).bits < 32:
             # kept in float32: rate * excess rounded into a float16 multiplier overshot, into bfloat16 it
             # stalled; moved from the value before the cast (1e5 is inf in float16)
             kept = before is not None and before is not after and not before.is_meta and not after.is_meta
