@@ -331,24 +331,31 @@ def test_shrink_with_an_example_the_model_cannot_run_changes_nothing():
     assert_unchanged(model, before)
 
 
-class _Doubled(nn.Conv2d):
+class _Tagged(nn.Conv2d):
+    """A subclass that computes as a Conv2d."""
+
+
+class _Standardized(nn.Conv2d):
+    """Each output channel's weight standardized (timm's StdConv2d): every stored entry counts."""
+
     def forward(self, x):
-        return super().forward(x) * 2
+        weight = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return self._conv_forward(x, weight, self.bias)
 
 
-def _with_doubled_expand_conv(model, block):
+def _with_expand_conv(model, block, kind):
     conv = model.features[block].block[0][0]
-    doubled = _Doubled(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
-    doubled.load_state_dict(conv.state_dict())
-    model.features[block].block[0][0] = doubled
-    return doubled
+    new = kind(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
+    new.load_state_dict(conv.state_dict())
+    model.features[block].block[0][0] = new
+    return new
 
 
 def test_shrink_keeps_the_layers_a_model_has_with_their_classes_and_hooks():
-    # Layers were replaced by new plain ones: a Conv2d subclass's forward was lost (outputs
-    # changed by half, silently) and the hooks on the layers were dropped.
+    # Layers were replaced by new plain ones: a Conv2d subclass lost its class and the
+    # hooks on the layers were dropped.
     model = randomize_batchnorm(build("mobilenet_v3_small")).eval()
-    doubled = _with_doubled_expand_conv(model, 2)
+    doubled = _with_expand_conv(model, 2, _Tagged)
     seen = []
     doubled.register_forward_hook(lambda module, inputs, output: seen.append(output.shape[1]))
     surgery.mask_blocks(model, sparsity=0.5)
@@ -364,12 +371,19 @@ def test_shrink_keeps_the_layers_a_model_has_with_their_classes_and_hooks():
     assert seen[-1] == 36
 
 
-def test_a_layer_the_surgery_cannot_resize_is_refused_before_masking():
+@pytest.mark.parametrize("change, message", [
+    ("buffer", r"\(Conv2d\): it also holds scale, which slicing would leave at the old sizes"),
+    ("standardized", r"\(_Standardized\): its class overrides forward"),  # shrunk by stored zeros, it changed outputs
+])
+def test_a_layer_the_surgery_cannot_resize_is_refused_before_masking(change, message):
     model = build("mobilenet_v3_small")
-    model.features[2].block[0][0].register_buffer("scale", torch.ones(72))
+    if change == "buffer":
+        model.features[2].block[0][0].register_buffer("scale", torch.ones(72))
+    else:
+        _with_expand_conv(model, 2, _Standardized)
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"surgery: (block|group) \S+ cannot be resized: layer features.2.block.0.0 "
-                                         r"\(Conv2d\): it also holds scale, which slicing would leave at the old sizes"):
+                                         + message):
         surgery.mask_blocks(model, sparsity=0.5)
     assert_unchanged(model, before)
 

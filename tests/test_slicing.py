@@ -119,26 +119,41 @@ def test_a_sliced_channels_last_conv_stays_channels_last():
     torch.testing.assert_close(new(x), expected)
 
 
+class _Tagged(nn.Conv2d):
+    """A subclass that computes as a Conv2d (a library's marker class, a method of its own)."""
+
+    def describe(self) -> str:
+        return f"tagged {self.out_channels}"
+
+
 class _Doubled(nn.Conv2d):
     def forward(self, x):
         return super().forward(x) * 2
 
 
 def test_slicing_resizes_the_layers_themselves_keeping_their_class_and_hooks():
-    # Replaced by new plain layers, a Conv2d subclass lost its forward (outputs halved)
-    # and every forward hook on the layers was dropped.
+    # Replaced by new plain layers, a Conv2d subclass lost its class and every forward
+    # hook on the layers was dropped.
     torch.manual_seed(0)
-    layer = nn.Sequential(_Doubled(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU()).eval()
+    layer = nn.Sequential(_Tagged(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU()).eval()
     conv, bn = layer[0], layer[1]
     seen = []
     conv.register_forward_hook(lambda module, inputs, output: seen.append(output.shape[1]))
     x = torch.randn(2, 4, 7, 7)
     expected = layer(x)[:, ROWS]
     slice_outputs(layer, ROWS)
-    assert layer[0] is conv and layer[1] is bn and type(conv) is _Doubled
+    assert layer[0] is conv and layer[1] is bn and conv.describe() == "tagged 3"
     assert (conv.out_channels, bn.num_features) == (len(ROWS), len(ROWS))
     torch.testing.assert_close(layer(x), expected)
     assert seen == [6, len(ROWS)]
+
+
+def test_a_layer_computing_its_output_its_own_way_is_refused():
+    # Which channels are unused is read from the stored weight: a subclass's forward (a
+    # standardized weight) can use them all the same.
+    assert "its class overrides forward" in not_resizable(_Doubled(4, 6, 3))
+    with pytest.raises(ValueError, match="cannot resize _Doubled in place: its class overrides forward"):
+        resize_like(_Doubled(4, 6, 3), sliced_conv(nn.Conv2d(4, 6, 3), rows=ROWS))
 
 
 def test_a_layer_holding_more_than_slicing_resizes_is_refused():
@@ -215,3 +230,20 @@ def test_fold_batchnorm_folds_a_sequential_with_named_children():
     expected = model(x)
     assert fold_batchnorm(model) == 1 and isinstance(model.bn, nn.Identity)
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["subclass", "conv hook", "bn hook", "weight_norm"])
+def test_fold_batchnorm_refuses_a_pair_whose_outputs_it_cannot_keep(change):
+    # Folded all the same: a weight-standardizing conv, hooks (the BatchNorm's went with it)
+    # and an old-style weight_norm (a pre-hook) silently changed the outputs.
+    model = nn.Sequential(_Doubled(3, 4, 3) if change == "subclass" else nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    if change == "conv hook":
+        model[0].register_forward_hook(lambda module, inputs, output: output * 2)
+    if change == "bn hook":
+        model[1].register_forward_hook(lambda module, inputs, output: output + 1)
+    if change == "weight_norm":
+        nn.utils.weight_norm(model[0])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"surgery.fold_batchnorm: cannot fold [01]: .*Nothing was folded"):
+        fold_batchnorm(model)
+    assert_unchanged(model, before)

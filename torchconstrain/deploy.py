@@ -205,8 +205,10 @@ def to_executorch(model: nn.Module, example, *, int8: bool = False, calibration=
 def prepare(model: nn.Module, example: Tensor | None = None, *, inplace: bool = False, shrink: bool = False,
             fold_batchnorm: bool = False) -> nn.Module:
     r"""Return the plain model :func:`to_executorch` exports: ``model`` (a copy, unless ``inplace``) on
-    the CPU in eval mode, baked, then optionally shrunk (``example`` checks the outputs, see
-    :func:`surgery.shrink <torchconstrain.surgery.shrink>`) and with its BatchNorms folded.
+    the CPU in eval mode, baked, then optionally shrunk (``example`` is the input its MACs
+    are counted on, see :func:`surgery.shrink <torchconstrain.surgery.shrink>`) and with its
+    BatchNorms folded (:func:`surgery.fold_batchnorm <torchconstrain.surgery.fold_batchnorm>`
+    refuses a pair it cannot fold exactly).
 
     Example:
         >>> from torch import nn

@@ -206,6 +206,10 @@ def not_resizable(layer: nn.Module) -> str | None:
     sizes, tensors = _layer_kind(layer)
     if sizes is None:
         return f"expected a Conv2d, Linear or BatchNorm2d. Got {type(layer).__name__}"
+    own = _own_forward(layer)
+    if own is not None:
+        return (f"its class overrides {own}: the surgery reads which channels are unused from the stored "
+                "weights, not from what that code computes with them (a standardized weight mixes them)")
     chains = dict(layer.parametrizations.items()) if parametrize.is_parametrized(layer) else {}
     foreign = [name for name, chain in chains.items() if not all(isinstance(p, Constraint) for p in chain)]
     if foreign:
@@ -215,6 +219,16 @@ def not_resizable(layer: nn.Module) -> str | None:
     if extra:
         return f"it also holds {', '.join(extra)}, which slicing would leave at the old sizes"
     return None
+
+
+def _own_forward(layer: nn.Module) -> str | None:
+    """The method of ``layer``'s class that computes its output other than its stock type's
+    (``forward``, or a conv's ``_conv_forward``), or ``None``; a parametrized layer's class,
+    made for its parametrizations, is judged by the class it was made from."""
+    cls = type(layer).__mro__[1] if parametrize.is_parametrized(layer) else type(layer)
+    stock = next((kind for kind, _, _ in _LAYERS if isinstance(layer, kind)), None)
+    names = ("forward", "_conv_forward") if stock is nn.Conv2d else ("forward",)
+    return next((name for name in names if stock is not None and getattr(cls, name) is not getattr(stock, name)), None)
 
 
 def _layer_kind(layer: nn.Module) -> tuple[tuple[str, ...] | None, set[str]]:
@@ -234,7 +248,9 @@ def fold_batchnorm(model: nn.Module) -> int:
         The number of folded pairs.
 
     Raises:
-        ValueError: a conv to fold still carries parametrizations (bake it first), is used
+        ValueError: a conv or BatchNorm of a pair has a class computing its output its own
+            way (an overridden ``forward``), hooks, or another library's parametrization; a
+            conv to fold still carries parametrizations (bake it first), is used
             elsewhere too (in a second conv/BN pair or any other place of the model: the
             folded weights would be wrong there), or its BatchNorm keeps no running
             statistics (it normalizes with each batch's, even in eval mode: no fixed affine
@@ -252,6 +268,7 @@ def fold_batchnorm(model: nn.Module) -> int:
              for i in range(len(seq) - 1)
              if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d)]
     _refuse_shared_convs(model, pairs)
+    _refuse_unfoldable(model, pairs)
     for seq, i in pairs:
         if parametrize.is_parametrized(seq[i]):
             name = next(n for n, m in model.named_modules() if m is seq[i])
@@ -271,6 +288,30 @@ def fold_batchnorm(model: nn.Module) -> int:
         conv.weight, conv.bias = weight, bias
         seq[i + 1] = nn.Identity()
     return len(pairs)
+
+
+def _refuse_unfoldable(model: nn.Module, pairs: list[tuple[nn.Sequential, int]]) -> None:
+    """Raise if a pair's outputs would not survive folding: a class computing its output
+    its own way (a weight-standardized conv), a hook (the BatchNorm's goes with it, the
+    conv's would see other outputs), or a parametrization other than torchconstrain's."""
+    names = {module: name for name, module in model.named_modules()}
+    for seq, i in pairs:
+        for layer in (seq[i], seq[i + 1]):
+            own = _own_forward(layer)
+            hooked = any(_hooks_of(layer))
+            foreign = parametrize.is_parametrized(layer) and not all(
+                isinstance(p, Constraint) for chain in layer.parametrizations.values() for p in chain)
+            reason = (f"its class {type(layer).__name__} overrides {own}" if own else
+                      "it has hooks (the folded pair would not compute what they saw)" if hooked else
+                      "a tensor of it is under another library's parametrization (remove it first)" if foreign else None)
+            if reason:
+                raise ValueError(f"surgery.fold_batchnorm: cannot fold {names.get(layer, type(layer).__name__)}: {reason}. "
+                                 "Nothing was folded.")
+
+
+def _hooks_of(layer: nn.Module) -> tuple[dict, ...]:
+    """The dicts of ``layer``'s forward and backward hooks (an old-style ``weight_norm`` is one)."""
+    return (layer._forward_hooks, layer._forward_pre_hooks, layer._backward_hooks, layer._backward_pre_hooks)
 
 
 def _refuse_shared_convs(model: nn.Module, pairs: list[tuple[nn.Sequential, int]]) -> None:
