@@ -218,6 +218,40 @@ def test_the_export_command_writes_a_program_that_runs(tmp_path, capsys):
         assert 0 < (program(x) - model(x)).abs().max() < 0.05  # int8 rounding of the activations
 
 
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 4), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return {"logits": self.a(x), "aux": (self.b(x),)}
+
+
+class _Noisy(nn.Module):
+    """A forward whose program cannot compute what the model does (its own random draws)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.a(x) + torch.rand(4)
+
+
+def test_the_export_command_compares_every_output_with_the_saved_model_before_writing(tmp_path, capsys):
+    # A model with several outputs failed after writing the file (tuple - tuple); a program
+    # that computes something else was written and reported with exit 0.
+    torch.save(_TwoHeads(), tmp_path / "two.pt")
+    assert main(["export", str(tmp_path / "two.pt"), "--to", "executorch", "--input-shape", "1,16",
+                 "--out", str(tmp_path / "two.pte")]) == 0
+    assert "ExecuTorch vs the saved model's outputs" in capsys.readouterr().out
+    torch.save(_Noisy(), tmp_path / "noisy.pt")
+    assert main(["export", str(tmp_path / "noisy.pt"), "--to", "executorch", "--input-shape", "1,16",
+                 "--out", str(tmp_path / "noisy.pte")]) == 1
+    assert "the fp32 program's outputs differ from the saved model's" in capsys.readouterr().err
+    assert not (tmp_path / "noisy.pte").exists()
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["no_such_net", "--to", "executorch", "--out", "x.pte"], "no_such_net: no such file, and not a torchvision model"),
     (["resnet18", "--to", "executorch", "--out", "x.pte", "--input-shape", "1,a"], "expected sizes >= 1"),

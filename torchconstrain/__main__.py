@@ -48,8 +48,9 @@ def _add_export(commands) -> None:
     export = commands.add_parser(
         "export", help="bake a model and write it as an ExecuTorch program (.pte) for XNNPACK, fp32 or int8",
         description="Bake MODEL (a saved whole model or a torchvision name, built with weights=None), optionally "
-        "shrink it and fold its BatchNorms, and write an ExecuTorch program for the XNNPACK backend; then run the "
-        "program once in ExecuTorch's runtime and compare it with the eager model. Needs the deploy extra.")
+        "shrink it and fold its BatchNorms, and write an ExecuTorch program for the XNNPACK backend, after running "
+        "it once in ExecuTorch's runtime and comparing every output with the model as saved: an fp32 program that "
+        "differs by more than 1e-4 of the largest output is not written (exit 1). Needs the deploy extra.")
     export.add_argument("model", metavar="MODEL",
                         help="a torchvision model name (built with weights=None) or a path to a saved model")
     export.add_argument("--to", choices=("executorch",), required=True, help="the target (executorch)")
@@ -83,12 +84,18 @@ def _run_export(args) -> int:
     try:
         example = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
         calibration = _calibration_batches(args, example) if args.int8 else None
-        model = prepare(load_model(args.model), example, inplace=True, shrink=args.shrink,
-                        fold_batchnorm=args.fold_batchnorm)
-        program = to_executorch(model, example, int8=args.int8, calibration=calibration, inplace=True)
-        program.save(args.out)
+        loaded = load_model(args.model).eval()
         with torch.no_grad():
-            difference = (program(example) - model(example)).abs().max().item()
+            expected = _outputs(loaded(example))  # what the program must compute: the model as saved
+        model = prepare(loaded, example, inplace=True, shrink=args.shrink, fold_batchnorm=args.fold_batchnorm)
+        program = to_executorch(model, example, int8=args.int8, calibration=calibration, inplace=True)
+        with torch.no_grad():
+            difference, allowed = _difference(_outputs(program(example)), expected)
+        if not program.int8 and not difference <= allowed:
+            print(f"torchconstrain export: the fp32 program's outputs differ from the saved model's by {difference:.3g} "
+                  f"(more than {allowed:.3g}, 1e-4 of the largest output): nothing was written.", file=sys.stderr)
+            return 1
+        program.save(args.out)
     except (TypeError, ValueError, OSError, ModuleNotFoundError) as error:
         print(f"torchconstrain export: {error}", file=sys.stderr)
         return 2
@@ -97,8 +104,30 @@ def _run_export(args) -> int:
     if program.int8:
         moved, total = sum(program.moved.values()), len(program.moved)
         print(f"int8 weights: {total} tensors quantized, {moved:,} entries moved off their float values")
-    print(f"ExecuTorch vs eager outputs on a random input: max |difference| {difference:.2g}")
+    print(f"ExecuTorch vs the saved model's outputs on a random input: max |difference| {difference:.2g} "
+          f"(largest output {_scale(expected):.2g})")
     return 0
+
+
+def _outputs(output) -> list:
+    """Every tensor of a model's output (a tensor, or a tuple, list or dict of them), in order."""
+    from torch.utils._pytree import tree_flatten
+
+    return [t.detach() for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+
+
+def _scale(outputs: list) -> float:
+    """The largest magnitude of any output."""
+    return max((t.abs().max().item() for t in outputs if t.numel()), default=0.0)
+
+
+def _difference(got: list, expected: list) -> tuple[float, float]:
+    """The largest difference between two models' outputs (inf where their structure or
+    shapes differ), and what an fp32 program may differ by: 1e-4 of the largest output."""
+    if len(got) != len(expected) or any(a.shape != b.shape for a, b in zip(got, expected)):
+        return float("inf"), 0.0
+    difference = max(((a.float() - b.float()).abs().max().item() for a, b in zip(got, expected) if a.numel()), default=0.0)
+    return difference, 1e-4 * _scale(expected)
 
 
 def _calibration_batches(args, example) -> list:
