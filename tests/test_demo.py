@@ -182,3 +182,12 @@ def test_a_shrunk_model_that_differs_from_the_baked_one_exits_with_1(monkeypatch
     captured = capsys.readouterr()
     assert "MISMATCH" in captured.out
     assert "differ from the baked model's" in captured.err
+
+
+def test_the_summary_reports_the_calibration_images_there_were(tiny):
+    # --calibrate 5000 calibrated on the 1437 training images, and said 5000.
+    from torchconstrain.demo import report
+
+    metrics = json.loads(json.dumps(tiny[1].metrics))
+    metrics["settings"]["calibration_images"] = 5000
+    assert "activations calibrated on 1437 training images" in report.summary(metrics, [])

@@ -122,7 +122,7 @@ def _program_verdicts(metrics: dict) -> list[str]:
         + ", ".join(f"{key}={value:g}" for key, value in check["executorch_tolerance"].items()) + ")",
         f"ExecuTorch int8 vs fp32 test accuracy: {points:+.1f} pt ({within} 1 point); "
         f"{stages['executorch_int8']['quantized_weights']} weights int8 per channel, activations calibrated on "
-        f"{metrics['settings']['calibration_images']} training images",
+        f"{min(metrics['settings']['calibration_images'], metrics['data']['train_images'])} training images",  # all there are
     ]
 
 
