@@ -165,6 +165,8 @@ def test_a_model_that_cannot_be_captured_is_refused_and_left_as_it_was():
     ({"int8": True, "calibration": []}, ValueError, "calibration holds no batch"),
     ({"calibration": [torch.randn(2, 8)]}, ValueError, "calibration data is only used with int8=True"),
     ({"int8": True, "calibration": ["images"]}, TypeError, "calibration batch 0: expected a tensor or a tuple of tensors"),
+    ({"int8": True, "calibration": torch.randn(8, 3, 8, 8)}, TypeError,  # each image taken for a batch
+     r"expected calibration as an iterable of input batches. Got one tensor of shape \(8, 3, 8, 8\)"),
 ])
 def test_bad_arguments_are_refused_before_any_work(net, arguments, error, message):
     before = snapshot(net)
@@ -255,6 +257,7 @@ def test_the_export_command_compares_every_output_with_the_saved_model_before_wr
 @pytest.mark.parametrize("arguments, message", [
     (["no_such_net", "--to", "executorch", "--out", "x.pte"], "no_such_net: no such file, and not a torchvision model"),
     (["resnet18", "--to", "executorch", "--out", "x.pte", "--input-shape", "1,a"], "expected sizes >= 1"),
+    (["resnet18", "--to", "executorch", "--out", "x.pte", "--calibrate", "8"], "pass --int8 with them"),  # was ignored
 ])
 def test_the_export_command_refuses_bad_input(arguments, message, capsys):
     try:

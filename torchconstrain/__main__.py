@@ -58,7 +58,7 @@ def _add_export(commands) -> None:
     export.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), metavar="N,C,H,W",
                         help="the input shape the program takes, batch included (default 1,3,224,224)")
     export.add_argument("--int8", action="store_true", help="quantize weights and activations to int8 (PT2E)")
-    export.add_argument("--calibrate", type=_at_least_one, default=32, metavar="N",
+    export.add_argument("--calibrate", type=_at_least_one, metavar="N",
                         help="with --int8: calibrate activations on N inputs (default 32)")
     export.add_argument("--data", metavar="FILE",
                         help="with --int8: a tensor of inputs saved with torch.save, shape (samples, ...); the first "
@@ -82,6 +82,8 @@ def _run_export(args) -> int:
     from torchconstrain.deploy import prepare, to_executorch
 
     try:
+        if not args.int8 and (args.data is not None or args.calibrate is not None):
+            raise ValueError("--data and --calibrate set the int8 program's calibration: pass --int8 with them.")
         example = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
         calibration = _calibration_batches(args, example) if args.int8 else None
         loaded = load_model(args.model).eval()
@@ -131,14 +133,15 @@ def _difference(got: list, expected: list) -> tuple[float, float]:
 
 
 def _calibration_batches(args, example) -> list:
+    count = 32 if args.calibrate is None else args.calibrate
     if args.data is None:
-        inputs = torch.randn((args.calibrate, *example.shape[1:]), generator=torch.Generator().manual_seed(1))
+        inputs = torch.randn((count, *example.shape[1:]), generator=torch.Generator().manual_seed(1))
     else:
         inputs = torch.load(args.data, map_location="cpu")
         if not isinstance(inputs, torch.Tensor) or tuple(inputs.shape[1:]) != tuple(example.shape[1:]):
             raise ValueError(f"--data {args.data}: expected a tensor of shape (samples, {', '.join(map(str, example.shape[1:]))}). "
                              f"Got {tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__}.")
-        inputs = inputs[:args.calibrate].float()
+        inputs = inputs[:count].float()
     return list(inputs.split(32))
 
 

@@ -252,6 +252,10 @@ def _calibration(calibration, int8: bool) -> list[tuple[Tensor, ...]]:
     if calibration is None:
         raise ValueError("to_executorch: int8=True needs calibration data: pass calibration=[batch, ...], "
                          "a few batches of real inputs (activations are quantized from their ranges).")
+    if isinstance(calibration, Tensor):
+        raise TypeError(f"to_executorch: expected calibration as an iterable of input batches. Got one tensor of shape "
+                        f"{tuple(calibration.shape)}, whose rows would each be taken for a batch: pass "
+                        "list(inputs.split(32)), or [inputs] for one batch.")
     batches = [_inputs(batch, f"calibration batch {index}") for index, batch in enumerate(calibration)]
     if not batches:
         raise ValueError("to_executorch: calibration holds no batch; pass a few batches of real inputs.")
