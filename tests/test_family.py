@@ -421,3 +421,11 @@ def test_bn_importance_counts_a_batchnorm_without_affine_parameters_as_gamma_one
     surgery.shrink(model, measure=False)
     torch.testing.assert_close(outputs(model, x), masked, rtol=1e-5, atol=1e-6)
 
+
+
+def test_the_surgery_on_a_folded_model_says_to_use_the_model_before_folding():
+    model = build("mobilenet_v3_small").eval()
+    surgery.fold_batchnorm(model)
+    with pytest.raises(ValueError, match=r"has no BatchNorm2d after its conv \(folded by surgery.fold_batchnorm\? "
+                                         r"the surgery needs the model before folding: save channel_plan\(model\) first\)"):
+        surgery.channel_plan(model)

@@ -164,7 +164,10 @@ class Block:
             problems.append("the residual adds tensors of different widths")
         for unit in filter(None, (self.expand, self.depthwise, self.project)):
             if unit.bn is None:
-                problems.append(f"{unit.fqn} has no BatchNorm2d after its conv")
+                folded = isinstance(unit.conv_slot.owner._modules.get(str(int(unit.conv_slot.key) + 1)), nn.Identity)
+                problems.append(f"{unit.fqn} has no BatchNorm2d after its conv"
+                                + (" (folded by surgery.fold_batchnorm? the surgery needs the model before folding: "
+                                   "save channel_plan(model) first)" if folded else ""))
         if problems:
             raise ValueError(f"not a {family} block: {'; '.join(problems)}.")
 
