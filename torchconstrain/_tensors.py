@@ -167,3 +167,9 @@ def describe(constraint: nn.Module) -> str:
     model, the values it was bound with)."""
     shown = constraint.with_values() if isinstance(constraint, Constraint) else constraint
     return f"{type(constraint).__name__}({shown.extra_repr()})"
+
+
+def module_hooks(module: nn.Module) -> tuple[dict, ...]:
+    r"""The dicts that hold ``module``'s own forward and backward hooks (an old-style
+    ``weight_norm`` is a forward pre-hook)."""
+    return (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)

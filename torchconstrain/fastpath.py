@@ -52,6 +52,7 @@ from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from torchconstrain._tensors import module_hooks
 from torchconstrain._tracked import Tracked, track_chain, track_value
 from torchconstrain.constraints.base import Constraint, tracing
 
@@ -245,7 +246,7 @@ class _Kept:
         chain = self.chain = tuple(plist._modules.values())
         self.revisions = tuple(map(_REVISION, chain))
         holding_tensors = (plist._parameters,) + tuple(d for c in chain for d in (c._buffers, c._parameters))
-        dicts = (plist._modules, *holding_tensors, *_hooks(plist))  # a hook on the list: the plain path runs
+        dicts = (plist._modules, *holding_tensors, *module_hooks(plist))  # a hook on the list: the plain path runs
         # Live views of the dicts, then an end mark: walking them beside ``held`` in step
         # finds a value replaced, added or removed (the end marks no longer meet).
         self.views = tuple(d.values() for d in dicts) + ((_END,),)
@@ -322,10 +323,5 @@ def _cacheable(constraint: nn.Module) -> bool:
     )
 
 
-def _hooks(module: nn.Module) -> tuple[dict, ...]:
-    """The dicts that hold ``module``'s own forward and backward hooks."""
-    return (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-
-
 def _hooked(module: nn.Module) -> bool:
-    return any(_hooks(module))
+    return any(module_hooks(module))

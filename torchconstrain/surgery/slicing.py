@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, skip_init
 
+from torchconstrain._tensors import module_hooks
 from torchconstrain.constraints import Constraint
 
 __all__ = [
@@ -267,16 +268,15 @@ def fold_batchnorm(model: nn.Module) -> int:
     pairs = [(seq, i) for seq in model.modules() if isinstance(seq, nn.Sequential)
              for i in range(len(seq) - 1)
              if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d)]
-    _refuse_shared_convs(model, pairs)
-    _refuse_unfoldable(model, pairs)
+    names = {module: name for name, module in model.named_modules()}  # each module's first name
+    _refuse_shared_convs(model, pairs, names)
+    _refuse_unfoldable(pairs, names)
     for seq, i in pairs:
         if parametrize.is_parametrized(seq[i]):
-            name = next(n for n, m in model.named_modules() if m is seq[i])
-            raise ValueError(f"surgery.fold_batchnorm: conv {name} still has parametrizations; bake(model) first.")
+            raise ValueError(f"surgery.fold_batchnorm: conv {names[seq[i]]} still has parametrizations; bake(model) first.")
         if seq[i + 1].running_mean is None:
-            name = next(n for n, m in model.named_modules() if m is seq[i + 1])
             raise ValueError(
-                f"surgery.fold_batchnorm: BatchNorm {name} has no running statistics "
+                f"surgery.fold_batchnorm: BatchNorm {names[seq[i + 1]]} has no running statistics "
                 "(track_running_stats=False): it normalizes with each batch's, so it cannot be folded."
             )
     for seq, i in pairs:
@@ -290,34 +290,27 @@ def fold_batchnorm(model: nn.Module) -> int:
     return len(pairs)
 
 
-def _refuse_unfoldable(model: nn.Module, pairs: list[tuple[nn.Sequential, int]]) -> None:
+def _refuse_unfoldable(pairs: list[tuple[nn.Sequential, int]], names: dict[nn.Module, str]) -> None:
     """Raise if a pair's outputs would not survive folding: a class computing its output
     its own way (a weight-standardized conv), a hook (the BatchNorm's goes with it, the
     conv's would see other outputs), or a parametrization other than torchconstrain's."""
-    names = {module: name for name, module in model.named_modules()}
     for seq, i in pairs:
         for layer in (seq[i], seq[i + 1]):
             own = _own_forward(layer)
-            hooked = any(_hooks_of(layer))
+            hooked = any(module_hooks(layer))
             foreign = parametrize.is_parametrized(layer) and not all(
                 isinstance(p, Constraint) for chain in layer.parametrizations.values() for p in chain)
             reason = (f"its class {type(layer).__name__} overrides {own}" if own else
                       "it has hooks (the folded pair would not compute what they saw)" if hooked else
                       "a tensor of it is under another library's parametrization (remove it first)" if foreign else None)
             if reason:
-                raise ValueError(f"surgery.fold_batchnorm: cannot fold {names.get(layer, type(layer).__name__)}: {reason}. "
+                raise ValueError(f"surgery.fold_batchnorm: cannot fold {names[layer]}: {reason}. "
                                  "Nothing was folded.")
 
 
-def _hooks_of(layer: nn.Module) -> tuple[dict, ...]:
-    """The dicts of ``layer``'s forward and backward hooks (an old-style ``weight_norm`` is one)."""
-    return (layer._forward_hooks, layer._forward_pre_hooks, layer._backward_hooks, layer._backward_pre_hooks)
-
-
-def _refuse_shared_convs(model: nn.Module, pairs: list[tuple[nn.Sequential, int]]) -> None:
+def _refuse_shared_convs(model: nn.Module, pairs: list[tuple[nn.Sequential, int]], names: dict[nn.Module, str]) -> None:
     """Raise if a conv to fold is also used elsewhere: in another slot of the model (a second
     conv/BN pair, or any other place), where the folded weights would be wrong."""
-    names = {module: name for name, module in model.named_modules()}
     slots = {}  # module -> the (parent, key) slots holding it
     for parent in model.modules():
         for key, child in parent._modules.items():
