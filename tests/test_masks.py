@@ -70,6 +70,45 @@ def test_fixed_mask_follows_in_place_edits_loads_and_dtype_moves():
     assert layer.weight.dtype == torch.float64
 
 
+CHANNELS_LAST_MASKS = {
+    "magnitude": lambda: FixedMask.magnitude(sparsity=0.5),
+    "random": lambda: FixedMask.random(sparsity=0.5, seed=0),
+    "structured": lambda: FixedMask.structured(sparsity=0.5),
+    "2:4": lambda: FixedMask.n_m(2, 4),
+    "given": lambda: FixedMask(torch.rand(16, 8, 3, 3, generator=torch.Generator().manual_seed(0)) > 0.5),
+    "global": lambda: FixedMask.global_magnitude(sparsity=0.5),
+    "learnable": lambda: LearnableMask(),
+    "learnable per element": lambda: LearnableMask(per="element"),
+    "clamp then mask": lambda: [Clamp(-0.1, 0.1), FixedMask.magnitude(sparsity=0.5)],
+}
+
+
+@pytest.mark.parametrize("make", CHANNELS_LAST_MASKS.values(), ids=CHANNELS_LAST_MASKS.keys())
+def test_a_channels_last_conv_keeps_its_layout_through_masks_training_and_bake(make):
+    # A mask chosen or given in the contiguous layout made the stored original, the
+    # effective weight and the baked weight contiguous: the conv left channels-last for
+    # good (slower kernels), and a learnable mask baked into another layout than its
+    # forward's, whose conv kernels round differently.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3)).to(memory_format=torch.channels_last)
+    layout = model[0].weight.stride()
+    constrain(model, {"0.weight": make()})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    model(x).square().mean().backward()
+    optimizer.step()
+    assert model[0].parametrizations.weight.original.stride() == layout
+    assert model[0].weight.stride() == layout
+    model.eval()
+    with torch.no_grad():
+        assert model[0].weight.stride() == layout
+        constrained = model(x)
+    bake(model)
+    assert model[0].weight.stride() == layout
+    with torch.no_grad():
+        assert torch.equal(model(x), constrained)
+
+
 def test_fixed_mask_shape_mismatch_names_the_tensor():
     with pytest.raises(ValueError, match=r"0.weight: FixedMask of shape \(2, 2\) does not fit .*\(3, 4\)"):
         constrain(nn.Sequential(nn.Linear(4, 3)), {"0.weight": FixedMask(torch.ones(2, 2))})

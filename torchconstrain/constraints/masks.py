@@ -133,7 +133,7 @@ class FixedMask(Constraint):
         for fqn, tensor in values.items():
             self._refuse_meta(fqn, tensor)
         masks = self.selector.select_all(values)
-        return {fqn: FixedMask(masks[fqn]).to(values[fqn].device) for fqn in values}
+        return {fqn: FixedMask(_laid_out_like(masks[fqn], values[fqn])).to(values[fqn].device) for fqn in values}
 
     def _refuse_meta(self, fqn: str, tensor: Tensor) -> None:
         """Refuse to choose a mask from the values of a tensor on the meta device (it has none)."""
@@ -148,14 +148,16 @@ class FixedMask(Constraint):
     def _bind(self, fqn: str, tensor: Tensor) -> None:
         if self.selector is not None:
             self._refuse_meta(fqn, tensor)
-            self.mask = self.selector.select(fqn, tensor)
+            self.mask = _laid_out_like(self.selector.select(fqn, tensor), tensor)
             self.selector = None
-        elif self.mask.shape != tensor.shape:
+            return
+        if self.mask.shape != tensor.shape:
             raise ValueError(
                 f"{fqn}: FixedMask of shape {tuple(self.mask.shape)} does not fit a tensor of "
                 f"shape {tuple(tensor.shape)}."
             )
-        elif self.mask.numel() and not self.mask.is_meta and not self.mask.any():
+        self.mask = _laid_out_like(self.mask, tensor)
+        if self.mask.numel() and not self.mask.is_meta and not self.mask.any():
             warnings.warn(
                 f"{fqn}: the FixedMask masks all {self.mask.numel()} entries; the tensor is all zeros.",
                 stacklevel=2,
@@ -208,6 +210,16 @@ class FixedMask(Constraint):
         if self.mask.is_meta:
             return f"shape={tuple(self.mask.shape)}"
         return f"shape={tuple(self.mask.shape)}, sparsity={self.sparsity:.3f}"
+
+
+def _laid_out_like(source: Tensor, tensor: Tensor) -> Tensor:
+    """``source`` (on its device, in its dtype) in ``tensor``'s memory layout. A mask laid
+    out as its tensor keeps the products with it (the effective tensor, the masked stored
+    original) in the tensor's layout: a channels-last conv stays channels-last through
+    ``constrain``, training and ``bake``."""
+    if source.stride() == tensor.stride():
+        return source
+    return torch.empty_like(tensor, dtype=source.dtype, device=source.device).copy_(source)
 
 
 def _mask_problem(mask: Tensor) -> str | None:
@@ -570,7 +582,8 @@ class LearnableMask(Constraint):
             raise ValueError(f"{type(self).__name__}: cannot bake: {problem}")
         gates = self.gates()
         kept = self._spread(self._kept_gates(gates), True)
-        return torch.where(kept, value * (1.0 if self.hard else self._spread(gates, 1.0).to(self.scores.dtype)), 0.0)
+        baked = torch.where(kept, value * (1.0 if self.hard else self._spread(gates, 1.0).to(self.scores.dtype)), 0.0)
+        return _laid_out_like(baked, value)  # the forward's product has the layout of its input
 
     def _kept_gates(self, gates: Tensor) -> Tensor:
         """Bool, the scores' shape: the gates baking keeps open, given the current ``gates()``."""
