@@ -1,8 +1,10 @@
-r"""What ``check``, ``penalty`` and ``bake`` need to know about FSDP2-sharded models.
+r"""What torchconstrain needs to know about distributed models.
 
 Under :func:`torch.distributed.fsdp.fully_shard`, parameters (stored originals, learnable
 mask scores) are sharded ``DTensor`` objects outside the forward, while buffers (masks,
-bounds) stay whole on every rank.
+bounds) stay whole on every rank: ``check``, ``penalty`` and ``bake`` handle the shards.
+Under ``DistributedDataParallel``, buffers are written from one rank's at each forward
+without a trace in their version counters (:func:`buffers_written_unseen`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,20 @@ import sys
 from collections.abc import Iterator
 
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def buffers_written_unseen() -> bool:
+    r"""Whether a ``DistributedDataParallel`` forward that syncs buffers is running.
+
+    Such a forward (``broadcast_buffers=True``, the default) first writes every rank's
+    buffers (masks, bounds, temperatures) from one rank's, restoring their version counters
+    afterwards (``torch.autograd._unsafe_preserve_version_counter``): values kept because
+    those counters did not move (a kept effective tensor, a bound read as a float) may be
+    stale there, and are dropped and recomputed instead.
+    """
+    ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)  # set during its forward
+    return ddp is not None and ddp.will_sync_module_buffers()
 
 
 def is_sharded(tensor: Tensor) -> bool:

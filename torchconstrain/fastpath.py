@@ -20,8 +20,9 @@ stored originals that are not plain tensors (FSDP2 shards), for chains with a
 parametrization that is not a cacheable torchconstrain constraint (see
 :class:`~torchconstrain.Constraint`) or with hooks, while global module hooks are
 registered, and where :func:`set_fast_path` turned it off for the calling thread. Under
-autocast, and for stored originals in shared memory, the value is computed on every
-access. Writes through a parameter's or a kept value's ``.data`` are seen
+autocast, for stored originals in shared memory, and in a ``DistributedDataParallel``
+forward that syncs buffers (which it writes without moving their version counters), the
+value is computed on every access. Writes through a parameter's or a kept value's ``.data`` are seen
 (:mod:`torchconstrain._tracked`); writes through a buffer's are not. Fused optimizer steps,
 which write parameters without moving their version counters, move them (a global
 optimizer step post-hook); collectives such as ``dist.broadcast`` into parameters do not.
@@ -52,6 +53,7 @@ from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from torchconstrain._distributed import buffers_written_unseen
 from torchconstrain._tensors import module_hooks
 from torchconstrain._tracked import Tracked, track_chain, track_value
 from torchconstrain.constraints.base import Constraint, tracing
@@ -209,7 +211,7 @@ def _value(plist: nn.Module) -> Tensor | None:
     chain = plist._modules.values()
     if type(original) not in _PLAIN_TYPES or not plist.is_tensor or _hooked(plist) or not all(map(_cacheable, chain)):
         return None
-    if torch.is_grad_enabled() or _autocast() or original.is_inference() or _shared(original):
+    if torch.is_grad_enabled() or _autocast() or original.is_inference() or _shared(original) or buffers_written_unseen():
         return _evaluate(original, chain)
     track_chain(plist)  # tensors put in since install: .data writes show in their versions
     kept = _Kept(plist)  # what the value is computed from, read before it is
@@ -275,6 +277,7 @@ class _Kept:
         nor anything it is computed from has changed."""
         return (
             not _autocast()
+            and not buffers_written_unseen()
             and tuple(map(_REVISION, self.chain)) == self.revisions
             and all(map(_is, _chained(self.views), self.held))
             and tuple(map(_VERSION, self.tensors)) == self.versions

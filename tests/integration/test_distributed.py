@@ -55,6 +55,32 @@ def ddp_worker(rank: int, init: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+def ddp_synced_buffers_worker(rank: int, init: str, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from torchconstrain import set_fast_path
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    model = constrained()
+    ddp = DistributedDataParallel(model)
+    x = torch.ones(1, 8)
+    with torch.no_grad():
+        model(x)  # an evaluation of the local module: values kept for reuse, bounds read as floats
+    if rank == 0:  # a change on one rank, for DDP's buffer sync to carry to the others
+        with torch.no_grad():
+            model[0].parametrizations.weight[0].max.fill_(0.01)
+            model[0].parametrizations.weight[1].mask[:, 1:] = False
+            model[2].parametrizations.weight[0].temperature.fill_(0.5)
+    with torch.no_grad():
+        fast = ddp(x)
+        with set_fast_path(False):
+            plain = ddp(x)
+        local = model(x)  # after the sync, outside DDP's forward
+    check(model)
+    torch.save({"fast": fast, "plain": plain, "local": local}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
 def fsdp_worker(rank: int, init: str, out: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
@@ -142,6 +168,15 @@ def test_ddp_replicas_stay_identical_and_bake_alike(tmp_path):
                            start["2.parametrizations.weight.0.scores"])
     assert list(results[0]["baked"]) == list(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16),
                                                           nn.ReLU(), nn.Linear(16, 4)).state_dict())
+
+
+def test_ddp_buffer_syncs_reach_every_rank_s_effective_weights(tmp_path):
+    # DDP writes rank 0's buffers into the other ranks at each forward with their version
+    # counters restored: rank 1 reused weights kept before (the fast path) and a Clamp's
+    # bound read as a float before (both paths), and broke its own constraint (check).
+    first, second = on_two_ranks(ddp_synced_buffers_worker, tmp_path)
+    assert_identical(first, second)
+    assert torch.equal(first["fast"], first["plain"]) and torch.equal(first["local"], first["fast"])
 
 
 def test_fsdp2_shards_train_check_and_bake_alike(tmp_path):

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from torchconstrain._distributed import buffers_written_unseen
 from torchconstrain.constraints.stacking import Stacking
 
 __all__ = ["Constraint"]
@@ -266,6 +267,15 @@ class Constraint(nn.Module):
         if hit is None or hit[0] is not source or hit[1] != source._version:
             hit = cache[name] = (source, source._version, build())
         return hit[2]
+
+    def _derived_unusable(self) -> bool:
+        """Whether values derived from this constraint's tensors must not be cached now, as
+        during a DDP forward that writes buffers unseen (:func:`buffers_written_unseen`):
+        then the cache is dropped too, so that accesses after that forward rebuild it."""
+        if not buffers_written_unseen():
+            return False
+        self.__dict__.pop("_derived_cache", None)
+        return True
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()

@@ -317,9 +317,9 @@ class Clamp(Constraint):
 
     def _bounds(self, x: Tensor):
         """The bounds as Python floats when they are scalars (a much faster clamp), else
-        tensors; ``None`` where there is none."""
+        tensors (the same bits: a bound is in the tensor's dtype); ``None`` where there is none."""
         lower, upper = self._buffers["min"], self._buffers["max"]
-        if _tensor_bound(lower) or _tensor_bound(upper) or tracing() or transformed():
+        if _tensor_bound(lower) or _tensor_bound(upper) or tracing() or transformed() or self._derived_unusable():
             return lower, upper
         return self._float_bound("min", lower), self._float_bound("max", upper)
 

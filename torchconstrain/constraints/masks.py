@@ -543,7 +543,7 @@ class LearnableMask(Constraint):
         for float16 and bfloat16 scores (where a small positive score rounded to a gate of
         exactly 0.5 and closed at the default threshold; the forward rounds the gate once)."""
         scores = at_least_float32(self.scores)
-        if tracing() or transformed() or self.temperature.is_meta:
+        if tracing() or transformed() or self.temperature.is_meta or self._derived_unusable():
             return torch.sigmoid(scores / self.temperature)
         temperature = self._derived("temperature", self.temperature, self.temperature.item)
         return torch.sigmoid(scores if temperature == 1.0 else scores / temperature)
