@@ -183,6 +183,12 @@ BAD_STATE = [
     (_set(MASK, torch.full((8, 3, 3, 3), math.nan)), "features.0.weight", r"FixedMask .*Got 216 other values \(nan"),
     (_set(MASK, torch.full((8, 3, 3, 3), -1.0)), "features.0.weight", r"FixedMask .*Got 216 other values \(-1"),
     (_set(MIN, torch.tensor(0.2)), "features.0.weight", r"Clamp .*min > max"),
+    # A box without 0 before a mask, which constrain refuses: masked entries left it.
+    (_set(MIN, torch.tensor(0.05)), "features.0.weight",
+     r"with the checkpoint's state, FixedMask\(.*\) cannot follow Clamp\(min=0.05, max=0.1\): .* cannot always hold"),
+    # A Clamp's checkpoint has a NonNeg's keys: loaded, NonNeg() held -1 and check passed.
+    (_set("features.1.parametrizations.weight.0.min", torch.tensor(-1.0)), "features.1.weight",
+     r"NonNeg .*NonNeg's min is 0. Got min=-1"),
     (_set(MIN, torch.tensor(math.inf)), "features.0.weight", r"Clamp .*min is inf, which would make every entry inf"),
     (_set(MIN, torch.tensor(math.nan)), "features.0.weight", r"Clamp .*min contains NaN"),
     (_set("features.0.parametrizations.weight.0.max", torch.tensor(-math.inf)), "features.0.weight", r"Clamp .*max is -inf"),

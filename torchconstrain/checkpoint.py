@@ -10,8 +10,8 @@ The model passed to :func:`torchconstrain.constrain`, and every module in it tha
 constraint (down to the constraints themselves), also gets a ``load_state_dict`` pre-hook
 that checks the whole checkpoint of the module it is loaded into before anything is
 copied: shapes, mask values, bounds, temperatures, constraint state that the model's
-constraints do not have, and different values for names that are one tensor in the model
-(tied weights). So ``model.load_state_dict``, ``model[0].load_state_dict`` and
+constraints do not have or that makes a stack :func:`torchconstrain.constrain` refuses,
+and different values for names that are one tensor in the model (tied weights). So ``model.load_state_dict``, ``model[0].load_state_dict`` and
 ``load_state_dict(..., assign=True)`` check the same things. A checkpoint that does not fit
 raises :class:`~torchconstrain.CheckpointMismatch` naming every tensor, and the model is
 left unchanged. With ``assign=True`` the constraints' state is assigned in the dtypes the
@@ -41,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import threading
 import weakref
 
@@ -51,7 +52,9 @@ from torch.nn.utils import parametrize
 import torchconstrain._tracked as _tracked
 from torchconstrain._tensors import describe, foreign_buffers_kept
 from torchconstrain.constraints.base import Constraint
+from torchconstrain.constraints.stacking import first_conflict
 from torchconstrain.errors import CheckpointMismatch
+from torchconstrain.keys import origin_named
 
 __all__ = []  # used through load_state_dict, constrain and bake
 
@@ -193,6 +196,7 @@ def _check_checkpoint(root, state_dict, prefix, local_metadata, strict, missing,
     problems += _tie_problems(modules, state_dict)
     for module_prefix, module in modules.items():
         problems += _local_problems(module, state_dict, module_prefix)
+    problems = problems or _stack_problems(modules, state_dict)
     if problems:
         raise CheckpointMismatch(problems, loaded=False)
     if local_metadata.get("assign_to_params_buffers", False):
@@ -351,6 +355,56 @@ def _local_problems(module: nn.Module, state_dict: dict, prefix: str) -> list[st
         if problem:
             problems.append(f"{_label(module, prefix)}: {problem}")
     return problems
+
+
+def _stack_problems(modules: dict[str, nn.Module], state_dict: dict) -> list[str]:
+    """Stacks that the checkpoint's constraint state would make ones :func:`torchconstrain.constrain`
+    refuses, since they cannot always hold (a ``Clamp`` after a ``FixedMask`` loading a box
+    without 0): each stack checked as ``constrain`` checks it, on its constraints holding
+    the checkpoint's tensors where it has them."""
+    stated = _chains_with_state(state_dict)
+    problems = []
+    for module_prefix, module in modules.items():
+        for tensor_name, plist in getattr(module, "parametrizations", {}).items():
+            inner = f"{module_prefix}{_INNER}{tensor_name}."
+            if inner not in stated:
+                continue
+            stack = [_staged(p, state_dict, f"{inner}{i}.") for i, p in enumerate(plist) if isinstance(p, Constraint)]
+            with origin_named(f"load_state_dict: {module_prefix}{tensor_name}: stacking()"):
+                declared = [constraint.stacking() for constraint in stack]
+            found = first_conflict(declared, plist.original.dim(), [type(c).__name__ for c in stack])
+            if found is not None:
+                i, j, reason = found
+                problems.append(f"{module_prefix}{tensor_name}: with the checkpoint's state, {describe(stack[j])} "
+                                f"cannot follow {describe(stack[i])}: {reason}, so the stack cannot always hold.")
+    return list(dict.fromkeys(problems))  # (a tied tensor's chain, once)
+
+
+def _chains_with_state(state_dict: dict) -> set[str]:
+    """The key prefixes (``0.parametrizations.weight.``) of the chains whose constraint state
+    (``0.parametrizations.weight.1.min``) the checkpoint holds."""
+    stated = set()
+    for key in state_dict:
+        module_prefix, found, rest = key.rpartition(_INNER)
+        tensor_name, _, name = rest.partition(".")
+        if found and name.split(".")[0].isdigit():
+            stated.add(f"{module_prefix}{_INNER}{tensor_name}.")
+    return stated
+
+
+def _staged(constraint: Constraint, state_dict: dict, prefix: str) -> Constraint:
+    """A shallow copy of ``constraint`` (of its values, on a meta model) holding the
+    checkpoint's tensors under ``prefix`` in place of its own, in their dtypes and devices."""
+    shown = constraint.with_values()
+    staged = copy.copy(shown)
+    for kind in ("_parameters", "_buffers"):
+        tensors = dict(shown.__dict__[kind])
+        for name, tensor in tensors.items():
+            value = state_dict.get(prefix + name)
+            if tensor is not None and torch.overrides.is_tensor_like(value) and not value.is_meta:
+                tensors[name] = value.detach().to(tensor.device, tensor.dtype).reshape(tensor.shape)
+        staged.__dict__[kind] = tensors
+    return staged
 
 
 def _label(constraint: Constraint, prefix: str) -> str:

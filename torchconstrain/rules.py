@@ -18,7 +18,7 @@ from torchconstrain._tensors import Slot, describe, parameter_slots, tied_slots
 from torchconstrain.checkpoint import watch
 from torchconstrain.constraints.arguments import flag
 from torchconstrain.constraints.base import Constraint
-from torchconstrain.constraints.stacking import conflict
+from torchconstrain.constraints.stacking import first_conflict
 from torchconstrain.keys import (
     check_arity,
     label,
@@ -406,16 +406,14 @@ def refuse_contradictions(fqn: str, stack: list[Constraint], labels: list[str], 
         for constraint, name in zip(stack, names):
             with origin_named(f"{fqn}: {name}: stacking()"):
                 declared.append(constraint.with_values().stacking())  # CPU copies on a meta model
-    for j in range(len(stack)):
-        for i in range(j):
-            short = (type(stack[i]).__name__, type(stack[j]).__name__)
-            reason = conflict(declared[i], declared[j], len(shape), short)
-            if reason is not None:
-                raise ValueError(
-                    f"{fqn}: {names[j]} cannot follow {names[i]}: {reason}. "
-                    "The stack cannot always hold, whatever the weights; "
-                    "see 'Stacking constraints' in the README for the stacks that do."
-                )
+    found = first_conflict(declared, len(shape), [type(constraint).__name__ for constraint in stack])
+    if found is not None:
+        i, j, reason = found
+        raise ValueError(
+            f"{fqn}: {names[j]} cannot follow {names[i]}: {reason}. "
+            "The stack cannot always hold, whatever the weights; "
+            "see 'Stacking constraints' in the README for the stacks that do."
+        )
 
 
 def _dry_run(entry: _Planned, earlier: list[Constraint], labels: list[str]) -> None:

@@ -286,7 +286,7 @@ class Clamp(Constraint):
             rounded = given.to(tensor.dtype)  # rounded once, to the nearest value
             if _bound_problem(rounded, name):  # a finite bound beyond the dtype's range
                 raise ValueError(
-                    f"{fqn}: Clamp {name}={_describe(given)} is beyond the range of {tensor.dtype}: it "
+                    f"{fqn}: Clamp {name}={describe_bound(given)} is beyond the range of {tensor.dtype}: it "
                     f"rounds to {-OPEN[name]} there, which would make every entry infinite. "
                     f"Expected a {name} within the range of {tensor.dtype}."
                 )
@@ -347,7 +347,7 @@ class Clamp(Constraint):
         if count == 0:
             return None
         return (
-            f"{count} entries outside [{_describe(lower)}, {_describe(upper)}] "
+            f"{count} entries outside [{describe_bound(lower)}, {describe_bound(upper)}] "
             f"(values from {value.min().item():.6g} to {value.max().item():.6g})"
         )
 
@@ -382,7 +382,7 @@ class Clamp(Constraint):
         return declare(does, f"every entry in [{_end(lower, '-inf')}, {_end(upper, 'inf')}]", kept_by, box=(lower, upper))
 
     def extra_repr(self) -> str:
-        text = f"min={_describe(self.bound('min'))}, max={_describe(self.bound('max'))}"
+        text = f"min={describe_bound(self.bound('min'))}, max={describe_bound(self.bound('max'))}"
         if self.gradient != "pull_back":
             text += f", gradient={self.gradient!r}"
         return text
@@ -414,7 +414,7 @@ def _check_order(lower: Tensor, upper: Tensor, *, where: str) -> None:
         ) from error
     if crossed.any():
         raise ValueError(
-            f"{where}: expected min <= max. Got min={_describe(lower)}, max={_describe(upper)}."
+            f"{where}: expected min <= max. Got min={describe_bound(lower)}, max={describe_bound(upper)}."
         )
 
 
@@ -451,10 +451,10 @@ def _symmetric_or_one_sided(lower: Tensor, upper: Tensor) -> bool:
 
 def _end(bound: Tensor, infinite: str) -> str:
     """One end of the box in words (``infinite`` where there is none)."""
-    return infinite if bound.numel() == 1 and math.isinf(bound.item()) else _describe(bound)
+    return infinite if bound.numel() == 1 and math.isinf(bound.item()) else describe_bound(bound)
 
 
-def _describe(bound: Tensor) -> str:
+def describe_bound(bound: Tensor) -> str:
     """A bound for messages and ``repr``: an infinite scalar bound reads ``None`` (no bound)."""
     if bound.is_meta:
         return f"tensor{tuple(bound.shape)}"

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from torchconstrain.constraints.arguments import choice, integer, number
 from torchconstrain.constraints.base import Constraint, at_least_float32, tracing, transformed, writable
-from torchconstrain.constraints.box import Clamp
+from torchconstrain.constraints.box import Clamp, describe_bound
 from torchconstrain.constraints.stacking import (
     KEEPS_SIGNS,
     MOVES_TO_ZERO,
@@ -39,6 +39,12 @@ class NonNeg(Clamp):
 
     def __init__(self, *, gradient: str = "pull_back") -> None:
         super().__init__(0.0, None, gradient=gradient)
+
+    def state_problem(self, state: dict) -> str | None:
+        lower = state.get("min")
+        if lower is None or lower.is_meta or not bool((lower != 0).any()):
+            return super().state_problem(state)
+        return f"NonNeg's min is 0. Got min={describe_bound(lower)} (a Clamp's checkpoint?)."
 
     def extra_repr(self) -> str:
         return "" if self.gradient == "pull_back" else f"gradient={self.gradient!r}"

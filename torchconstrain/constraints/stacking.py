@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Fact", "Stacking", "conflict", "declare"]
+__all__ = ["Fact", "Stacking", "conflict", "declare", "first_conflict"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,18 @@ def conflict(earlier: Stacking, later: Stacking, ndim: int, names: tuple[str, st
     for wanted in sorted((fact.along(ndim) for fact in later.needs), key=str):
         if not _gives(earlier.does, [wanted], ndim):
             return f"{second} needs each constraint before it to guarantee that it {wanted}; {first} does not"
+    return None
+
+
+def first_conflict(declared: list[Stacking], ndim: int, kinds: list[str]) -> tuple[int, int, str] | None:
+    r"""The first pair of a stack that :func:`conflict` refuses, as ``(i, j, reason)`` with
+    ``i < j`` (indices into ``declared``, the stack's declarations in order), or ``None``.
+    ``kinds`` are the constraints' class names, for the reason."""
+    for j in range(len(declared)):
+        for i in range(j):
+            reason = conflict(declared[i], declared[j], ndim, (kinds[i], kinds[j]))
+            if reason is not None:
+                return i, j, reason
     return None
 
 
