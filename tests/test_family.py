@@ -1,4 +1,5 @@
 import copy
+import math
 import zlib
 
 import pytest
@@ -276,6 +277,20 @@ def test_a_fixed_mac_budget_keeps_the_most_important_channels_within_the_budget(
     assert ({kinds[name] for name in report.channels} == {"expanded"}) == (groups == "expanded")
 
 
+@pytest.mark.parametrize("minimum", [None, 0.25, 3], ids=["default", "share", "count"])
+def test_a_mac_budget_keeps_every_group_s_minimum(minimum):
+    # With one channel as the only floor, macs=0.5 over every group cut the stem and three
+    # streams of mobilenet_v3_small to 1 channel: a budget spends channels where they cost
+    # the most MACs, the early high-resolution layers.
+    model = build("mobilenet_v3_small")
+    options = {} if minimum is None else {"minimum": minimum}
+    surgery.mask_blocks(model, groups="all", macs=0.5, example=torch.zeros(1, 3, 224, 224), **options)
+    share = 0.1 if minimum is None else minimum
+    for group in surgery.find_groups(model, "all"):
+        fewest = math.ceil(share * group.channels) if isinstance(share, float) else min(share, group.channels)
+        assert kept_columns(model, group).sum() >= fewest, group.name
+
+
 def test_a_mac_budget_over_fewer_groups_cannot_go_as_low_and_says_how_low_it_can():
     model = build("mobilenet_v3_large")
     before = snapshot(model)
@@ -299,6 +314,8 @@ def test_a_mac_budget_over_fewer_groups_cannot_go_as_low_and_says_how_low_it_can
     ({"macs": 0.5, "importance": lambda name, group: -torch.ones(group.channels)}, "non-negative importance"),
     ({"macs": 0.5, "learnable": True, "rate": -1.0}, r"surgery.mask_blocks: expected rate to be .*0.* Got -1.0"),
     ({"sparsity": 0.5, "learnable": True, "rate": float("nan")}, "Got nan"),
+    ({"macs": 0.5, "minimum": 1.5}, r"surgery.mask_blocks: expected minimum, a share in \[0, 1\] or a count >= 0. Got 1.5"),
+    ({"sparsity": 0.5, "minimum": "10%"}, r"expected minimum, .* Got '10%'"),
 ])
 def test_bad_mac_budgets_are_refused_before_the_model_changes(options, message):
     model = build("mobilenet_v2")

@@ -65,7 +65,8 @@ CONSTRAINTS = {
     "L1": L1,
     "L2": L2,
 }
-BLOCK_OPTIONS = ("groups", "sparsity", "macs", "learnable", "importance", "strength", "hard", "rate", "input_shape")
+BLOCK_OPTIONS = ("groups", "sparsity", "macs", "learnable", "importance", "strength", "hard", "rate", "minimum",
+                 "input_shape")
 
 
 class RulesFileError(ValueError):

@@ -81,6 +81,25 @@ class ChannelGroup:
             raise ValueError(f"{where}: expected minimum in [1, {self.channels}]. Got {self.minimum!r}.")
 
 
+def check_minimum(caller: str, minimum) -> None:
+    r"""Refuse a ``minimum=`` that is neither a share in [0, 1] (float) nor a count >= 0 (int)."""
+    if isinstance(minimum, bool) or not isinstance(minimum, (int, float)) or minimum < 0 or (
+            isinstance(minimum, float) and minimum > 1):
+        raise ValueError(f"{caller}: expected minimum, a share in [0, 1] or a count >= 0. Got {minimum!r}.")
+
+
+def minimum_count(minimum: int | float, channels: int) -> int:
+    r"""The fewest channels of ``channels`` that ``minimum`` keeps: a share (float, rounded
+    up) or a count (int), at least 1 and at most ``channels``.
+
+    Example:
+        >>> minimum_count(0.1, 16), minimum_count(0.1, 5), minimum_count(3, 2)
+        (2, 1, 2)
+    """
+    count = math.ceil(minimum * channels) if isinstance(minimum, float) else minimum
+    return min(max(1, count), channels)
+
+
 @dataclass
 class Allocation:
     r"""What :func:`allocate` chose.

@@ -23,7 +23,7 @@ from torchconstrain.constraints import LearnableMask
 from torchconstrain.constraints.arguments import flag, number
 from torchconstrain.rules import constrain_and_finish
 from torchconstrain.surgery import efficientnet, mnasnet, mobilenetv2, mobilenetv3
-from torchconstrain.surgery.budget import ChannelGroup, GateBudget, LayerCost, allocate
+from torchconstrain.surgery.budget import ChannelGroup, GateBudget, LayerCost, allocate, check_minimum, minimum_count
 from torchconstrain.surgery.measure import count_macs, count_params, layer_macs, measure_latency
 from torchconstrain.surgery.pattern import (
     BLOCK_KINDS, KINDS, ROLES, Block, Group, Network, build_groups, fixed_rules, gate_of, importance_of, keep_share,
@@ -256,6 +256,7 @@ def mask_blocks(
     hard: bool = False,
     rate: float = 0.05,
     example: Tensor | None = None,
+    minimum: int | float = 0.1,
 ):
     r"""Put one channel mask on every channel group of the kinds ``groups`` (default: the blocks' expanded channels).
 
@@ -291,6 +292,11 @@ def mask_blocks(
       as importance and steered by a Lagrange term while training (its ``rate`` as above;
       ``strength`` is not used).
 
+    ``minimum`` is the fewest channels a group keeps under a MAC budget: a share of its
+    channels (float, default 0.1, rounded up) or a count (int), at least 1. The budget
+    spends channels where they cost the most MACs, so without it a stem or a stream would
+    go down to one channel. (``sparsity=`` says itself how many each group keeps.)
+
     Masking the readers is what removes a channel: zeroing only a writer's filter leaves
     BatchNorm's shift and the activation, a nonzero constant that would still reach them.
     Without the whole model (blocks used in a model of your own) only the ``expanded`` and
@@ -323,13 +329,14 @@ def mask_blocks(
         0.5
     """
     rules, finish = block_rules(model, groups=groups, sparsity=sparsity, macs=macs, learnable=learnable,
-                                importance=importance, strength=strength, hard=hard, rate=rate, example=example)
+                                importance=importance, strength=strength, hard=hard, rate=rate, example=example,
+                                minimum=minimum)
     return constrain_and_finish(model, rules, finish)
 
 
 def block_rules(model: nn.Module, *, groups="expanded", sparsity: float | None = None, macs: float | None = None,
                 learnable: bool = False, importance="l1", strength: float = 1e-2, hard: bool = False,
-                rate: float = 0.05, example: Tensor | None = None):
+                rate: float = 0.05, example: Tensor | None = None, minimum: int | float = 0.1):
     r"""The rules :func:`mask_blocks` applies, without applying them.
 
     Every argument is validated here (a MAC budget is allocated now), so a call that
@@ -342,8 +349,11 @@ def block_rules(model: nn.Module, *, groups="expanded", sparsity: float | None =
         a MAC budget's gates share the budget).
     """
     _check_budget(sparsity, macs, learnable, rate)
+    check_minimum("surgery.mask_blocks", minimum)
     found = _groups(model, groups, "surgery.mask_blocks")
     if macs is not None:
+        for group in found:
+            group.minimum = minimum_count(minimum, group.channels)
         return _mac_rules(model, found, macs, learnable=learnable, importance=importance, strength=strength,
                           hard=hard, rate=rate, example=example)
     if learnable:

@@ -32,7 +32,15 @@ from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 from torchconstrain.bake import bake
 from torchconstrain.constraints import FixedMask, LearnableMask
 from torchconstrain.rules import constrain, described_again
-from torchconstrain.surgery.budget import Allocation, ChannelGroup, GateBudget, LayerCost, allocate
+from torchconstrain.surgery.budget import (
+    Allocation,
+    ChannelGroup,
+    GateBudget,
+    LayerCost,
+    allocate,
+    check_minimum,
+    minimum_count,
+)
 from torchconstrain.surgery.measure import count_params, evaluating, layer_macs, measure_latency
 from torchconstrain.surgery.family import ShrinkReport
 from torchconstrain.surgery.pattern import sparsity_keeping
@@ -254,12 +262,6 @@ def _importance(group: GraphGroup, importance) -> Tensor:
     return scores
 
 
-def _minimum(minimum, channels: int) -> int:
-    if isinstance(minimum, float):
-        return min(max(1, math.ceil(minimum * channels)), channels)
-    return min(max(1, minimum), channels)
-
-
 @dataclass
 class GraphMasks:
     r"""What :func:`mask_groups` did: the groups, their masks' settings and the budget.
@@ -366,7 +368,7 @@ def mask_groups(model: nn.Module, example: Tensor, *, sparsity: float | None = N
     if not chosen:
         raise ValueError(f"surgery.mask_groups: {type(model).__name__} has no channel group that can be pruned.")
     result = GraphMasks(groups, [g.name for g in chosen], example, mixing, tuple(ignored), macs, sparsity)
-    minimums = {g.name: _minimum(minimum, g.channels) for g in chosen}
+    minimums = {g.name: minimum_count(minimum, g.channels) for g in chosen}
     if learnable:
         cost = _cost(model, example, groups) if macs is not None else None
         if macs is not None:  # validated (unreachable budgets too) before the model is touched
@@ -397,9 +399,7 @@ def _check_options(sparsity, macs, learnable: bool, mixing: str, minimum) -> Non
         raise ValueError(f"surgery.mask_groups: expected macs, the share of MACs to keep, in (0, 1]. Got {macs!r}.")
     if not learnable and sparsity is None and macs is None:
         raise ValueError("surgery.mask_groups: fixed masks need sparsity= or macs=.")
-    if isinstance(minimum, bool) or not isinstance(minimum, (int, float)) or minimum < 0 or (
-            isinstance(minimum, float) and minimum > 1):
-        raise ValueError(f"surgery.mask_groups: expected minimum, a share in [0, 1] or a count >= 0. Got {minimum!r}.")
+    check_minimum("surgery.mask_groups", minimum)
 
 
 def _fixed_keeps(model, example, groups, chosen, sparsity, macs, importance, minimums, result) -> dict[str, Tensor]:
