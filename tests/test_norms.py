@@ -253,7 +253,23 @@ def test_a_max_norm_below_the_dtypes_normal_numbers_is_refused():
     # In float16, slices rescaled to norm 1e-7 are subnormal: 46% over, and check, which
     # rounds norm and bound alike, passed them.
     layer = nn.Linear(8, 4).half()
-    with pytest.raises(ValueError, match=r"weight: MaxNorm max_value=1e-07 is below the smallest normal torch.float16"):
+    with pytest.raises(ValueError, match=r"weight: MaxNorm max_value=1e-07 over slices of 8 entries, leaves entries "
+                                         r"of about 3.54e-08, below the smallest normal torch.float16"):
         constrain(layer, {"weight": MaxNorm(1e-7)})
     assert not hasattr(layer, "parametrizations")
     constrain(nn.Linear(8, 4), {"weight": MaxNorm(1e-7)})  # a float32 normal number
+
+
+def test_a_max_norm_whose_slices_would_hold_subnormal_entries_is_refused():
+    # 1e-4 is a normal float16 number, but a slice of 10000 entries at that norm holds
+    # entries of 1e-6, subnormal: rounded, every row came out 1.3% over, and check failed
+    # on MaxNorm's own output.
+    layer = nn.Linear(10000, 2, bias=False).half()
+    with pytest.raises(ValueError, match=r"max_value=0.0001 over slices of 10000 entries, leaves entries of about "
+                                         r"1e-06, .* Expected max_value >= 0.0061"):
+        constrain(layer, {"weight": MaxNorm(1e-4)})
+    assert not hasattr(layer, "parametrizations")
+    constrain(layer, {"weight": MaxNorm(0.01)})
+    with torch.no_grad():
+        layer.parametrizations.weight.original.fill_(1e-3)  # rows of norm 0.1: rescaled to 0.01
+    check(layer)

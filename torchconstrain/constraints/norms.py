@@ -2,6 +2,8 @@ r"""Sign and norm constraints: ``NonNeg``, ``MaxNorm``, ``UnitNorm``."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -158,8 +160,10 @@ class MaxNorm(_ChannelNorm):
     float32 (in float16 it could underflow to 0) and the product rounded once.
 
     Args:
-        max_value: the largest allowed norm, > 0, and at least the smallest normal number
-            of the tensor's dtype (refused when applied: float16's is 6.1e-5).
+        max_value: the largest allowed norm, > 0, and at least ``sqrt(n)`` times the smallest
+            normal number of the tensor's dtype, for slices of ``n`` entries (refused when
+            applied: below it, entries of a slice at the bound are subnormal; float16's
+            smallest normal number is 6.1e-5).
         dim: the dimension that indexes the slices (0: output channels).
         gradient: ``"pull_back"`` or ``"scale"`` (see above).
 
@@ -184,11 +188,14 @@ class MaxNorm(_ChannelNorm):
     def _bind(self, fqn: str, tensor: Tensor) -> None:
         super()._bind(fqn, tensor)
         smallest = torch.finfo(tensor.dtype).tiny
-        if self.max_value < smallest:
+        entries = tensor.numel() // tensor.shape[self.dim % tensor.dim()] if tensor.dim() > 1 and tensor.numel() else 1
+        if self.max_value / math.sqrt(entries) < smallest:
+            per_slice = f"over slices of {entries} entries, " if entries > 1 else ""
             raise ValueError(
-                f"{fqn}: MaxNorm max_value={self.max_value:g} is below the smallest normal "
-                f"{tensor.dtype} number ({smallest:g}): slices rescaled to it would be subnormal, "
-                f"too imprecise to hold the bound. Expected max_value >= {smallest:g}, or a wider dtype."
+                f"{fqn}: MaxNorm max_value={self.max_value:g} {per_slice}leaves entries of about "
+                f"{self.max_value / math.sqrt(entries):.3g}, below the smallest normal {tensor.dtype} number "
+                f"({smallest:g}): slices rescaled to it would be subnormal, too imprecise to hold the bound. "
+                f"Expected max_value >= {smallest * math.sqrt(entries):.3g}, or a wider dtype."
             )
 
     def forward(self, x: Tensor) -> Tensor:
