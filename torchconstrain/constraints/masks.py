@@ -114,7 +114,8 @@ class FixedMask(Constraint):
     def structured(cls, *, sparsity: float, dim: int = 0, p: float = 2) -> "FixedMask":
         r"""Template: mask whole slices along ``dim`` with the smallest L``p`` norm.
 
-        With ``dim=0`` this removes whole output channels (conv filters, Linear rows).
+        With ``dim=0`` this removes whole output channels (conv filters, Linear rows; a
+        ``ConvTranspose`` weight is ``(in, out / groups, *kernel)``: ``dim=1`` there).
         """
         return cls(_selector=Structured(sparsity=sparsity, dim=dim, p=p))
 
