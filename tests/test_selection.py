@@ -68,6 +68,21 @@ def test_a_threshold_that_masks_every_entry_is_refused_and_the_model_is_unchange
                   {"weight": FixedMask.magnitude(threshold=0)})
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_a_threshold_masks_exactly_the_entries_at_most_it_in_every_dtype(dtype):
+    # Compared with the Python number, torch rounded the threshold to the weight's dtype
+    # first: in float16, 0.100037 was masked by threshold=0.10002.
+    threshold = 0.10002
+    entries = torch.tensor([0.05, 0.0999, 0.10002, 0.100037, 0.1005, 0.2, -0.100037, 1.0]).to(dtype)
+    layer = nn.Linear(8, 1, bias=False).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(entries)
+    constrain(layer, {"weight": FixedMask.magnitude(threshold=threshold)})
+    kept = layer.parametrizations.weight[0].mask.flatten()
+    exact = entries.double().abs() > threshold
+    assert kept.tolist() == exact.tolist()
+
+
 def test_a_threshold_that_masks_nothing_warns_as_a_share_that_prunes_nothing_does():
     layer = nn.Linear(4, 4)
     with torch.no_grad():
