@@ -133,7 +133,7 @@ class _AddOne(nn.Module):
 
 def test_penalty_is_zero_without_terms_and_sums_learnable_masks(net):
     assert penalty(net).item() == 0.0
-    constrain(net, {nn.Conv2d: LearnableMask(strength=0.1, init=0.5), "head": Clamp(-1, 1)})
+    constrain(net, {nn.Conv2d: LearnableMask(strength=0.1, init=0.5, threshold=0.25), "head": Clamp(-1, 1)})
     total = penalty(net)
     assert total.shape == () and total.item() == pytest.approx(0.1)
     total.backward()
@@ -178,7 +178,7 @@ def test_check_names_a_broken_tied_parameter_once_by_all_its_names(tied):
 
 
 def test_penalty_counts_a_tied_parameter_once(tied):
-    constrain(tied, {"*.weight": LearnableMask(strength=0.1, init=0.5), "head": L1(0.01)})
+    constrain(tied, {"*.weight": LearnableMask(strength=0.1, init=0.5, threshold=0.25), "head": L1(0.01)})
     mask = tied.emb.parametrizations.weight[0]
     expected = mask.penalty() + tied.body.parametrizations.weight[0].penalty() + 0.01 * tied.emb.weight.abs().sum()
     assert torch.allclose(penalty(tied), expected, rtol=0, atol=1e-6)

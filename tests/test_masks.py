@@ -1,6 +1,7 @@
 """FixedMask and LearnableMask: masked entries stay zero, gates learn, bad arguments are refused."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -174,6 +175,19 @@ def test_learnable_mask_bake_refuses_a_temperature_that_makes_nan_gates():
     assert parametrize.is_parametrized(layer, "weight")
 
 
+@pytest.mark.parametrize("hard, effect", [(True, "the forward is all zeros"), (False, "bake would zero the whole tensor")])
+def test_a_learnable_mask_whose_gates_start_closed_warns(hard, effect):
+    # init at or below the threshold closed every gate from the start without a word.
+    with pytest.warns(UserWarning, match=rf"init=0.5 is at or below threshold=0.5: every gate starts closed \({effect}"):
+        LearnableMask(init=0.5, hard=hard)
+    with pytest.warns(UserWarning, match=r"init=0.9 is at or below threshold=0.95"):
+        LearnableMask(init=0.9, threshold=0.95)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LearnableMask(init=0.3, sparsity=0.5)  # a budget closes gates by rank, not by threshold
+        LearnableMask()
+
+
 def test_learnable_mask_penalty_is_mean_gate_times_strength():
     layer = nn.Linear(4, 2)
     constrain(layer, {"weight": LearnableMask(strength=0.5, init=0.9)})
@@ -271,7 +285,9 @@ def test_indexed_masks_share_gates_across_differently_laid_out_tensors():
     assert torch.equal(conv.weight[:, 0], torch.zeros(3, 1, 1)) and torch.equal(linear.weight[:, :3], torch.zeros(2, 3))
     assert conv.weight[:, 1].abs().sum() > 0 and linear.weight[:, 3:].abs().sum() > 0
     untouched = nn.Linear(3, 1)
-    constrain(untouched, {"weight": LearnableMask.indexed(torch.tensor([-1, 0, -1]), 1, dim=1, init=0.3)})
+    with pytest.warns(UserWarning, match=r"init=0.3 is at or below threshold=0.5: every gate starts closed"):
+        closed = LearnableMask.indexed(torch.tensor([-1, 0, -1]), 1, dim=1, init=0.3)
+    constrain(untouched, {"weight": closed})
     mask = untouched.parametrizations.weight[0]
     assert torch.equal(mask.gate(), torch.tensor([[1.0, mask.gates().item(), 1.0]]))
     bake(untouched)

@@ -457,6 +457,13 @@ class LearnableMask(Constraint):
             )
         self.register_buffer("temperature", stored)
         self.target_sparsity = None if sparsity is None else number(where, "sparsity", sparsity, low=0, high=1, high_open=True)
+        if sparsity is None and self.init <= self.threshold:
+            warnings.warn(
+                f"LearnableMask: init={self.init:g} is at or below threshold={self.threshold:g}: every gate starts "
+                f"closed ({'the forward is all zeros' if self.hard else 'bake would zero the whole tensor'} until "
+                "the gates rise above it). Expected init > threshold, as the default init=0.98.",
+                stacklevel=2,
+            )
         self.rate = number(where, "rate", rate, low=0)
         #: A budget shared with other masks (``torchconstrain.surgery.budget.GateBudget``), or None.
         self.budget = None
