@@ -383,7 +383,9 @@ class LearnableMask(Constraint):
 
     Baking rule: :func:`torchconstrain.bake` zeroes every entry whose gate is at most
     ``threshold`` and keeps the others at their gated value ``original * gate`` (with
-    ``hard=True`` that is exactly the forward value). :attr:`sparsity` reports the share
+    ``hard=True`` that is the forward value, except that a closed gate leaves +0.0 where
+    the forward's product leaves -0.0 for a negative entry, and NaN for an inf or NaN one,
+    which :func:`torchconstrain.check` reports). :attr:`sparsity` reports the share
     that baking will zero.
 
     A budget instead of a strength: with ``sparsity=s`` baking closes exactly the
