@@ -1,5 +1,6 @@
 """NonNeg, MaxNorm and UnitNorm hold after training, compose with masks and refuse what contradicts them."""
 
+import math
 import pytest
 import torch
 from torch import nn
@@ -273,3 +274,11 @@ def test_a_max_norm_whose_slices_would_hold_subnormal_entries_is_refused():
     with torch.no_grad():
         layer.parametrizations.weight.original.fill_(1e-3)  # rows of norm 0.1: rescaled to 0.01
     check(layer)
+
+
+def test_norm_violations_name_the_range_of_the_numbers_and_count_the_nan_norms():
+    # A NaN row made the message read "norms from nan to nan".
+    x = torch.ones(3, 4)
+    x[1, 0] = math.nan
+    assert UnitNorm().violation(x) == "2 slices along dim 0 do not have unit L2 norm (norms from 2 to 2, 1 NaN)"
+    assert MaxNorm(1.0).violation(x) == "2 slices along dim 0 have an L2 norm above 1 (norms from 2 to 2, 1 NaN)"

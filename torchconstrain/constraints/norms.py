@@ -52,6 +52,14 @@ class NonNeg(Clamp):
         return "" if self.gradient == "pull_back" else f"gradient={self.gradient!r}"
 
 
+def _norm_range(norms: Tensor) -> str:
+    """The norms for a message: the range of the numbers, and how many are NaN."""
+    numbers = norms[~norms.isnan()]
+    nan = norms.numel() - numbers.numel()
+    shown = f"norms from {numbers.min().item():.6g} to {numbers.max().item():.6g}" if numbers.numel() else ""
+    return ", ".join(filter(None, [shown, f"{nan} NaN" if nan else ""]))
+
+
 def _tolerance(dtype: torch.dtype) -> float:
     """Relative tolerance for a norm recomputed from a rescaled tensor of ``dtype``."""
     return max(1e-5, 8 * torch.finfo(dtype).eps)
@@ -234,10 +242,10 @@ class MaxNorm(_ChannelNorm):
     def violation(self, value: Tensor) -> str | None:
         norms = self.norms(value).flatten()
         limit = self.max_value * (1 + _tolerance(value.dtype))
-        count = int((norms > limit).sum())
+        count = int((norms > limit).sum())  # (NaN entries: check reports them itself)
         if count == 0:
             return None
-        return f"{count} slices along dim {self.dim} have an L2 norm above {self.max_value:g} (largest {norms.max().item():.6g})"
+        return f"{count} slices along dim {self.dim} have an L2 norm above {self.max_value:g} ({_norm_range(norms)})"
 
     def extra_repr(self) -> str:
         text = f"max_value={self.max_value:g}, dim={self.dim}"
@@ -346,10 +354,10 @@ class UnitNorm(_ChannelNorm):
 
     def violation(self, value: Tensor) -> str | None:
         norms = self.norms(value).flatten()
-        off = int(((norms - 1).abs() > _tolerance(value.dtype)).sum())
+        off = int(((norms - 1).abs() > _tolerance(value.dtype)).sum())  # (NaN entries: check reports them itself)
         if off == 0:
             return None
-        return f"{off} slices along dim {self.dim} do not have unit L2 norm (norms from {norms.min().item():.6g} to {norms.max().item():.6g})"
+        return f"{off} slices along dim {self.dim} do not have unit L2 norm ({_norm_range(norms)})"
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
