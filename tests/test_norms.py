@@ -1,6 +1,7 @@
 """NonNeg, MaxNorm and UnitNorm hold after training, compose with masks and refuse what contradicts them."""
 
 import math
+
 import pytest
 import torch
 from torch import nn
