@@ -26,7 +26,7 @@ def buffers_written_unseen() -> bool:
     those counters did not move (a kept effective tensor, a bound read as a float) may be
     stale there, and are dropped and recomputed instead.
     """
-    ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)  # set during its forward
+    ddp = DistributedDataParallel._active_ddp_module  # set during its forward (torch >= 2.0)
     return ddp is not None and ddp.will_sync_module_buffers()
 
 
