@@ -248,6 +248,9 @@ def test_constraint_state_loaded_into_a_constraint_or_its_parametrization_list_i
         chain[0].load_state_dict({"min": torch.tensor(1.0), "max": torch.tensor(0.0)})
     with pytest.raises(CheckpointMismatch, match=r"  1: FixedMask: expected a mask of 0s and 1s"):
         chain.load_state_dict({**chain.state_dict(), "1.mask": torch.full((8, 3, 3, 3), 2.0)})
+    with pytest.raises(CheckpointMismatch, match=r"  the tensor: with the checkpoint's state, FixedMask.* cannot follow "
+                                                 r"Clamp\(min=0.05, max=0.1\)"):
+        chain.load_state_dict({**chain.state_dict(), "0.min": torch.tensor(0.05)})  # a box without 0 before a mask
     wrapper = nn.ModuleList([model.head])  # not constrained itself: the head checks what it gets
     with pytest.raises(CheckpointMismatch, match=r"  0.weight: LearnableMask \(0.parametrizations.weight.0\)"):
         wrapper.load_state_dict({"0.parametrizations.weight.0.temperature": torch.tensor(-1.0)}, strict=False)

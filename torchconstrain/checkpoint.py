@@ -360,36 +360,34 @@ def _local_problems(module: nn.Module, state_dict: dict, prefix: str) -> list[st
 def _stack_problems(modules: dict[str, nn.Module], state_dict: dict) -> list[str]:
     """Stacks that the checkpoint's constraint state would make ones :func:`torchconstrain.constrain`
     refuses, since they cannot always hold (a ``Clamp`` after a ``FixedMask`` loading a box
-    without 0): each stack checked as ``constrain`` checks it, on its constraints holding
-    the checkpoint's tensors where it has them."""
-    stated = _chains_with_state(state_dict)
-    problems = []
-    for module_prefix, module in modules.items():
-        for tensor_name, plist in getattr(module, "parametrizations", {}).items():
-            inner = f"{module_prefix}{_INNER}{tensor_name}."
-            if inner not in stated:
-                continue
-            stack = [_staged(p, state_dict, f"{inner}{i}.") for i, p in enumerate(plist) if isinstance(p, Constraint)]
-            with origin_named(f"load_state_dict: {module_prefix}{tensor_name}: stacking()"):
-                declared = [constraint.stacking() for constraint in stack]
-            found = first_conflict(declared, plist.original.dim(), [type(c).__name__ for c in stack])
-            if found is not None:
-                i, j, reason = found
-                problems.append(f"{module_prefix}{tensor_name}: with the checkpoint's state, {describe(stack[j])} "
-                                f"cannot follow {describe(stack[i])}: {reason}, so the stack cannot always hold.")
-    return list(dict.fromkeys(problems))  # (a tied tensor's chain, once)
+    without 0): each stack of two constraints or more whose state the checkpoint holds,
+    checked as ``constrain`` checks it, on its constraints holding the checkpoint's tensors
+    where it has them. (A load into one constraint checks that constraint alone.)"""
+    owners = {key.rpartition(".")[0] + "." for key in state_dict}  # the prefixes of the modules holding them
+    problems, seen = [], set()
+    for chain_prefix, plist in modules.items():
+        if not isinstance(plist, parametrize.ParametrizationList) or id(plist) in seen:
+            continue
+        stack = [(f"{chain_prefix}{index}.", c) for index, c in enumerate(plist) if isinstance(c, Constraint)]
+        if len(stack) < 2 or not any(prefix in owners for prefix, _ in stack):
+            continue
+        seen.add(id(plist))  # a tied chain, under its first name
+        problem = _stack_problem([_staged(c, state_dict, prefix) for prefix, c in stack], plist.original.dim())
+        if problem:
+            fqn = chain_prefix[:-1].replace(_INNER, "") if _INNER in chain_prefix else chain_prefix[:-1]
+            problems.append(f"{fqn or 'the tensor'}: with the checkpoint's state, {problem}, so the stack cannot always hold.")
+    return problems
 
 
-def _chains_with_state(state_dict: dict) -> set[str]:
-    """The key prefixes (``0.parametrizations.weight.``) of the chains whose constraint state
-    (``0.parametrizations.weight.1.min``) the checkpoint holds."""
-    stated = set()
-    for key in state_dict:
-        module_prefix, found, rest = key.rpartition(_INNER)
-        tensor_name, _, name = rest.partition(".")
-        if found and name.split(".")[0].isdigit():
-            stated.add(f"{module_prefix}{_INNER}{tensor_name}.")
-    return stated
+def _stack_problem(stack: list[Constraint], ndim: int) -> str | None:
+    """Why ``stack`` is one :func:`torchconstrain.constrain` refuses, or ``None``."""
+    with origin_named("load_state_dict: stacking()"):
+        declared = [constraint.stacking() for constraint in stack]
+    found = first_conflict(declared, ndim, [type(c).__name__ for c in stack])
+    if found is None:
+        return None
+    i, j, reason = found
+    return f"{describe(stack[j])} cannot follow {describe(stack[i])}: {reason}"
 
 
 def _staged(constraint: Constraint, state_dict: dict, prefix: str) -> Constraint:
