@@ -22,12 +22,25 @@ def buffers_written_unseen() -> bool:
 
     Such a forward (``broadcast_buffers=True``, the default) first writes every rank's
     buffers (masks, bounds, temperatures) from one rank's, restoring their version counters
-    afterwards (``torch.autograd._unsafe_preserve_version_counter``): values kept because
-    those counters did not move (a kept effective tensor, a bound read as a float) may be
-    stale there, and are dropped and recomputed instead.
+    afterwards (``torch.autograd._unsafe_preserve_version_counter``): nothing is kept or
+    reused there, and each call that answers yes moves :func:`buffer_writes_seen`, which
+    values kept for reuse (an effective tensor, a bound read as a float) are keyed on, so
+    that those of tensors this forward did not read are not reused after it either.
     """
+    global _writes_seen
     ddp = DistributedDataParallel._active_ddp_module  # set during its forward (torch >= 2.0)
-    return ddp is not None and ddp.will_sync_module_buffers()
+    if ddp is None or not ddp.will_sync_module_buffers():
+        return False
+    _writes_seen += 1
+    return True
+
+
+_writes_seen = 0
+
+
+def buffer_writes_seen() -> int:
+    r"""A number that :func:`buffers_written_unseen` moves each time it answers yes."""
+    return _writes_seen
 
 
 def is_sharded(tensor: Tensor) -> bool:

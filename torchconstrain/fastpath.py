@@ -53,7 +53,7 @@ from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from torchconstrain._distributed import buffers_written_unseen
+from torchconstrain._distributed import buffer_writes_seen, buffers_written_unseen
 from torchconstrain._tensors import module_hooks
 from torchconstrain._tracked import Tracked, track_chain, track_value
 from torchconstrain.constraints.base import Constraint, tracing
@@ -161,7 +161,7 @@ def _getter(tensor_name: str):
     def get(module: nn.Module) -> Tensor:
         plist = module._modules["parametrizations"]._modules[tensor_name]
         if not _usable():
-            if torch.is_grad_enabled() and not tracing():
+            if buffers_written_unseen() or torch.is_grad_enabled() and not tracing():
                 plist.__dict__.pop(_KEY, None)  # training on the plain path holds no kept value either
             return _plain(module, tensor_name, plist)
         kept = plist.__dict__.get(_KEY)
@@ -211,7 +211,7 @@ def _value(plist: nn.Module) -> Tensor | None:
     chain = plist._modules.values()
     if type(original) not in _PLAIN_TYPES or not plist.is_tensor or _hooked(plist) or not all(map(_cacheable, chain)):
         return None
-    if torch.is_grad_enabled() or _autocast() or original.is_inference() or _shared(original) or buffers_written_unseen():
+    if buffers_written_unseen() or torch.is_grad_enabled() or _autocast() or original.is_inference() or _shared(original):
         return _evaluate(original, chain)
     track_chain(plist)  # tensors put in since install: .data writes show in their versions
     kept = _Kept(plist)  # what the value is computed from, read before it is
@@ -234,15 +234,16 @@ class _Kept:
     identities in the dicts that hold them and their version counters: ``optimizer.step()``,
     ``load_state_dict``, in-place edits, tensors swapped in by ``functional_call``), the
     original's storage (``.data`` assigned), each constraint's revision number (attributes
-    set, tensors replaced, hooks added, ``.to()``), and the value's own version (edited in
-    place). It holds the objects it names, so that their identities cannot be taken by
+    set, tensors replaced, hooks added, ``.to()``), the value's own version (edited in
+    place), and the DDP buffer syncs seen (``buffer_writes_seen``: they move no counter). It holds the objects it names, so that their identities cannot be taken by
     others while it is kept. Deep copies and pickles of a model carry ``None`` instead.
 
     :meth:`holds` checks all of it in a few calls that each walk a whole tuple in C: between
     accesses the model's kernels have pushed these objects out of the CPU caches.
     """
 
-    __slots__ = ("chain", "revisions", "views", "held", "tensors", "versions", "original", "pointer", "value")
+    __slots__ = ("chain", "revisions", "views", "held", "tensors", "versions", "original", "pointer", "writes_seen",
+                 "value")
 
     def __init__(self, plist: nn.Module) -> None:
         chain = self.chain = tuple(plist._modules.values())
@@ -257,6 +258,7 @@ class _Kept:
         self.versions = tuple(map(_VERSION, self.tensors))
         self.original = plist._parameters["original"]
         self.pointer = self.original.data_ptr()
+        self.writes_seen = buffer_writes_seen()
         self.value = None
 
     def __deepcopy__(self, memo):
@@ -278,6 +280,7 @@ class _Kept:
         return (
             not _autocast()
             and not buffers_written_unseen()
+            and buffer_writes_seen() == self.writes_seen
             and tuple(map(_REVISION, self.chain)) == self.revisions
             and all(map(_is, _chained(self.views), self.held))
             and tuple(map(_VERSION, self.tensors)) == self.versions

@@ -55,29 +55,44 @@ def ddp_worker(rank: int, init: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+class TwoHeads(nn.Module):
+    """A model whose forward reads one of its two constrained heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = constrained()
+        self.other = nn.Linear(8, 4)
+        constrain(self.other, {"weight": [Clamp(-0.5, 0.5), FixedMask.random(sparsity=0.5, seed=2)]})
+
+    def forward(self, x: torch.Tensor, head: str = "body") -> torch.Tensor:
+        return self.body(x) if head == "body" else self.other(x)
+
+
 def ddp_synced_buffers_worker(rank: int, init: str, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from torchconstrain import set_fast_path
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-    model = constrained()
+    model = TwoHeads()
     ddp = DistributedDataParallel(model)
-    x = torch.ones(1, 8)
+    x, outputs = torch.ones(1, 8), {}
     with torch.no_grad():
-        model(x)  # an evaluation of the local module: values kept for reuse, bounds read as floats
+        model(x), model(x, "other")  # evaluations of the local module: values kept, bounds read as floats
     if rank == 0:  # a change on one rank, for DDP's buffer sync to carry to the others
         with torch.no_grad():
-            model[0].parametrizations.weight[0].max.fill_(0.01)
-            model[0].parametrizations.weight[1].mask[:, 1:] = False
-            model[2].parametrizations.weight[0].temperature.fill_(0.5)
+            model.body[0].parametrizations.weight[0].max.fill_(0.01)
+            model.body[0].parametrizations.weight[1].mask[:, 1:] = False
+            model.body[2].parametrizations.weight[0].temperature.fill_(0.5)
+            model.other.parametrizations.weight[0].max.fill_(0.02)
     with torch.no_grad():
-        fast = ddp(x)
+        outputs["fast"] = ddp(x)  # syncs the buffers of both heads, reads the body
         with set_fast_path(False):
-            plain = ddp(x)
-        local = model(x)  # after the sync, outside DDP's forward
+            outputs["plain"] = ddp(x)
+        outputs["local"] = model(x)  # after the syncs, outside DDP's forward
+        outputs["other"] = model(x, "other")  # a head those forwards did not read
     check(model)
-    torch.save({"fast": fast, "plain": plain, "local": local}, f"{out}/{rank}.pt")
+    torch.save(outputs, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
 

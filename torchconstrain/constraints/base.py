@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from torchconstrain._distributed import buffers_written_unseen
+from torchconstrain._distributed import buffer_writes_seen, buffers_written_unseen
 from torchconstrain.constraints.stacking import Stacking
 
 __all__ = ["Constraint"]
@@ -257,25 +257,22 @@ class Constraint(nn.Module):
 
         ``source`` is a tensor of this constraint the derived value comes from (a bound, a
         temperature). An in-place edit or ``load_state_dict`` bumps its version counter;
-        ``.to()`` or an assignment replaces it. Either rebuilds the value. The cache holds
-        ``source`` itself, so its identity cannot be reused by another tensor while cached.
+        ``.to()`` or an assignment replaces it; a DDP buffer sync moves
+        :func:`buffer_writes_seen`. Each rebuilds the value. The cache holds ``source``
+        itself, so its identity cannot be reused by another tensor while cached.
         """
         cache = self.__dict__.get("_derived_cache")
         if cache is None:
             cache = self.__dict__["_derived_cache"] = {}
-        hit = cache.get(name)
-        if hit is None or hit[0] is not source or hit[1] != source._version:
-            hit = cache[name] = (source, source._version, build())
-        return hit[2]
+        hit, writes = cache.get(name), buffer_writes_seen()
+        if hit is None or hit[0] is not source or hit[1] != source._version or hit[2] != writes:
+            hit = cache[name] = (source, source._version, writes, build())
+        return hit[3]
 
     def _derived_unusable(self) -> bool:
         """Whether values derived from this constraint's tensors must not be cached now, as
-        during a DDP forward that writes buffers unseen (:func:`buffers_written_unseen`):
-        then the cache is dropped too, so that accesses after that forward rebuild it."""
-        if not buffers_written_unseen():
-            return False
-        self.__dict__.pop("_derived_cache", None)
-        return True
+        during a DDP forward that writes buffers unseen (:func:`buffers_written_unseen`)."""
+        return buffers_written_unseen()
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
