@@ -178,14 +178,26 @@ def test_learnable_mask_bake_refuses_a_temperature_that_makes_nan_gates():
 @pytest.mark.parametrize("hard, effect", [(True, "the forward is all zeros"), (False, "bake would zero the whole tensor")])
 def test_a_learnable_mask_whose_gates_start_closed_warns(hard, effect):
     # init at or below the threshold closed every gate from the start without a word.
-    with pytest.warns(UserWarning, match=rf"init=0.5 is at or below threshold=0.5: every gate starts closed \({effect}"):
-        LearnableMask(init=0.5, hard=hard)
-    with pytest.warns(UserWarning, match=r"init=0.9 is at or below threshold=0.95"):
-        LearnableMask(init=0.9, threshold=0.95)
+    with pytest.warns(UserWarning, match=rf"weight: LearnableMask\(init=0.5, threshold=0.5\) starts with every gate "
+                                         rf"closed \(a gate of 0.5 in torch.float32, .*\): {effect}"):
+        constrain(nn.Linear(4, 4), {"weight": LearnableMask(init=0.5, hard=hard)})
+    with pytest.warns(UserWarning, match=r"starts with every gate closed"):  # above it, but its gate rounds to it
+        constrain(nn.Linear(4, 4), {"weight": LearnableMask(init=0.5 + 1e-9)})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        LearnableMask(init=0.3, sparsity=0.5)  # a budget closes gates by rank, not by threshold
-        LearnableMask()
+        constrain(nn.Linear(4, 4), {"weight": LearnableMask(init=0.3, sparsity=0.5)})  # a budget closes by rank
+        constrain(nn.Linear(4, 4), {"weight": LearnableMask(init=0.51)})
+
+
+def test_a_learnable_mask_keeps_exactly_the_gates_above_its_threshold():
+    # Compared with the Python number, torch rounded the threshold to float32 first: a
+    # gate of float32(0.1) = 0.10000000149 was closed by threshold=0.1.
+    layer = nn.Linear(1, 1, bias=False)
+    constrain(layer, {"weight": LearnableMask(threshold=0.1)})
+    mask = layer.parametrizations.weight[0]
+    with torch.no_grad():
+        mask.scores.fill_(torch.logit(torch.tensor(0.1, dtype=torch.float64)).item())
+    assert mask.gates().item() > 0.1 and mask.sparsity == 0.0
 
 
 def test_learnable_mask_penalty_is_mean_gate_times_strength():
@@ -285,9 +297,8 @@ def test_indexed_masks_share_gates_across_differently_laid_out_tensors():
     assert torch.equal(conv.weight[:, 0], torch.zeros(3, 1, 1)) and torch.equal(linear.weight[:, :3], torch.zeros(2, 3))
     assert conv.weight[:, 1].abs().sum() > 0 and linear.weight[:, 3:].abs().sum() > 0
     untouched = nn.Linear(3, 1)
-    with pytest.warns(UserWarning, match=r"init=0.3 is at or below threshold=0.5: every gate starts closed"):
-        closed = LearnableMask.indexed(torch.tensor([-1, 0, -1]), 1, dim=1, init=0.3)
-    constrain(untouched, {"weight": closed})
+    with pytest.warns(UserWarning, match=r"LearnableMask\(init=0.3, threshold=0.5\) starts with every gate closed"):
+        constrain(untouched, {"weight": LearnableMask.indexed(torch.tensor([-1, 0, -1]), 1, dim=1, init=0.3)})
     mask = untouched.parametrizations.weight[0]
     assert torch.equal(mask.gate(), torch.tensor([[1.0, mask.gates().item(), 1.0]]))
     bake(untouched)

@@ -3,7 +3,9 @@ r"""The base class every torchconstrain constraint derives from."""
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
+import math
 import weakref
 from collections.abc import Mapping
 
@@ -27,6 +29,25 @@ _interpreters = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: N
 
 
 _REVISIONS = itertools.count(1)  # each change of a constraint takes the next number: none is written twice
+
+
+@functools.lru_cache(maxsize=256)
+def largest_at_most(number: float, dtype: torch.dtype) -> float | int:
+    r"""The largest value of ``dtype`` at most ``number``, as a Python number: an entry is at
+    most it exactly when it is at most ``number``, and above it exactly when above
+    ``number``. (Compared with ``number`` itself, torch rounds it to the tensor's dtype
+    first, to the nearest: ``0.100037 <= 0.10002`` in float16.)
+
+    Example:
+        >>> largest_at_most(0.10002, torch.float16), largest_at_most(2.5, torch.int64)
+        (0.0999755859375, 2)
+    """
+    if not dtype.is_floating_point:
+        return min(math.floor(number), torch.iinfo(dtype).max)
+    bound = torch.tensor(number, dtype=dtype)
+    if bound.item() > number:
+        bound = torch.nextafter(bound, torch.tensor(-math.inf, dtype=dtype))
+    return bound.item()
 
 
 def at_least_float32(x: Tensor) -> Tensor:

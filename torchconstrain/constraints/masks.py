@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from torchconstrain._distributed import whole
 from torchconstrain.constraints.arguments import choice, flag, integer, number
-from torchconstrain.constraints.base import Constraint, at_least_float32, tracing, transformed, writable
+from torchconstrain.constraints.base import Constraint, at_least_float32, largest_at_most, tracing, transformed, writable
 from torchconstrain.constraints.stacking import (
     KEEPS_SIGNS,
     MOVES_TO_ZERO,
@@ -459,13 +459,6 @@ class LearnableMask(Constraint):
             )
         self.register_buffer("temperature", stored)
         self.target_sparsity = None if sparsity is None else number(where, "sparsity", sparsity, low=0, high=1, high_open=True)
-        if sparsity is None and self.init <= self.threshold:
-            warnings.warn(
-                f"LearnableMask: init={self.init:g} is at or below threshold={self.threshold:g}: every gate starts "
-                f"closed ({'the forward is all zeros' if self.hard else 'bake would zero the whole tensor'} until "
-                "the gates rise above it). Expected init > threshold, as the default init=0.98.",
-                stacklevel=2,
-            )
         self.rate = number(where, "rate", rate, low=0)
         #: A budget shared with other masks (``torchconstrain.surgery.budget.GateBudget``), or None.
         self.budget = None
@@ -500,6 +493,14 @@ class LearnableMask(Constraint):
             shape = self._bind_index(fqn, tensor, shape)
         start = self.temperature.item() * math.log(self.init / (1.0 - self.init))
         self.scores = nn.Parameter(torch.full(shape, start, dtype=tensor.dtype))
+        if self.target_sparsity is None and self.scores.numel() and not self._kept_gates(self.gates()).any():
+            warnings.warn(
+                f"{fqn}: LearnableMask(init={self.init:g}, threshold={self.threshold:g}) starts with every gate "
+                f"closed (a gate of {self.gates().flatten()[0].item():.9g} in {tensor.dtype}, at or below the "
+                f"threshold): {'the forward is all zeros' if self.hard else 'bake would zero the whole tensor'} "
+                "until the gates rise above it. Expected init above threshold, as the default init=0.98.",
+                stacklevel=2,
+            )
 
     def _bind_index(self, fqn: str, tensor: Tensor, shape: list[int]) -> list[int]:
         """Check the gate index against the tensor; return the scores' shape, one per gate."""
@@ -601,7 +602,7 @@ class LearnableMask(Constraint):
             return self.budget.keep_for(self)
         gates = gates.detach()
         if self.target_sparsity is None:
-            return gates > self.threshold
+            return gates > largest_at_most(self.threshold, gates.dtype)
         count = gates.numel()
         kept = max(count - round(self.target_sparsity * count), 1)
         order = torch.sort(gates.flatten(), descending=True, stable=True).indices

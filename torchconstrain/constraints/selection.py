@@ -7,7 +7,6 @@ constructors; users rarely touch them directly.
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 import zlib
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from torchconstrain.constraints.arguments import integer, number
+from torchconstrain.constraints.base import largest_at_most
 
 __all__ = ["Magnitude", "GlobalMagnitude", "RandomSelection", "Structured", "NM"]
 
@@ -62,17 +62,6 @@ def _warn_if_degenerate(fqn: str, sparsity: float, keep: Tensor, unit: str) -> N
         )
 
 
-def _at_most(threshold: float, like: Tensor) -> Tensor:
-    """The largest number of ``like``'s dtype at most ``threshold`` (on its device): an entry
-    is at most it exactly when it is at most ``threshold``. (A comparison with the Python
-    number itself would round it to the nearest: ``|w| = 0.100037`` at most ``0.10002``
-    in float16.)"""
-    bound = torch.tensor(threshold, dtype=like.dtype)
-    if bound.item() > threshold:
-        bound = torch.nextafter(bound, torch.tensor(-math.inf, dtype=like.dtype))
-    return bound.to(like.device)
-
-
 class Magnitude:
     """Keep the entries of largest absolute value, by share (``sparsity``) or ``threshold``.
 
@@ -101,7 +90,7 @@ class Magnitude:
             _warn_if_degenerate(fqn, self.sparsity, keep, "entry")
             return keep
         magnitudes = tensor.abs()
-        keep = ~(magnitudes <= _at_most(self.threshold, magnitudes))  # a NaN stays, as topk keeps it: check reports it
+        keep = ~(magnitudes <= largest_at_most(self.threshold, magnitudes.dtype))  # a NaN stays, as topk keeps it: check reports it
         if tensor.numel() and not keep.any():
             raise ValueError(
                 f"{fqn}: FixedMask.magnitude(threshold={self.threshold:g}) masks all {tensor.numel()} "
@@ -111,7 +100,7 @@ class Magnitude:
         if self.threshold > 0 and tensor.numel() and keep.all():
             warnings.warn(
                 f"{fqn}: threshold {self.threshold:g} masks no entry of {tensor.numel()} (the smallest "
-                f"|w| is {magnitudes.min().item():.6g}); the mask keeps everything.",
+                f"|w| is {magnitudes.min().item():.9g}); the mask keeps everything.",
                 stacklevel=4,
             )
         return keep
