@@ -7,7 +7,18 @@ import torch
 from conftest import TiedNet
 from torch import nn
 
-from torchconstrain import Clamp, FixedMask, LearnableMask, PruningSchedule, TemperatureSchedule, UnitNorm, check, constrain
+from torchconstrain import (
+    Clamp,
+    FixedMask,
+    LearnableMask,
+    PruningSchedule,
+    TemperatureSchedule,
+    UnitNorm,
+    bake,
+    check,
+    constrain,
+    surgery,
+)
 
 
 def cubic(step, initial, final, start, end):
@@ -158,7 +169,7 @@ def test_a_global_pruning_schedule_counts_a_tied_parameter_once():
 
 def test_a_stack_that_a_grown_mask_could_break_is_refused_before_any_mask_changes():
     layer = nn.Linear(16, 8)
-    constrain(layer, {"weight": [FixedMask.n_m(2, 4), UnitNorm()]})  # n:m keeps an entry in every row
+    constrain(layer, {"weight": [FixedMask(torch.arange(16).remainder(2).eq(0).expand(8, 16)), UnitNorm()]})  # every row kept
     mask = layer.parametrizations.weight[0].mask.clone()
     with pytest.raises(ValueError, match=r"PruningSchedule: weight: UnitNorm\(dim=0\) from constrain cannot follow "
                        r"FixedMask.* from PruningSchedule, which grows it: .*keeps every nonzero slice nonzero"):
@@ -254,3 +265,69 @@ def test_a_temperature_schedule_starts_from_the_masks_own_temperature():
                                          "pass initial_temperature="):
         TemperatureSchedule(model, final_temperature=0.02, steps=2)
     TemperatureSchedule(model, final_temperature=0.02, steps=2, initial_temperature=1.0)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_a_structured_mask_grows_by_whole_slices(dim):
+    # Every FixedMask was grown entry by entry: a structured mask ended 50% sparse with no
+    # channel removed.
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 16)
+    constrain(layer, {"weight": FixedMask.structured(sparsity=0.25, dim=dim)})
+    first = layer.parametrizations.weight[0].mask.clone()
+    schedule = PruningSchedule(layer, final_sparsity=0.5, end=3, initial_sparsity=0.25)
+    for _ in range(3):
+        schedule.step()
+    mask = layer.parametrizations.weight[0].mask
+    slices = mask.all(dim=1 - dim)
+    assert torch.equal(mask, slices.unsqueeze(1 - dim).expand_as(mask))  # whole slices, kept or masked
+    assert int((~slices).sum()) == round(0.5 * layer.weight.shape[dim])
+    assert not (mask & ~first).any()  # masks only grow
+    norms = layer.weight.detach().norm(dim=1 - dim)
+    masked_now = ~slices & first.all(dim=1 - dim)  # masked by the schedule, not at the start
+    assert norms[slices].min() >= layer.parametrizations.weight.original.detach().norm(dim=1 - dim)[masked_now].max()
+
+
+@pytest.mark.parametrize("rules, scope, message", [
+    ({"weight": FixedMask.n_m(2, 4)}, "tensor", r"weight: its FixedMask was chosen by n_m\(2:4, dim=1\); .* no schedule can raise"),
+    ({"weight": FixedMask.structured(sparsity=0.25)}, "global", r"ranked by their own norms, tensor by tensor: pass scope='tensor'"),
+])
+def test_masks_a_schedule_cannot_grow_alike_are_refused(rules, scope, message):
+    layer = nn.Linear(8, 8)
+    constrain(layer, rules)
+    mask = layer.parametrizations.weight[0].mask.clone()
+    with pytest.raises(ValueError, match=message):
+        PruningSchedule(layer, final_sparsity=0.75, end=2, scope=scope)
+    assert torch.equal(layer.parametrizations.weight[0].mask, mask)
+
+
+def test_surgery_channel_masks_are_not_grown_entry_by_entry():
+    # With key=None the schedule grew mask_blocks' channel masks entry by entry: 50% zeros,
+    # and shrink removed only the 25% whole channels.
+    import torchvision
+
+    model = torchvision.models.mobilenet_v3_small(weights=None)
+    surgery.mask_blocks(model, sparsity=0.25)
+    with pytest.raises(ValueError, match=r"features.2.block.0.0.weight: its FixedMask was chosen by surgery, as whole "
+                                         r"channels of a channel group; .* surgery.mask_blocks"):
+        PruningSchedule(model, final_sparsity=0.5, end=1)
+    constrain(model, {"classifier.0": FixedMask.magnitude(sparsity=0.0)})
+    PruningSchedule(model, final_sparsity=0.5, end=1, key="classifier.0").step()  # a key for the others: fine
+
+
+def test_a_schedule_whose_constraints_were_baked_refuses_to_step():
+    # After bake the schedules stepped on: sparsity() said 0.8 while nothing changed.
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    constrain(model, {"0": FixedMask.magnitude(sparsity=0.0), "1": LearnableMask()})
+    pruning = PruningSchedule(model, final_sparsity=0.8, end=4)
+    annealing = TemperatureSchedule(model, final_temperature=0.1, steps=4)
+    pruning.step(), annealing.step()
+    bake(model, "1")
+    pruning.step()
+    with pytest.raises(ValueError, match=r"TemperatureSchedule: the LearnableMask of 1.weight is no longer in the "
+                                         r"model \(baked, shrunk or removed\), so stepping would change nothing"):
+        annealing.step()
+    bake(model)
+    with pytest.raises(ValueError, match=r"PruningSchedule: the FixedMask of 0.weight is no longer in the model"):
+        pruning.step()
+    assert pruning.last_step == 2 and annealing.last_step == 1

@@ -16,7 +16,15 @@ from torch import nn
 from torchconstrain._tensors import Slot, parameter_slots
 from torchconstrain.constraints.arguments import choice, integer, number
 from torchconstrain.constraints.masks import FixedMask, LearnableMask, _temperature_problem
-from torchconstrain.constraints.selection import GlobalMagnitude, _check_sparsity, _keep_largest
+from torchconstrain.constraints.selection import (
+    NM,
+    GlobalMagnitude,
+    Magnitude,
+    RandomSelection,
+    Structured,
+    _check_sparsity,
+    _keep_largest,
+)
 from torchconstrain.keys import match
 from torchconstrain.rules import refuse_contradictions
 
@@ -33,12 +41,24 @@ class _Schedule:
 
     def step(self) -> None:
         r"""Advance one training step and apply that step's value (neither, if that raises)."""
+        self._refuse_gone_targets()
         self.last_step += 1
         try:
             self._apply()
         except Exception:
             self.last_step -= 1
             raise
+
+    def _refuse_gone_targets(self) -> None:
+        """Refuse to go on driving constraints that are no longer on their tensors (baked,
+        shrunk, removed): each step would change nothing while the schedule said it did."""
+        gone = [slot.fqn for slot, constraint in self.targets if all(c is not constraint for c in slot.constraints())]
+        if gone:
+            kind = type(self.targets[0][1]).__name__
+            raise ValueError(
+                f"{type(self).__name__}: the {kind} of {', '.join(gone)} is no longer in the model (baked, "
+                "shrunk or removed), so stepping would change nothing. Build a new schedule for the model as it is."
+            )
 
     def state_dict(self) -> dict:
         r"""The position and settings of the schedule (the constraints' state is the model's)."""
@@ -96,7 +116,8 @@ class PruningSchedule(_Schedule):
     for ``start <= t <= end`` (``initial`` before, ``final`` after). Every ``every``
     steps in that window, and at ``end``, each target's mask is recomputed by magnitude
     of its effective tensor (``scope="tensor"``) or with one threshold across all targets
-    (``scope="global"``). Masks only grow: an entry once masked stays masked, so a mask
+    (``scope="global"``), entry by entry, or by the norms of whole slices for masks that
+    :meth:`FixedMask.structured` chose (``scope="tensor"``). Masks only grow: an entry once masked stays masked, so a mask
     that starts sparser than the schedule keeps its sparsity until the schedule passes it;
     masked entries count towards each target, so a mask then masks exactly its share (ties
     among zeros, such as the tensor's own exact zeros, never push it past).
@@ -113,9 +134,12 @@ class PruningSchedule(_Schedule):
         key: a rule key picking the tensors to prune (default: every tensor with a FixedMask).
 
     Raises:
-        ValueError: bad settings, no tensor with a FixedMask to drive, or a stack that a
-            grown mask could break (a ``UnitNorm`` after the mask needs every slice to keep
-            an entry, which the mask as applied did but a grown one need not).
+        ValueError: bad settings, no tensor with a FixedMask to drive, a mask it cannot grow
+            as it was chosen (an N:M pattern, surgery's channel masks, a structured mask
+            under ``scope="global"``), or a stack that a grown mask could break (a
+            ``UnitNorm`` after the mask needs every slice to keep an entry, which the mask
+            as applied did but a grown one need not). :meth:`step` raises it once the masks
+            it drives are no longer in the model (baked, shrunk).
 
     Example:
         >>> from torch import nn
@@ -137,6 +161,7 @@ class PruningSchedule(_Schedule):
         self._configure(final_sparsity=final_sparsity, initial_sparsity=initial_sparsity, start=start,
                         end=end, every=every, scope=scope)
         self.targets = _targets(model, key, FixedMask, "PruningSchedule")
+        self.slices = {slot.fqn: _slices_grown(slot.fqn, mask, scope) for slot, mask in self.targets}
         for slot, mask in self.targets:
             _refuse_stacks_a_grown_mask_breaks(slot, mask)
         self._apply()
@@ -168,21 +193,51 @@ class PruningSchedule(_Schedule):
         due = step == self.end or (self.start <= step < self.end and (step - self.start) % self.every == 0)
         if not due:
             return
-        scores = {slot.fqn: _magnitudes_masked_last(slot.value(), mask) for slot, mask in self.targets}
+        scores = {slot.fqn: _scores_masked_last(slot.value(), mask, self.slices[slot.fqn])
+                  for slot, mask in self.targets}
         if self.scope == "global":
             keeps = GlobalMagnitude(sparsity=self.sparsity()).keep_largest(scores)
         else:
             keeps = {fqn: _keep_largest(score, self.sparsity()) for fqn, score in scores.items()}
         with torch.no_grad():
             for slot, mask in self.targets:
-                mask.mask.logical_and_(keeps[slot.fqn])
+                mask.mask.logical_and_(keeps[slot.fqn])  # (a slice's keep broadcasts over its entries)
 
 
-def _magnitudes_masked_last(value: torch.Tensor, mask: FixedMask) -> torch.Tensor:
-    """``|value|``, with the entries ``mask`` masks ranked below every other: they are zeros
-    like the tensor's own exact zeros, and ranked as their equals a new mask could keep a
-    masked entry (which stays masked) and prune a live one in its place."""
-    return torch.where(mask.mask, value.detach().abs(), -1)
+def _slices_grown(fqn: str, mask: FixedMask, scope: str) -> Structured | None:
+    """How a schedule grows ``mask`` so that it stays what chose it: entry by entry (``None``:
+    masks chosen by magnitude, at random or given), or by whole slices (the ``structured``
+    template that chose it); a ValueError for the masks it cannot grow alike."""
+    chosen = mask.chosen_by
+    if chosen is None or isinstance(chosen, (Magnitude, GlobalMagnitude, RandomSelection)):
+        return None
+    if isinstance(chosen, Structured) and scope == "tensor":
+        return chosen
+    why = {
+        Structured: "its slices are ranked by their own norms, tensor by tensor: pass scope='tensor'",
+        NM: "an N:M pattern keeps n of every m entries, a sparsity no schedule can raise",
+    }.get(type(chosen), "its channels are masked in every layer of their group together, which a schedule "
+                        "growing one tensor's mask would not keep (raise the group's sparsity with "
+                        "surgery.mask_blocks or surgery.graph.mask_groups, or train learnable budgets)")
+    raise ValueError(f"PruningSchedule: {fqn}: its FixedMask was chosen by {chosen}; a grown mask would not "
+                     f"be: {why}.")
+
+
+def _scores_masked_last(value: torch.Tensor, mask: FixedMask, slices: Structured | None) -> torch.Tensor:
+    """What a grown mask keeps the largest of: ``|value|`` per entry, or with ``slices`` each
+    slice's norm (kept broadcastable against ``value``), with what ``mask`` masks ranked
+    below everything else: masked values are zeros like the tensor's own exact zeros, and
+    ranked as their equals a new mask could keep a masked entry (which stays masked) and
+    prune a live one in its place."""
+    value = value.detach()
+    if slices is None:
+        return torch.where(mask.mask, value.abs(), -1)
+    others = [d for d in range(value.dim()) if d != slices.dim % value.dim()]
+    if not others:
+        return torch.where(mask.mask, value.abs(), -1)
+    norms = torch.linalg.vector_norm(value, ord=slices.p, dim=others, keepdim=True,
+                                     dtype=torch.promote_types(value.dtype, torch.float32))
+    return torch.where(mask.mask.any(dim=others, keepdim=True), norms, -1)
 
 
 def _refuse_stacks_a_grown_mask_breaks(slot: Slot, mask: FixedMask) -> None:

@@ -85,6 +85,9 @@ class FixedMask(Constraint):
         if problem:
             raise ValueError(f"FixedMask: {problem}")
         self.selector = _selector
+        #: What chose the mask: the template's selector, a description (surgery's channel
+        #: masks), or None for a mask given as it is. A PruningSchedule grows it alike.
+        self.chosen_by = None
         self.register_buffer("mask", None if mask is None else mask.detach().ne(0))
 
     @classmethod
@@ -134,7 +137,10 @@ class FixedMask(Constraint):
         for fqn, tensor in values.items():
             self._refuse_meta(fqn, tensor)
         masks = self.selector.select_all(values)
-        return {fqn: FixedMask(_laid_out_like(masks[fqn], values[fqn])).to(values[fqn].device) for fqn in values}
+        bound = {fqn: FixedMask(_laid_out_like(masks[fqn], values[fqn])).to(values[fqn].device) for fqn in values}
+        for constraint in bound.values():
+            constraint.chosen_by = self.selector
+        return bound
 
     def _refuse_meta(self, fqn: str, tensor: Tensor) -> None:
         """Refuse to choose a mask from the values of a tensor on the meta device (it has none)."""
@@ -150,7 +156,7 @@ class FixedMask(Constraint):
         if self.selector is not None:
             self._refuse_meta(fqn, tensor)
             self.mask = _laid_out_like(self.selector.select(fqn, tensor), tensor)
-            self.selector = None
+            self.chosen_by, self.selector = self.selector, None
             return
         if self.mask.shape != tensor.shape:
             raise ValueError(

@@ -43,7 +43,7 @@ from torchconstrain.surgery.budget import (
 )
 from torchconstrain.surgery.measure import count_params, evaluating, layer_macs, measure_latency
 from torchconstrain.surgery.family import ShrinkReport
-from torchconstrain.surgery.pattern import sparsity_keeping
+from torchconstrain.surgery.pattern import channel_mask, sparsity_keeping
 
 __all__ = ["GraphGroup", "GraphMasks", "find_groups", "mask_groups", "shrink"]
 
@@ -431,7 +431,7 @@ def _fixed_rules(chosen: list[GraphGroup], keeps: dict[str, Tensor]) -> list[tup
                     continue
                 shape = [1] * weight.dim()
                 shape[side] = weight.shape[side]
-                rules.append((layer.fqn, FixedMask(kept.view(shape).expand(weight.shape).clone())))
+                rules.append((layer.fqn, channel_mask(kept.view(shape).expand(weight.shape).clone())))
     return rules
 
 

@@ -377,7 +377,16 @@ def fixed_rules(keeps: list[tuple[Group, Tensor]]) -> list[tuple[str, FixedMask]
                 pattern = keep.to(weight.device).view(shape).expand(weight.shape)
                 name = f"{slot.fqn}.weight"
                 masks[name] = masks[name] & pattern if name in masks else pattern.clone()
-    return [(name, FixedMask(mask)) for name, mask in masks.items()]
+    return [(name, channel_mask(mask)) for name, mask in masks.items()]
+
+
+def channel_mask(mask: Tensor) -> FixedMask:
+    r"""A :class:`~torchconstrain.FixedMask` of a channel group's whole channels in one layer
+    (``chosen_by`` says so: a :class:`~torchconstrain.PruningSchedule` refuses to grow it
+    alone, which would mask entries, not channels, and not in the group's other layers)."""
+    constraint = FixedMask(mask)
+    constraint.chosen_by = "surgery, as whole channels of a channel group"
+    return constraint
 
 
 def sparsity_keeping(sparsity: float | None, channels: int, minimum: int) -> float | None:
