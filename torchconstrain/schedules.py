@@ -208,7 +208,7 @@ def _slices_grown(fqn: str, mask: FixedMask, scope: str) -> Structured | None:
     """How a schedule grows ``mask`` so that it stays what chose it: entry by entry (``None``:
     masks chosen by magnitude, at random or given), or by whole slices (the ``structured``
     template that chose it); a ValueError for the masks it cannot grow alike."""
-    chosen = mask.chosen_by
+    chosen = getattr(mask, "chosen_by", None)  # (a FixedMask pickled before it had one)
     if chosen is None or isinstance(chosen, (Magnitude, GlobalMagnitude, RandomSelection)):
         return None
     if isinstance(chosen, Structured) and scope == "tensor":
