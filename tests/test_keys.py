@@ -158,6 +158,30 @@ def test_a_key_naming_a_reused_module_by_its_second_name_is_told_the_first(key, 
     assert not hasattr(layer, "parametrizations")
 
 
+@pytest.mark.parametrize("key, hint", [
+    ("1.running_mean", r"'1.running_mean' names a buffer: constraints apply to parameters"),
+    ("1.running_*", r"'1.running_\*' names a buffer \(1.running_mean\): constraints apply to parameters"),
+])
+def test_a_key_naming_a_buffer_says_so(key, hint):
+    # It said only "matches no parameter. Pass strict=False", which would then do nothing.
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match=hint):
+        constrain(model, {key: Clamp(-1, 1)})
+
+
+@pytest.mark.parametrize("wrap, prefix, wrapper", [
+    (nn.DataParallel, "module.", "nn.DataParallel"),
+    (torch.compile, "_orig_mod.", "torch.compile"),
+])
+def test_a_key_of_a_wrapped_model_names_the_wrapper(wrap, prefix, wrapper):
+    inner = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=rf"rule 0 \(0\) matches no parameter. The model's names start with "
+                                         rf"'{re.escape(prefix)}': it wraps the model the key names \({wrapper}.*\). "
+                                         r"Constrain that model before wrapping it."):
+        constrain(wrap(inner), {"0": Clamp(-1, 1)})
+    assert not hasattr(inner[0], "parametrizations")
+
+
 @pytest.mark.parametrize("rules", [
     lambda: {lambda fqn, module: next(iter([])): Clamp(-1, 1)},
     lambda: {"0": lambda fqn, tensor: next(iter([]))},

@@ -247,6 +247,33 @@ def test_constrain_refuses_non_modules():
         constrain({}, {"w": Clamp(-1, 1)})
 
 
+def test_constrain_refuses_a_scripted_model_saying_what_to_do():
+    # It failed inside parametrize ("contains(): incompatible function arguments").
+    scripted = torch.jit.trace(nn.Linear(2, 2), torch.zeros(1, 2))
+    with pytest.raises(TypeError, match=r"expected an eager nn.Module. Got a TorchScript .*: constrain the eager model, "
+                                        r"then bake it and script the baked one"):
+        constrain(scripted, {"weight": Clamp(-1, 1)})
+
+
+def test_constrain_refuses_a_model_already_wrapped_in_ddp(tmp_path):
+    # Accepted: DDP's gradient hooks never fired for the parametrized originals, and the
+    # ranks' weights and scores drifted apart (its "unused parameters" error pointed away).
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(4, 4))
+        ddp = DistributedDataParallel(model)
+        for wrapped in (ddp, nn.Sequential(ddp)):
+            with pytest.raises(ValueError, match=r"is a DistributedDataParallel wrapper.* Constrain the model, then "
+                                                 r"wrap it"):
+                constrain(wrapped, {"*weight": Clamp(-1, 1)})
+        assert not hasattr(model[0], "parametrizations")
+    finally:
+        dist.destroy_process_group()
+
+
 def test_report_prints_a_table(net):
     text = str(constrain(net, {"head": Clamp(-1, 1)}))
     assert text.splitlines()[1].split() == ["tensor", "shape", "constraints", "rules"]

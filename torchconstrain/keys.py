@@ -191,6 +191,14 @@ def no_match_message(
                     f"name. Use {reused!r}.")
     elif named:
         message += " " + _weight_hint(*named[0])
+    elif isinstance(key, str) and _names_a_buffer(model, key):
+        buffer = _names_a_buffer(model, key)
+        message += (f" {key!r} names a buffer{'' if buffer == key else f' ({buffer})'}: constraints apply to "
+                    "parameters, which the optimizer trains.")
+    elif isinstance(key, str) and _wrapper_prefix(slots, key):
+        prefix = _wrapper_prefix(slots, key)
+        message += (f" The model's names start with {prefix!r}: it wraps the model the key names "
+                    f"({_WRAPPERS[prefix]}). Constrain that model before wrapping it.")
     elif isinstance(key, str):
         candidates = list(slots) + sorted({s.module_name for s in slots.values() if s.module_name})
         close = difflib.get_close_matches(key.removeprefix("re:"), candidates, n=3, cutoff=0.5)
@@ -200,6 +208,27 @@ def no_match_message(
         kinds = sorted({parametrize.type_before_parametrizations(s.module).__name__ for s in slots.values()})
         message += f" Module types with parameters: {', '.join(kinds)}."
     return message + (" Pass strict=False to allow rules that match nothing." if strict_hint else "")
+
+
+#: The prefixes wrappers give their model's names, and the wrappers.
+_WRAPPERS = {"module.": "nn.DataParallel, DistributedDataParallel", "_orig_mod.": "torch.compile"}
+
+
+def _names_a_buffer(model: nn.Module | None, key: str) -> str | None:
+    """The first buffer of ``model`` a plain or glob ``key`` names (``"1.running_mean"``), or None."""
+    if model is None or key.startswith("re:"):
+        return None
+    return next((name for name, _ in model.named_buffers() if fnmatch.fnmatchcase(name, key)), None)
+
+
+def _wrapper_prefix(slots: dict[str, Slot], key: str) -> str | None:
+    """The wrapper prefix every name has, when the key names something under it, or None."""
+    for prefix in _WRAPPERS:
+        if slots and all(fqn.startswith(prefix) for fqn in slots) and not key.startswith(prefix):
+            inner = [fqn[len(prefix):] for fqn in slots] + [s.module_name[len(prefix):] for s in slots.values()]
+            if any(fnmatch.fnmatchcase(name, key.removeprefix("re:")) for name in inner):
+                return prefix
+    return None
 
 
 def _first_name_of_a_reused_module(model: nn.Module | None, key) -> str | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
 from torchconstrain._tensors import Slot, describe, parameter_slots, tied_slots
@@ -131,6 +132,18 @@ def check_arguments(model: nn.Module, existing: str, strict: bool = True) -> Non
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"constrain: expected an nn.Module. Got {type(model).__name__}.")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"constrain: expected an eager nn.Module. Got a TorchScript {type(model).__name__} "
+                        "(torch.jit.script or trace), which parametrizations cannot change: constrain the eager "
+                        "model, then bake it and script the baked one.")
+    wrapper = next((name for name, m in model.named_modules() if isinstance(m, DistributedDataParallel)), None)
+    if wrapper is not None:
+        raise ValueError(
+            f"constrain: {'the model' if wrapper == '' else wrapper} is a DistributedDataParallel wrapper. DDP set "
+            "up its gradient sync for the parameters it found when it wrapped them, and parametrizing a tensor "
+            "puts its stored original behind a path DDP does not see: the ranks would drift apart. Constrain the "
+            "model, then wrap it (see 'Distributed training' in the README)."
+        )
     flag("constrain", "strict", strict)
     if existing not in EXISTING:
         raise ValueError(f"constrain: existing must be one of {', '.join(EXISTING)}. Got {existing!r}.")
