@@ -445,7 +445,9 @@ def shrink(model: nn.Module, *, example: Tensor | None = None, measure: bool = T
     :func:`~torchconstrain.bake`): it leaves every layer of the group, the writers' rows,
     their BatchNorms, depthwise convs (and their ``groups``) and the readers' columns.
     Module names stay the same, and so do the layers: each is resized in place, keeping its
-    class, hooks and attributes (one holding other tensors is refused). In eval mode the shrunk model's outputs match the masked
+    class, hooks and attributes (one holding other tensors is refused), with new
+    ``Parameter`` objects of the new sizes: build the optimizer for fine-tuning after it,
+    as one built before holds the old ones. In eval mode the shrunk model's outputs match the masked
     model's (after :func:`~torchconstrain.bake`) to float32 rounding; in train mode too
     (stochastic depth acts on whole samples), except for dropout, whose random draws
     depend on the width.
