@@ -325,6 +325,18 @@ def test_bad_mac_budgets_are_refused_before_the_model_changes(options, message):
     assert_unchanged(model, before)
 
 
+def test_an_example_that_is_not_a_tensor_is_refused_naming_the_call():
+    # A list of one image raised "'list' object has no attribute 'to'".
+    model = build("mobilenet_v3_small")
+    before = snapshot(model)
+    for call in (lambda: surgery.mask_blocks(model, groups="all", macs=0.5, example=[EXAMPLE]),
+                 lambda: surgery.shrink(model, example=[EXAMPLE], measure=False)):
+        with pytest.raises(TypeError, match=r"surgery\.(mask_blocks|shrink): expected example to be an input batch, "
+                                            r"a tensor .* Got list"):
+            call()
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("targets, message", [
     ({"sparsity": 0.5}, r"expected targets as \{'macs': share\}"),
     ({"macs": 0}, r"expected targets\['macs'\], the share of MACs to keep, in \(0, 1\]. Got 0"),

@@ -177,12 +177,15 @@ def _running_the_example(example: Tensor, caller: str):
                          f"{tuple(getattr(example, 'shape', ()))}: {type(error).__name__}: {error}") from None
 
 
-def _example(model: nn.Module, example: Tensor | None) -> Tensor:
+def _example(model: nn.Module, example: Tensor | None, caller: str = "surgery") -> Tensor:
     """The input MACs are counted for: ``example``, or one 224x224 RGB image in the model's
     dtype, on the model's device."""
     like = next(model.parameters())
     if example is None:
         return torch.zeros(1, 3, 224, 224, dtype=like.dtype, device=like.device)
+    if not isinstance(example, Tensor):
+        raise TypeError(f"{caller}: expected example to be an input batch, a tensor (one 1x3x224x224 image by "
+                        f"default). Got {type(example).__name__}.")
     return example.to(like.device)
 
 
@@ -195,7 +198,7 @@ def _mac_cost(model: nn.Module, example: Tensor | None, groups: list[Group], cal
             reads.setdefault(slot.module, []).append((group.name, 1.0))
         for slot in (*group.rows, *group.depthwise):
             writes.setdefault(slot.module, []).append((group.name, 1.0))
-    example = _example(model, example)
+    example = _example(model, example, caller)
     with _running_the_example(example, caller):
         macs = layer_macs(model, example)
     return LayerCost.of(macs, reads, writes, {group.name: group.channels for group in groups})
@@ -496,7 +499,7 @@ def shrink(model: nn.Module, *, example: Tensor | None = None, measure: bool = T
     """
     groups = _groups(model, "all", "surgery.shrink")
     asked = _check_targets(targets)
-    example = _example(model, example)
+    example = _example(model, example, "surgery.shrink")
     budgets = _sparsity_budgets(groups)
     mac_target = asked.get("macs", _mac_budget(groups))
     macs_before = _macs_of_example(model, example, "surgery.shrink")  # before anything changes
