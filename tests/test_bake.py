@@ -7,6 +7,7 @@ from torch.nn.utils import parametrizations, parametrize
 from torchconstrain import (
     L1,
     Clamp,
+    Constraint,
     ConstraintViolation,
     FakeQuant,
     FixedMask,
@@ -234,6 +235,7 @@ ZERO_SIZE = {
     "global_magnitude": lambda: FixedMask.global_magnitude(sparsity=0.5),
     "random": lambda: FixedMask.random(sparsity=0.5, seed=0),
     "structured": lambda: FixedMask.structured(sparsity=0.5),
+    "structured, inf norm": lambda: FixedMask.structured(sparsity=0.5, dim=1, p=float("inf")),  # (no inf norm of nothing)
     "n_m": lambda: FixedMask.n_m(),
     "L1": lambda: L1(0.1),
     "stack": lambda: [FixedMask.magnitude(sparsity=0.5), Clamp(-0.5, 0.5), FakeQuant(6)],
@@ -334,3 +336,23 @@ def test_constrain_and_bake_under_inference_mode_leave_ordinary_tensors_that_tra
     assert not any(tensor.is_inference() for tensor in model.state_dict().values())
     model(torch.randn(2, 8, 2, 2)).sum().backward()
     optimizer.step()
+
+
+class _FailingForward(Constraint):
+    """A user's constraint whose forward fails (once constrained)."""
+
+    cacheable = True
+
+    def forward(self, x):
+        if self.__dict__.get("broken"):
+            raise KeyError("forward failed")
+        return x * 0.5
+
+
+def test_check_names_the_tensor_whose_custom_constraint_fails():
+    # check re-raised a custom forward's error bare, while bake named the tensor.
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    constrain(model, {"1.weight": _FailingForward()})
+    model[1].parametrizations.weight[0].__dict__["broken"] = True
+    with pytest.raises(RuntimeError, match=r"check: 1.weight: its effective value raised KeyError: 'forward failed'"):
+        check(model)

@@ -12,6 +12,7 @@ from torch.optim.swa_utils import AveragedModel
 from torchconstrain import (
     CheckpointMismatch,
     Clamp,
+    Constraint,
     FakeQuant,
     FixedMask,
     LearnableMask,
@@ -488,3 +489,33 @@ def test_a_refused_plain_load_leaves_a_spectral_norm_after_the_constraints_as_it
     with pytest.raises(CheckpointMismatch, match="Nothing was loaded"):
         model.load_state_dict(bad)
     assert torch.equal(power._u, u) and torch.equal(power._v, v)
+
+
+def test_a_checkpoint_holding_a_tensor_both_plain_and_constrained_is_refused_before_loading():
+    # Loaded the rest, then raised torch's "Unexpected key(s)" with the model half changed.
+    model = nn.Sequential(nn.Linear(3, 2))
+    constrain(model, {"0.bias": Clamp(-0.1, 0.1)})
+    checkpoint = {**model.state_dict(), "0.bias": torch.zeros(2)}
+    checkpoint["0.weight"] = torch.ones(2, 3)
+    before = state(model)
+    with pytest.raises(CheckpointMismatch, match=r"0.bias: the checkpoint holds it twice, as '0.bias' \(a plain "
+                                                 r"tensor\) and as '0.parametrizations.bias.original'"):
+        model.load_state_dict(checkpoint)
+    assert_same_state(state(model), before)
+
+
+class _Halve(Constraint):
+    cacheable = True
+
+    def forward(self, x):
+        if self.__dict__.get("broken"):
+            raise KeyError("forward failed")
+        return x * 0.5
+
+
+def test_errors_of_a_custom_constraint_during_a_load_name_the_tensor():
+    model = nn.Sequential(nn.Linear(3, 2))
+    constrain(model, {"0.weight": _Halve()})
+    model[0].parametrizations.weight[0].__dict__["broken"] = True
+    with pytest.raises(RuntimeError, match=r"load_state_dict: 0.weight: its constraints raised KeyError: 'forward failed'"):
+        model.load_state_dict(nn.Sequential(nn.Linear(3, 2)).state_dict())  # a plain checkpoint goes through the chain

@@ -551,3 +551,23 @@ def test_a_constraint_that_changes_the_dtype_is_refused_naming_its_rule():
                                          r"of shape \(3, 3\) into a torch.float64 tensor of shape \(3, 3\)"):
         constrain(layer, {"weight": ToDouble()})
     assert_unchanged(layer, before)
+
+
+class _FailsOnItsThirdCall(Constraint):
+    """A user's constraint whose forward fails on its third call: the dry run and the
+    registration call it once each."""
+
+    def forward(self, x):
+        self.__dict__["calls"] = self.__dict__.get("calls", 0) + 1
+        if self.calls == 3:
+            raise RuntimeError("boom")
+        return x * 0.5
+
+
+def test_constrain_runs_no_constraint_after_registering_outside_its_rollback():
+    # Its report evaluated every chain after registration, outside the rollback: this
+    # constraint's error came back bare, and the model stayed parametrized.
+    model = nn.Sequential(nn.Linear(3, 2))
+    report = constrain(model, {"0.bias": _FailsOnItsThirdCall()})
+    assert report["0.bias"]["shape"] == (2,)
+    assert model[0].parametrizations.bias[0].calls == 2

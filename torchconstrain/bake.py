@@ -122,7 +122,8 @@ def check(model: nn.Module) -> Report:
     with unsharded(model):
         for slot, *aliases in constrained_groups(model):
             _refuse_meta(slot, "check")
-            value = slot.value()
+            with origin_named(f"check: {slot.fqn}: its effective value"):  # a custom constraint's forward
+                value = slot.value()
             fqn = " = ".join(s.fqn for s in (slot, *aliases))
             violations += [(fqn, reason) for reason in _violations(slot, value)]
             rows += [_check_row(name.fqn, slot, value) for name in (slot, *aliases)]

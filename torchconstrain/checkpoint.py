@@ -115,14 +115,19 @@ def _adapt(module: nn.Module, state_dict: dict, prefix: str) -> list[str]:
     problems = []
     for tensor_name, plist in module.parametrizations.items():
         plain, inner = prefix + tensor_name, f"{prefix}{_INNER}{tensor_name}."
+        if plist.is_tensor and plain in state_dict and inner + "original" in state_dict:
+            problems.append(f"{plain}: the checkpoint holds it twice, as {plain!r} (a plain tensor) and as "
+                            f"{inner + 'original'!r} (a constrained one's stored original). Expected one of them.")
+            continue
         if not plist.is_tensor or plain not in state_dict or inner + "original" in state_dict:
             continue
         problem = _tensor_problem(state_dict[plain], plist.original)
         if problem:
             problems.append(f"{plain}: {problem}")
             continue
-        stored = _stored_value(plist, state_dict[plain])
-        problem = _broken_by(plist, stored)
+        with origin_named(f"load_state_dict: {plain}: its constraints"):  # a custom one's right_inverse, forward
+            stored = _stored_value(plist, state_dict[plain])
+            problem = _broken_by(plist, stored)
         if problem:
             problems.append(f"{plain}: {problem}")
             continue
@@ -372,17 +377,17 @@ def _stack_problems(modules: dict[str, nn.Module], state_dict: dict) -> list[str
         if len(stack) < 2 or not any(prefix in owners for prefix, _ in stack):
             continue
         seen.add(id(plist))  # a tied chain, under its first name
-        problem = _stack_problem([_staged(c, state_dict, prefix) for prefix, c in stack], plist.original.dim())
+        fqn = (chain_prefix[:-1].replace(_INNER, "") if _INNER in chain_prefix else chain_prefix[:-1]) or "the tensor"
+        with origin_named(f"load_state_dict: {fqn}: stacking()"):
+            problem = _stack_problem([_staged(c, state_dict, prefix) for prefix, c in stack], plist.original.dim())
         if problem:
-            fqn = chain_prefix[:-1].replace(_INNER, "") if _INNER in chain_prefix else chain_prefix[:-1]
-            problems.append(f"{fqn or 'the tensor'}: with the checkpoint's state, {problem}, so the stack cannot always hold.")
+            problems.append(f"{fqn}: with the checkpoint's state, {problem}, so the stack cannot always hold.")
     return problems
 
 
 def _stack_problem(stack: list[Constraint], ndim: int) -> str | None:
     """Why ``stack`` is one :func:`torchconstrain.constrain` refuses, or ``None``."""
-    with origin_named("load_state_dict: stacking()"):
-        declared = [constraint.stacking() for constraint in stack]
+    declared = [constraint.stacking() for constraint in stack]
     found = first_conflict(declared, ndim, [type(c).__name__ for c in stack])
     if found is None:
         return None

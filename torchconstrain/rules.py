@@ -553,7 +553,7 @@ def _report(plan: list[_Planned]) -> Report:
     rows = [
         {
             "tensor": slot.fqn,
-            "shape": tuple(entry.slot.value().shape),
+            "shape": tuple(entry.slot.stored().shape),  # constraints keep it (the dry run checked): nothing runs
             "constraints": [describe(c) for c in entry.slot.everything()],
             "rules": ", ".join(dict.fromkeys(f"rule {rule.index} ({label(rule.key)})" for rule in entry.rules)),
         }

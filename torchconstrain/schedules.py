@@ -233,7 +233,7 @@ def _scores_masked_last(value: torch.Tensor, mask: FixedMask, slices: Structured
     if slices is None:
         return torch.where(mask.mask, value.abs(), -1)
     others = [d for d in range(value.dim()) if d != slices.dim % value.dim()]
-    if not others:
+    if not others or not value.numel():  # (no inf norm of nothing)
         return torch.where(mask.mask, value.abs(), -1)
     norms = torch.linalg.vector_norm(value, ord=slices.p, dim=others, keepdim=True,
                                      dtype=torch.promote_types(value.dtype, torch.float32))

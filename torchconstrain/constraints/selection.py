@@ -193,8 +193,10 @@ class Structured:
             )
         dim = self.dim % tensor.dim()
         others = [d for d in range(tensor.dim()) if d != dim]
-        if others:  # in float32 at least (half sums overflow), float64 stays float64
-            dtype = torch.promote_types(tensor.dtype, torch.float32)
+        dtype = torch.promote_types(tensor.dtype, torch.float32)
+        if not tensor.numel():  # slices without entries (vector_norm has no inf norm of nothing)
+            norms = torch.zeros(tensor.shape[dim], dtype=dtype, device=tensor.device)
+        elif others:  # in float32 at least (half sums overflow), float64 stays float64
             norms = torch.linalg.vector_norm(tensor, ord=self.p, dim=others, dtype=dtype)
         else:
             norms = tensor.abs()
