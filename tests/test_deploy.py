@@ -258,6 +258,8 @@ def test_the_export_command_compares_every_output_with_the_saved_model_before_wr
     (["no_such_net", "--to", "executorch", "--out", "x.pte"], "no_such_net: no such file, and not a torchvision model"),
     (["resnet18", "--to", "executorch", "--out", "x.pte", "--input-shape", "1,a"], "expected sizes >= 1"),
     (["resnet18", "--to", "executorch", "--out", "x.pte", "--calibrate", "8"], "pass --int8 with them"),  # was ignored
+    (["resnet18", "--to", "executorch", "--out", "/no/such/folder/x.pte"],  # failed only after the lowering
+     "--out /no/such/folder/x.pte: the folder /no/such/folder does not exist"),
 ])
 def test_the_export_command_refuses_bad_input(arguments, message, capsys):
     try:

@@ -3,6 +3,7 @@ r"""The command line: ``torchconstrain demo``, ``inspect`` and ``export`` (or ``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -84,6 +85,9 @@ def _run_export(args) -> int:
     try:
         if not args.int8 and (args.data is not None or args.calibrate is not None):
             raise ValueError("--data and --calibrate set the int8 program's calibration: pass --int8 with them.")
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):  # before the lowering, which takes a while
+            raise ValueError(f"--out {args.out}: the folder {folder} does not exist.")
         example = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
         calibration = _calibration_batches(args, example) if args.int8 else None
         loaded = load_model(args.model).eval()
