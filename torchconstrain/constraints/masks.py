@@ -607,8 +607,8 @@ class LearnableMask(Constraint):
         if self.budget is not None:
             return self.budget.keep_for(self)
         gates = gates.detach()
-        if self.target_sparsity is None:
-            return gates > largest_at_most(self.threshold, gates.dtype)
+        if self.target_sparsity is None:  # (traced code compares with the number: its rounding is the one that may differ)
+            return gates > (self.threshold if tracing() else largest_at_most(self.threshold, gates.dtype))
         count = gates.numel()
         kept = max(count - round(self.target_sparsity * count), 1)
         order = torch.sort(gates.flatten(), descending=True, stable=True).indices
