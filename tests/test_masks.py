@@ -110,6 +110,36 @@ def test_a_channels_last_conv_keeps_its_layout_through_masks_training_and_bake(m
         assert torch.equal(model(x), constrained)
 
 
+@pytest.mark.parametrize("conv", [lambda: nn.Conv2d(32, 8, 1), lambda: nn.Conv2d(32, 32, 3, groups=32)],
+                         ids=["1x1", "depthwise"])
+@pytest.mark.parametrize("rules", [
+    lambda: FixedMask.random(sparsity=0.3, seed=1),
+    lambda: [FixedMask.random(sparsity=0.3, seed=1), Clamp(-0.2, 0.2)],
+    lambda: [FixedMask.random(sparsity=0.3, seed=1), NonNeg()],
+], ids=["mask", "mask, clamp", "mask, non-neg"])
+def test_a_channels_last_conv_with_size_1_dims_computes_the_bits_of_the_plain_path_and_of_bake(conv, rules):
+    # Size-1 dims leave strides a choice that conv kernels choose by: a mask laid out with
+    # the weight's own strides made the no-grad fast path (a clamp in place on the product),
+    # the grad-mode product and bake pick different ones, outputs 3e-8 apart.
+    from torchconstrain import set_fast_path
+
+    torch.manual_seed(0)
+    model = nn.Sequential(conv()).to(memory_format=torch.channels_last).eval()
+    constrain(model, {"0.weight": rules()})
+    x = torch.randn(4, 32, 1, 1) if model[0].kernel_size == (1, 1) else torch.randn(2, 32, 5, 5)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fast = (model[0].weight.stride(), model(x))
+        with set_fast_path(False):
+            plain = (model[0].weight.stride(), model(x))
+    training = (model[0].weight.stride(), model(x).detach())  # gradients on, eval mode
+    bake(model)
+    with torch.no_grad():
+        baked = (model[0].weight.stride(), model(x))
+    for other in (plain, training, baked):
+        assert other[0] == fast[0] and torch.equal(other[1], fast[1])
+
+
 def test_fixed_mask_shape_mismatch_names_the_tensor():
     with pytest.raises(ValueError, match=r"0.weight: FixedMask of shape \(2, 2\) does not fit .*\(3, 4\)"):
         constrain(nn.Sequential(nn.Linear(4, 3)), {"0.weight": FixedMask(torch.ones(2, 2))})

@@ -220,13 +220,17 @@ class FixedMask(Constraint):
 
 
 def _laid_out_like(source: Tensor, tensor: Tensor) -> Tensor:
-    """``source`` (on its device, in its dtype) in ``tensor``'s memory layout. A mask laid
-    out as its tensor keeps the products with it (the effective tensor, the masked stored
-    original) in the tensor's layout: a channels-last conv stays channels-last through
-    ``constrain``, training and ``bake``."""
-    if source.stride() == tensor.stride():
+    """``source`` (on its device, in its dtype) with the strides an elementwise operation
+    on ``tensor`` gives its result: ``tensor``'s memory layout, and for dims of size 1,
+    whose strides do not change it (a channels-last 1x1 or depthwise conv), the strides
+    torch's own products and clamps pick, which kernels then choose by. A mask laid out so
+    keeps every product with it (the effective tensor with gradients on or off, the masked
+    stored original, the value baked) in the layout the operations around it give: a
+    channels-last conv stays channels-last through ``constrain``, training and ``bake``."""
+    shaped = torch.logical_not(torch.empty_like(tensor, dtype=torch.bool, device=source.device))
+    if source.stride() == shaped.stride():
         return source
-    return torch.empty_like(tensor, dtype=source.dtype, device=source.device).copy_(source)
+    return torch.empty_like(shaped, dtype=source.dtype).copy_(source)
 
 
 def _mask_problem(mask: Tensor) -> str | None:
