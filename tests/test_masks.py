@@ -507,3 +507,13 @@ def test_a_sparsity_multiplier_keeps_its_value_through_a_cast_to_half_precision(
     assert mask.multiplier.dtype == torch.float32 and mask.multiplier.item() == 70000.0
     layer.bfloat16()
     assert mask.multiplier.item() == 70000.0
+
+
+def test_warnings_point_at_the_user_s_line():
+    # They pointed at lines inside torchconstrain (base.py, api.py), whatever the call.
+    with pytest.warns(UserWarning, match="masks all 16 entries") as caught:
+        constrain(nn.Linear(4, 4), {"weight": FixedMask(torch.zeros(4, 4))})
+    assert caught[0].filename == __file__
+    with pytest.warns(UserWarning, match="starts with every gate closed") as caught:
+        constrain(nn.Linear(4, 4), {"weight": LearnableMask(init=0.4)})
+    assert caught[0].filename == __file__

@@ -1,8 +1,21 @@
-r"""Exceptions raised by torchconstrain."""
+r"""Exceptions raised by torchconstrain, and how it warns."""
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 __all__ = ["CheckpointMismatch", "ConstraintViolation"]
+
+
+def warn_at_caller(message: str) -> None:
+    r"""``warnings.warn(message)`` at the first frame outside torchconstrain and torch: the
+    user's line (``constrain(...)``, ``model(x)``) that led to it, which the warning shows
+    and which Python's filters count once."""
+    frame, level = sys._getframe(1), 2  # (1 would be this function)
+    while frame is not None and (frame.f_globals.get("__name__") or "").partition(".")[0] in ("torchconstrain", "torch"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 class ConstraintViolation(ValueError):

@@ -2,7 +2,6 @@ r"""Optimizer param groups for constrained models, and what an optimizer is miss
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -11,6 +10,7 @@ from torch.nn.utils import parametrize
 
 from torchconstrain._tensors import Slot, parameter_slots, tied_slots
 from torchconstrain.constraints.base import Constraint
+from torchconstrain.errors import warn_at_caller
 from torchconstrain.keys import matcher, no_match_message
 
 __all__ = ["param_groups", "unoptimized"]
@@ -117,12 +117,11 @@ def warn_unoptimized(model: nn.Module, optimizer: torch.optim.Optimizer, before:
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [name for name, p in model.named_parameters() if id(p) not in before | held and p.requires_grad]
     if missing:
-        warnings.warn(
+        warn_at_caller(
             f"constrain: {len(missing)} parameter(s) it created are not in the optimizer, so they "
             f"will not train: {', '.join(missing)}. Add them with optimizer.add_param_group("
             "{'params': [...], 'weight_decay': 0.0}), or build the optimizer after constrain "
-            "(torchconstrain.param_groups puts them in a group of their own).",
-            stacklevel=3,
+            "(torchconstrain.param_groups puts them in a group of their own)."
         )
 
 

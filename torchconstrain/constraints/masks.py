@@ -3,7 +3,6 @@ r"""Masks: fixed binary masks and sigmoid-gated learnable masks."""
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 
 import torch
@@ -27,6 +26,7 @@ from torchconstrain.constraints.selection import (
     RandomSelection,
     Structured,
 )
+from torchconstrain.errors import warn_at_caller
 
 __all__ = ["FixedMask", "LearnableMask"]
 
@@ -165,9 +165,8 @@ class FixedMask(Constraint):
             )
         self.mask = _laid_out_like(self.mask, tensor)
         if self.mask.numel() and not self.mask.is_meta and not self.mask.any():
-            warnings.warn(
-                f"{fqn}: the FixedMask masks all {self.mask.numel()} entries; the tensor is all zeros.",
-                stacklevel=2,
+            warn_at_caller(
+                f"{fqn}: the FixedMask masks all {self.mask.numel()} entries; the tensor is all zeros."
             )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -504,12 +503,11 @@ class LearnableMask(Constraint):
         start = self.temperature.item() * math.log(self.init / (1.0 - self.init))
         self.scores = nn.Parameter(torch.full(shape, start, dtype=tensor.dtype))
         if self.target_sparsity is None and self.scores.numel() and not self._kept_gates(self.gates()).any():
-            warnings.warn(
+            warn_at_caller(
                 f"{fqn}: LearnableMask(init={self.init:g}, threshold={self.threshold:g}) starts with every gate "
                 f"closed (a gate of {self.gates().flatten()[0].item():.9g} in {tensor.dtype}, at or below the "
                 f"threshold): {'the forward is all zeros' if self.hard else 'bake would zero the whole tensor'} "
-                "until the gates rise above it. Expected init above threshold, as the default init=0.98.",
-                stacklevel=2,
+                "until the gates rise above it. Expected init above threshold, as the default init=0.98."
             )
 
     def _bind_index(self, fqn: str, tensor: Tensor, shape: list[int]) -> list[int]:

@@ -3,7 +3,6 @@ r"""Fake quantization: weights on an integer grid, for quantization-aware traini
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
@@ -18,6 +17,7 @@ from torchconstrain.constraints.stacking import (
     keeps_nonzero_slices,
     scales_slices,
 )
+from torchconstrain.errors import warn_at_caller
 
 __all__ = ["FakeQuant"]
 
@@ -151,10 +151,9 @@ class FakeQuant(Constraint):
                 f"2 * max|w| (XNNPACK's floor is 2**-12, FakeQuant.xnnpack())."
             )
         if lost:
-            warnings.warn(
+            warn_at_caller(
                 f"{fqn}: FakeQuant min_scale={self.min_scale:g} rounds every entry of {lost} of its "
-                f"{zeroed.numel()} slices to 0.",
-                stacklevel=4,
+                f"{zeroed.numel()} slices to 0."
             )
 
     def _dtype_problem(self, dtype: torch.dtype) -> str | None:

@@ -8,7 +8,6 @@ constructors; users rarely touch them directly.
 from __future__ import annotations
 
 import numbers
-import warnings
 import zlib
 from collections.abc import Mapping
 
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from torchconstrain.constraints.arguments import integer, number
 from torchconstrain.constraints.base import largest_at_most
+from torchconstrain.errors import warn_at_caller
 
 __all__ = ["Magnitude", "GlobalMagnitude", "RandomSelection", "Structured", "NM"]
 
@@ -51,14 +51,12 @@ def _warn_if_degenerate(fqn: str, sparsity: float, keep: Tensor, unit: str) -> N
     if total == 0:
         return  # nothing to prune: a tensor without entries
     if sparsity > 0 and kept == total:
-        warnings.warn(
-            f"{fqn}: sparsity {sparsity} prunes no {unit} of {total}; the mask keeps everything.",
-            stacklevel=4,
+        warn_at_caller(
+            f"{fqn}: sparsity {sparsity} prunes no {unit} of {total}; the mask keeps everything."
         )
     elif kept == 0:
-        warnings.warn(
-            f"{fqn}: sparsity {sparsity} prunes all {total} {_plural(unit)}; the tensor is all zeros.",
-            stacklevel=4,
+        warn_at_caller(
+            f"{fqn}: sparsity {sparsity} prunes all {total} {_plural(unit)}; the tensor is all zeros."
         )
 
 
@@ -98,10 +96,9 @@ class Magnitude:
                 "zeros. Expected a threshold below the largest |w|, or use sparsity=."
             )
         if self.threshold > 0 and tensor.numel() and keep.all():
-            warnings.warn(
+            warn_at_caller(
                 f"{fqn}: threshold {self.threshold:g} masks no entry of {tensor.numel()} (the smallest "
-                f"|w| is {magnitudes.min().item():.9g}); the mask keeps everything.",
-                stacklevel=4,
+                f"|w| is {magnitudes.min().item():.9g}); the mask keeps everything."
             )
         return keep
 

@@ -9,7 +9,6 @@ masks and rewrites. This module is what users call.
 from __future__ import annotations
 
 import math
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from torchconstrain._tensors import parameter_slots
 from torchconstrain.bake import bake
 from torchconstrain.constraints import LearnableMask
 from torchconstrain.constraints.arguments import flag, number
+from torchconstrain.errors import warn_at_caller
 from torchconstrain.rules import constrain_and_finish
 from torchconstrain.surgery import efficientnet, mnasnet, mobilenetv2, mobilenetv3
 from torchconstrain.surgery.budget import ChannelGroup, GateBudget, LayerCost, allocate, check_minimum, minimum_count
@@ -364,8 +364,8 @@ def block_rules(model: nn.Module, *, groups="expanded", sparsity: float | None =
     keeps = [(group, keep_share(group, sparsity, importance_of(group, importance))) for group in found]
     untouched = [group.label for group, keep in keeps if keep.all()]
     if sparsity > 0 and untouched:
-        warnings.warn(f"surgery.mask_blocks: sparsity {sparsity} masks no channel of {', '.join(untouched)} "
-                      "(too few channels).", stacklevel=3)
+        warn_at_caller(f"surgery.mask_blocks: sparsity {sparsity} masks no channel of {', '.join(untouched)} "
+                      "(too few channels).")
     return fixed_rules(keeps), lambda: None
 
 
