@@ -517,3 +517,13 @@ def test_warnings_point_at_the_user_s_line():
     with pytest.warns(UserWarning, match="starts with every gate closed") as caught:
         constrain(nn.Linear(4, 4), {"weight": LearnableMask(init=0.4)})
     assert caught[0].filename == __file__
+
+
+def test_a_learnable_mask_pickled_with_its_threshold_as_an_attribute_loads():
+    mask = LearnableMask(threshold=0.3)
+    state = mask.__getstate__()
+    state["threshold"] = state.pop("_threshold")  # as pickles of earlier versions hold it
+    del state["_closed_up_to"]
+    loaded = LearnableMask.__new__(LearnableMask)
+    loaded.__setstate__(state)
+    assert loaded.threshold == 0.3 and loaded._closed_up_to == mask._closed_up_to

@@ -331,3 +331,24 @@ def test_a_schedule_whose_constraints_were_baked_refuses_to_step():
     with pytest.raises(ValueError, match=r"PruningSchedule: the FixedMask of 0.weight is no longer in the model"):
         pruning.step()
     assert pruning.last_step == 2 and annealing.last_step == 1
+
+
+def test_a_resumed_schedule_is_checked_as_a_new_one_against_its_masks():
+    # load_state_dict took scope="global" for a structured mask, which the constructor
+    # refuses: slice norms were then ranked against entry magnitudes.
+    model = nn.Sequential(nn.Linear(8, 16))
+    constrain(model, {"0.weight": FixedMask.structured(sparsity=0.25)})
+    schedule = PruningSchedule(model, final_sparsity=0.75, end=4, initial_sparsity=0.25)
+    before = schedule.state_dict()
+    with pytest.raises(ValueError, match=r"pass scope='tensor'"):
+        schedule.load_state_dict({**before, "scope": "global"})
+    assert schedule.state_dict() == before
+
+
+def test_a_structured_mask_replaced_by_another_pattern_is_not_grown_by_slices():
+    model = nn.Sequential(nn.Linear(8, 16))
+    constrain(model, {"0.weight": FixedMask.structured(sparsity=0.25)})
+    model[0].parametrizations.weight[0].mask = torch.rand(16, 8, generator=torch.Generator().manual_seed(0)) > 0.3
+    with pytest.raises(ValueError, match=r"0.weight: its FixedMask was chosen by structured.*, but it no longer masks "
+                                         r"whole slices along dim 0"):
+        PruningSchedule(model, final_sparsity=0.5, end=1)

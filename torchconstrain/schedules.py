@@ -182,6 +182,9 @@ class PruningSchedule(_Schedule):
         self.final_sparsity, self.initial_sparsity, self.start, self.end = final, initial, start, end
         self.every, self.scope = every, scope
 
+    def _resumed(self) -> None:
+        self.slices = {slot.fqn: _slices_grown(slot.fqn, mask, self.scope) for slot, mask in self.targets}  # scope
+
     def sparsity(self, step: int | None = None) -> float:
         r"""The target sparsity at ``step`` (default: the current step)."""
         step = self.last_step if step is None else step
@@ -212,6 +215,11 @@ def _slices_grown(fqn: str, mask: FixedMask, scope: str) -> Structured | None:
     if chosen is None or isinstance(chosen, (Magnitude, GlobalMagnitude, RandomSelection)):
         return None
     if isinstance(chosen, Structured) and scope == "tensor":
+        dim = chosen.dim % mask.mask.dim() if mask.mask.dim() else 0
+        others = [d for d in range(mask.mask.dim()) if d != dim]
+        if others and not torch.equal(mask.mask, mask.mask.all(dim=others, keepdim=True).expand_as(mask.mask)):
+            raise ValueError(f"PruningSchedule: {fqn}: its FixedMask was chosen by {chosen}, but it no longer "
+                             f"masks whole slices along dim {dim} (replaced since?), so it cannot grow by slices.")
         return chosen
     why = {
         Structured: "its slices are ranked by their own norms, tensor by tensor: pass scope='tensor'",

@@ -231,3 +231,18 @@ def test_a_constrained_tied_model_compiles_in_one_graph():
     x = tokens()
     torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
     assert counter.frame_count == 1
+
+
+def test_hard_gates_at_the_threshold_s_rounding_compile_to_the_eager_and_baked_gates():
+    # Compiled code compared the gates with the Python threshold, rounded to float32 first:
+    # a gate of float32(0.1) was open in eager code and after bake, closed when compiled.
+    layer = nn.Linear(1, 1, bias=False)
+    constrain(layer, {"weight": LearnableMask(hard=True, threshold=0.1)})
+    mask = layer.parametrizations.weight[0]
+    with torch.no_grad():
+        layer.parametrizations.weight.original.fill_(1.0)
+        mask.scores.fill_(torch.logit(torch.tensor(0.1, dtype=torch.float64)).item())
+    x = torch.ones(1, 1)
+    model, _ = compiled(layer)
+    assert mask.sparsity == 0.0 and torch.equal(model(x), layer(x)) and layer(x).item() > 0
+

@@ -226,10 +226,21 @@ def _laid_out_like(source: Tensor, tensor: Tensor) -> Tensor:
     keeps every product with it (the effective tensor with gradients on or off, the masked
     stored original, the value baked) in the layout the operations around it give: a
     channels-last conv stays channels-last through ``constrain``, training and ``bake``."""
+    contiguous = source.stride() == tensor.stride() == _contiguous_strides(tensor.shape)
+    if contiguous:  # what an elementwise operation gives a contiguous tensor, without running one
+        return source
     shaped = torch.logical_not(torch.empty_like(tensor, dtype=torch.bool, device=source.device))
     if source.stride() == shaped.stride():
         return source
     return torch.empty_like(shaped, dtype=source.dtype).copy_(source)
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _mask_problem(mask: Tensor) -> str | None:
@@ -457,7 +468,7 @@ class LearnableMask(Constraint):
         self.dim = integer(where, "dim", dim)
         self.hard = flag(where, "hard", hard)
         self.init = number(where, "init", init, low=0, high=1, low_open=True, high_open=True)
-        self.threshold = number(where, "threshold", threshold, low=0, high=1, low_open=True, high_open=True)
+        self.threshold = threshold
         self.strength = number(where, "strength", strength, low=0)
         temperature = number(where, "temperature", temperature, low=0, low_open=True)
         stored = torch.tensor(temperature)
@@ -475,6 +486,24 @@ class LearnableMask(Constraint):
             self.register_buffer("multiplier", torch.zeros(()))
         self.register_buffer("gate_index", None)  # see indexed()
         self.register_parameter("scores", None)
+
+    @property
+    def threshold(self) -> float:
+        r"""The gate value at or below which a gate is closed (without ``sparsity``)."""
+        return self.__dict__["_threshold"]
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        value = number("LearnableMask", "threshold", value, low=0, high=1, low_open=True, high_open=True)
+        self.__dict__["_threshold"] = value
+        # what gates are compared with, per dtype they come in (compiled code too: no helper call to trace)
+        self.__dict__["_closed_up_to"] = {dtype: largest_at_most(value, dtype) for dtype in (torch.float32, torch.float64)}
+
+    def __setstate__(self, state: dict) -> None:
+        threshold = state.pop("threshold", None)  # a mask pickled before threshold was a property
+        super().__setstate__(state)
+        if threshold is not None:
+            self.threshold = threshold
 
     def _apply(self, fn, *args, **kwargs):
         before = self._buffers.get("multiplier")
@@ -609,8 +638,9 @@ class LearnableMask(Constraint):
         if self.budget is not None:
             return self.budget.keep_for(self)
         gates = gates.detach()
-        if self.target_sparsity is None:  # (traced code compares with the number: its rounding is the one that may differ)
-            return gates > (self.threshold if tracing() else largest_at_most(self.threshold, gates.dtype))
+        if self.target_sparsity is None:
+            closed_up_to = self._closed_up_to.get(gates.dtype)
+            return gates > (largest_at_most(self.threshold, gates.dtype) if closed_up_to is None else closed_up_to)
         count = gates.numel()
         kept = max(count - round(self.target_sparsity * count), 1)
         order = torch.sort(gates.flatten(), descending=True, stable=True).indices
