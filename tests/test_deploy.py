@@ -259,7 +259,8 @@ def test_the_export_command_compares_every_output_with_the_saved_model_before_wr
     (["resnet18", "--to", "executorch", "--out", "x.pte", "--input-shape", "1,a"], "expected sizes >= 1"),
     (["resnet18", "--to", "executorch", "--out", "x.pte", "--calibrate", "8"], "pass --int8 with them"),  # was ignored
     (["resnet18", "--to", "executorch", "--out", "/no/such/folder/x.pte"],  # failed only after the lowering
-     "--out /no/such/folder/x.pte: the folder /no/such/folder does not exist"),
+     "--out /no/such/folder/x.pte: cannot be written: /no/such/folder does not exist"),
+    (["resnet18", "--to", "executorch", "--out", "/"], "--out /: is a folder"),
 ])
 def test_the_export_command_refuses_bad_input(arguments, message, capsys):
     try:

@@ -175,11 +175,22 @@ def test_a_key_naming_a_buffer_says_so(key, hint):
 ])
 def test_a_key_of_a_wrapped_model_names_the_wrapper(wrap, prefix, wrapper):
     inner = nn.Sequential(nn.Linear(4, 4))
-    with pytest.raises(ValueError, match=rf"rule 0 \(0\) matches no parameter. The model's names start with "
-                                         rf"'{re.escape(prefix)}': it wraps the model the key names \({wrapper}.*\). "
-                                         r"Constrain that model before wrapping it."):
-        constrain(wrap(inner), {"0": Clamp(-1, 1)})
+    for key in ("0", r"re:0\.weight"):
+        with pytest.raises(ValueError, match=rf"matches no parameter. The model wraps another \({wrapper}\), and its "
+                                             rf"names start with '{re.escape(prefix)}': constrain the model it wraps"):
+            constrain(wrap(inner), {key: Clamp(-1, 1)})
     assert not hasattr(inner[0], "parametrizations")
+
+
+def test_a_model_of_one_s_own_with_a_child_named_module_is_not_called_a_wrapper():
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = nn.Linear(2, 2)
+
+    with pytest.raises(ValueError) as error:
+        constrain(Holder(), {"weight": Clamp(-1, 1)})
+    assert "wraps another" not in str(error.value)
 
 
 @pytest.mark.parametrize("rules", [

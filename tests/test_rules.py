@@ -253,6 +253,8 @@ def test_constrain_refuses_a_scripted_model_saying_what_to_do():
     with pytest.raises(TypeError, match=r"expected an eager nn.Module. Got a TorchScript .*: constrain the eager model, "
                                         r"then bake it and script the baked one"):
         constrain(scripted, {"weight": Clamp(-1, 1)})
+    with pytest.raises(TypeError, match=r"Got 1, a TorchScript module"):
+        constrain(nn.Sequential(nn.Linear(2, 2), scripted), {"1.weight": Clamp(-1, 1)})
 
 
 def test_constrain_refuses_a_model_already_wrapped_in_ddp(tmp_path):

@@ -85,9 +85,11 @@ def _run_export(args) -> int:
     try:
         if not args.int8 and (args.data is not None or args.calibrate is not None):
             raise ValueError("--data and --calibrate set the int8 program's calibration: pass --int8 with them.")
-        folder = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(folder):  # before the lowering, which takes a while
-            raise ValueError(f"--out {args.out}: the folder {folder} does not exist.")
+        folder = os.path.dirname(os.path.abspath(args.out))  # checked before the lowering, which takes a while
+        if os.path.isdir(args.out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            why = "is a folder" if os.path.isdir(args.out) else f"cannot be written: {folder} " + (
+                "is not writable" if os.path.isdir(folder) else "does not exist")
+            raise ValueError(f"--out {args.out}: {why}.")
         example = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
         calibration = _calibration_batches(args, example) if args.int8 else None
         loaded = load_model(args.model).eval()

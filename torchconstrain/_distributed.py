@@ -25,7 +25,9 @@ def buffers_written_unseen() -> bool:
     afterwards (``torch.autograd._unsafe_preserve_version_counter``): nothing is kept or
     reused there, and each call that answers yes moves :func:`buffer_writes_seen`, which
     values kept for reuse (an effective tensor, a bound read as a float) are keyed on, so
-    that those of tensors this forward did not read are not reused after it either.
+    that those of tensors this forward did not read are not reused after it either. Only
+    a forward that reads a constrained tensor asks, so a syncing forward that reads none
+    (and a sync after the forward, by a buffer comm hook) goes unseen.
     """
     global _writes_seen
     ddp = DistributedDataParallel._active_ddp_module  # set during its forward (torch >= 2.0)

@@ -235,7 +235,8 @@ class _Kept:
     ``load_state_dict``, in-place edits, tensors swapped in by ``functional_call``), the
     original's storage (``.data`` assigned), each constraint's revision number (attributes
     set, tensors replaced, hooks added, ``.to()``), the value's own version (edited in
-    place), and the DDP buffer syncs seen (``buffer_writes_seen``: they move no counter). It holds the objects it names, so that their identities cannot be taken by
+    place), and the DDP buffer syncs seen (``buffer_writes_seen``: they move no counter; see
+    ``buffers_written_unseen`` for the ones not seen). It holds the objects it names, so that their identities cannot be taken by
     others while it is kept. Deep copies and pickles of a model carry ``None`` instead.
 
     :meth:`holds` checks all of it in a few calls that each walk a whole tuple in C: between

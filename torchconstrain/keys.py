@@ -195,10 +195,10 @@ def no_match_message(
         buffer = _names_a_buffer(model, key)
         message += (f" {key!r} names a buffer{'' if buffer == key else f' ({buffer})'}: constraints apply to "
                     "parameters, which the optimizer trains.")
-    elif isinstance(key, str) and _wrapper_prefix(slots, key):
-        prefix = _wrapper_prefix(slots, key)
-        message += (f" The model's names start with {prefix!r}: it wraps the model the key names "
-                    f"({_WRAPPERS[prefix]}). Constrain that model before wrapping it.")
+    elif isinstance(key, str) and _wrapped_name(model, key):
+        wrapper, prefix = _wrapped_name(model, key)
+        message += (f" The model wraps another ({wrapper}), and its names start with {prefix!r}: constrain the "
+                    f"model it wraps before wrapping it (or start the key's names with {prefix!r}).")
     elif isinstance(key, str):
         candidates = list(slots) + sorted({s.module_name for s in slots.values() if s.module_name})
         close = difflib.get_close_matches(key.removeprefix("re:"), candidates, n=3, cutoff=0.5)
@@ -210,10 +210,6 @@ def no_match_message(
     return message + (" Pass strict=False to allow rules that match nothing." if strict_hint else "")
 
 
-#: The prefixes wrappers give their model's names, and the wrappers.
-_WRAPPERS = {"module.": "nn.DataParallel, DistributedDataParallel", "_orig_mod.": "torch.compile"}
-
-
 def _names_a_buffer(model: nn.Module | None, key: str) -> str | None:
     """The first buffer of ``model`` a plain or glob ``key`` names (``"1.running_mean"``), or None."""
     if model is None or key.startswith("re:"):
@@ -221,14 +217,22 @@ def _names_a_buffer(model: nn.Module | None, key: str) -> str | None:
     return next((name for name, _ in model.named_buffers() if fnmatch.fnmatchcase(name, key)), None)
 
 
-def _wrapper_prefix(slots: dict[str, Slot], key: str) -> str | None:
-    """The wrapper prefix every name has, when the key names something under it, or None."""
-    for prefix in _WRAPPERS:
-        if slots and all(fqn.startswith(prefix) for fqn in slots) and not key.startswith(prefix):
-            inner = [fqn[len(prefix):] for fqn in slots] + [s.module_name[len(prefix):] for s in slots.values()]
-            if any(fnmatch.fnmatchcase(name, key.removeprefix("re:")) for name in inner):
-                return prefix
-    return None
+def _wrapped_name(model: nn.Module | None, key: str) -> tuple[str, str] | None:
+    """``(wrapper, prefix)`` when ``model`` is an ``nn.DataParallel`` or ``torch.compile``
+    wrapper and ``key`` names one of the wrapped model's tensors or modules, else None."""
+    if isinstance(model, nn.DataParallel):
+        wrapper, prefix = "nn.DataParallel", "module."
+    elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        wrapper, prefix = "torch.compile", "_orig_mod."
+    else:
+        return None
+    inner = model.module if prefix == "module." else model._orig_mod
+    names = [name for name, _ in inner.named_parameters()] + [name for name, _ in inner.named_modules()]
+    if key.startswith("re:"):
+        found = any(re.fullmatch(key[3:], name) for name in names)
+    else:
+        found = any(fnmatch.fnmatchcase(name, key) for name in names)
+    return (wrapper, prefix) if found else None
 
 
 def _first_name_of_a_reused_module(model: nn.Module | None, key) -> str | None:

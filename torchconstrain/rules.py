@@ -132,10 +132,11 @@ def check_arguments(model: nn.Module, existing: str, strict: bool = True) -> Non
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"constrain: expected an nn.Module. Got {type(model).__name__}.")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError(f"constrain: expected an eager nn.Module. Got a TorchScript {type(model).__name__} "
-                        "(torch.jit.script or trace), which parametrizations cannot change: constrain the eager "
-                        "model, then bake it and script the baked one.")
+    scripted = next((name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        raise TypeError(f"constrain: expected an eager nn.Module. Got {'a' if scripted == '' else scripted + ', a'} "
+                        "TorchScript module (torch.jit.script or trace), which parametrizations cannot change: "
+                        "constrain the eager model, then bake it and script the baked one.")
     wrapper = next((name for name, m in model.named_modules() if isinstance(m, DistributedDataParallel)), None)
     if wrapper is not None:
         raise ValueError(
