@@ -5,7 +5,7 @@ import torch
 from hypothesis import settings
 from torch import nn
 
-from torchconstrain import check, penalty
+from torchconstrain import Constraint, check, penalty
 
 # CI runs the same examples every time (no flaky landing); local runs keep exploring new ones.
 settings.register_profile("ci", derandomize=True)
@@ -39,6 +39,17 @@ class TiedNet(nn.Module):
 
     def forward(self, tokens):
         return self.head(torch.tanh(self.body(self.emb(tokens))))
+
+
+class FailingForward(Constraint):
+    """A user's constraint that halves its tensor, and whose forward fails once ``broken`` is set."""
+
+    cacheable = True
+
+    def forward(self, x):
+        if self.__dict__.get("broken"):
+            raise KeyError("forward failed")
+        return x * 0.5
 
 
 def tokens(n: int = 8) -> torch.Tensor:

@@ -1,13 +1,12 @@
 import pytest
 import torch
-from conftest import SmallNet, TiedNet, assert_unchanged, snapshot, tokens
+from conftest import FailingForward, SmallNet, TiedNet, assert_unchanged, snapshot, tokens
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 from torchconstrain import (
     L1,
     Clamp,
-    Constraint,
     ConstraintViolation,
     FakeQuant,
     FixedMask,
@@ -338,21 +337,10 @@ def test_constrain_and_bake_under_inference_mode_leave_ordinary_tensors_that_tra
     optimizer.step()
 
 
-class _FailingForward(Constraint):
-    """A user's constraint whose forward fails (once constrained)."""
-
-    cacheable = True
-
-    def forward(self, x):
-        if self.__dict__.get("broken"):
-            raise KeyError("forward failed")
-        return x * 0.5
-
-
 def test_check_names_the_tensor_whose_custom_constraint_fails():
     # check re-raised a custom forward's error bare, while bake named the tensor.
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
-    constrain(model, {"1.weight": _FailingForward()})
+    constrain(model, {"1.weight": FailingForward()})
     model[1].parametrizations.weight[0].__dict__["broken"] = True
     with pytest.raises(RuntimeError, match=r"check: 1.weight: its effective value raised KeyError: 'forward failed'"):
         check(model)

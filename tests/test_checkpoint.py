@@ -5,14 +5,13 @@ import math
 import pytest
 import torch
 import torchvision
-from conftest import SmallNet, TiedNet, tokens
+from conftest import FailingForward, SmallNet, TiedNet, tokens
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from torchconstrain import (
     CheckpointMismatch,
     Clamp,
-    Constraint,
     FakeQuant,
     FixedMask,
     LearnableMask,
@@ -504,18 +503,9 @@ def test_a_checkpoint_holding_a_tensor_both_plain_and_constrained_is_refused_bef
     assert_same_state(state(model), before)
 
 
-class _Halve(Constraint):
-    cacheable = True
-
-    def forward(self, x):
-        if self.__dict__.get("broken"):
-            raise KeyError("forward failed")
-        return x * 0.5
-
-
 def test_errors_of_a_custom_constraint_during_a_load_name_the_tensor():
     model = nn.Sequential(nn.Linear(3, 2))
-    constrain(model, {"0.weight": _Halve()})
+    constrain(model, {"0.weight": FailingForward()})
     model[0].parametrizations.weight[0].__dict__["broken"] = True
     with pytest.raises(RuntimeError, match=r"load_state_dict: 0.weight: its constraints raised KeyError: 'forward failed'"):
         model.load_state_dict(nn.Sequential(nn.Linear(3, 2)).state_dict())  # a plain checkpoint goes through the chain
