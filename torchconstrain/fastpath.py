@@ -22,8 +22,8 @@ parametrization that is not a cacheable torchconstrain constraint (see
 registered, and where :func:`set_fast_path` turned it off for the calling thread. Under
 autocast, for stored originals in shared memory, and in a ``DistributedDataParallel``
 forward that syncs buffers (which it writes without moving their version counters), the
-value is computed on every access. Writes through a parameter's or a kept value's ``.data`` are seen
-(:mod:`torchconstrain._tracked`); writes through a buffer's are not. Fused optimizer steps,
+value is computed on every access. Writes through a parameter's or a kept value's
+``.data`` are seen (:mod:`torchconstrain._tracked`); writes through a buffer's are not. Fused optimizer steps,
 which write parameters without moving their version counters, move them (a global
 optimizer step post-hook); collectives such as ``dist.broadcast`` into parameters do not.
 
@@ -236,8 +236,9 @@ class _Kept:
     original's storage (``.data`` assigned), each constraint's revision number (attributes
     set, tensors replaced, hooks added, ``.to()``), the value's own version (edited in
     place), and the DDP buffer syncs seen (``buffer_writes_seen``: they move no counter; see
-    ``buffers_written_unseen`` for the ones not seen). It holds the objects it names, so that their identities cannot be taken by
-    others while it is kept. Deep copies and pickles of a model carry ``None`` instead.
+    ``buffers_written_unseen`` for the ones not seen). It holds the objects it names, so
+    that their identities cannot be taken by others while it is kept. Deep copies and
+    pickles of a model carry ``None`` instead.
 
     :meth:`holds` checks all of it in a few calls that each walk a whole tuple in C: between
     accesses the model's kernels have pushed these objects out of the CPU caches.

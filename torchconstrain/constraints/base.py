@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from torchconstrain._distributed import buffer_writes_seen, buffers_written_unseen
+from torchconstrain._distributed import buffer_writes_seen
 from torchconstrain.constraints.stacking import Stacking
 
 __all__ = ["Constraint"]
@@ -289,11 +289,6 @@ class Constraint(nn.Module):
         if hit is None or hit[0] is not source or hit[1] != source._version or hit[2] != writes:
             hit = cache[name] = (source, source._version, writes, build())
         return hit[3]
-
-    def _derived_unusable(self) -> bool:
-        """Whether values derived from this constraint's tensors must not be cached now, as
-        during a DDP forward that writes buffers unseen (:func:`buffers_written_unseen`)."""
-        return buffers_written_unseen()
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()

@@ -8,6 +8,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from torchconstrain._distributed import buffers_written_unseen
 from torchconstrain.constraints.arguments import beyond_float64, choice
 from torchconstrain.constraints.base import Constraint, tracing, transformed, writable
 from torchconstrain.constraints.stacking import (
@@ -319,7 +320,7 @@ class Clamp(Constraint):
         """The bounds as Python floats when they are scalars (a much faster clamp), else
         tensors (the same bits: a bound is in the tensor's dtype); ``None`` where there is none."""
         lower, upper = self._buffers["min"], self._buffers["max"]
-        if _tensor_bound(lower) or _tensor_bound(upper) or tracing() or transformed() or self._derived_unusable():
+        if _tensor_bound(lower) or _tensor_bound(upper) or tracing() or transformed() or buffers_written_unseen():
             return lower, upper
         return self._float_bound("min", lower), self._float_bound("max", upper)
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from torchconstrain._distributed import whole
+from torchconstrain._distributed import buffers_written_unseen, whole
 from torchconstrain.constraints.arguments import choice, flag, integer, number
 from torchconstrain.constraints.base import Constraint, at_least_float32, largest_at_most, tracing, transformed, writable
 from torchconstrain.constraints.stacking import (
@@ -591,7 +591,7 @@ class LearnableMask(Constraint):
         for float16 and bfloat16 scores (where a small positive score rounded to a gate of
         exactly 0.5 and closed at the default threshold; the forward rounds the gate once)."""
         scores = at_least_float32(self.scores)
-        if tracing() or transformed() or self.temperature.is_meta or self._derived_unusable():
+        if tracing() or transformed() or self.temperature.is_meta or buffers_written_unseen():
             return torch.sigmoid(scores / self.temperature)
         temperature = self._derived("temperature", self.temperature, self.temperature.item)
         return torch.sigmoid(scores if temperature == 1.0 else scores / temperature)
