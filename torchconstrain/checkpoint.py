@@ -11,7 +11,8 @@ constraint (down to the constraints themselves), also gets a ``load_state_dict``
 that checks the whole checkpoint of the module it is loaded into before anything is
 copied: shapes, mask values, bounds, temperatures, constraint state that the model's
 constraints do not have or that makes a stack :func:`torchconstrain.constrain` refuses,
-and different values for names that are one tensor in the model (tied weights). So ``model.load_state_dict``, ``model[0].load_state_dict`` and
+and different values for names that are one tensor in the model (tied weights). So
+``model.load_state_dict``, ``model[0].load_state_dict`` and
 ``load_state_dict(..., assign=True)`` check the same things. A checkpoint that does not fit
 raises :class:`~torchconstrain.CheckpointMismatch` naming every tensor, and the model is
 left unchanged. With ``assign=True`` the constraints' state is assigned in the dtypes the

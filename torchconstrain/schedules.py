@@ -117,10 +117,11 @@ class PruningSchedule(_Schedule):
     steps in that window, and at ``end``, each target's mask is recomputed by magnitude
     of its effective tensor (``scope="tensor"``) or with one threshold across all targets
     (``scope="global"``), entry by entry, or by the norms of whole slices for masks that
-    :meth:`FixedMask.structured` chose (``scope="tensor"``). Masks only grow: an entry once masked stays masked, so a mask
-    that starts sparser than the schedule keeps its sparsity until the schedule passes it;
-    masked entries count towards each target, so a mask then masks exactly its share (ties
-    among zeros, such as the tensor's own exact zeros, never push it past).
+    :meth:`FixedMask.structured` chose (``scope="tensor"``). Masks only grow: an entry once
+    masked stays masked, so a mask that starts sparser than the schedule keeps its sparsity
+    until the schedule passes it; masked entries count towards each target, so a mask then
+    masks exactly its share (ties among zeros, such as the tensor's own exact zeros, never
+    push it past).
 
     Args:
         model: a model constrained with FixedMask templates on the tensors to prune, for
@@ -161,7 +162,7 @@ class PruningSchedule(_Schedule):
         self._configure(final_sparsity=final_sparsity, initial_sparsity=initial_sparsity, start=start,
                         end=end, every=every, scope=scope)
         self.targets = _targets(model, key, FixedMask, "PruningSchedule")
-        self.slices = {slot.fqn: _slices_grown(slot.fqn, mask, scope) for slot, mask in self.targets}
+        self.slices = self._growth()
         for slot, mask in self.targets:
             _refuse_stacks_a_grown_mask_breaks(slot, mask)
         self._apply()
@@ -182,8 +183,12 @@ class PruningSchedule(_Schedule):
         self.final_sparsity, self.initial_sparsity, self.start, self.end = final, initial, start, end
         self.every, self.scope = every, scope
 
+    def _growth(self) -> dict[str, Structured | None]:
+        """How each target's mask grows under this scope (see :func:`_slices_grown`)."""
+        return {slot.fqn: _slices_grown(slot.fqn, mask, self.scope) for slot, mask in self.targets}
+
     def _resumed(self) -> None:
-        self.slices = {slot.fqn: _slices_grown(slot.fqn, mask, self.scope) for slot, mask in self.targets}  # scope
+        self.slices = self._growth()  # the restored scope may not grow them
 
     def sparsity(self, step: int | None = None) -> float:
         r"""The target sparsity at ``step`` (default: the current step)."""
