@@ -312,3 +312,18 @@ def test_malformed_rules_files_are_refused_with_a_message_not_a_traceback(tmp_pa
     # Mixed-type keys crashed sorting them, a recursive alias recursed, a list role was hashed.
     with pytest.raises(RulesFileError, match=message):
         read_rules(write(tmp_path, "rules.yaml", text))
+
+
+def test_an_unexpected_error_exits_with_3_and_its_traceback(tmp_path, capsys, monkeypatch):
+    # An uncaught error exited with 1, the code for "a rule matches nothing".
+    import torchconstrain.dryrun
+
+    def broken(model, path):
+        raise RuntimeError("broken dry run")
+
+    monkeypatch.setattr(torchconstrain.dryrun, "dry_run", broken)
+    path = write(tmp_path, "rules.yaml", "rules:\n  - match: features.0.0\n    apply: NonNeg\n")
+    assert main(["inspect", "mobilenet_v3_small", "--rules", str(path)]) == 3
+    err = capsys.readouterr().err
+    assert "RuntimeError: broken dry run" in err and "Traceback" in err
+    assert "torchconstrain inspect: unexpected error" in err

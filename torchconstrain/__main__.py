@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 import torch
 
@@ -186,13 +187,20 @@ def _at_least_one(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    r"""Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    r"""Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
+
+    Exit codes: 0 done; 1 a result the command refuses (a rule matching nothing, a failed
+    check, a program that differs from the model); 2 bad input; 3 an unexpected error, printed
+    with its traceback (so that a crash is never read as one of the others).
+    """
     args = _parser().parse_args(argv)
-    if args.command == "inspect":
-        return _run_inspect(args)
-    if args.command == "export":
-        return _run_export(args)
-    return _run_demo(args)
+    run = {"inspect": _run_inspect, "export": _run_export, "demo": _run_demo}[args.command]
+    try:
+        return run(args)
+    except Exception:
+        traceback.print_exc()
+        print(f"torchconstrain {args.command}: unexpected error (traceback above).", file=sys.stderr)
+        return 3
 
 
 def _run_demo(args) -> int:
