@@ -507,22 +507,7 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
     example = example.to(next(model.parameters()).device)
     bake(model)
     graph, groups = find_groups(model, example, ignored=ignored)
-    plan = []
-    for group in groups:
-        if group.grouped is not None or not group.readers:
-            continue
-        unread = ~group.read()
-        if unread.all():
-            unread[0] = False  # a layer needs one channel; an all-zero channel reads as nothing anyway
-        if not unread.any():
-            continue
-        if group.mixing is not None and mixing != "approximate":
-            if mixing == "skip":
-                continue
-            raise ValueError(f"surgery.graph.shrink: group {group.name} has unread channels but passes through "
-                             f"{group.mixing}, so removing them is not exact. Pass mixing='approximate' to remove them "
-                             "anyway, or mixing='skip'.")
-        plan.append((group, unread.nonzero().flatten().tolist()))
+    plan = _removal_plan(groups, mixing)
     before = _measured(model, example, measure)
     saved, tied = _saved(model), _tied(model)
     try:
@@ -554,6 +539,29 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
                           (before["latency"], after["latency"]) if measure else None, kind="group")
     report.targets = _achieved(targets or {}, report, groups, plan, mixing)
     return report
+
+
+def _removal_plan(groups: list, mixing: str) -> list[tuple[object, list[int]]]:
+    """The groups with unread channels, each with the channels to remove (a group keeps one
+    channel at least); a group through a mixing layer raises, is skipped or is kept, by
+    ``mixing``."""
+    plan = []
+    for group in groups:
+        if group.grouped is not None or not group.readers:
+            continue
+        unread = ~group.read()
+        if unread.all():
+            unread[0] = False  # a layer needs one channel; an all-zero channel reads as nothing anyway
+        if not unread.any():
+            continue
+        if group.mixing is not None and mixing != "approximate":
+            if mixing == "skip":
+                continue
+            raise ValueError(f"surgery.graph.shrink: group {group.name} has unread channels but passes through "
+                             f"{group.mixing}, so removing them is not exact. Pass mixing='approximate' to remove them "
+                             "anyway, or mixing='skip'.")
+        plan.append((group, unread.nonzero().flatten().tolist()))
+    return plan
 
 
 def _saved(model: nn.Module) -> list[tuple[nn.Module, dict, dict]]:
