@@ -180,6 +180,23 @@ def test_timm_efficientnet_with_learnable_budgets_shrinks_exactly_stem_and_squee
     assert model.blocks[1][0].se.conv_reduce.out_channels == 3  # and the squeeze channels: 4 - 1
 
 
+def test_timm_ghostnet_with_skip_leaves_the_groups_the_graph_maps_wrongly_whole_and_shrinks_the_rest_exactly():
+    # Removing some of GhostNet's groups through Torch-Pruning (shortcut and squeeze-excite
+    # ones) moves the outputs by 6e-6 to 0.5 of their largest value; the old fixed tolerance
+    # (1e-4) let the smaller moves through.
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = randomized(timm.create_model("ghostnet_100", pretrained=False, num_classes=10))
+    example, other = torch.randn(2, 3, 64, 64), torch.randn(3, 3, 64, 64)
+    masks = graph.mask_groups(model, example, sparsity=0.5, mixing="skip")
+    masked = outputs(model, other)
+    with pytest.warns(UserWarning, match=r"left groups .*blocks\.7\.0\.shortcut\.2.* whole"):
+        report = masks.shrink(model)
+    assert "blocks.7.0.shortcut.2" not in report.channels and "conv_head" in report.channels
+    assert report.params[1] < 0.6 * report.params[0]
+    torch.testing.assert_close(outputs(model, other), masked, rtol=1e-5, atol=1e-6)
+
+
 class MeanCentered(nn.Module):
     """A channel-mixing step that the graph sees as an elementwise op."""
 
@@ -227,6 +244,69 @@ def test_shrink_restores_the_model_when_removing_channels_would_change_the_outpu
         masks.shrink(model)
     assert model.a.out_channels == 8 and model.b.in_channels == 8
     torch.testing.assert_close(outputs(model), before)
+
+
+class SlightlyMixed(nn.Module):
+    """Group ``a`` is exact; group ``b`` mixes its channels through a small mean the graph
+    does not see (the outputs move by about 2e-5 of their largest value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        y = self.b(self.a(x))
+        return self.c(y + 1e-3 * y.mean(dim=1, keepdim=True)).mean(dim=(2, 3))
+
+
+def slightly_mixed_and_masked() -> tuple[nn.Module, graph.GraphMasks, torch.Tensor]:
+    torch.manual_seed(0)
+    model = SlightlyMixed().eval()
+    masks = graph.mask_groups(model, SMALL, sparsity=0.5)
+    return model, masks, outputs(model)
+
+
+def test_shrink_refuses_a_change_above_rounding_and_names_the_group_that_makes_it():
+    model, masks, before = slightly_mixed_and_masked()
+    with pytest.raises(ValueError, match=r"changed the outputs by .* rounding error, measured against float64.*"
+                                         r"The group b fails when removed alone; mixing='skip' leaves such groups"):
+        masks.shrink(model)
+    assert (model.a.out_channels, model.b.out_channels) == (8, 8)
+    torch.testing.assert_close(outputs(model), before)
+
+
+def test_shrink_with_skip_leaves_the_groups_that_change_the_outputs_whole_and_removes_the_others():
+    model, masks, before = slightly_mixed_and_masked()
+    with pytest.warns(UserWarning, match="left group b whole"):
+        report = graph.shrink(model, SMALL, mixing="skip")
+    assert report.channels == {"a": (8, 4)} and (model.a.out_channels, model.b.out_channels) == (4, 8)
+    torch.testing.assert_close(outputs(model), before, rtol=1e-6, atol=1e-7)
+
+
+def test_a_fixed_tolerance_accepts_the_change_it_allows():
+    model, masks, before = slightly_mixed_and_masked()
+    graph.shrink(model, SMALL, rtol=1e-4, atol=1e-4)
+    assert (model.a.out_channels, model.b.out_channels) == (4, 4)
+    difference = (outputs(model) - before).abs().max().item()
+    assert 1e-6 < difference < 1e-4
+
+
+class Float32Only(SlightlyMixed):
+    def forward(self, x):
+        if x.dtype != torch.float32:
+            raise TypeError("float32 only")
+        return super().forward(x)
+
+
+def test_a_model_that_cannot_run_in_float64_is_compared_with_the_fixed_tolerance():
+    torch.manual_seed(0)
+    model = Float32Only().eval()
+    masks = graph.mask_groups(model, SMALL, sparsity=0.5)
+    before = outputs(model)
+    with pytest.warns(UserWarning, match=r"a float64 copy of the model cannot run \(TypeError: float32 only\)"):
+        masks.shrink(model)  # within the default rtol=atol=1e-4
+    assert (model.a.out_channels, model.b.out_channels) == (4, 4)
+    torch.testing.assert_close(outputs(model), before, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("model", [MeanCentered, FixedSplit])

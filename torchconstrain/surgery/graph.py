@@ -20,6 +20,7 @@ other than 1 or the channel count) are always left whole.
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 
 from torchconstrain.bake import bake
 from torchconstrain.constraints import FixedMask, LearnableMask
+from torchconstrain.errors import warn_at_caller
 from torchconstrain.rules import constrain, described_again
 from torchconstrain.surgery.budget import (
     Allocation,
@@ -49,6 +51,8 @@ __all__ = ["GraphGroup", "GraphMasks", "find_groups", "mask_groups", "shrink"]
 
 MIXING_OPS = ("Softmax", "LayerNorm", "GroupNorm", "LinalgVectorNorm", "NormBackward", "Cumsum", "Sort", "Topk")
 MIXING_CHOICES = ("error", "skip", "approximate")
+ROUNDOFF_FACTOR = 8  # how many times its own rounding error the pruned model may differ by
+DEFAULT_TOLERANCE = 1e-4  # rtol and atol where one is given, or float64 cannot run
 SLOTS = ("_parameters", "_buffers", "_modules")  # the dicts of a module that pruning changes in place
 
 
@@ -330,7 +334,9 @@ def mask_groups(model: nn.Module, example: Tensor, *, sparsity: float | None = N
             gates above their threshold, at least one.
         mixing: what to do with a group that passes through a layer mixing its channels:
             ``"error"`` (the default; the message names the layer), ``"skip"`` (leave the
-            group whole) or ``"approximate"`` (mask it; the shrunk model then differs).
+            group whole; :meth:`GraphMasks.shrink` also leaves whole the groups whose
+            removal changes the outputs) or ``"approximate"`` (mask it; the shrunk model
+            then differs).
         ignored: layers (modules or names) whose output channels are not pruned; the
             layers writing the model's outputs always are.
 
@@ -465,19 +471,26 @@ def _share_scores(chosen: list[GraphGroup]) -> tuple[list[LearnableMask], list[L
 
 
 def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored: Sequence = (),
-           measure: bool = False, targets: dict | None = None, rtol: float = 1e-4,
-           atol: float = 1e-4) -> ShrinkReport:
+           measure: bool = False, targets: dict | None = None, rtol: float | None = None,
+           atol: float | None = None) -> ShrinkReport:
     r"""Bake ``model``'s constraints and remove, through Torch-Pruning, every channel no reader reads.
 
     A channel of a group is removed when every conv and linear layer reading it has zero
     weights for it (after :func:`~torchconstrain.bake`), whatever made them zero. Each
     group is removed by Torch-Pruning, which rewrites every coupled layer (convs, BatchNorms,
     linears, parameters) in place. In eval mode the outputs on ``example`` are compared
-    before and after, every tensor of them (a tuple, list or dict of outputs too): if one
-    differs by more than ``atol + rtol * max|output|`` (a layer that mixes channels in a
-    way the graph does not show), the model is restored and a ``ValueError`` raised, unless
-    ``mixing="approximate"``. An output whose shape or structure changed (a second output
-    read from pruned channels, such as returned features) is refused under every policy.
+    before and after, every tensor of them (a tuple, list or dict of outputs too). They may
+    differ by rounding only: by at most ``ROUNDOFF_FACTOR`` times the rounding error of the
+    baked model on ``example`` (measured against a float64 copy of it), plus
+    ``ROUNDOFF_FACTOR`` units of the output dtype's epsilon times ``max|output|``; or, if
+    ``rtol`` or ``atol`` is given (or the float64 copy cannot run), by ``atol + rtol *
+    max|output|`` (each 1e-4 where not given). If one differs by more (a layer that mixes
+    channels in a way the graph does not show), the groups whose removal alone fails are
+    found, and the model is restored and a ``ValueError`` raised naming them, unless
+    ``mixing="skip"`` (those groups are left whole, with a warning, and the others removed)
+    or ``mixing="approximate"``. An output whose shape or structure changed (a second
+    output read from pruned channels, such as returned features) is refused under every
+    policy.
 
     Args:
         model: the masked model; modified in place.
@@ -489,6 +502,7 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
         measure: time batch-1 CPU inference before and after.
         targets: budgets to report against what was achieved: ``{"macs": share}`` and/or
             ``{"sparsity": share}``.
+        rtol, atol: a fixed tolerance in place of the measured one.
 
     Returns:
         A :class:`~torchconstrain.surgery.ShrinkReport`: channels per group, params, MACs,
@@ -496,11 +510,12 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
 
     Raises:
         ValueError: a mixing group with unread channels under ``mixing="error"``, outputs
-            that changed (the message names which), or a pruned model that cannot run
-            ``example``, or tied weights that pruning would cut into different shapes or
-            values (tied weights cut alike are tied again); the model is left baked but
-            unpruned then, with the same module, Parameter and buffer objects as before
-            the call (an optimizer built on the baked model still trains it).
+            that changed (the message names which, and the groups that change them alone),
+            or a pruned model that cannot run ``example``, or tied weights that pruning
+            would cut into different shapes or values (tied weights cut alike are tied
+            again); the model is left baked but unpruned then, with the same module,
+            Parameter and buffer objects as before the call (an optimizer built on the
+            baked model still trains it).
     """
     if mixing not in MIXING_CHOICES:
         raise ValueError(f"surgery.graph.shrink: expected mixing in {MIXING_CHOICES}. Got {mixing!r}.")
@@ -509,36 +524,144 @@ def shrink(model: nn.Module, example: Tensor, *, mixing: str = "error", ignored:
     graph, groups = find_groups(model, example, ignored=ignored)
     plan = _removal_plan(groups, mixing)
     before = _measured(model, example, measure)
-    saved, tied = _saved(model), _tied(model)
-    try:
-        for group, removed in plan:
-            module, handler = group.root
-            graph.get_pruning_group(module, handler, removed).prune()
-        _keep_frozen(saved)
-        untied = _retie(model, tied)
-        after = None if untied else _measured(model, example, measure)
-    except Exception as error:  # a layer the graph does not resize (timm's MixedConv2d keeps its split sizes)
-        _restore(saved)
-        raise ValueError(f"surgery.graph.shrink: the pruned model cannot run the example ({type(error).__name__}: "
-                         f"{error}): a layer keeps channel sizes the dependency graph does not update. The model is "
-                         "left baked and unpruned; pass ignored=[...] with that layer.") from error
-    if untied:
-        _restore(saved)
-        raise ValueError(f"surgery.graph.shrink: {untied} are one tied Parameter, which pruning would cut into "
-                         "different ones (other shapes or values). The model is left baked and unpruned; pass "
-                         "ignored=[...] with the layers writing the channels the tied layers would cut differently.")
-    changed = _changed(before["output"], after["output"], rtol, atol, mixing == "approximate")
-    if changed is not None:
-        _restore(saved)
-        raise ValueError(f"surgery.graph.shrink: removing the unread channels {changed}: a layer mixes channels in a way "
-                         "the dependency graph does not show. The model is left baked and unpruned; pass "
-                         "mixing='approximate' to prune anyway (it accepts changed values, not changed shapes), or "
-                         "ignored=[...] with the layer writing that output.")
+    approximate = mixing == "approximate"
+    tolerance = _Tolerance.of(model, example, before["output"], rtol, atol, approximate)
+    trial = _Trial(model, example, ignored, before, tolerance, measure, approximate)
+    after, problem = trial.prune(plan, graph)
+    if problem is not None:
+        culprits = trial.culprits(plan)
+        if mixing == "skip" and 0 < len(culprits) < len(plan):
+            graph, groups = find_groups(model, example, ignored=ignored)
+            plan = [(group, removed) for group, removed in _removal_plan(groups, mixing) if group.name not in culprits]
+            after, problem = trial.prune(plan, graph)
+            if problem is None:
+                warn_at_caller(f"surgery.graph.shrink: left {_listed(culprits)} whole (mixing='skip'): removing the "
+                               "unread channels of each alone changed the outputs or broke the model.")
+        if problem is not None:
+            message, cause = problem
+            raise ValueError(f"surgery.graph.shrink: {message}{_blamed(culprits, mixing)}") from cause
     channels = {group.name: (group.channels, group.channels - len(removed)) for group, removed in plan}
     report = ShrinkReport(channels, (before["params"], after["params"]), (before["macs"], after["macs"]),
                           (before["latency"], after["latency"]) if measure else None, kind="group")
     report.targets = _achieved(targets or {}, report, groups, plan, mixing)
     return report
+
+
+@dataclass
+class _Tolerance:
+    """How far each output of the pruned model may be from the baked one's, and why."""
+
+    allowed: list  # per output leaf of the baked model: a float for a tensor, None otherwise
+    reason: str
+
+    @classmethod
+    def of(cls, model: nn.Module, example: Tensor, before: tuple, rtol: float | None, atol: float | None,
+           values_may_change: bool = False):
+        leaves = [leaf for _, leaf in before[0]]
+        fixed = rtol is not None or atol is not None or values_may_change  # (no bound needed then)
+        exact = None if fixed else _in_float64(model, example, before[1])
+        if exact is None:
+            rtol, atol = (DEFAULT_TOLERANCE if rtol is None else rtol), (DEFAULT_TOLERANCE if atol is None else atol)
+            return cls([atol + rtol * _largest(leaf) if isinstance(leaf, Tensor) else None for leaf in leaves],
+                       f"atol={atol:g} + rtol={rtol:g} times the largest output")
+        allowed = [_rounding(leaf, twin) if isinstance(leaf, Tensor) else None for leaf, twin in zip(leaves, exact)]
+        if not all(math.isfinite(bound) for bound in allowed if bound is not None):  # float32 overflowed
+            return cls.of(model, example, before, DEFAULT_TOLERANCE, DEFAULT_TOLERANCE)
+        return cls(allowed, f"{ROUNDOFF_FACTOR} times the baked model's rounding error, measured against float64")
+
+
+def _rounding(leaf: Tensor, exact) -> float:
+    """``ROUNDOFF_FACTOR`` times how far ``leaf`` is from its float64 value ``exact``, plus as
+    many units of its dtype's epsilon times its largest entry."""
+    error = _difference(leaf, exact) if isinstance(exact, Tensor) and exact.shape == leaf.shape else math.inf
+    return ROUNDOFF_FACTOR * (error + _epsilon(leaf) * _largest(leaf))
+
+
+def _in_float64(model: nn.Module, example: Tensor, spec) -> list | None:
+    """The outputs of a float64 copy of ``model`` on ``example``, each as the dtype of
+    ``model``'s; None where the copy cannot run or gives another structure."""
+    try:
+        twin = copy.deepcopy(model).double()
+        with evaluating(twin), torch.no_grad():
+            leaves, twin_spec = tree_flatten(twin(example.double() if example.is_floating_point() else example))
+    except Exception as error:  # an op or device without float64
+        warn_at_caller(f"surgery.graph.shrink: a float64 copy of the model cannot run ({type(error).__name__}: "
+                       f"{error}), so the outputs are compared with rtol=atol={DEFAULT_TOLERANCE:g}, not with the "
+                       "model's measured rounding error.")
+        return None
+    return leaves if twin_spec == spec else None
+
+
+def _largest(tensor: Tensor) -> float:
+    return _real(tensor).nan_to_num(0.0, 0.0, 0.0).abs().max().item() if tensor.numel() else 0.0
+
+
+def _epsilon(tensor: Tensor) -> float:
+    return torch.finfo(tensor.dtype).eps if tensor.is_floating_point() or tensor.is_complex() else 0.0
+
+
+class _Trial:
+    """Prunes the baked model by a plan and says whether it still computes ``before``; each
+    failed try puts the model back as :func:`_saved` saw it."""
+
+    def __init__(self, model, example, ignored, before, tolerance, measure, values_may_change) -> None:
+        self.model, self.example, self.ignored, self.before = model, example, ignored, before
+        self.tolerance, self.measure, self.values_may_change = tolerance, measure, values_may_change
+        self.saved, self.tied = _saved(model), _tied(model)
+
+    def prune(self, plan: list, graph) -> tuple[dict | None, tuple[str, Exception | None] | None]:
+        """``(after, None)`` with the model pruned, or ``(None, (what went wrong, its cause))`` restored."""
+        try:
+            for group, removed in plan:
+                module, handler = group.root
+                graph.get_pruning_group(module, handler, removed).prune()
+            _keep_frozen(self.saved)
+            untied = _retie(self.model, self.tied)
+            after = None if untied else _measured(self.model, self.example, self.measure)
+        except Exception as error:  # a layer the graph does not resize (timm's MixedConv2d keeps its split sizes)
+            _restore(self.saved)
+            return None, (f"the pruned model cannot run the example ({type(error).__name__}: {error}): a layer keeps "
+                          "channel sizes the dependency graph does not update. The model is left baked and unpruned; "
+                          "pass ignored=[...] with that layer.", error)
+        if untied:
+            _restore(self.saved)
+            return None, (f"{untied} are one tied Parameter, which pruning would cut into different ones (other shapes "
+                          "or values). The model is left baked and unpruned; pass ignored=[...] with the layers writing "
+                          "the channels the tied layers would cut differently.", None)
+        changed = _changed(self.before["output"], after["output"], self.tolerance, self.values_may_change)
+        if changed is not None:
+            _restore(self.saved)
+            return None, (f"removing the unread channels {changed}: a layer mixes channels in a way the dependency "
+                          "graph does not show. The model is left baked and unpruned; pass mixing='approximate' to "
+                          "prune anyway (it accepts changed values, not changed shapes), or ignored=[...] with the "
+                          "layer writing that output.", None)
+        return after, None
+
+    def culprits(self, plan: list) -> list[str]:
+        """The groups of ``plan`` whose removal alone already fails, each tried on a graph traced
+        anew (pruning a Parameter rekeys Torch-Pruning's graph)."""
+        failing = []
+        for name in [group.name for group, _ in plan]:
+            graph, groups = find_groups(self.model, self.example, ignored=self.ignored)
+            alone = [(group, removed) for group, removed in _removal_plan(groups, "approximate") if group.name == name]
+            _, problem = self.prune(alone, graph)
+            if problem is None:
+                _restore(self.saved)
+            else:
+                failing.append(name)
+        return failing
+
+
+def _listed(names: list[str], shown: int = 3) -> str:
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    return f"group{'s' if len(names) > 1 else ''} {listed}"
+
+
+def _blamed(culprits: list[str], mixing: str) -> str:
+    if not culprits:
+        return ""
+    remedy = "" if mixing == "skip" else "; mixing='skip' leaves such groups whole"
+    return f" The {_listed(culprits)} fail{'s' if len(culprits) == 1 else ''} when removed alone{remedy}."
 
 
 def _removal_plan(groups: list, mixing: str) -> list[tuple[object, list[int]]]:
@@ -614,16 +737,16 @@ def _retie(model: nn.Module, tied: list[list[tuple[nn.Module, str]]]) -> str | N
     return None
 
 
-def _changed(before: tuple, after: tuple, rtol: float, atol: float, values_may_change: bool) -> str | None:
+def _changed(before: tuple, after: tuple, tolerance: _Tolerance, values_may_change: bool) -> str | None:
     """How the outputs ``after`` differ from ``before`` (both from :func:`_measured`), or None.
 
     Every tensor of the outputs counts (tuples, lists, dicts): a changed structure or shape
-    always, a value beyond ``atol + rtol * max|output|`` unless ``values_may_change``.
+    always, a value beyond the ``tolerance`` unless ``values_may_change``.
     """
     (before_leaves, before_spec), (after_leaves, after_spec) = before, after
     if before_spec != after_spec:
         return f"changed the structure of the outputs (from {before_spec} to {after_spec})"
-    for (path, old), (_, new) in zip(before_leaves, after_leaves):
+    for (path, old), (_, new), allowed in zip(before_leaves, after_leaves, tolerance.allowed):
         where = f"output {keystr(path)}" if path else "the outputs"
         if not isinstance(old, Tensor) or not isinstance(new, Tensor):
             if type(old) is not type(new) or (not values_may_change and old != new):
@@ -634,11 +757,8 @@ def _changed(before: tuple, after: tuple, rtol: float, atol: float, values_may_c
         if values_may_change:
             continue
         difference = _difference(old, new)
-        largest = _real(old).nan_to_num(0.0, 0.0, 0.0).abs().max().item() if old.numel() else 0.0
-        allowed = atol + rtol * largest
         if not difference <= allowed:
-            return (f"changed {where} by {difference:.3g} (more than {allowed:.3g}, atol={atol:g} + rtol={rtol:g} "
-                    "times the largest output)")
+            return f"changed {where} by {difference:.3g} (more than {allowed:.3g}, {tolerance.reason})"
     return None
 
 
