@@ -269,10 +269,13 @@ def slightly_mixed_and_masked() -> tuple[nn.Module, graph.GraphMasks, torch.Tens
 def test_shrink_refuses_a_change_above_rounding_and_names_the_group_that_makes_it():
     model, masks, before = slightly_mixed_and_masked()
     with pytest.raises(ValueError, match=r"changed the outputs by .* rounding error, measured against float64.*"
-                                         r"The group b fails when removed alone; mixing='skip' leaves such groups"):
+                                         r"The group b fails when removed alone; graph.shrink\(model, example, mixing='skip'\) leaves such "):
         masks.shrink(model)
     assert (model.a.out_channels, model.b.out_channels) == (8, 8)
     torch.testing.assert_close(outputs(model), before)
+    with pytest.warns(UserWarning, match="left group b whole"):  # the remedy the message names
+        graph.shrink(model, SMALL, mixing="skip")
+    assert (model.a.out_channels, model.b.out_channels) == (4, 8)
 
 
 def test_shrink_with_skip_leaves_the_groups_that_change_the_outputs_whole_and_removes_the_others():

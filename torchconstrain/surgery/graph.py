@@ -660,7 +660,7 @@ def _listed(names: list[str], shown: int = 3) -> str:
 def _blamed(culprits: list[str], mixing: str) -> str:
     if not culprits:
         return ""
-    remedy = "" if mixing == "skip" else "; mixing='skip' leaves such groups whole"
+    remedy = "" if mixing == "skip" else "; graph.shrink(model, example, mixing='skip') leaves such groups whole"
     return f" The {_listed(culprits)} fail{'s' if len(culprits) == 1 else ''} when removed alone{remedy}."
 
 
