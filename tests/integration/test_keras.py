@@ -9,6 +9,7 @@ looks up, which ``MaxNorm`` on an embedding matches.
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from torchconstrain import MaxNorm, NonNeg, UnitNorm, constrain
 
-if "keras" not in __import__("sys").modules:
+if "keras" not in sys.modules:  # the backend is chosen at import
     os.environ["KERAS_BACKEND"] = "torch"
 keras = pytest.importorskip("keras")
 if keras.backend.backend() != "torch":
