@@ -2,7 +2,8 @@
 
 GPT-2 ties ``lm_head.weight`` to ``transformer.wte.weight``, BERT its MLM decoder to the word
 embeddings, T5 one Parameter between ``shared``, both ``embed_tokens`` and ``lm_head``. Each is
-constrained with one ordinary rule, trained, run, checked, round-tripped and baked.
+constrained with one ordinary rule, trained, run, checked, round-tripped and baked. A tied
+Llama is trained with activation checkpointing (both kinds) to the bits of the plain path.
 """
 
 import tempfile
@@ -11,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchconstrain import Clamp, FixedMask, LearnableMask, bake, check, constrain, penalty
+from torchconstrain import Clamp, FixedMask, LearnableMask, bake, check, constrain, penalty, set_fast_path
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -113,3 +114,49 @@ def test_a_clamp_on_gpt2s_output_layer_holds_for_its_embedding_lookups():
         optimizer.step()
     assert model.transformer.wte.parametrizations.weight.original.abs().max() > 0.05
     assert model.transformer.wte(torch.arange(VOCAB)).abs().max() <= 0.05
+
+
+def llama():
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.LlamaForCausalLM(config)
+
+
+def checkpointed_training(reentrant: bool) -> list[torch.Tensor]:
+    """Losses, gradients and eval logits of three AdamW steps of a tied Llama with gradient checkpointing."""
+    torch.manual_seed(0)
+    model = llama()
+    constrain(model, {nn.Linear: [Clamp(-0.05, 0.05), FixedMask.magnitude(sparsity=0.5)],
+                      "*.mlp.up_proj.weight": LearnableMask(per="channel", init=0.6)}, existing="stack")
+    options = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 (gradient_... is deprecated there)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        assert model.is_activation_checkpointing
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        assert model.is_gradient_checkpointing
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    tokens = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    record = []
+    for _ in range(3):
+        model.train()
+        optimizer.zero_grad()
+        loss = model(input_ids=tokens, labels=tokens).loss + penalty(model)
+        loss.backward()
+        record += [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            record.append(model(input_ids=tokens).logits)
+    check(model)
+    return record
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_trains_a_llama_to_the_bits_of_the_plain_path(reentrant):
+    fast = checkpointed_training(reentrant)
+    with set_fast_path(False):
+        plain = checkpointed_training(reentrant)
+    assert len(fast) == len(plain) > 3
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
